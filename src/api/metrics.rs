@@ -1,0 +1,188 @@
+//! Prometheus metrics for every hop: frames and bytes in and out per protocol, viewers,
+//! lag skips and slow-viewer disconnects, backbone links and groups.
+//!
+//! Hot paths clone the counter handles they need once (per connection) and increment the
+//! shared atomics directly; nothing here takes a lock per frame.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Proto {
+    Rtmp,
+    Flv,
+    Backbone,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtoLabel {
+    pub proto: Proto,
+}
+
+/// Counters of one consumer-facing protocol, cloned once per connection.
+#[derive(Clone, Default)]
+pub struct ProtoCounters {
+    pub frames_out: Counter,
+    pub bytes_out: Counter,
+    pub lag_skips: Counter,
+    pub slow_disconnects: Counter,
+    pub viewers: Gauge,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    frames_in: Family<ProtoLabel, Counter>,
+    bytes_in: Family<ProtoLabel, Counter>,
+    frames_out: Family<ProtoLabel, Counter>,
+    bytes_out: Family<ProtoLabel, Counter>,
+    lag_skips: Family<ProtoLabel, Counter>,
+    slow_disconnects: Family<ProtoLabel, Counter>,
+    viewers: Family<ProtoLabel, Gauge>,
+    pub connections: Family<ProtoLabel, Counter>,
+    pub session_errors: Family<ProtoLabel, Counter>,
+    pub local_streams: Gauge,
+    pub relayed_streams: Gauge,
+    pub backbone_links: Gauge,
+    pub backbone_groups_sent: Counter,
+    pub backbone_groups_received: Counter,
+    pub backbone_groups_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("meshcast");
+        let m = Metrics {
+            frames_in: Family::default(),
+            bytes_in: Family::default(),
+            frames_out: Family::default(),
+            bytes_out: Family::default(),
+            lag_skips: Family::default(),
+            slow_disconnects: Family::default(),
+            viewers: Family::default(),
+            connections: Family::default(),
+            session_errors: Family::default(),
+            local_streams: Gauge::default(),
+            relayed_streams: Gauge::default(),
+            backbone_links: Gauge::default(),
+            backbone_groups_sent: Counter::default(),
+            backbone_groups_received: Counter::default(),
+            backbone_groups_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "frames_in",
+            "Frames received from publishers or upstream",
+            m.frames_in.clone(),
+        );
+        registry.register(
+            "bytes_in",
+            "Payload bytes received from publishers or upstream",
+            m.bytes_in.clone(),
+        );
+        registry.register(
+            "frames_out",
+            "Frames sent to consumers",
+            m.frames_out.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "Bytes written to consumers",
+            m.bytes_out.clone(),
+        );
+        registry.register(
+            "lag_skips",
+            "Times a consumer fell behind and skipped to the next keyframe",
+            m.lag_skips.clone(),
+        );
+        registry.register(
+            "slow_disconnects",
+            "Consumers disconnected for staying behind",
+            m.slow_disconnects.clone(),
+        );
+        registry.register("viewers", "Consumers attached now", m.viewers.clone());
+        registry.register("connections", "Connections accepted", m.connections.clone());
+        registry.register(
+            "session_errors",
+            "Sessions closed on a protocol error",
+            m.session_errors.clone(),
+        );
+        registry.register(
+            "local_streams",
+            "Streams published on this node",
+            m.local_streams.clone(),
+        );
+        registry.register(
+            "relayed_streams",
+            "Streams pulled from another node",
+            m.relayed_streams.clone(),
+        );
+        registry.register(
+            "backbone_links",
+            "Backbone connections established",
+            m.backbone_links.clone(),
+        );
+        registry.register(
+            "backbone_groups_sent",
+            "Groups (GOPs) sent over the backbone",
+            m.backbone_groups_sent.clone(),
+        );
+        registry.register(
+            "backbone_groups_received",
+            "Groups (GOPs) received over the backbone",
+            m.backbone_groups_received.clone(),
+        );
+        registry.register(
+            "backbone_groups_dropped",
+            "Stale groups skipped by a receiver",
+            m.backbone_groups_dropped.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn proto(&self, proto: Proto) -> ProtoCounters {
+        let l = ProtoLabel { proto };
+        ProtoCounters {
+            frames_out: self.frames_out.get_or_create(&l).clone(),
+            bytes_out: self.bytes_out.get_or_create(&l).clone(),
+            lag_skips: self.lag_skips.get_or_create(&l).clone(),
+            slow_disconnects: self.slow_disconnects.get_or_create(&l).clone(),
+            viewers: self.viewers.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Counters for frames and bytes received over `proto`.
+    pub fn ingest(&self, proto: Proto) -> (Counter, Counter) {
+        let l = ProtoLabel { proto };
+        (
+            self.frames_in.get_or_create(&l).clone(),
+            self.bytes_in.get_or_create(&l).clone(),
+        )
+    }
+
+    pub fn count_connection(&self, proto: Proto) {
+        self.connections.get_or_create(&ProtoLabel { proto }).inc();
+    }
+
+    pub fn count_session_error(&self, proto: Proto) {
+        self.session_errors
+            .get_or_create(&ProtoLabel { proto })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

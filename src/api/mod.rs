@@ -1,0 +1,5 @@
+//! HTTP: HTTP-FLV playback, the REST API, Prometheus metrics and the web console.
+
+pub mod console;
+pub mod http;
+pub mod metrics;

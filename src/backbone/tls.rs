@@ -1,0 +1,171 @@
+//! TLS for the backbone (QUIC requires it).
+//!
+//! Two modes, chosen by config:
+//! * `backbone.cert`/`key`/`ca` set: each node presents its certificate (which must name the
+//!   DNS name `meshcast`) and verifies its peer's against the CA. Peers are authenticated by
+//!   TLS *and* by the shared token.
+//! * nothing set: each node generates a self-signed certificate at start and does **not**
+//!   verify the peer's certificate. The link is encrypted, and peers prove membership with the
+//!   shared `backbone.token` in the hello, but an active man-in-the-middle on the path could
+//!   learn the token. Use a CA outside a trusted network. A warning is logged at start.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::wire::ALPN;
+use crate::config::BackboneConfig;
+
+/// The TLS server name every node certificate carries.
+pub const SERVER_NAME: &str = "meshcast";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// QUIC transport tuned for the backbone: fast liveness (keep-alive 1 s, idle 5 s), enough
+/// concurrent group streams, 1500-byte initial MTU (see FIELD-NOTES).
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // 5 s fits in a VarInt: the conversion cannot fail.
+    t.max_idle_timeout(Some(
+        Duration::from_secs(5).try_into().expect("5s idle timeout"),
+    ));
+    t.max_concurrent_uni_streams(1024u32.into());
+    t.max_concurrent_bidi_streams(8u32.into());
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t.initial_mtu(1452);
+    Arc::new(t)
+}
+
+fn load_identity(
+    cfg: &BackboneConfig,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    match (&cfg.cert, &cfg.key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("reading {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing {}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            Ok((certs, key))
+        }
+        _ => {
+            let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
+                .context("generating a self-signed certificate")?;
+            let key = PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der());
+            Ok((vec![ck.cert.der().clone()], key.into()))
+        }
+    }
+}
+
+pub fn server_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ServerConfig> {
+    let (certs, key) = load_identity(cfg)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    server.transport_config(transport());
+    Ok(server)
+}
+
+pub fn client_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut tls = match &cfg.ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("reading {}", ca.display()))?
+            {
+                roots.add(cert?)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => {
+            tracing::warn!(
+                "backbone: no CA configured; peer certificates are not verified (token-only authentication)"
+            );
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
+                .with_no_client_auth()
+        }
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    client.transport_config(transport());
+    Ok(client)
+}
+
+/// Accepts any server certificate but still checks the handshake signatures (so the peer
+/// holds the key of the certificate it sent). Used only without a configured CA.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Whether a PEM file exists and parses (used by tests and check-config).
+#[allow(dead_code)]
+pub fn pem_has_certificates(path: &Path) -> bool {
+    CertificateDer::pem_file_iter(path)
+        .map(|it| it.filter_map(Result::ok).count() > 0)
+        .unwrap_or(false)
+}

@@ -1,0 +1,805 @@
+//! The backbone wire format, version 1 (documented in `docs/backbone-protocol.md`).
+//!
+//! Sans-IO: encoding appends to a `BytesMut`; decoding takes bytes and returns values or a
+//! [`WireError`]. Every read is bounds-checked; no input can make this code panic or
+//! allocate more than [`MAX_MESSAGE`] bytes for one message.
+//!
+//! Two kinds of QUIC stream carry it:
+//! * the **control stream** (bidirectional, opened by the dialer): a sequence of
+//!   `u32 length | u8 type | body` messages ([`ControlMessage`]);
+//! * **media streams** (unidirectional, opened by the media sender, one per group): a
+//!   [`GroupHeader`] then `u32 length | u8 kind | body` items ([`MediaItem`]).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::media::{
+    AudioConfig, Codec, Frame, Metadata, StreamConfig, StreamKey, Timebase, VideoConfig,
+};
+
+/// Protocol version carried in the hello; peers with another major version are refused.
+pub const VERSION: u16 = 1;
+/// The TLS ALPN token of the backbone.
+pub const ALPN: &[u8] = b"meshcast/1";
+/// Largest control message or media item accepted (a 4K keyframe fits comfortably).
+pub const MAX_MESSAGE: usize = 16 << 20;
+/// Largest string field.
+const MAX_STRING: usize = 1024;
+/// Media stream header: magic `MG` (meshcast group), then version.
+const GROUP_MAGIC: [u8; 2] = *b"MG";
+pub const GROUP_HEADER_LEN: usize = 2 + 1 + 8 + 8;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("message truncated")]
+    Truncated,
+    #[error("message of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("unknown control message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("unknown media item kind {0:#04x}")]
+    UnknownKind(u8),
+    #[error("string field is not UTF-8 or too long")]
+    BadString,
+    #[error("invalid stream name: {0}")]
+    BadStreamKey(String),
+    #[error("unknown codec id {0}")]
+    UnknownCodec(u8),
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error("bad media stream header")]
+    BadGroupHeader,
+    #[error("{0} trailing bytes after message body")]
+    Trailing(usize),
+}
+
+/// The role a node announces in its hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerRole {
+    Origin,
+    Edge,
+    Standalone,
+}
+
+impl PeerRole {
+    fn to_u8(self) -> u8 {
+        match self {
+            PeerRole::Origin => 1,
+            PeerRole::Edge => 2,
+            PeerRole::Standalone => 3,
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<PeerRole, WireError> {
+        match v {
+            1 => Ok(PeerRole::Origin),
+            2 => Ok(PeerRole::Edge),
+            3 => Ok(PeerRole::Standalone),
+            _ => Err(WireError::Invalid("unknown role")),
+        }
+    }
+
+    /// Origins and standalone nodes hold publishers and belong to the mesh.
+    pub fn is_origin(self) -> bool {
+        matches!(self, PeerRole::Origin | PeerRole::Standalone)
+    }
+}
+
+/// Control-stream messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// Dialer → acceptor, first message.
+    Hello {
+        version: u16,
+        node_id: String,
+        role: PeerRole,
+        region: String,
+        token: String,
+    },
+    /// Acceptor → dialer, answer to a valid hello.
+    Welcome {
+        version: u16,
+        node_id: String,
+        role: PeerRole,
+        region: String,
+    },
+    /// Acceptor → dialer: a stream is published on the acceptor.
+    Announce { stream: StreamKey },
+    /// Acceptor → dialer: the stream is no longer published there.
+    Withdraw { stream: StreamKey },
+    /// Dialer → acceptor: send me this stream as subscription `id`.
+    Subscribe { id: u64, stream: StreamKey },
+    /// Acceptor → dialer: media for `id` follows on group streams.
+    SubscribeOk { id: u64 },
+    /// Acceptor → dialer: subscription `id` refused.
+    SubscribeError { id: u64, code: u16, reason: String },
+    /// Dialer → acceptor: stop sending `id`.
+    Unsubscribe { id: u64 },
+    /// Acceptor → dialer: subscription `id` is over (the stream ended, or the subscriber
+    /// fell too far behind).
+    SubscribeDone { id: u64, code: u16, reason: String },
+    /// Dialer → acceptor: a consumer of `id` needs a keyframe.
+    KeyframeRequest { id: u64 },
+    /// Either side: closing; `reason` is for logs.
+    GoAway { reason: String },
+}
+
+/// Error and completion codes in SubscribeError / SubscribeDone.
+pub mod code {
+    pub const NOT_FOUND: u16 = 404;
+    pub const TIMEOUT: u16 = 504;
+    pub const ENDED: u16 = 200;
+    pub const TOO_SLOW: u16 = 429;
+}
+
+const T_HELLO: u8 = 0x01;
+const T_WELCOME: u8 = 0x02;
+const T_ANNOUNCE: u8 = 0x03;
+const T_WITHDRAW: u8 = 0x04;
+const T_SUBSCRIBE: u8 = 0x05;
+const T_SUBSCRIBE_OK: u8 = 0x06;
+const T_SUBSCRIBE_ERROR: u8 = 0x07;
+const T_UNSUBSCRIBE: u8 = 0x08;
+const T_SUBSCRIBE_DONE: u8 = 0x09;
+const T_KEYFRAME_REQUEST: u8 = 0x0a;
+const T_GOAWAY: u8 = 0x0b;
+
+impl ControlMessage {
+    /// Appends the framed message.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let mut body = BytesMut::new();
+        let t = match self {
+            ControlMessage::Hello {
+                version,
+                node_id,
+                role,
+                region,
+                token,
+            } => {
+                body.put_u16(*version);
+                put_str(&mut body, node_id);
+                body.put_u8(role.to_u8());
+                put_str(&mut body, region);
+                put_str(&mut body, token);
+                T_HELLO
+            }
+            ControlMessage::Welcome {
+                version,
+                node_id,
+                role,
+                region,
+            } => {
+                body.put_u16(*version);
+                put_str(&mut body, node_id);
+                body.put_u8(role.to_u8());
+                put_str(&mut body, region);
+                T_WELCOME
+            }
+            ControlMessage::Announce { stream } => {
+                put_str(&mut body, &stream.to_string());
+                T_ANNOUNCE
+            }
+            ControlMessage::Withdraw { stream } => {
+                put_str(&mut body, &stream.to_string());
+                T_WITHDRAW
+            }
+            ControlMessage::Subscribe { id, stream } => {
+                body.put_u64(*id);
+                put_str(&mut body, &stream.to_string());
+                T_SUBSCRIBE
+            }
+            ControlMessage::SubscribeOk { id } => {
+                body.put_u64(*id);
+                T_SUBSCRIBE_OK
+            }
+            ControlMessage::SubscribeError { id, code, reason } => {
+                body.put_u64(*id);
+                body.put_u16(*code);
+                put_str(&mut body, reason);
+                T_SUBSCRIBE_ERROR
+            }
+            ControlMessage::Unsubscribe { id } => {
+                body.put_u64(*id);
+                T_UNSUBSCRIBE
+            }
+            ControlMessage::SubscribeDone { id, code, reason } => {
+                body.put_u64(*id);
+                body.put_u16(*code);
+                put_str(&mut body, reason);
+                T_SUBSCRIBE_DONE
+            }
+            ControlMessage::KeyframeRequest { id } => {
+                body.put_u64(*id);
+                T_KEYFRAME_REQUEST
+            }
+            ControlMessage::GoAway { reason } => {
+                put_str(&mut body, reason);
+                T_GOAWAY
+            }
+        };
+        put_frame(out, t, &body);
+    }
+
+    /// Decodes one message body of type `t`.
+    pub fn decode(t: u8, body: Bytes) -> Result<ControlMessage, WireError> {
+        let mut r = Reader(body);
+        let msg = match t {
+            T_HELLO => ControlMessage::Hello {
+                version: r.u16()?,
+                node_id: r.string()?,
+                role: PeerRole::from_u8(r.u8()?)?,
+                region: r.string()?,
+                token: r.string()?,
+            },
+            T_WELCOME => ControlMessage::Welcome {
+                version: r.u16()?,
+                node_id: r.string()?,
+                role: PeerRole::from_u8(r.u8()?)?,
+                region: r.string()?,
+            },
+            T_ANNOUNCE => ControlMessage::Announce {
+                stream: r.stream_key()?,
+            },
+            T_WITHDRAW => ControlMessage::Withdraw {
+                stream: r.stream_key()?,
+            },
+            T_SUBSCRIBE => ControlMessage::Subscribe {
+                id: r.u64()?,
+                stream: r.stream_key()?,
+            },
+            T_SUBSCRIBE_OK => ControlMessage::SubscribeOk { id: r.u64()? },
+            T_SUBSCRIBE_ERROR => ControlMessage::SubscribeError {
+                id: r.u64()?,
+                code: r.u16()?,
+                reason: r.string()?,
+            },
+            T_UNSUBSCRIBE => ControlMessage::Unsubscribe { id: r.u64()? },
+            T_SUBSCRIBE_DONE => ControlMessage::SubscribeDone {
+                id: r.u64()?,
+                code: r.u16()?,
+                reason: r.string()?,
+            },
+            T_KEYFRAME_REQUEST => ControlMessage::KeyframeRequest { id: r.u64()? },
+            T_GOAWAY => ControlMessage::GoAway {
+                reason: r.string()?,
+            },
+            other => return Err(WireError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// First bytes of every media stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupHeader {
+    pub subscription: u64,
+    /// Increases by one per group within a subscription.
+    pub sequence: u64,
+}
+
+impl GroupHeader {
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_slice(&GROUP_MAGIC);
+        out.put_u8(VERSION as u8);
+        out.put_u64(self.subscription);
+        out.put_u64(self.sequence);
+    }
+
+    pub fn decode(b: &[u8; GROUP_HEADER_LEN]) -> Result<GroupHeader, WireError> {
+        if b[..2] != GROUP_MAGIC || b[2] != VERSION as u8 {
+            return Err(WireError::BadGroupHeader);
+        }
+        let mut r = &b[3..];
+        Ok(GroupHeader {
+            subscription: r.get_u64(),
+            sequence: r.get_u64(),
+        })
+    }
+}
+
+/// Items on a media (group) stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MediaItem {
+    /// The stream's configuration; first item of every group, and again on change.
+    Config(StreamConfig),
+    Frame(Frame),
+}
+
+const K_CONFIG: u8 = 0x01;
+const K_FRAME: u8 = 0x02;
+
+const CF_VIDEO: u8 = 1;
+const CF_AUDIO: u8 = 2;
+const CF_FRAME_RATE: u8 = 4;
+const CF_VIDEO_BITRATE: u8 = 8;
+const CF_AUDIO_BITRATE: u8 = 16;
+const CF_ENCODER: u8 = 32;
+
+impl MediaItem {
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            MediaItem::Config(c) => {
+                let mut body = BytesMut::new();
+                let m = &c.metadata;
+                let flags = (c.video.is_some() as u8 * CF_VIDEO)
+                    | (c.audio.is_some() as u8 * CF_AUDIO)
+                    | (m.frame_rate.is_some() as u8 * CF_FRAME_RATE)
+                    | (m.video_bitrate_kbps.is_some() as u8 * CF_VIDEO_BITRATE)
+                    | (m.audio_bitrate_kbps.is_some() as u8 * CF_AUDIO_BITRATE)
+                    | (m.encoder.is_some() as u8 * CF_ENCODER);
+                body.put_u8(flags);
+                if let Some(v) = &c.video {
+                    body.put_u8(v.codec.wire_id());
+                    body.put_u32(v.width);
+                    body.put_u32(v.height);
+                    put_bytes(&mut body, &v.record);
+                }
+                if let Some(a) = &c.audio {
+                    body.put_u8(a.codec.wire_id());
+                    body.put_u32(a.sample_rate);
+                    body.put_u8(a.channels);
+                    put_bytes(&mut body, &a.specific);
+                }
+                for v in [m.frame_rate, m.video_bitrate_kbps, m.audio_bitrate_kbps]
+                    .into_iter()
+                    .flatten()
+                {
+                    body.put_f64(v);
+                }
+                if let Some(e) = &m.encoder {
+                    put_str(&mut body, e);
+                }
+                put_frame(out, K_CONFIG, &body);
+            }
+            MediaItem::Frame(f) => {
+                let len = 1 + 1 + 4 + 8 + 4 + f.payload.len();
+                out.reserve(4 + 1 + len);
+                out.put_u32(1 + len as u32);
+                out.put_u8(K_FRAME);
+                out.put_u8(f.codec.wire_id());
+                out.put_u8(f.keyframe as u8);
+                out.put_u32(f.timebase.0);
+                out.put_i64(f.dts);
+                out.put_i32((f.pts - f.dts).clamp(0, i32::MAX as i64) as i32);
+                out.put_slice(&f.payload);
+            }
+        }
+    }
+
+    pub fn decode(kind: u8, body: Bytes) -> Result<MediaItem, WireError> {
+        let mut r = Reader(body);
+        match kind {
+            K_CONFIG => {
+                let flags = r.u8()?;
+                let video = if flags & CF_VIDEO != 0 {
+                    Some(VideoConfig {
+                        codec: r.codec()?,
+                        width: r.u32()?,
+                        height: r.u32()?,
+                        record: r.bytes()?,
+                    })
+                } else {
+                    None
+                };
+                let audio = if flags & CF_AUDIO != 0 {
+                    Some(AudioConfig {
+                        codec: r.codec()?,
+                        sample_rate: r.u32()?,
+                        channels: r.u8()?,
+                        specific: r.bytes()?,
+                    })
+                } else {
+                    None
+                };
+                let mut opt = |bit: u8| -> Result<Option<f64>, WireError> {
+                    if flags & bit != 0 {
+                        Ok(Some(r.f64()?))
+                    } else {
+                        Ok(None)
+                    }
+                };
+                let metadata = Metadata {
+                    frame_rate: opt(CF_FRAME_RATE)?,
+                    video_bitrate_kbps: opt(CF_VIDEO_BITRATE)?,
+                    audio_bitrate_kbps: opt(CF_AUDIO_BITRATE)?,
+                    encoder: if flags & CF_ENCODER != 0 {
+                        Some(r.string()?)
+                    } else {
+                        None
+                    },
+                };
+                r.finish()?;
+                Ok(MediaItem::Config(StreamConfig {
+                    video,
+                    audio,
+                    metadata,
+                }))
+            }
+            K_FRAME => {
+                let codec = r.codec()?;
+                let flags = r.u8()?;
+                let timebase = r.u32()?;
+                if timebase == 0 {
+                    return Err(WireError::Invalid("zero timebase"));
+                }
+                let dts = r.i64()?;
+                let pts_offset = r.i32()?;
+                if pts_offset < 0 {
+                    return Err(WireError::Invalid("negative pts offset"));
+                }
+                Ok(MediaItem::Frame(Frame {
+                    codec,
+                    dts,
+                    pts: dts.saturating_add(pts_offset as i64),
+                    timebase: Timebase(timebase),
+                    keyframe: flags & 1 != 0,
+                    payload: r.rest(),
+                }))
+            }
+            other => Err(WireError::UnknownKind(other)),
+        }
+    }
+}
+
+/// Splits a byte stream into `(type, body)` frames.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole frame, `None` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<(u8, Bytes)>, WireError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len == 0 {
+            return Err(WireError::Truncated);
+        }
+        if len > MAX_MESSAGE {
+            return Err(WireError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        self.buf.advance(4);
+        let mut frame = self.buf.split_to(len).freeze();
+        let t = frame.get_u8();
+        Ok(Some((t, frame)))
+    }
+}
+
+/// Parses a frame length prefix, checking the limit.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len == 0 {
+        return Err(WireError::Truncated);
+    }
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+fn put_frame(out: &mut BytesMut, t: u8, body: &[u8]) {
+    out.reserve(5 + body.len());
+    out.put_u32(1 + body.len() as u32);
+    out.put_u8(t);
+    out.put_slice(body);
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    let s = truncate_utf8(s, MAX_STRING);
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+    out.put_u32(b.len() as u32);
+    out.put_slice(b);
+}
+
+/// Bounds-checked reads over a message body.
+struct Reader(Bytes);
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), WireError> {
+        if self.0.remaining() < n {
+            Err(WireError::Truncated)
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        self.need(1)?;
+        Ok(self.0.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        self.need(2)?;
+        Ok(self.0.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.need(4)?;
+        Ok(self.0.get_u32())
+    }
+    fn i32(&mut self) -> Result<i32, WireError> {
+        self.need(4)?;
+        Ok(self.0.get_i32())
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.need(8)?;
+        Ok(self.0.get_u64())
+    }
+    fn i64(&mut self) -> Result<i64, WireError> {
+        self.need(8)?;
+        Ok(self.0.get_i64())
+    }
+    fn f64(&mut self) -> Result<f64, WireError> {
+        self.need(8)?;
+        Ok(self.0.get_f64())
+    }
+    fn string(&mut self) -> Result<String, WireError> {
+        let len = self.u16()? as usize;
+        if len > MAX_STRING {
+            return Err(WireError::BadString);
+        }
+        self.need(len)?;
+        let b = self.0.split_to(len);
+        String::from_utf8(b.to_vec()).map_err(|_| WireError::BadString)
+    }
+    fn bytes(&mut self) -> Result<Bytes, WireError> {
+        let len = self.u32()? as usize;
+        self.need(len)?;
+        Ok(self.0.split_to(len))
+    }
+    fn stream_key(&mut self) -> Result<StreamKey, WireError> {
+        let s = self.string()?;
+        StreamKey::parse(&s).map_err(|_| WireError::BadStreamKey(s))
+    }
+    fn codec(&mut self) -> Result<Codec, WireError> {
+        let id = self.u8()?;
+        Codec::from_wire_id(id).ok_or(WireError::UnknownCodec(id))
+    }
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.0)
+    }
+    fn finish(&self) -> Result<(), WireError> {
+        match self.0.remaining() {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> StreamKey {
+        StreamKey::new("live", "demo").unwrap()
+    }
+
+    fn all_messages() -> Vec<ControlMessage> {
+        vec![
+            ControlMessage::Hello {
+                version: VERSION,
+                node_id: "a".into(),
+                role: PeerRole::Origin,
+                region: "eu".into(),
+                token: "secret".into(),
+            },
+            ControlMessage::Welcome {
+                version: VERSION,
+                node_id: "b".into(),
+                role: PeerRole::Edge,
+                region: "us".into(),
+            },
+            ControlMessage::Announce { stream: key() },
+            ControlMessage::Withdraw { stream: key() },
+            ControlMessage::Subscribe {
+                id: 7,
+                stream: key(),
+            },
+            ControlMessage::SubscribeOk { id: 7 },
+            ControlMessage::SubscribeError {
+                id: 7,
+                code: code::NOT_FOUND,
+                reason: "nope".into(),
+            },
+            ControlMessage::Unsubscribe { id: 7 },
+            ControlMessage::SubscribeDone {
+                id: 7,
+                code: code::ENDED,
+                reason: "ended".into(),
+            },
+            ControlMessage::KeyframeRequest { id: 7 },
+            ControlMessage::GoAway {
+                reason: "bye".into(),
+            },
+        ]
+    }
+
+    fn decode_all(bytes: &[u8]) -> Result<Vec<ControlMessage>, WireError> {
+        let mut d = FrameDecoder::default();
+        d.push(bytes);
+        let mut out = vec![];
+        while let Some((t, body)) = d.next_frame()? {
+            out.push(ControlMessage::decode(t, body)?);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        let msgs = all_messages();
+        let mut buf = BytesMut::new();
+        for m in &msgs {
+            m.encode(&mut buf);
+        }
+        assert_eq!(decode_all(&buf).unwrap(), msgs);
+    }
+
+    #[test]
+    fn subscribe_has_exact_bytes() {
+        let mut buf = BytesMut::new();
+        ControlMessage::Subscribe {
+            id: 1,
+            stream: key(),
+        }
+        .encode(&mut buf);
+        let mut expected = vec![0, 0, 0, 20, T_SUBSCRIBE, 0, 0, 0, 0, 0, 0, 0, 1, 0, 9];
+        expected.extend_from_slice(b"live/demo");
+        assert_eq!(&buf[..], &expected[..]);
+    }
+
+    #[test]
+    fn decoder_waits_for_whole_frames_byte_by_byte() {
+        let mut buf = BytesMut::new();
+        ControlMessage::Announce { stream: key() }.encode(&mut buf);
+        let mut d = FrameDecoder::default();
+        for (i, b) in buf.iter().enumerate() {
+            d.push(&[*b]);
+            let got = d.next_frame().unwrap();
+            assert_eq!(got.is_some(), i == buf.len() - 1);
+        }
+    }
+
+    #[test]
+    fn truncated_bodies_are_errors_not_panics() {
+        for m in all_messages() {
+            let mut buf = BytesMut::new();
+            m.encode(&mut buf);
+            let t = buf[4];
+            let body = Bytes::copy_from_slice(&buf[5..]);
+            for cut in 0..body.len() {
+                assert!(
+                    ControlMessage::decode(t, body.slice(..cut)).is_err(),
+                    "{m:?} cut at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_oversized_unknown_and_bad_fields() {
+        let mut d = FrameDecoder::default();
+        d.push(&[0xff, 0xff, 0xff, 0xff, 1]);
+        assert!(matches!(d.next_frame(), Err(WireError::TooLarge(_))));
+        assert_eq!(
+            ControlMessage::decode(0x7f, Bytes::new()),
+            Err(WireError::UnknownType(0x7f))
+        );
+        // A stream name that would escape a path.
+        let mut body = BytesMut::new();
+        put_str(&mut body, "../etc");
+        assert!(matches!(
+            ControlMessage::decode(T_ANNOUNCE, body.freeze()),
+            Err(WireError::BadStreamKey(_))
+        ));
+        // Invalid UTF-8.
+        let body = Bytes::from_static(&[0, 2, 0xff, 0xfe]);
+        assert_eq!(
+            ControlMessage::decode(T_GOAWAY, body),
+            Err(WireError::BadString)
+        );
+        // Trailing garbage.
+        let body = Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 1, 9]);
+        assert_eq!(
+            ControlMessage::decode(T_UNSUBSCRIBE, body),
+            Err(WireError::Trailing(1))
+        );
+    }
+
+    #[test]
+    fn media_items_round_trip() {
+        let config = StreamConfig {
+            video: Some(VideoConfig {
+                codec: Codec::H264,
+                record: Bytes::from_static(&[1, 2, 3]),
+                width: 1920,
+                height: 1080,
+            }),
+            audio: Some(AudioConfig {
+                codec: Codec::Aac,
+                specific: Bytes::from_static(&[0x12, 0x10]),
+                sample_rate: 44100,
+                channels: 2,
+            }),
+            metadata: Metadata {
+                frame_rate: Some(30.0),
+                video_bitrate_kbps: None,
+                audio_bitrate_kbps: Some(128.0),
+                encoder: Some("Lavf".into()),
+            },
+        };
+        let frame = Frame {
+            codec: Codec::H264,
+            dts: -5,
+            pts: 75,
+            timebase: Timebase(90_000),
+            keyframe: true,
+            payload: Bytes::from_static(&[0, 0, 0, 1, 0x65]),
+        };
+        let items = vec![MediaItem::Config(config), MediaItem::Frame(frame)];
+        let mut buf = BytesMut::new();
+        for i in &items {
+            i.encode(&mut buf);
+        }
+        let mut d = FrameDecoder::default();
+        d.push(&buf);
+        let mut out = vec![];
+        while let Some((k, body)) = d.next_frame().unwrap() {
+            out.push(MediaItem::decode(k, body).unwrap());
+        }
+        assert_eq!(out, items);
+    }
+
+    #[test]
+    fn group_header_round_trips_and_checks_magic() {
+        let h = GroupHeader {
+            subscription: 3,
+            sequence: 42,
+        };
+        let mut buf = BytesMut::new();
+        h.encode(&mut buf);
+        let arr: [u8; GROUP_HEADER_LEN] = buf[..].try_into().unwrap();
+        assert_eq!(GroupHeader::decode(&arr).unwrap(), h);
+        let mut bad = arr;
+        bad[0] = b'X';
+        assert_eq!(GroupHeader::decode(&bad), Err(WireError::BadGroupHeader));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0xdead_beefu64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 48) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|i| (seed >> (i % 8 * 8)) as u8 ^ i as u8)
+                .collect();
+            let t = (seed >> 56) as u8 % 16;
+            let _ = ControlMessage::decode(t, Bytes::from(bytes.clone()));
+            let _ = MediaItem::decode(t % 4, Bytes::from(bytes));
+        }
+    }
+}

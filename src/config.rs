@@ -1,0 +1,624 @@
+//! Node configuration: TOML on disk → a validated, typed [`Config`].
+//!
+//! Parsing happens in two passes so that `meshcast check-config` can report *every* problem
+//! at once: each section is deserialized on its own (a type error in `[rtmp]` does not hide
+//! one in `[http]`), then the semantic rules (roles, addresses, peers) are checked over the
+//! whole. Every problem names the file, the key and the reason. Nothing here does I/O beyond
+//! reading the file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// What a node does in the tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Takes publishers, joins the origin mesh, serves edges (and viewers).
+    Origin,
+    /// Serves viewers, pulling streams from its origins on demand.
+    Edge,
+    /// Origin and edge in one process; the default with no config file.
+    Standalone,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Origin => "origin",
+            Role::Edge => "edge",
+            Role::Standalone => "standalone",
+        }
+    }
+
+    /// Whether this node accepts publishers and belongs to the origin mesh.
+    pub fn is_origin(self) -> bool {
+        matches!(self, Role::Origin | Role::Standalone)
+    }
+}
+
+/// A fully validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub rtmp: RtmpConfig,
+    pub http: HttpConfig,
+    pub backbone: BackboneConfig,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: String,
+    pub region: String,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug)]
+pub struct RtmpConfig {
+    /// `None` disables the RTMP listener.
+    pub listen: Option<SocketAddr>,
+    /// Outbound RTMP chunk size (bytes).
+    pub chunk_size: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackboneConfig {
+    /// UDP address the QUIC endpoint listens on (origins and standalone nodes).
+    pub listen: Option<SocketAddr>,
+    /// Other origins of the mesh (origins only).
+    pub peers: Vec<SocketAddr>,
+    /// Upstream origins in preference order (edges only).
+    pub origins: Vec<SocketAddr>,
+    /// Shared cluster secret presented in the backbone hello.
+    pub token: String,
+    /// PEM files. With `ca` set, peers' certificates are verified against it; without it
+    /// nodes generate a self-signed certificate and authenticate each other by `token` only.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    /// How long a node keeps pulling a stream after its last viewer left.
+    pub idle_grace: Duration,
+}
+
+/// Queue sizes and timeouts that bound memory and decide when a consumer is too slow.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Frames the per-stream fan-out ring holds; a consumer further behind skips to the next
+    /// keyframe.
+    pub stream_buffer_frames: usize,
+    /// How many times a consumer may fall behind within a minute before it is disconnected.
+    pub max_lag_events: u32,
+    /// A single write to a viewer that blocks this long disconnects the viewer.
+    pub viewer_write_timeout: Duration,
+    /// Upper bound on the bytes a GOP cache holds; a longer GOP is not cached.
+    pub gop_cache_max_bytes: usize,
+    /// Concurrent RTMP connections accepted.
+    pub max_rtmp_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            stream_buffer_frames: 1024,
+            max_lag_events: 3,
+            viewer_write_timeout: Duration::from_secs(10),
+            gop_cache_max_bytes: 32 << 20,
+            max_rtmp_connections: 20_000,
+        }
+    }
+}
+
+impl Config {
+    /// The configuration of a node started with no file: standalone on the default ports.
+    pub fn standalone_default() -> Config {
+        Config {
+            node: NodeConfig {
+                id: "standalone".into(),
+                region: "local".into(),
+                role: Role::Standalone,
+            },
+            rtmp: RtmpConfig {
+                listen: Some(SocketAddr::from(([0, 0, 0, 0], 1935))),
+                chunk_size: 4096,
+            },
+            http: HttpConfig {
+                listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            },
+            backbone: BackboneConfig {
+                listen: Some(SocketAddr::from(([0, 0, 0, 0], 4433))),
+                peers: vec![],
+                origins: vec![],
+                token: String::new(),
+                cert: None,
+                key: None,
+                ca: None,
+                idle_grace: Duration::from_secs(5),
+            },
+            limits: Limits::default(),
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.display().to_string(),
+            problems: vec![Problem::new("", format!("cannot read file: {e}"))],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses config text; `file` names it in errors, relative paths resolve against `base`.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigErrors> {
+        let mut problems = Vec::new();
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(ConfigErrors {
+                    file: file.into(),
+                    problems: vec![Problem::new("", format!("not valid TOML: {e}"))],
+                })
+            }
+        };
+        for key in table.keys() {
+            if !["node", "rtmp", "http", "backbone", "limits"].contains(&key.as_str()) {
+                problems.push(Problem::new(
+                    key,
+                    "unknown section (expected node, rtmp, http, backbone or limits)",
+                ));
+            }
+        }
+        let node: RawNode = section(&table, "node", &mut problems);
+        let rtmp: RawRtmp = section(&table, "rtmp", &mut problems);
+        let http: RawHttp = section(&table, "http", &mut problems);
+        let backbone: RawBackbone = section(&table, "backbone", &mut problems);
+        let limits: RawLimits = section(&table, "limits", &mut problems);
+
+        let defaults = Config::standalone_default();
+        let role = node.role.unwrap_or(Role::Standalone);
+        let id = node.id.unwrap_or_else(|| role.as_str().to_string());
+        if id.is_empty() || id.len() > 64 || !id.chars().all(valid_name_char) {
+            problems.push(Problem::new(
+                "node.id",
+                "must be 1-64 characters of A-Z a-z 0-9 _ - .",
+            ));
+        }
+        let region = node.region.unwrap_or_else(|| "default".into());
+        if region.is_empty() || region.len() > 64 || !region.chars().all(valid_name_char) {
+            problems.push(Problem::new(
+                "node.region",
+                "must be 1-64 characters of A-Z a-z 0-9 _ - .",
+            ));
+        }
+
+        let rtmp_listen = addr_or_off(
+            rtmp.listen,
+            defaults.rtmp.listen,
+            "rtmp.listen",
+            &mut problems,
+        );
+        let chunk_size = rtmp.chunk_size.unwrap_or(defaults.rtmp.chunk_size);
+        if !(128..=65536).contains(&chunk_size) {
+            problems.push(Problem::new(
+                "rtmp.chunk_size",
+                "must be between 128 and 65536",
+            ));
+        }
+        let http_listen = addr_or_off(
+            http.listen,
+            defaults.http.listen,
+            "http.listen",
+            &mut problems,
+        );
+
+        let bb_default_listen = if role.is_origin() {
+            defaults.backbone.listen
+        } else {
+            None
+        };
+        let bb_listen = addr_or_off(
+            backbone.listen,
+            bb_default_listen,
+            "backbone.listen",
+            &mut problems,
+        );
+        let peers = addrs(backbone.peers, "backbone.peers", &mut problems);
+        let origins = addrs(backbone.origins, "backbone.origins", &mut problems);
+        match role {
+            Role::Edge => {
+                if origins.is_empty() {
+                    problems.push(Problem::new(
+                        "backbone.origins",
+                        "an edge needs at least one origin address to pull from",
+                    ));
+                }
+                if !peers.is_empty() {
+                    problems.push(Problem::new(
+                        "backbone.peers",
+                        "only origins have mesh peers; an edge lists its upstreams in backbone.origins",
+                    ));
+                }
+                if bb_listen.is_some() {
+                    problems.push(Problem::new(
+                        "backbone.listen",
+                        "an edge does not accept backbone connections",
+                    ));
+                }
+            }
+            Role::Origin | Role::Standalone => {
+                if !origins.is_empty() {
+                    problems.push(Problem::new(
+                        "backbone.origins",
+                        "only edges have upstream origins; origins list each other in backbone.peers",
+                    ));
+                }
+                if role == Role::Origin && bb_listen.is_none() {
+                    problems.push(Problem::new(
+                        "backbone.listen",
+                        "an origin must listen for its peers and edges",
+                    ));
+                }
+                if let Some(l) = bb_listen {
+                    if peers.contains(&l) {
+                        problems.push(Problem::new(
+                            "backbone.peers",
+                            format!("lists this node's own address {l}"),
+                        ));
+                    }
+                }
+            }
+        }
+        let resolve = |p: Option<String>| p.map(|p| base.join(p));
+        let cert = resolve(backbone.cert);
+        let key = resolve(backbone.key);
+        let ca = resolve(backbone.ca);
+        if cert.is_some() != key.is_some() {
+            problems.push(Problem::new(
+                "backbone.cert",
+                "cert and key must be given together",
+            ));
+        }
+        for (name, path) in [
+            ("backbone.cert", &cert),
+            ("backbone.key", &key),
+            ("backbone.ca", &ca),
+        ] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    problems.push(Problem::new(
+                        name,
+                        format!("file {} does not exist", p.display()),
+                    ));
+                }
+            }
+        }
+        let idle_grace_ms = backbone.idle_grace_ms.unwrap_or(5000);
+        if idle_grace_ms > 3_600_000 {
+            problems.push(Problem::new(
+                "backbone.idle_grace_ms",
+                "must be at most one hour",
+            ));
+        }
+
+        let dl = Limits::default();
+        let limits_out = Limits {
+            stream_buffer_frames: limits
+                .stream_buffer_frames
+                .unwrap_or(dl.stream_buffer_frames),
+            max_lag_events: limits.max_lag_events.unwrap_or(dl.max_lag_events),
+            viewer_write_timeout: limits
+                .viewer_write_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(dl.viewer_write_timeout),
+            gop_cache_max_bytes: limits.gop_cache_max_bytes.unwrap_or(dl.gop_cache_max_bytes),
+            max_rtmp_connections: limits
+                .max_rtmp_connections
+                .unwrap_or(dl.max_rtmp_connections),
+        };
+        if !(16..=65536).contains(&limits_out.stream_buffer_frames) {
+            problems.push(Problem::new(
+                "limits.stream_buffer_frames",
+                "must be between 16 and 65536",
+            ));
+        }
+        if limits_out.viewer_write_timeout < Duration::from_millis(100) {
+            problems.push(Problem::new(
+                "limits.viewer_write_timeout_ms",
+                "must be at least 100",
+            ));
+        }
+        if limits_out.max_rtmp_connections == 0 {
+            problems.push(Problem::new(
+                "limits.max_rtmp_connections",
+                "must be at least 1",
+            ));
+        }
+
+        let mut listens: Vec<(&str, SocketAddr)> = vec![];
+        if let Some(a) = rtmp_listen {
+            listens.push(("rtmp.listen", a));
+        }
+        if let Some(a) = http_listen {
+            listens.push(("http.listen", a));
+        }
+        for (i, (name, a)) in listens.iter().enumerate() {
+            for (other, b) in &listens[..i] {
+                if a == b {
+                    problems.push(Problem::new(
+                        name,
+                        format!("{a} is already used by {other}"),
+                    ));
+                }
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigErrors {
+                file: file.into(),
+                problems,
+            });
+        }
+        Ok(Config {
+            node: NodeConfig { id, region, role },
+            rtmp: RtmpConfig {
+                listen: rtmp_listen,
+                chunk_size,
+            },
+            http: HttpConfig {
+                listen: http_listen,
+            },
+            backbone: BackboneConfig {
+                listen: bb_listen,
+                peers,
+                origins,
+                token: backbone.token.unwrap_or_default(),
+                cert,
+                key,
+                ca,
+                idle_grace: Duration::from_millis(idle_grace_ms),
+            },
+            limits: limits_out,
+        })
+    }
+}
+
+fn valid_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
+}
+
+/// Deserializes one section on its own so its errors don't mask the others'.
+fn section<T: DeserializeOwned + Default>(
+    table: &toml::Table,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> T {
+    let Some(value) = table.get(name) else {
+        return T::default();
+    };
+    if !value.is_table() {
+        problems.push(Problem::new(name, "must be a table ([section])"));
+        return T::default();
+    }
+    match value.clone().try_into::<T>() {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e.message().trim().to_string();
+            // toml names the offending key inside the section when it knows it.
+            let key = e
+                .message()
+                .split('`')
+                .nth(1)
+                .filter(|_| msg.contains("unknown field"))
+                .map(|k| format!("{name}.{k}"))
+                .unwrap_or_else(|| name.to_string());
+            problems.push(Problem::new(&key, msg));
+            T::default()
+        }
+    }
+}
+
+/// `"off"` or `""` disables a listener; otherwise the value must be `IP:PORT`.
+fn addr_or_off(
+    raw: Option<String>,
+    default: Option<SocketAddr>,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<SocketAddr> {
+    match raw.as_deref() {
+        None => default,
+        Some("") | Some("off") => None,
+        Some(s) => match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(Problem::new(
+                    key,
+                    format!("`{s}` is not an address of the form IP:PORT (or \"off\")"),
+                ));
+                None
+            }
+        },
+    }
+}
+
+fn addrs(raw: Vec<String>, key: &str, problems: &mut Vec<Problem>) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for (i, s) in raw.iter().enumerate() {
+        match s.parse::<SocketAddr>() {
+            Ok(a) if out.contains(&a) => {
+                problems.push(Problem::new(
+                    &format!("{key}[{i}]"),
+                    format!("{a} is listed twice"),
+                ));
+            }
+            Ok(a) => out.push(a),
+            Err(_) => problems.push(Problem::new(
+                &format!("{key}[{i}]"),
+                format!("`{s}` is not an address of the form IP:PORT"),
+            )),
+        }
+    }
+    out
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: Option<String>,
+    region: Option<String>,
+    role: Option<Role>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRtmp {
+    listen: Option<String>,
+    chunk_size: Option<u32>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackbone {
+    listen: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default)]
+    origins: Vec<String>,
+    token: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    ca: Option<String>,
+    idle_grace_ms: Option<u64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    stream_buffer_frames: Option<usize>,
+    max_lag_events: Option<u32>,
+    viewer_write_timeout_ms: Option<u64>,
+    gop_cache_max_bytes: Option<usize>,
+    max_rtmp_connections: Option<usize>,
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl Problem {
+    fn new(key: &str, reason: impl Into<String>) -> Problem {
+        Problem {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.key.is_empty() {
+                write!(f, "{}: {}", self.file, p.reason)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file, p.key, p.reason)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, "test.toml", Path::new("."))
+    }
+
+    #[test]
+    fn empty_file_is_standalone_on_default_ports() {
+        let c = parse("").unwrap();
+        assert_eq!(c.node.role, Role::Standalone);
+        assert_eq!(c.rtmp.listen.unwrap().port(), 1935);
+        assert_eq!(c.http.listen.unwrap().port(), 8080);
+        assert_eq!(c.backbone.listen.unwrap().port(), 4433);
+    }
+
+    #[test]
+    fn reports_every_problem_with_key_and_reason() {
+        let err = parse(
+            r#"
+            [node]
+            role = "edge"
+            id = "bad id!"
+            [rtmp]
+            listen = "nonsense"
+            chunk_size = 5
+            [http]
+            listen = 8080
+            [backbone]
+            listen = "0.0.0.0:4433"
+            peers = ["1.2.3.4:1"]
+            [bogus]
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "bogus",
+            "http",
+            "node.id",
+            "rtmp.listen",
+            "rtmp.chunk_size",
+            "backbone.origins",
+            "backbone.peers",
+            "backbone.listen",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing in {keys:?}");
+        }
+        let text = err.to_string();
+        assert!(text.contains("test.toml: rtmp.chunk_size: must be between 128 and 65536"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[rtmp]\nlisten_addr = \"1.2.3.4:5\"\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "rtmp.listen_addr");
+    }
+
+    #[test]
+    fn listener_can_be_turned_off() {
+        let c = parse("[rtmp]\nlisten = \"off\"\n").unwrap();
+        assert!(c.rtmp.listen.is_none());
+    }
+}

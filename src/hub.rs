@@ -1,0 +1,829 @@
+//! The in-process stream registry and fan-out.
+//!
+//! Each live stream has exactly one writer, its [`Publisher`] handle: an RTMP ingest session
+//! for a local stream, or a backbone puller for a relayed one. Dropping the handle ends the
+//! stream for every consumer. Consumers hold a [`Subscription`]: the GOP cache snapshot plus a
+//! receiver on the stream's bounded fan-out ring, where each entry is an `Arc` shared by all.
+//!
+//! Overflow policy (the ring is the only queue, so memory never grows with a slow consumer):
+//! a consumer that falls more than `stream_buffer_frames` behind skips to the next video
+//! keyframe (a [`StreamEvent::Discontinuity`] tells it so); one that falls behind more than
+//! `max_lag_events` times in a minute is ended with [`SubscriptionEnd::TooSlow`].
+//!
+//! Streams this node does not have are pulled through an [`Upstream`] (the backbone) when the
+//! first consumer asks, shared by all consumers, and dropped a grace period after the last
+//! one leaves. Locks here guard tiny sections and are never held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{broadcast, watch, Notify};
+
+use crate::api::metrics::Metrics;
+use crate::config::Limits;
+use crate::media::gop::{GopCache, HasFrame};
+use crate::media::{flv, Codec, Frame, StreamConfig, StreamKey, TrackKind};
+
+/// How long a consumer waits for an upstream pull to deliver the stream's configuration.
+const PULL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The window in which `max_lag_events` lag events disconnect a consumer.
+const LAG_WINDOW: Duration = Duration::from_secs(60);
+
+/// One frame as fanned out: the frame plus its encodings, each built at most once per node
+/// the first time a consumer needs it and then shared by every consumer.
+#[derive(Debug)]
+pub struct Packet {
+    pub frame: Frame,
+    flv_body: OnceLock<Bytes>,
+    flv_tag: OnceLock<Bytes>,
+    rtmp_chunks: OnceLock<Bytes>,
+}
+
+impl Packet {
+    pub fn new(frame: Frame) -> Arc<Packet> {
+        Arc::new(Packet {
+            frame,
+            flv_body: OnceLock::new(),
+            flv_tag: OnceLock::new(),
+            rtmp_chunks: OnceLock::new(),
+        })
+    }
+
+    /// A packet whose FLV body is already known (RTMP ingest receives exactly that).
+    pub fn with_flv_body(frame: Frame, body: Bytes) -> Arc<Packet> {
+        let p = Packet {
+            frame,
+            flv_body: OnceLock::new(),
+            flv_tag: OnceLock::new(),
+            rtmp_chunks: OnceLock::new(),
+        };
+        let _ = p.flv_body.set(body);
+        Arc::new(p)
+    }
+
+    /// The FLV tag body (RTMP message payload).
+    pub fn flv_body(&self) -> &Bytes {
+        self.flv_body.get_or_init(|| flv::frame_body(&self.frame))
+    }
+
+    /// The complete FLV file tag, with PreviousTagSize.
+    pub fn flv_tag(&self) -> &Bytes {
+        self.flv_tag.get_or_init(|| {
+            let tag_type = match self.frame.track() {
+                TrackKind::Video => flv::TAG_VIDEO,
+                TrackKind::Audio => flv::TAG_AUDIO,
+            };
+            flv::tag(tag_type, self.frame.dts_ms() as u32, self.flv_body())
+        })
+    }
+
+    /// The RTMP chunks of this frame in the node's canonical chunking (built by `build` once).
+    pub fn rtmp_chunks(&self, build: impl FnOnce(&Packet) -> Bytes) -> &Bytes {
+        self.rtmp_chunks.get_or_init(|| build(self))
+    }
+}
+
+impl HasFrame for Arc<Packet> {
+    fn frame(&self) -> &Frame {
+        &self.frame
+    }
+}
+
+/// What a consumer receives, in order.
+#[derive(Clone, Debug)]
+pub enum StreamEvent {
+    /// The stream's codec configuration changed (always comes before the frames it applies to).
+    Config(Arc<StreamConfig>),
+    Frame(Arc<Packet>),
+    /// The consumer fell behind; frames were skipped and the next frame is a video keyframe.
+    Discontinuity,
+}
+
+/// Why a subscription stopped delivering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionEnd {
+    #[error("the stream ended")]
+    Ended,
+    #[error("the consumer stayed too far behind the stream")]
+    TooSlow,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("stream {0} is already being published")]
+    AlreadyLive(StreamKey),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("stream {0} is not live")]
+    NotFound(StreamKey),
+    #[error("stream {0}: upstream did not deliver it in time")]
+    UpstreamTimeout(StreamKey),
+}
+
+/// Where a stream's frames come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Source {
+    /// A publisher connected to this node.
+    Local,
+    /// Pulled over the backbone from `node`.
+    Relay { node: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// A relay waiting for its upstream to answer.
+    Pending,
+    Live,
+    Ended,
+}
+
+/// Which streams a subscriber may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Any stream, pulling it from upstream if needed (viewers, edges).
+    Any,
+    /// Only streams published on this node (other origins: one hop at most).
+    LocalOnly,
+}
+
+/// Published by the hub when a local stream starts or ends (feeds the backbone's announces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HubEvent {
+    Published(StreamKey),
+    Unpublished(StreamKey),
+}
+
+/// Pulls streams this node does not have (implemented by the backbone).
+pub trait Upstream: Send + Sync {
+    /// Whether some upstream may have `key`.
+    fn can_pull(&self, key: &StreamKey) -> bool;
+    /// Starts feeding `relay` from upstream. The implementation marks it live once configured,
+    /// keeps it fed, and drops it when upstream ends or when it has been idle long enough
+    /// ([`Publisher::wait_idle`]).
+    fn pull(&self, relay: Publisher);
+}
+
+struct StreamState {
+    config: Arc<StreamConfig>,
+    gop: GopCache<Arc<Packet>>,
+    tx: Option<broadcast::Sender<StreamEvent>>,
+}
+
+/// One live stream on this node.
+pub struct Stream {
+    key: StreamKey,
+    source: Mutex<Source>,
+    state: Mutex<StreamState>,
+    status: watch::Sender<Status>,
+    subscribers: AtomicUsize,
+    idle: Notify,
+    frames_in: AtomicU64,
+    bytes_in: AtomicU64,
+    started: Instant,
+}
+
+impl Stream {
+    pub fn key(&self) -> &StreamKey {
+        &self.key
+    }
+
+    pub fn source(&self) -> Source {
+        self.source.lock().clone()
+    }
+
+    pub fn is_local(&self) -> bool {
+        *self.source.lock() == Source::Local
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Acquire)
+    }
+}
+
+/// A snapshot of a stream for the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamInfo {
+    pub stream: StreamKey,
+    pub source: Source,
+    pub subscribers: usize,
+    pub video: Option<TrackInfo>,
+    pub audio: Option<TrackInfo>,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    pub uptime_ms: u64,
+    pub gop_cache_frames: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrackInfo {
+    pub codec: Codec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u8>,
+}
+
+pub struct Hub {
+    streams: Mutex<HashMap<StreamKey, Arc<Stream>>>,
+    upstream: OnceLock<Arc<dyn Upstream>>,
+    limits: Limits,
+    events: broadcast::Sender<HubEvent>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Arc<Hub> {
+        Arc::new(Hub {
+            streams: Mutex::new(HashMap::new()),
+            upstream: OnceLock::new(),
+            limits,
+            events: broadcast::channel(1024).0,
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Installs the upstream used to pull streams this node lacks (set once at start).
+    pub fn set_upstream(&self, upstream: Arc<dyn Upstream>) {
+        let _ = self.upstream.set(upstream);
+    }
+
+    /// Local stream starts and ends.
+    pub fn events(&self) -> broadcast::Receiver<HubEvent> {
+        self.events.subscribe()
+    }
+
+    fn new_stream(&self, key: StreamKey, source: Source, status: Status) -> Arc<Stream> {
+        Arc::new(Stream {
+            key,
+            source: Mutex::new(source),
+            state: Mutex::new(StreamState {
+                config: Arc::new(StreamConfig::default()),
+                gop: GopCache::new(self.limits.gop_cache_max_bytes),
+                tx: Some(broadcast::channel(self.limits.stream_buffer_frames).0),
+            }),
+            status: watch::channel(status).0,
+            subscribers: AtomicUsize::new(0),
+            idle: Notify::new(),
+            frames_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    /// Claims `key` for a local publisher. Refused while the name is live on this node.
+    pub fn publish(self: &Arc<Self>, key: StreamKey) -> Result<Publisher, PublishError> {
+        let stream = {
+            let mut map = self.streams.lock();
+            if map.contains_key(&key) {
+                return Err(PublishError::AlreadyLive(key));
+            }
+            let stream = self.new_stream(key.clone(), Source::Local, Status::Live);
+            map.insert(key.clone(), stream.clone());
+            stream
+        };
+        self.metrics.local_streams.inc();
+        let _ = self.events.send(HubEvent::Published(key));
+        Ok(Publisher::new(self.clone(), stream))
+    }
+
+    /// Attaches a consumer to `key`, pulling it from upstream first if allowed and needed.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        key: &StreamKey,
+        scope: Scope,
+    ) -> Result<Subscription, SubscribeError> {
+        let mut relay = None;
+        let (stream, guard) = {
+            let mut map = self.streams.lock();
+            match map.get(key) {
+                Some(s) if scope == Scope::LocalOnly && !s.is_local() => {
+                    return Err(SubscribeError::NotFound(key.clone()))
+                }
+                Some(s) => (s.clone(), SubscriberGuard::new(s.clone())),
+                None => {
+                    let upstream = match (scope, self.upstream.get()) {
+                        (Scope::Any, Some(u)) if u.can_pull(key) => u.clone(),
+                        _ => return Err(SubscribeError::NotFound(key.clone())),
+                    };
+                    let source = Source::Relay {
+                        node: String::new(),
+                    };
+                    let s = self.new_stream(key.clone(), source, Status::Pending);
+                    map.insert(key.clone(), s.clone());
+                    relay = Some((upstream, s.clone()));
+                    (s.clone(), SubscriberGuard::new(s))
+                }
+            }
+        };
+        if let Some((upstream, s)) = relay {
+            self.metrics.relayed_streams.inc();
+            upstream.pull(Publisher::new(self.clone(), s));
+        }
+        let mut status = stream.status.subscribe();
+        match tokio::time::timeout(PULL_TIMEOUT, status.wait_for(|s| *s != Status::Pending)).await {
+            Ok(Ok(s)) if *s == Status::Live => {}
+            Ok(_) => return Err(SubscribeError::NotFound(key.clone())),
+            Err(_) => return Err(SubscribeError::UpstreamTimeout(key.clone())),
+        }
+        let st = stream.state.lock();
+        let Some(tx) = st.tx.as_ref() else {
+            return Err(SubscribeError::NotFound(key.clone()));
+        };
+        let mut backlog = VecDeque::with_capacity(st.gop.len() + 1);
+        backlog.push_back(StreamEvent::Config(st.config.clone()));
+        backlog.extend(st.gop.snapshot().into_iter().map(StreamEvent::Frame));
+        let rx = tx.subscribe();
+        drop(st);
+        Ok(Subscription {
+            rx,
+            backlog,
+            skipping: false,
+            has_video: false,
+            lag_events: VecDeque::new(),
+            max_lag_events: self.limits.max_lag_events,
+            _guard: guard,
+        })
+    }
+
+    pub fn get(&self, key: &StreamKey) -> Option<Arc<Stream>> {
+        self.streams.lock().get(key).cloned()
+    }
+
+    /// Streams published on this node.
+    pub fn local_streams(&self) -> Vec<StreamKey> {
+        self.streams
+            .lock()
+            .values()
+            .filter(|s| s.is_local())
+            .map(|s| s.key.clone())
+            .collect()
+    }
+
+    pub fn list(&self) -> Vec<StreamInfo> {
+        let streams: Vec<Arc<Stream>> = self.streams.lock().values().cloned().collect();
+        let mut out: Vec<StreamInfo> = streams
+            .iter()
+            .filter(|s| *s.status.borrow() == Status::Live)
+            .map(|s| {
+                let st = s.state.lock();
+                StreamInfo {
+                    stream: s.key.clone(),
+                    source: s.source(),
+                    subscribers: s.subscribers(),
+                    video: st.config.video.as_ref().map(|v| TrackInfo {
+                        codec: v.codec,
+                        width: Some(v.width),
+                        height: Some(v.height),
+                        sample_rate: None,
+                        channels: None,
+                    }),
+                    audio: st.config.audio.as_ref().map(|a| TrackInfo {
+                        codec: a.codec,
+                        width: None,
+                        height: None,
+                        sample_rate: Some(a.sample_rate),
+                        channels: Some(a.channels),
+                    }),
+                    frames_in: s.frames_in.load(Ordering::Relaxed),
+                    bytes_in: s.bytes_in.load(Ordering::Relaxed),
+                    uptime_ms: s.started.elapsed().as_millis() as u64,
+                    gop_cache_frames: st.gop.len(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.stream.cmp(&b.stream));
+        out
+    }
+
+    /// Removes `stream` if it is still the one registered under its key.
+    fn remove(&self, stream: &Arc<Stream>) {
+        let mut map = self.streams.lock();
+        if map.get(&stream.key).is_some_and(|s| Arc::ptr_eq(s, stream)) {
+            map.remove(&stream.key);
+        }
+    }
+
+    /// Removes an idle relay, atomically with respect to new subscribers.
+    fn remove_if_idle(&self, stream: &Arc<Stream>) -> bool {
+        let mut map = self.streams.lock();
+        if stream.subscribers() != 0 {
+            return false;
+        }
+        if map.get(&stream.key).is_some_and(|s| Arc::ptr_eq(s, stream)) {
+            map.remove(&stream.key);
+        }
+        true
+    }
+}
+
+/// Counts a stream's consumers; the count reaching zero wakes the relay's idle timer.
+struct SubscriberGuard(Arc<Stream>);
+
+impl SubscriberGuard {
+    /// Must be created under the hub's map lock (see [`Hub::remove_if_idle`]).
+    fn new(stream: Arc<Stream>) -> Self {
+        stream.subscribers.fetch_add(1, Ordering::AcqRel);
+        SubscriberGuard(stream)
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        if self.0.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_one();
+        }
+    }
+}
+
+/// The single writer of a stream. Dropping it ends the stream everywhere.
+pub struct Publisher {
+    hub: Arc<Hub>,
+    stream: Arc<Stream>,
+    has_video: bool,
+}
+
+impl Publisher {
+    fn new(hub: Arc<Hub>, stream: Arc<Stream>) -> Publisher {
+        Publisher {
+            hub,
+            stream,
+            has_video: false,
+        }
+    }
+
+    pub fn key(&self) -> &StreamKey {
+        &self.stream.key
+    }
+
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+
+    pub fn config(&self) -> Arc<StreamConfig> {
+        self.stream.state.lock().config.clone()
+    }
+
+    /// Replaces the stream configuration; consumers see it before any later frame.
+    pub fn set_config(&mut self, config: StreamConfig) {
+        let mut st = self.stream.state.lock();
+        if *st.config == config {
+            return;
+        }
+        self.has_video = config.video.is_some();
+        let config = Arc::new(config);
+        st.config = config.clone();
+        if let Some(tx) = &st.tx {
+            let _ = tx.send(StreamEvent::Config(config));
+        }
+    }
+
+    /// Fans one frame out to every consumer and the GOP cache.
+    pub fn push(&mut self, packet: Arc<Packet>) {
+        self.stream.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.stream
+            .bytes_in
+            .fetch_add(packet.frame.payload.len() as u64, Ordering::Relaxed);
+        let mut st = self.stream.state.lock();
+        st.gop.push(packet.clone(), self.has_video);
+        if let Some(tx) = &st.tx {
+            // No receivers is fine: the GOP cache still serves the next joiner.
+            let _ = tx.send(StreamEvent::Frame(packet));
+        }
+    }
+
+    /// Marks a relay live (upstream answered with its configuration), naming its source.
+    pub fn set_live(&self, upstream_node: &str) {
+        *self.stream.source.lock() = Source::Relay {
+            node: upstream_node.to_string(),
+        };
+        self.stream.status.send_replace(Status::Live);
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.stream.subscribers()
+    }
+
+    /// A future that completes once the stream has had no consumer for `grace`; the stream
+    /// is then already unregistered, so a new consumer starts a new pull. Owns what it needs,
+    /// so the caller can keep pushing frames while it waits.
+    pub fn idle_waiter(&self, grace: Duration) -> impl std::future::Future<Output = ()> + 'static {
+        let hub = self.hub.clone();
+        let stream = self.stream.clone();
+        async move {
+            loop {
+                if stream.subscribers() == 0 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(grace) => {
+                            if hub.remove_if_idle(&stream) {
+                                return;
+                            }
+                        }
+                        _ = stream.idle.notified() => {}
+                    }
+                } else {
+                    stream.idle.notified().await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.hub.remove(&self.stream);
+        self.stream.state.lock().tx = None;
+        self.stream.status.send_replace(Status::Ended);
+        if self.stream.is_local() {
+            self.hub.metrics.local_streams.dec();
+            let _ = self
+                .hub
+                .events
+                .send(HubEvent::Unpublished(self.stream.key.clone()));
+        } else {
+            self.hub.metrics.relayed_streams.dec();
+        }
+    }
+}
+
+/// A consumer's view of a stream: the cached GOP, then the live ring.
+pub struct Subscription {
+    rx: broadcast::Receiver<StreamEvent>,
+    backlog: VecDeque<StreamEvent>,
+    skipping: bool,
+    has_video: bool,
+    lag_events: VecDeque<Instant>,
+    max_lag_events: u32,
+    _guard: SubscriberGuard,
+}
+
+impl Subscription {
+    /// The next event. Cancel-safe.
+    pub async fn next(&mut self) -> Result<StreamEvent, SubscriptionEnd> {
+        if let Some(ev) = self.backlog.pop_front() {
+            return Ok(self.observe(ev));
+        }
+        loop {
+            match self.rx.recv().await {
+                Ok(ev) => {
+                    if let Some(ev) = self.filter(ev) {
+                        return Ok(ev);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.on_lag()?;
+                    return Ok(StreamEvent::Discontinuity);
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err(SubscriptionEnd::Ended),
+            }
+        }
+    }
+
+    /// The next event if one is ready now, without waiting (to batch writes).
+    pub fn try_next(&mut self) -> Option<Result<StreamEvent, SubscriptionEnd>> {
+        if let Some(ev) = self.backlog.pop_front() {
+            return Some(Ok(self.observe(ev)));
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(ev) => {
+                    if let Some(ev) = self.filter(ev) {
+                        return Some(Ok(ev));
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    return Some(self.on_lag().map(|_| StreamEvent::Discontinuity));
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    return Some(Err(SubscriptionEnd::Ended))
+                }
+            }
+        }
+    }
+
+    fn observe(&mut self, ev: StreamEvent) -> StreamEvent {
+        if let StreamEvent::Config(c) = &ev {
+            self.has_video = c.video.is_some();
+        }
+        ev
+    }
+
+    /// Drops frames while skipping to the next keyframe.
+    fn filter(&mut self, ev: StreamEvent) -> Option<StreamEvent> {
+        if self.skipping {
+            if let StreamEvent::Frame(p) = &ev {
+                let resumes = if self.has_video {
+                    p.frame.is_video_keyframe()
+                } else {
+                    p.frame.keyframe
+                };
+                if !resumes {
+                    return None;
+                }
+                self.skipping = false;
+            }
+        }
+        Some(self.observe(ev))
+    }
+
+    fn on_lag(&mut self) -> Result<(), SubscriptionEnd> {
+        let now = Instant::now();
+        while self
+            .lag_events
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > LAG_WINDOW)
+        {
+            self.lag_events.pop_front();
+        }
+        self.lag_events.push_back(now);
+        self.skipping = true;
+        if self.lag_events.len() > self.max_lag_events as usize {
+            return Err(SubscriptionEnd::TooSlow);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::{Timebase, VideoConfig};
+
+    fn hub(buffer: usize) -> Arc<Hub> {
+        let limits = Limits {
+            stream_buffer_frames: buffer,
+            max_lag_events: 2,
+            ..Limits::default()
+        };
+        Hub::new(limits, Arc::new(Metrics::new()))
+    }
+
+    fn key() -> StreamKey {
+        StreamKey::new("live", "s").unwrap()
+    }
+
+    fn video(dts: i64, keyframe: bool) -> Arc<Packet> {
+        Packet::new(Frame {
+            codec: Codec::H264,
+            dts,
+            pts: dts,
+            timebase: Timebase::MILLIS,
+            keyframe,
+            payload: Bytes::from_static(&[0, 0, 0, 1, 0x65]),
+        })
+    }
+
+    fn config() -> StreamConfig {
+        StreamConfig {
+            video: Some(VideoConfig {
+                codec: Codec::H264,
+                record: Bytes::new(),
+                width: 640,
+                height: 360,
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn next_frame_dts(sub: &mut Subscription) -> Result<i64, SubscriptionEnd> {
+        loop {
+            if let StreamEvent::Frame(p) = sub.next().await? {
+                return Ok(p.frame.dts);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn late_joiner_starts_at_cached_keyframe() {
+        let hub = hub(64);
+        let mut p = hub.publish(key()).unwrap();
+        p.set_config(config());
+        for i in 0..10 {
+            p.push(video(i * 33, i % 4 == 0));
+        }
+        let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        assert!(matches!(sub.next().await.unwrap(), StreamEvent::Config(_)));
+        assert_eq!(next_frame_dts(&mut sub).await.unwrap(), 8 * 33);
+        assert_eq!(next_frame_dts(&mut sub).await.unwrap(), 9 * 33);
+        p.push(video(10 * 33, false));
+        assert_eq!(next_frame_dts(&mut sub).await.unwrap(), 10 * 33);
+    }
+
+    #[tokio::test]
+    async fn second_publisher_of_a_live_name_is_refused() {
+        let hub = hub(64);
+        let _p = hub.publish(key()).unwrap();
+        assert_eq!(
+            hub.publish(key()).err(),
+            Some(PublishError::AlreadyLive(key()))
+        );
+    }
+
+    #[tokio::test]
+    async fn publisher_drop_ends_subscribers_and_frees_the_name() {
+        let hub = hub(64);
+        let p = hub.publish(key()).unwrap();
+        let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        drop(p);
+        assert!(matches!(sub.next().await, Ok(StreamEvent::Config(_))));
+        assert_eq!(sub.next().await.err(), Some(SubscriptionEnd::Ended));
+        assert!(hub.publish(key()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn slow_consumer_skips_to_keyframe_then_is_dropped() {
+        let hub = hub(16);
+        let mut p = hub.publish(key()).unwrap();
+        p.set_config(config());
+        let mut slow = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        assert!(matches!(slow.next().await.unwrap(), StreamEvent::Config(_)));
+        // 40 frames into a 16-slot ring: the consumer lags.
+        for i in 0..40 {
+            p.push(video(i, i % 10 == 0));
+        }
+        assert!(matches!(
+            slow.next().await.unwrap(),
+            StreamEvent::Discontinuity
+        ));
+        assert_eq!(next_frame_dts(&mut slow).await.unwrap(), 30);
+        // Two more lags within the window exceed max_lag_events = 2.
+        for round in 0..2 {
+            for i in 0..40 {
+                p.push(video(100 * (round + 1) + i, i % 10 == 0));
+            }
+            match slow.next().await {
+                Ok(StreamEvent::Discontinuity) => {
+                    let _ = next_frame_dts(&mut slow).await;
+                }
+                Err(e) => {
+                    assert_eq!(e, SubscriptionEnd::TooSlow);
+                    return;
+                }
+                Ok(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        panic!("slow consumer was never disconnected");
+    }
+
+    #[tokio::test]
+    async fn unknown_stream_without_upstream_is_not_found() {
+        let hub = hub(16);
+        assert!(matches!(
+            hub.subscribe(&key(), Scope::Any).await,
+            Err(SubscribeError::NotFound(_))
+        ));
+    }
+
+    struct FakeUpstream(Mutex<Vec<Publisher>>);
+    impl Upstream for FakeUpstream {
+        fn can_pull(&self, _: &StreamKey) -> bool {
+            true
+        }
+        fn pull(&self, relay: Publisher) {
+            relay.set_live("up");
+            self.0.lock().push(relay);
+        }
+    }
+
+    #[tokio::test]
+    async fn relay_is_shared_and_released_after_grace() {
+        let hub = hub(16);
+        let up = Arc::new(FakeUpstream(Mutex::new(vec![])));
+        hub.set_upstream(up.clone());
+        let a = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        let b = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        assert_eq!(up.0.lock().len(), 1, "one pull for two consumers");
+        assert!(hub.subscribe(&key(), Scope::LocalOnly).await.is_err());
+        let relay = up.0.lock().pop().unwrap();
+        assert_eq!(relay.subscribers(), 2);
+        drop(a);
+        drop(b);
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            relay.idle_waiter(Duration::from_millis(50)),
+        )
+        .await
+        .expect("relay released");
+        assert!(hub.get(&key()).is_none());
+    }
+}

@@ -1,0 +1,14 @@
+//! meshcast: a live-media relay.
+//!
+//! Broadcasters publish once (RTMP) to any origin; origins form a QUIC mesh; edges pull
+//! streams on demand and serve viewers over RTMP and HTTP-FLV. See `docs/` and the
+//! architecture notes for the design; each module starts with what it owns.
+
+pub mod api;
+pub mod backbone;
+pub mod config;
+pub mod hub;
+pub mod media;
+pub mod node;
+pub mod play;
+pub mod rtmp;

@@ -1,0 +1,259 @@
+//! The media model: one type flows from every ingest to every output.
+//!
+//! Ingest protocols turn what they receive into [`Frame`]s (one coded access unit with explicit
+//! timestamps and timebase, payload as `Bytes`) plus a [`StreamConfig`] (codec configuration
+//! and metadata). Outputs and the backbone consume the same values; fan-out clones `Bytes`
+//! handles, never payloads. This module does no I/O.
+
+pub mod aac;
+pub mod avc;
+pub mod flv;
+pub mod gop;
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Which kind of track a frame belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackKind {
+    Video,
+    Audio,
+}
+
+/// Codecs meshcast understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// H.264; payload is AVCC (4-byte length-prefixed NAL units).
+    H264,
+    /// AAC; payload is one raw access unit (no ADTS header).
+    Aac,
+}
+
+impl Codec {
+    pub fn track(self) -> TrackKind {
+        match self {
+            Codec::H264 => TrackKind::Video,
+            Codec::Aac => TrackKind::Audio,
+        }
+    }
+
+    pub fn wire_id(self) -> u8 {
+        match self {
+            Codec::H264 => 1,
+            Codec::Aac => 2,
+        }
+    }
+
+    pub fn from_wire_id(id: u8) -> Option<Codec> {
+        match id {
+            1 => Some(Codec::H264),
+            2 => Some(Codec::Aac),
+            _ => None,
+        }
+    }
+}
+
+/// Ticks per second of a timestamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Timebase(pub u32);
+
+impl Timebase {
+    /// Milliseconds: what RTMP and FLV carry.
+    pub const MILLIS: Timebase = Timebase(1000);
+
+    /// Converts `value` ticks of this timebase to `to`, rounding toward negative infinity.
+    pub fn rescale(self, value: i64, to: Timebase) -> i64 {
+        if self == to || self.0 == 0 {
+            return value;
+        }
+        let v = value as i128 * to.0 as i128;
+        v.div_euclid(self.0 as i128) as i64
+    }
+}
+
+/// One coded access unit of one track.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub codec: Codec,
+    /// Decode timestamp, in `timebase` ticks. Monotonic non-decreasing per track.
+    pub dts: i64,
+    /// Presentation timestamp; `pts >= dts`.
+    pub pts: i64,
+    pub timebase: Timebase,
+    /// A random access point (IDR for H.264; every AAC frame).
+    pub keyframe: bool,
+    pub payload: Bytes,
+}
+
+impl Frame {
+    pub fn track(&self) -> TrackKind {
+        self.codec.track()
+    }
+
+    pub fn dts_ms(&self) -> i64 {
+        self.timebase.rescale(self.dts, Timebase::MILLIS)
+    }
+
+    pub fn pts_ms(&self) -> i64 {
+        self.timebase.rescale(self.pts, Timebase::MILLIS)
+    }
+
+    /// Whether a viewer can start decoding the stream at this frame.
+    pub fn is_video_keyframe(&self) -> bool {
+        self.keyframe && self.track() == TrackKind::Video
+    }
+}
+
+/// Codec configuration of a video track.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VideoConfig {
+    pub codec: Codec,
+    /// AVCDecoderConfigurationRecord for H.264.
+    pub record: Bytes,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Codec configuration of an audio track.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AudioConfig {
+    pub codec: Codec,
+    /// AudioSpecificConfig for AAC.
+    pub specific: Bytes,
+    pub sample_rate: u32,
+    pub channels: u8,
+}
+
+/// Descriptive metadata a publisher announced (RTMP `onMetaData`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Metadata {
+    pub frame_rate: Option<f64>,
+    pub video_bitrate_kbps: Option<f64>,
+    pub audio_bitrate_kbps: Option<f64>,
+    pub encoder: Option<String>,
+}
+
+/// Everything a late joiner needs before the first frame.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StreamConfig {
+    pub video: Option<VideoConfig>,
+    pub audio: Option<AudioConfig>,
+    pub metadata: Metadata,
+}
+
+/// Names a stream: `namespace/name` (RTMP app / stream key).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamKey {
+    namespace: String,
+    name: String,
+}
+
+/// Why a stream name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid stream name `{0}`: use 1-128 characters of A-Z a-z 0-9 _ - . (not starting with .) for namespace and name")]
+pub struct InvalidStreamKey(pub String);
+
+impl StreamKey {
+    pub fn new(namespace: &str, name: &str) -> Result<StreamKey, InvalidStreamKey> {
+        if valid_part(namespace) && valid_part(name) {
+            Ok(StreamKey {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+        } else {
+            Err(InvalidStreamKey(format!("{namespace}/{name}")))
+        }
+    }
+
+    /// Parses `namespace/name`.
+    pub fn parse(s: &str) -> Result<StreamKey, InvalidStreamKey> {
+        match s.split_once('/') {
+            Some((ns, name)) => StreamKey::new(ns, name),
+            None => Err(InvalidStreamKey(s.to_string())),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn valid_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+impl fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Serialize for StreamKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Unwraps 32-bit millisecond timestamps (RTMP) into a monotonic-friendly `i64` timeline.
+#[derive(Debug, Default)]
+pub struct TimestampUnwrapper {
+    last: Option<u32>,
+    value: i64,
+}
+
+impl TimestampUnwrapper {
+    pub fn unwrap(&mut self, ts: u32) -> i64 {
+        match self.last {
+            None => self.value = ts as i64,
+            // The signed 32-bit difference handles wrap-around and small backward steps alike.
+            Some(last) => self.value += ts.wrapping_sub(last) as i32 as i64,
+        }
+        self.last = Some(ts);
+        self.value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rescale_between_timebases() {
+        assert_eq!(Timebase(90_000).rescale(90_000, Timebase::MILLIS), 1000);
+        assert_eq!(Timebase::MILLIS.rescale(40, Timebase(90_000)), 3600);
+        assert_eq!(Timebase(90_000).rescale(-1, Timebase::MILLIS), -1);
+    }
+
+    #[test]
+    fn stream_key_rejects_odd_names() {
+        assert!(StreamKey::new("live", "demo").is_ok());
+        assert!(StreamKey::new("live", "..").is_err());
+        assert!(StreamKey::new("live", "a/b").is_err());
+        assert!(StreamKey::new("", "x").is_err());
+        assert!(StreamKey::new("live", "x y").is_err());
+        assert_eq!(
+            StreamKey::parse("live/demo").unwrap().to_string(),
+            "live/demo"
+        );
+    }
+
+    #[test]
+    fn unwrapper_crosses_32bit_wrap() {
+        let mut u = TimestampUnwrapper::default();
+        assert_eq!(u.unwrap(u32::MAX - 10), (u32::MAX - 10) as i64);
+        assert_eq!(u.unwrap(5), u32::MAX as i64 + 6);
+        assert_eq!(u.unwrap(3), u32::MAX as i64 + 4);
+    }
+}

@@ -1,0 +1,134 @@
+//! Builds a node from its config: binds the listeners its role needs, wires the hub to the
+//! backbone, and runs until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::http::{AppState, NodeInfo};
+use crate::api::metrics::Metrics;
+use crate::backbone::Backbone;
+use crate::config::{Config, Role};
+use crate::hub::Hub;
+use crate::rtmp::RtmpSettings;
+
+/// A running node.
+pub struct Node {
+    pub hub: Arc<Hub>,
+    pub rtmp_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub backbone_addr: Option<SocketAddr>,
+    backbone: Option<Arc<Backbone>>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    /// Binds every listener and starts serving. Fails if a listener cannot be bound.
+    pub async fn start(config: Config) -> anyhow::Result<Node> {
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(config.limits.clone(), metrics);
+        let mut tasks = JoinSet::new();
+
+        let backbone = if config.backbone.listen.is_some()
+            || !config.backbone.peers.is_empty()
+            || !config.backbone.origins.is_empty()
+        {
+            let bb = Backbone::start(&config, hub.clone(), shutdown.clone())
+                .context("starting the backbone")?;
+            hub.set_upstream(bb.clone());
+            Some(bb)
+        } else {
+            None
+        };
+        let backbone_addr = match (&backbone, config.backbone.listen) {
+            (Some(bb), Some(_)) => Some(bb.local_addr()?),
+            _ => None,
+        };
+
+        let mut rtmp_addr = None;
+        if let Some(addr) = config.rtmp.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding RTMP listener {addr}"))?;
+            rtmp_addr = Some(listener.local_addr()?);
+            let settings = RtmpSettings {
+                chunk_size: config.rtmp.chunk_size,
+                accept_publish: config.node.role != Role::Edge,
+                write_timeout: config.limits.viewer_write_timeout,
+                max_connections: config.limits.max_rtmp_connections,
+            };
+            tasks.spawn(crate::rtmp::serve(
+                listener,
+                hub.clone(),
+                settings,
+                shutdown.clone(),
+            ));
+        }
+
+        let mut http_addr = None;
+        if let Some(addr) = config.http.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP listener {addr}"))?;
+            http_addr = Some(listener.local_addr()?);
+            let state = AppState {
+                hub: hub.clone(),
+                node: NodeInfo {
+                    id: config.node.id.clone(),
+                    region: config.node.region.clone(),
+                    role: config.node.role.as_str(),
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+                backbone: backbone.clone(),
+            };
+            tasks.spawn(crate::api::http::serve(listener, state, shutdown.clone()));
+        }
+
+        info!(
+            id = %config.node.id,
+            role = config.node.role.as_str(),
+            region = %config.node.region,
+            rtmp = ?rtmp_addr,
+            http = ?http_addr,
+            backbone = ?backbone_addr,
+            "meshcast node started"
+        );
+        Ok(Node {
+            hub,
+            rtmp_addr,
+            http_addr,
+            backbone_addr,
+            backbone,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, closes connections and links, and waits (briefly) for tasks to end.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(bb) = &self.backbone {
+            bb.close().await;
+        }
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(3), drain)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+        }
+        info!("meshcast node stopped");
+    }
+}

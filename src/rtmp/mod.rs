@@ -1,0 +1,726 @@
+//! RTMP: publishers (ingest) and players, on one listener.
+//!
+//! One task per connection owns the socket and drives rml_rtmp's sans-IO handshake and
+//! `ServerSession` with the bytes it reads. A connection either publishes (its frames go to a
+//! hub [`Publisher`]) or plays (a hub [`Subscription`] feeds it). Media to players is written
+//! as pre-built chunks shared by every viewer ([`chunk`]); control messages go through the
+//! session. A parse error or even a panic inside the RTMP library closes only that connection.
+
+pub mod chunk;
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+use rml_rtmp::sessions::{
+    ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult, StreamMetadata,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::api::metrics::{Proto, ProtoCounters};
+use crate::hub::{Hub, Packet, Publisher, Scope, StreamEvent, Subscription, SubscriptionEnd};
+use crate::media::{
+    aac, avc, flv, AudioConfig, Codec, Frame, Metadata, StreamConfig, StreamKey, Timebase,
+    TimestampUnwrapper, VideoConfig,
+};
+
+/// Time a client has to complete the RTMP handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Message stream id whose chunks are cached on the packet (what every common player gets).
+const CANONICAL_STREAM_ID: u32 = 1;
+/// The chunk stream rml_rtmp uses for AMF data messages.
+const RML_DATA_CSID: u8 = 3;
+/// Events gathered into one vectored write when a viewer is behind.
+const MAX_BATCH: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct RtmpSettings {
+    pub chunk_size: u32,
+    /// Edges don't take publishers (yet): they would have to forward them to an origin.
+    pub accept_publish: bool,
+    pub write_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RtmpError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake failed: {0:?}")]
+    Handshake(rml_rtmp::handshake::HandshakeError),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("protocol error: {0}")]
+    Session(String),
+    #[error("RTMP parser panicked on input (bug in the parser, input rejected)")]
+    ParserPanic,
+    #[error("publish of {0} rejected: {1}")]
+    Media(StreamKey, String),
+    #[error("viewer did not read for {0:?}")]
+    WriteTimeout(Duration),
+}
+
+/// Accepts RTMP connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    settings: RtmpSettings,
+    shutdown: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    loop {
+        let (socket, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("rtmp accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(%peer, "rtmp connection refused: at max_rtmp_connections");
+            continue;
+        };
+        hub.metrics().count_connection(Proto::Rtmp);
+        let _ = socket.set_nodelay(true);
+        let conn = Connection::new(socket, peer, hub.clone(), settings.clone());
+        let shutdown = shutdown.clone();
+        let span = tracing::info_span!("rtmp", %peer, stream = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                let metrics = conn.hub.metrics().clone();
+                match conn.run(shutdown).await {
+                    Ok(()) => debug!("connection closed"),
+                    Err(e) => {
+                        metrics.count_session_error(Proto::Rtmp);
+                        info!("connection closed: {e}");
+                    }
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+enum State {
+    Idle,
+    Publishing(Box<Ingest>),
+    Playing(Box<Playback>),
+}
+
+struct Connection {
+    socket: TcpStream,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    settings: RtmpSettings,
+    state: State,
+    out: Vec<Bytes>,
+}
+
+impl Connection {
+    fn new(socket: TcpStream, peer: SocketAddr, hub: Arc<Hub>, settings: RtmpSettings) -> Self {
+        Connection {
+            socket,
+            peer,
+            hub,
+            settings,
+            state: State::Idle,
+            out: Vec::new(),
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) -> Result<(), RtmpError> {
+        let remaining = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake())
+            .await
+            .map_err(|_| RtmpError::HandshakeTimeout)??;
+        let mut config = ServerSessionConfig::new();
+        config.chunk_size = self.settings.chunk_size;
+        let (mut session, results) =
+            ServerSession::new(config).map_err(|e| RtmpError::Session(e.to_string()))?;
+        self.handle_results(&mut session, results).await?;
+        if !remaining.is_empty() {
+            let results = handle_input(&mut session, &remaining)?;
+            self.handle_results(&mut session, results).await?;
+        }
+        self.flush().await?;
+
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        loop {
+            let playing = matches!(self.state, State::Playing(_));
+            tokio::select! {
+                r = self.socket.read_buf(&mut buf) => {
+                    if r? == 0 {
+                        return Ok(());
+                    }
+                    let results = handle_input(&mut session, &buf)?;
+                    buf.clear();
+                    self.handle_results(&mut session, results).await?;
+                    self.flush().await?;
+                }
+                ev = next_event(&mut self.state), if playing => {
+                    match ev {
+                        Ok(ev) => self.play_events(ev).await?,
+                        Err(end) => return self.end_playback(&mut session, end).await,
+                    }
+                }
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            if buf.capacity() < 4096 {
+                buf.reserve(64 * 1024);
+            }
+        }
+    }
+
+    async fn handshake(&mut self) -> Result<Vec<u8>, RtmpError> {
+        let mut hs = Handshake::new(PeerType::Server);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = self.socket.read(&mut buf).await?;
+            if n == 0 {
+                return Err(RtmpError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            match hs.process_bytes(&buf[..n]).map_err(RtmpError::Handshake)? {
+                HandshakeProcessResult::InProgress { response_bytes } => {
+                    self.socket.write_all(&response_bytes).await?;
+                }
+                HandshakeProcessResult::Completed {
+                    response_bytes,
+                    remaining_bytes,
+                } => {
+                    self.socket.write_all(&response_bytes).await?;
+                    return Ok(remaining_bytes);
+                }
+            }
+        }
+    }
+
+    async fn handle_results(
+        &mut self,
+        session: &mut ServerSession,
+        results: Vec<ServerSessionResult>,
+    ) -> Result<(), RtmpError> {
+        for r in results {
+            match r {
+                ServerSessionResult::OutboundResponse(p) => self.out.push(Bytes::from(p.bytes)),
+                ServerSessionResult::RaisedEvent(ev) => self.handle_event(session, ev).await?,
+                ServerSessionResult::UnhandleableMessageReceived(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_event(
+        &mut self,
+        session: &mut ServerSession,
+        event: ServerSessionEvent,
+    ) -> Result<(), RtmpError> {
+        match event {
+            ServerSessionEvent::ConnectionRequested { request_id, .. } => {
+                let results = session_call(session.accept_request(request_id))?;
+                self.handle_plain_results(results);
+            }
+            ServerSessionEvent::PublishStreamRequested {
+                request_id,
+                app_name,
+                stream_key,
+                ..
+            } => self.on_publish(session, request_id, &app_name, &stream_key)?,
+            ServerSessionEvent::PublishStreamFinished { .. } => {
+                if matches!(self.state, State::Publishing(_)) {
+                    info!("publisher finished");
+                    self.state = State::Idle;
+                }
+            }
+            ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
+                if let State::Publishing(ingest) = &mut self.state {
+                    ingest.on_metadata(&metadata);
+                }
+            }
+            ServerSessionEvent::VideoDataReceived {
+                data, timestamp, ..
+            } => {
+                if let State::Publishing(ingest) = &mut self.state {
+                    ingest.on_video(data, timestamp.value)?;
+                }
+            }
+            ServerSessionEvent::AudioDataReceived {
+                data, timestamp, ..
+            } => {
+                if let State::Publishing(ingest) = &mut self.state {
+                    ingest.on_audio(data, timestamp.value)?;
+                }
+            }
+            ServerSessionEvent::PlayStreamRequested {
+                request_id,
+                app_name,
+                stream_key,
+                stream_id,
+                ..
+            } => {
+                self.on_play(session, request_id, &app_name, &stream_key, stream_id)
+                    .await?
+            }
+            ServerSessionEvent::PlayStreamFinished { .. } => {
+                if matches!(self.state, State::Playing(_)) {
+                    info!("player stopped");
+                    self.state = State::Idle;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn handle_plain_results(&mut self, results: Vec<ServerSessionResult>) {
+        for r in results {
+            if let ServerSessionResult::OutboundResponse(p) = r {
+                self.out.push(Bytes::from(p.bytes));
+            }
+        }
+    }
+
+    fn on_publish(
+        &mut self,
+        session: &mut ServerSession,
+        request_id: u32,
+        app: &str,
+        stream_key: &str,
+    ) -> Result<(), RtmpError> {
+        let name = stream_key.split('?').next().unwrap_or_default();
+        let reject = |this: &mut Self, session: &mut ServerSession, code, why: String| {
+            warn!("publish {app}/{name} refused: {why}");
+            let results = session_call(session.reject_request(request_id, code, &why))?;
+            this.handle_plain_results(results);
+            Err(RtmpError::Media(
+                StreamKey::new("refused", "publish").expect("valid literal key"),
+                why,
+            ))
+        };
+        if !matches!(self.state, State::Idle) {
+            return reject(
+                self,
+                session,
+                "NetStream.Publish.BadConnection",
+                "connection is already publishing or playing".into(),
+            );
+        }
+        if !self.settings.accept_publish {
+            return reject(
+                self,
+                session,
+                "NetStream.Publish.Denied",
+                "this node is an edge: publish to an origin".into(),
+            );
+        }
+        let key = match StreamKey::new(app, name) {
+            Ok(k) => k,
+            Err(e) => return reject(self, session, "NetStream.Publish.BadName", e.to_string()),
+        };
+        let publisher = match self.hub.publish(key.clone()) {
+            Ok(p) => p,
+            Err(e) => return reject(self, session, "NetStream.Publish.BadName", e.to_string()),
+        };
+        tracing::Span::current().record("stream", tracing::field::display(&key));
+        info!("publishing {key}");
+        let results = session_call(session.accept_request(request_id))?;
+        self.handle_plain_results(results);
+        let (frames_in, bytes_in) = self.hub.metrics().ingest(Proto::Rtmp);
+        self.state = State::Publishing(Box::new(Ingest {
+            key,
+            publisher,
+            config: StreamConfig::default(),
+            video_ts: TimestampUnwrapper::default(),
+            audio_ts: TimestampUnwrapper::default(),
+            last_video_dts: i64::MIN,
+            last_audio_dts: i64::MIN,
+            frames_in,
+            bytes_in,
+        }));
+        Ok(())
+    }
+
+    async fn on_play(
+        &mut self,
+        session: &mut ServerSession,
+        request_id: u32,
+        app: &str,
+        stream_key: &str,
+        stream_id: u32,
+    ) -> Result<(), RtmpError> {
+        let name = stream_key.split('?').next().unwrap_or_default();
+        let sub = match StreamKey::new(app, name) {
+            Err(e) => Err(e.to_string()),
+            Ok(key) if !matches!(self.state, State::Idle) => Err(format!(
+                "{key}: connection is already publishing or playing"
+            )),
+            Ok(key) => match self.hub.subscribe(&key, Scope::Any).await {
+                Ok(sub) => Ok((key, sub)),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let (key, sub) = match sub {
+            Ok(x) => x,
+            Err(why) => {
+                info!("play {app}/{name} refused: {why}");
+                let results = session_call(session.reject_request(
+                    request_id,
+                    "NetStream.Play.StreamNotFound",
+                    &why,
+                ))?;
+                self.handle_plain_results(results);
+                return Ok(());
+            }
+        };
+        tracing::Span::current().record("stream", tracing::field::display(&key));
+        info!(peer = %self.peer, "playing {key}");
+        let results = session_call(session.accept_request(request_id))?;
+        for r in results {
+            if let ServerSessionResult::OutboundResponse(p) = r {
+                // rml_rtmp also sends `|RtmpSampleAccess` and an `onStatus` *data* message
+                // (chunk stream 3, used for nothing else here). FFmpeg's FLV demuxer turns
+                // unknown data messages into extra streams, so they are left out.
+                if p.bytes.first().map(|b| b & 0x3f) != Some(RML_DATA_CSID) {
+                    self.out.push(Bytes::from(p.bytes));
+                }
+            }
+        }
+        let counters = self.hub.metrics().proto(Proto::Rtmp);
+        counters.viewers.inc();
+        self.state = State::Playing(Box::new(Playback {
+            sub,
+            stream_id,
+            chunk_size: self.settings.chunk_size as usize,
+            last_ts: 0,
+            counters,
+        }));
+        Ok(())
+    }
+
+    /// Writes one event and whatever else is ready, in one vectored write.
+    async fn play_events(&mut self, first: StreamEvent) -> Result<(), RtmpError> {
+        let State::Playing(play) = &mut self.state else {
+            return Ok(());
+        };
+        let mut frames = play.encode(first, &mut self.out);
+        while self.out.len() < MAX_BATCH {
+            match play.sub.try_next() {
+                Some(Ok(ev)) => frames += play.encode(ev, &mut self.out),
+                // The end is seen again by the next `next()`.
+                Some(Err(_)) | None => break,
+            }
+        }
+        play.counters.frames_out.inc_by(frames);
+        self.flush().await
+    }
+
+    async fn end_playback(
+        &mut self,
+        session: &mut ServerSession,
+        end: SubscriptionEnd,
+    ) -> Result<(), RtmpError> {
+        let State::Playing(play) = &mut self.state else {
+            return Ok(());
+        };
+        if end == SubscriptionEnd::TooSlow {
+            play.counters.slow_disconnects.inc();
+            warn!("viewer stayed too far behind; disconnecting");
+            return Ok(());
+        }
+        if let Ok(p) = session.finish_playing(play.stream_id) {
+            self.out.push(Bytes::from(p.bytes));
+        }
+        info!("stream ended; closing player");
+        let _ = self.flush().await;
+        let _ = self.socket.shutdown().await;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), RtmpError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.settings.write_timeout;
+        let bytes =
+            tokio::time::timeout(timeout, write_all_vectored(&mut self.socket, &mut self.out))
+                .await
+                .map_err(|_| RtmpError::WriteTimeout(timeout))??;
+        if let State::Playing(play) = &self.state {
+            play.counters.bytes_out.inc_by(bytes as u64);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let State::Playing(play) = &self.state {
+            play.counters.viewers.dec();
+        }
+    }
+}
+
+/// Next event for a playing connection (only polled while playing).
+async fn next_event(state: &mut State) -> Result<StreamEvent, SubscriptionEnd> {
+    match state {
+        State::Playing(p) => p.sub.next().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Feeds bytes to the session; a panic inside the parser becomes an error for this
+/// connection only.
+fn handle_input(
+    session: &mut ServerSession,
+    bytes: &[u8],
+) -> Result<Vec<ServerSessionResult>, RtmpError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| session.handle_input(bytes))) {
+        Ok(r) => session_call(r),
+        Err(_) => Err(RtmpError::ParserPanic),
+    }
+}
+
+fn session_call<T>(r: Result<T, rml_rtmp::sessions::ServerSessionError>) -> Result<T, RtmpError> {
+    r.map_err(|e| RtmpError::Session(e.to_string()))
+}
+
+/// Writes every buffer, using vectored writes; returns the bytes written.
+async fn write_all_vectored(
+    socket: &mut TcpStream,
+    bufs: &mut Vec<Bytes>,
+) -> std::io::Result<usize> {
+    let mut total = 0;
+    let mut start = 0;
+    while start < bufs.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = bufs[start..]
+            .iter()
+            .take(128)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = socket.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        total += n;
+        while n > 0 {
+            let first = &mut bufs[start];
+            if n >= first.len() {
+                n -= first.len();
+                start += 1;
+            } else {
+                first.advance(n);
+                n = 0;
+            }
+        }
+    }
+    bufs.clear();
+    Ok(total)
+}
+
+/// A publishing connection's ingest state: FLV tags in, frames out.
+struct Ingest {
+    key: StreamKey,
+    publisher: Publisher,
+    config: StreamConfig,
+    video_ts: TimestampUnwrapper,
+    audio_ts: TimestampUnwrapper,
+    last_video_dts: i64,
+    last_audio_dts: i64,
+    frames_in: prometheus_client::metrics::counter::Counter,
+    bytes_in: prometheus_client::metrics::counter::Counter,
+}
+
+impl Ingest {
+    fn reject(&self, why: impl ToString) -> RtmpError {
+        RtmpError::Media(self.key.clone(), why.to_string())
+    }
+
+    fn on_metadata(&mut self, m: &StreamMetadata) {
+        self.config.metadata = Metadata {
+            frame_rate: m.video_frame_rate.map(f64::from),
+            video_bitrate_kbps: m.video_bitrate_kbps.map(f64::from),
+            audio_bitrate_kbps: m.audio_bitrate_kbps.map(f64::from),
+            encoder: m.encoder.clone(),
+        };
+        self.publisher.set_config(self.config.clone());
+    }
+
+    fn on_video(&mut self, data: Bytes, timestamp: u32) -> Result<(), RtmpError> {
+        self.bytes_in.inc_by(data.len() as u64);
+        match flv::parse_video_tag(&data).map_err(|e| self.reject(e))? {
+            flv::VideoTag::SequenceHeader(record) => {
+                let c = avc::parse_decoder_config(&record).map_err(|e| self.reject(e))?;
+                info!(
+                    width = c.width,
+                    height = c.height,
+                    profile = c.profile,
+                    "H.264 configuration"
+                );
+                self.config.video = Some(VideoConfig {
+                    codec: Codec::H264,
+                    record,
+                    width: c.width,
+                    height: c.height,
+                });
+                self.publisher.set_config(self.config.clone());
+            }
+            flv::VideoTag::Frame {
+                keyframe,
+                cts,
+                payload,
+            } => {
+                if self.config.video.is_none() {
+                    debug!("video frame before its sequence header: dropped");
+                    return Ok(());
+                }
+                let raw = self.video_ts.unwrap(timestamp);
+                let dts = raw.max(self.last_video_dts);
+                self.last_video_dts = dts;
+                let pts = (dts + cts as i64).max(dts);
+                let exact = dts == raw && cts >= 0;
+                let frame = Frame {
+                    codec: Codec::H264,
+                    dts,
+                    pts,
+                    timebase: Timebase::MILLIS,
+                    keyframe,
+                    payload,
+                };
+                self.emit(frame, exact.then_some(data));
+            }
+            flv::VideoTag::EndOfSequence => {}
+        }
+        Ok(())
+    }
+
+    fn on_audio(&mut self, data: Bytes, timestamp: u32) -> Result<(), RtmpError> {
+        self.bytes_in.inc_by(data.len() as u64);
+        match flv::parse_audio_tag(&data).map_err(|e| self.reject(e))? {
+            flv::AudioTag::SequenceHeader(specific) => {
+                let c = aac::parse_audio_specific_config(&specific).map_err(|e| self.reject(e))?;
+                info!(
+                    sample_rate = c.sample_rate,
+                    channels = c.channels,
+                    "AAC configuration"
+                );
+                self.config.audio = Some(AudioConfig {
+                    codec: Codec::Aac,
+                    specific,
+                    sample_rate: c.sample_rate,
+                    channels: c.channels,
+                });
+                self.publisher.set_config(self.config.clone());
+            }
+            flv::AudioTag::Frame(payload) => {
+                if self.config.audio.is_none() {
+                    return Ok(());
+                }
+                let raw = self.audio_ts.unwrap(timestamp);
+                let dts = raw.max(self.last_audio_dts);
+                self.last_audio_dts = dts;
+                let frame = Frame {
+                    codec: Codec::Aac,
+                    dts,
+                    pts: dts,
+                    timebase: Timebase::MILLIS,
+                    keyframe: true,
+                    payload,
+                };
+                self.emit(frame, (dts == raw).then_some(data));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes a frame; `body` is the received FLV body when it still matches the frame.
+    fn emit(&mut self, frame: Frame, body: Option<Bytes>) {
+        self.frames_in.inc();
+        let packet = match body {
+            Some(body) => Packet::with_flv_body(frame, body),
+            None => Packet::new(frame),
+        };
+        self.publisher.push(packet);
+    }
+}
+
+/// A playing connection's state.
+struct Playback {
+    sub: Subscription,
+    stream_id: u32,
+    chunk_size: usize,
+    last_ts: u32,
+    counters: ProtoCounters,
+}
+
+impl Playback {
+    /// Appends the bytes for one event to `out`; returns the number of frames.
+    fn encode(&mut self, ev: StreamEvent, out: &mut Vec<Bytes>) -> u64 {
+        match ev {
+            StreamEvent::Config(config) => {
+                let ts = self.last_ts;
+                out.push(self.message(
+                    chunk::CSID_DATA,
+                    chunk::MSG_DATA_AMF0,
+                    ts,
+                    &flv::metadata_body(&config),
+                ));
+                if let Some(v) = &config.video {
+                    let body = flv::video_sequence_header_body(&v.record);
+                    out.push(self.message(chunk::CSID_VIDEO, chunk::MSG_VIDEO, ts, &body));
+                }
+                if let Some(a) = &config.audio {
+                    let body = flv::audio_sequence_header_body(&a.specific);
+                    out.push(self.message(chunk::CSID_AUDIO, chunk::MSG_AUDIO, ts, &body));
+                }
+                0
+            }
+            StreamEvent::Frame(packet) => {
+                let ts = packet.frame.dts_ms() as u32;
+                self.last_ts = ts;
+                let bytes = if self.stream_id == CANONICAL_STREAM_ID {
+                    let chunk_size = self.chunk_size;
+                    packet
+                        .rtmp_chunks(|p| frame_chunks(p, CANONICAL_STREAM_ID, chunk_size))
+                        .clone()
+                } else {
+                    frame_chunks(&packet, self.stream_id, self.chunk_size)
+                };
+                out.push(bytes);
+                1
+            }
+            StreamEvent::Discontinuity => {
+                self.counters.lag_skips.inc();
+                0
+            }
+        }
+    }
+
+    fn message(&self, csid: u8, kind: u8, ts: u32, body: &[u8]) -> Bytes {
+        chunk::encode_message(csid, kind, ts, self.stream_id, body, self.chunk_size)
+    }
+}
+
+fn frame_chunks(p: &Packet, stream_id: u32, chunk_size: usize) -> Bytes {
+    let (csid, kind) = match p.frame.codec {
+        Codec::H264 => (chunk::CSID_VIDEO, chunk::MSG_VIDEO),
+        Codec::Aac => (chunk::CSID_AUDIO, chunk::MSG_AUDIO),
+    };
+    chunk::encode_message(
+        csid,
+        kind,
+        p.frame.dts_ms() as u32,
+        stream_id,
+        p.flv_body(),
+        chunk_size,
+    )
+}
