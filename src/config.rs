@@ -104,6 +104,9 @@ pub struct Limits {
     pub gop_cache_max_bytes: usize,
     /// Concurrent RTMP connections accepted.
     pub max_rtmp_connections: usize,
+    /// Kernel send buffer of each viewer socket (SO_SNDBUF). Bounds kernel memory per viewer
+    /// and how long a stalled viewer takes to be noticed; 0 keeps the kernel's autotuning.
+    pub viewer_send_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -114,6 +117,7 @@ impl Default for Limits {
             viewer_write_timeout: Duration::from_secs(10),
             gop_cache_max_bytes: 32 << 20,
             max_rtmp_connections: 20_000,
+            viewer_send_buffer_bytes: 1 << 20,
         }
     }
 }
@@ -324,6 +328,9 @@ impl Config {
             max_rtmp_connections: limits
                 .max_rtmp_connections
                 .unwrap_or(dl.max_rtmp_connections),
+            viewer_send_buffer_bytes: limits
+                .viewer_send_buffer_bytes
+                .unwrap_or(dl.viewer_send_buffer_bytes),
         };
         if !(16..=65536).contains(&limits_out.stream_buffer_frames) {
             problems.push(Problem::new(
@@ -514,6 +521,7 @@ struct RawLimits {
     viewer_write_timeout_ms: Option<u64>,
     gop_cache_max_bytes: Option<usize>,
     max_rtmp_connections: Option<usize>,
+    viewer_send_buffer_bytes: Option<usize>,
 }
 
 /// One problem in a config file.

@@ -64,6 +64,7 @@ impl Node {
                 accept_publish: config.node.role != Role::Edge,
                 write_timeout: config.limits.viewer_write_timeout,
                 max_connections: config.limits.max_rtmp_connections,
+                send_buffer: config.limits.viewer_send_buffer_bytes,
             };
             tasks.spawn(crate::rtmp::serve(
                 listener,

@@ -7,6 +7,7 @@
 //! session. A parse error or even a panic inside the RTMP library closes only that connection.
 
 pub mod chunk;
+pub mod client;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -47,6 +48,8 @@ pub struct RtmpSettings {
     pub accept_publish: bool,
     pub write_timeout: Duration,
     pub max_connections: usize,
+    /// SO_SNDBUF for player sockets (0: kernel default).
+    pub send_buffer: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -395,6 +398,12 @@ impl Connection {
                 }
             }
         }
+        if self.settings.send_buffer > 0 {
+            // A bounded kernel buffer: a stalled viewer fills it quickly and hits the write
+            // timeout, instead of parking megabytes in the kernel first.
+            let _ = socket2::SockRef::from(&self.socket)
+                .set_send_buffer_size(self.settings.send_buffer);
+        }
         let counters = self.hub.metrics().proto(Proto::Rtmp);
         counters.viewers.inc();
         self.state = State::Playing(Box::new(Playback {
@@ -451,10 +460,16 @@ impl Connection {
             return Ok(());
         }
         let timeout = self.settings.write_timeout;
-        let bytes =
+        let written =
             tokio::time::timeout(timeout, write_all_vectored(&mut self.socket, &mut self.out))
-                .await
-                .map_err(|_| RtmpError::WriteTimeout(timeout))??;
+                .await;
+        let Ok(bytes) = written else {
+            if let State::Playing(play) = &self.state {
+                play.counters.slow_disconnects.inc();
+            }
+            return Err(RtmpError::WriteTimeout(timeout));
+        };
+        let bytes = bytes?;
         if let State::Playing(play) = &self.state {
             play.counters.bytes_out.inc_by(bytes as u64);
         }

@@ -1,0 +1,473 @@
+//! Shared helpers for the process-level tests: start meshcast nodes with generated configs,
+//! publish with the real `ffmpeg`, read with the real `ffprobe`, query the HTTP API.
+//! Every child process is killed (by its own PID) when its handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meshcast");
+
+/// A port free on loopback for both TCP and UDP right now.
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "meshcast-test-{name}-{}-{}",
+        std::process::id(),
+        rand_u64()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}
+
+/// A meshcast process.
+pub struct NodeProc {
+    pub name: String,
+    pub child: Child,
+    pub rtmp: SocketAddr,
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub dir: PathBuf,
+}
+
+pub struct NodeSpec {
+    pub role: &'static str,
+    pub id: String,
+    pub region: String,
+    /// Origins: other origins' QUIC addresses. Edges: upstream origins.
+    pub upstreams: Vec<SocketAddr>,
+    pub extra: String,
+}
+
+impl NodeSpec {
+    pub fn standalone() -> Self {
+        NodeSpec {
+            role: "standalone",
+            id: "standalone".into(),
+            region: "local".into(),
+            upstreams: vec![],
+            extra: String::new(),
+        }
+    }
+    pub fn origin(id: &str) -> Self {
+        NodeSpec {
+            role: "origin",
+            id: id.into(),
+            region: "r".into(),
+            upstreams: vec![],
+            extra: String::new(),
+        }
+    }
+    pub fn edge(id: &str, origins: Vec<SocketAddr>) -> Self {
+        NodeSpec {
+            role: "edge",
+            id: id.into(),
+            region: "r".into(),
+            upstreams: origins,
+            extra: String::new(),
+        }
+    }
+}
+
+impl NodeProc {
+    /// Starts a node on fresh loopback ports (QUIC port reserved even for edges, unused).
+    pub fn start(spec: NodeSpec) -> NodeProc {
+        let quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_at(spec, quic)
+    }
+
+    pub fn start_at(spec: NodeSpec, quic: SocketAddr) -> NodeProc {
+        let rtmp = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let dir = temp_dir(&spec.id);
+        let list = |v: &Vec<SocketAddr>| {
+            v.iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let backbone = match spec.role {
+            "edge" => format!(
+                "origins = [{}]\nidle_grace_ms = 1000\n",
+                list(&spec.upstreams)
+            ),
+            _ => format!("listen = \"{quic}\"\npeers = [{}]\n", list(&spec.upstreams)),
+        };
+        let config = format!(
+            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
+            spec.id, spec.region, spec.role, spec.extra
+        );
+        let path = dir.join("node.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info,meshcast=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start meshcast");
+        let node = NodeProc {
+            name: spec.id,
+            child,
+            rtmp,
+            http,
+            quic,
+            dir,
+        };
+        wait_until(Duration::from_secs(10), "node HTTP up", || {
+            http_get(node.http, "/healthz")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+        });
+        node
+    }
+
+    pub fn rtmp_url(&self, stream: &str) -> String {
+        format!("rtmp://{}/live/{stream}", self.rtmp)
+    }
+
+    pub fn flv_url(&self, stream: &str) -> String {
+        format!("http://{}/live/{stream}.flv", self.http)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    pub fn streams(&self) -> Vec<Value> {
+        let (_, body) = http_get(self.http, "/api/v1/streams").expect("streams API");
+        let v: Value = serde_json::from_str(&body).expect("streams JSON");
+        v["streams"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn stream(&self, name: &str) -> Option<Value> {
+        self.streams()
+            .into_iter()
+            .find(|s| s["stream"] == format!("live/{name}"))
+    }
+
+    pub fn links(&self) -> Vec<Value> {
+        let (_, body) = http_get(self.http, "/api/v1/links").expect("links API");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["links"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Value of a Prometheus sample, e.g. `meshcast_slow_disconnects_total{proto="rtmp"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = http_get(self.http, "/metrics").expect("metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .map(|v| v.trim().parse().unwrap_or(0.0))
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn wait_for_link_count(&self, n: usize) {
+        wait_until(Duration::from_secs(10), "backbone links up", || {
+            self.links().len() >= n
+        });
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ----\n{}", self.name, self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An `ffmpeg` publishing a synthetic 640x360 H.264 + AAC stream in real time.
+pub struct Publisher {
+    pub child: Child,
+}
+
+pub struct PublishOpts {
+    pub seconds: u32,
+    pub gop: u32,
+    pub bframes: u32,
+}
+
+impl Default for PublishOpts {
+    fn default() -> Self {
+        PublishOpts {
+            seconds: 30,
+            gop: 30,
+            bframes: 2,
+        }
+    }
+}
+
+impl Publisher {
+    pub fn start(url: &str, opts: PublishOpts) -> Publisher {
+        let child = Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-re"])
+            .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+            .args(["-t", &opts.seconds.to_string()])
+            .args([
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-tune",
+                "zerolatency",
+            ])
+            .args([
+                "-g",
+                &opts.gop.to_string(),
+                "-bf",
+                &opts.bframes.to_string(),
+            ])
+            .args(["-c:a", "aac", "-b:a", "64k", "-f", "flv", url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ffmpeg is installed");
+        Publisher { child }
+    }
+
+    /// Waits for ffmpeg to exit; returns (success, stderr).
+    pub fn wait(mut self, timeout: Duration) -> (bool, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status.success(), err);
+            }
+            if start.elapsed() > timeout {
+                panic!("ffmpeg did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts a publisher and waits until `node` lists the stream with both tracks configured.
+pub fn publish_and_wait(url: &str, node: &NodeProc, name: &str, opts: PublishOpts) -> Publisher {
+    let p = Publisher::start(url, opts);
+    wait_until(
+        Duration::from_secs(15),
+        "stream live with both tracks",
+        || {
+            node.stream(name)
+                .map(|s| !s["video"].is_null() && !s["audio"].is_null())
+                .unwrap_or(false)
+        },
+    );
+    p
+}
+
+/// What ffprobe read from a URL.
+#[derive(Debug)]
+pub struct Probe {
+    pub streams: Vec<Value>,
+    pub packets: Vec<Value>,
+}
+
+impl Probe {
+    pub fn stream_of(&self, codec_type: &str) -> Option<&Value> {
+        self.streams.iter().find(|s| s["codec_type"] == codec_type)
+    }
+
+    pub fn packets_of(&self, codec_type: &str) -> Vec<&Value> {
+        let Some(idx) = self.stream_of(codec_type).map(|s| s["index"].clone()) else {
+            return vec![];
+        };
+        self.packets
+            .iter()
+            .filter(|p| p["stream_index"] == idx)
+            .collect()
+    }
+
+    /// Asserts dts strictly increases per stream and pts >= dts.
+    pub fn assert_timestamps_sane(&self) {
+        for s in &self.streams {
+            let idx = &s["index"];
+            let mut last: Option<i64> = None;
+            for p in self.packets.iter().filter(|p| &p["stream_index"] == idx) {
+                let dts = p["dts"].as_i64().expect("packet has dts");
+                let pts = p["pts"].as_i64().expect("packet has pts");
+                assert!(pts >= dts, "pts {pts} < dts {dts} in stream {idx}");
+                if let Some(l) = last {
+                    assert!(
+                        dts > l,
+                        "dts not increasing in stream {idx}: {l} then {dts}"
+                    );
+                }
+                last = Some(dts);
+            }
+        }
+    }
+}
+
+/// Reads `seconds` of stream time from `url` with ffprobe.
+pub fn ffprobe(url: &str, seconds: u32) -> Probe {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-rw_timeout", "15000000"])
+        .args([
+            "-show_entries",
+            "stream=index,codec_name,codec_type,width,height,sample_rate,channels",
+        ])
+        .args(["-show_entries", "packet=stream_index,pts,dts,flags"])
+        .args(["-read_intervals", &format!("%+{seconds}")])
+        .args(["-of", "json", url])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ffprobe is installed");
+    assert!(
+        out.status.success(),
+        "ffprobe {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("ffprobe JSON");
+    Probe {
+        streams: v["streams"].as_array().cloned().unwrap_or_default(),
+        packets: v["packets"].as_array().cloned().unwrap_or_default(),
+    }
+}
+
+/// Checks a probe of the synthetic stream: codecs, size, frame count, timestamps.
+pub fn assert_synthetic_stream(p: &Probe, seconds: u32) {
+    let v = p.stream_of("video").expect("video stream");
+    assert_eq!(v["codec_name"], "h264");
+    assert_eq!(v["width"], 640);
+    assert_eq!(v["height"], 360);
+    let a = p.stream_of("audio").expect("audio stream");
+    assert_eq!(a["codec_name"], "aac");
+    assert_eq!(a["sample_rate"], "44100");
+    assert_eq!(p.streams.len(), 2, "exactly two streams: {:?}", p.streams);
+    let frames = p.packets_of("video").len() as i64;
+    let expected = 30 * seconds as i64;
+    assert!(
+        (frames - expected).abs() <= expected / 5 + 2,
+        "{frames} video frames in {seconds}s, expected about {expected}"
+    );
+    let first = p.packets_of("video")[0];
+    assert!(
+        first["flags"].as_str().unwrap_or("").starts_with('K'),
+        "first video packet is a keyframe: {first}"
+    );
+    assert!(p.packets_of("audio").len() as i64 >= 40 * seconds as i64 * 8 / 10);
+    p.assert_timestamps_sane();
+}
+
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A tiny HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(&body)
+    } else {
+        body
+    };
+    Ok((status, body))
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -1,0 +1,399 @@
+//! The spine, end to end with real clients: ffmpeg publishes over RTMP, ffprobe reads over
+//! RTMP and HTTP-FLV from a standalone node, from an edge, and across two origins + an edge.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn standalone_serves_rtmp_and_flv_with_bframes() {
+    let node = NodeProc::start(NodeSpec::standalone());
+    let _p = publish_and_wait(
+        &node.rtmp_url("demo"),
+        &node,
+        "demo",
+        PublishOpts::default(),
+    );
+    let rtmp = ffprobe(&node.rtmp_url("demo"), 3);
+    assert_synthetic_stream(&rtmp, 3);
+    // B-frames came through: some packets are presented after later-decoded ones.
+    let video = rtmp.packets_of("video");
+    assert!(
+        video.iter().any(|p| p["pts"].as_i64() > p["dts"].as_i64()),
+        "B-frames keep pts > dts"
+    );
+    let flv = ffprobe(&node.flv_url("demo"), 3);
+    assert_synthetic_stream(&flv, 3);
+}
+
+#[test]
+fn late_joiner_starts_at_once_from_the_cached_keyframe() {
+    let node = NodeProc::start(NodeSpec::standalone());
+    // One keyframe every 10 s: without the cache a viewer would wait up to 10 s.
+    let opts = PublishOpts {
+        gop: 300,
+        ..Default::default()
+    };
+    let _p = publish_and_wait(&node.rtmp_url("gop"), &node, "gop", opts);
+    wait_until(Duration::from_secs(10), "3 s of stream", || {
+        node.stream("gop").unwrap()["uptime_ms"].as_u64().unwrap() > 3000
+    });
+    for url in [node.rtmp_url("gop"), node.flv_url("gop")] {
+        let probe = ffprobe(&url, 1);
+        let video = probe.packets_of("video");
+        let first = video[0];
+        assert!(first["flags"].as_str().unwrap().starts_with('K'));
+        // The first frame is the stream's first keyframe (t≈0), though we joined at t>3 s.
+        assert!(
+            first["dts"].as_i64().unwrap() < 500,
+            "joined from cache: {first}"
+        );
+        probe.assert_timestamps_sane();
+    }
+}
+
+#[test]
+fn edge_pulls_on_first_viewer_and_releases_after_grace() {
+    let origin = NodeProc::start(NodeSpec::origin("origin-a"));
+    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![origin.quic]));
+    edge.wait_for_link_count(1);
+    let _p = publish_and_wait(&origin.rtmp_url("e"), &origin, "e", PublishOpts::default());
+    assert!(edge.stream("e").is_none(), "no pull before a viewer asks");
+
+    let probe = ffprobe(&edge.rtmp_url("e"), 3);
+    assert_synthetic_stream(&probe, 3);
+    let flv = ffprobe(&edge.flv_url("e"), 3);
+    assert_synthetic_stream(&flv, 3);
+
+    // Two viewers at once share one upstream subscription.
+    let a = std::thread::spawn({
+        let url = edge.rtmp_url("e");
+        move || ffprobe(&url, 3)
+    });
+    let b = std::thread::spawn({
+        let url = edge.flv_url("e");
+        move || ffprobe(&url, 3)
+    });
+    wait_until(Duration::from_secs(10), "both viewers attached", || {
+        edge.stream("e").is_some_and(|s| s["subscribers"] == 2)
+    });
+    let relay = edge.stream("e").unwrap();
+    assert_eq!(relay["source"]["kind"], "relay");
+    assert_eq!(relay["source"]["node"], "origin-a");
+    assert_eq!(
+        origin.stream("e").unwrap()["subscribers"],
+        1,
+        "the origin serves one subscription for the edge, whatever the viewers"
+    );
+    assert_synthetic_stream(&a.join().unwrap(), 3);
+    assert_synthetic_stream(&b.join().unwrap(), 3);
+
+    // The grace period is 1 s in these tests.
+    wait_until(Duration::from_secs(10), "edge released the stream", || {
+        edge.stream("e").is_none()
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "origin saw the unsubscribe",
+        || origin.stream("e").unwrap()["subscribers"] == 0,
+    );
+}
+
+#[test]
+fn two_origins_relay_a_to_b_to_edge() {
+    let a_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let b_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut spec_a = NodeSpec::origin("origin-a");
+    spec_a.upstreams = vec![b_quic];
+    let mut spec_b = NodeSpec::origin("origin-b");
+    spec_b.upstreams = vec![a_quic];
+    let a = NodeProc::start_at(spec_a, a_quic);
+    let b = NodeProc::start_at(spec_b, b_quic);
+    let edge = NodeProc::start(NodeSpec::edge("edge-b1", vec![b_quic]));
+    // Each origin dials the other: one outbound and one inbound link each.
+    a.wait_for_link_count(2);
+    b.wait_for_link_count(3);
+
+    let _p = publish_and_wait(&a.rtmp_url("mesh"), &a, "mesh", PublishOpts::default());
+    let probe = ffprobe(&edge.rtmp_url("mesh"), 3);
+    assert_synthetic_stream(&probe, 3);
+
+    // While a viewer watches, the path is A → B → edge.
+    let viewer = std::thread::spawn({
+        let url = edge.flv_url("mesh");
+        move || ffprobe(&url, 3)
+    });
+    wait_until(Duration::from_secs(10), "edge relays from B", || {
+        edge.stream("mesh")
+            .is_some_and(|s| s["source"]["node"] == "origin-b")
+    });
+    let on_b = b.stream("mesh").expect("B relays the stream");
+    assert_eq!(on_b["source"]["node"], "origin-a");
+    assert_synthetic_stream(&viewer.join().unwrap(), 3);
+
+    // B can also be played directly (one hop from A).
+    assert_synthetic_stream(&ffprobe(&b.rtmp_url("mesh"), 2), 2);
+}
+
+#[test]
+fn second_publisher_of_a_live_name_is_refused() {
+    let node = NodeProc::start(NodeSpec::standalone());
+    let first = publish_and_wait(&node.rtmp_url("dup"), &node, "dup", PublishOpts::default());
+    let second = Publisher::start(&node.rtmp_url("dup"), PublishOpts::default());
+    let (ok, stderr) = second.wait(Duration::from_secs(20));
+    assert!(!ok, "second publisher must fail");
+    assert!(
+        node.log().contains("already being published"),
+        "the refusal is logged; ffmpeg said: {stderr}"
+    );
+    // The first publisher is unaffected.
+    assert_synthetic_stream(&ffprobe(&node.rtmp_url("dup"), 2), 2);
+    drop(first);
+}
+
+#[test]
+fn publisher_disconnect_ends_the_stream_everywhere() {
+    let origin = NodeProc::start(NodeSpec::origin("origin-a"));
+    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![origin.quic]));
+    edge.wait_for_link_count(1);
+    let opts = PublishOpts {
+        seconds: 8,
+        ..Default::default()
+    };
+    let publisher = publish_and_wait(&origin.rtmp_url("end"), &origin, "end", opts);
+    // Viewers with no time limit: they must end on their own when the publisher leaves.
+    let mut viewers: Vec<std::process::Child> = [
+        origin.rtmp_url("end"),
+        edge.rtmp_url("end"),
+        edge.flv_url("end"),
+    ]
+    .iter()
+    .map(|url| {
+        std::process::Command::new("ffmpeg")
+            .args([
+                "-v",
+                "error",
+                "-rw_timeout",
+                "30000000",
+                "-i",
+                url,
+                "-c",
+                "copy",
+                "-f",
+                "null",
+                "-",
+            ])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    })
+    .collect();
+    let (ok, err) = publisher.wait(Duration::from_secs(30));
+    assert!(ok, "publisher ran to its end: {err}");
+    wait_until(Duration::from_secs(15), "every viewer saw the end", || {
+        viewers.iter_mut().all(|v| v.try_wait().unwrap().is_some())
+    });
+    wait_until(Duration::from_secs(10), "stream gone everywhere", || {
+        origin.stream("end").is_none() && edge.stream("end").is_none()
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_viewer_is_dropped_without_slowing_others() {
+    let mut spec = NodeSpec::standalone();
+    spec.extra = "[limits]\nviewer_write_timeout_ms = 1500\nviewer_send_buffer_bytes = 32768\nstream_buffer_frames = 128\n".into();
+    let node = tokio::task::spawn_blocking(move || NodeProc::start(spec))
+        .await
+        .unwrap();
+    let url = node.rtmp_url("stall");
+    let _p = tokio::task::block_in_place(|| {
+        publish_and_wait(&url, &node, "stall", PublishOpts::default())
+    });
+    let rss_before = node.rss_kb();
+    let addr = node.rtmp.to_string();
+    let stalled =
+        meshcast::rtmp::client::Player::connect_with_buffer(&addr, "live", "stall", Some(4096))
+            .await
+            .expect("stalled player connects");
+    let stall = tokio::spawn(stalled.stall(Duration::from_secs(8)));
+    // A healthy viewer during the stall gets the whole stream.
+    let healthy_url = node.rtmp_url("stall");
+    let probe = tokio::task::spawn_blocking(move || ffprobe(&healthy_url, 4))
+        .await
+        .unwrap();
+    assert_synthetic_stream(&probe, 4);
+    let stats = stall.await.unwrap().unwrap();
+    assert!(
+        stats.closed_by_server,
+        "the server closed the stalled viewer"
+    );
+    assert!(node.metric("meshcast_slow_disconnects_total{proto=\"rtmp\"}") >= 1.0);
+    let growth = node.rss_kb().saturating_sub(rss_before);
+    assert!(growth < 30_000, "RSS grew by {growth} kB during the stall");
+    assert!(node.log().contains("did not read"), "the reason is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_input_closes_only_that_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = tokio::task::spawn_blocking(|| NodeProc::start(NodeSpec::standalone()))
+        .await
+        .unwrap();
+    let url = node.rtmp_url("g");
+    let _p =
+        tokio::task::block_in_place(|| publish_and_wait(&url, &node, "g", PublishOpts::default()));
+
+    // 1. Random bytes instead of a handshake.
+    let mut s = tokio::net::TcpStream::connect(node.rtmp).await.unwrap();
+    let junk: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let _ = s.write_all(&junk).await;
+    let mut buf = vec![0u8; 65536];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "garbage connection is closed");
+
+    // 2. A valid handshake, then a truncated chunk and garbage chunk headers.
+    let mut s = tokio::net::TcpStream::connect(node.rtmp).await.unwrap();
+    let mut hs = rml_rtmp::handshake::Handshake::new(rml_rtmp::handshake::PeerType::Client);
+    s.write_all(&hs.generate_outbound_p0_and_p1().unwrap())
+        .await
+        .unwrap();
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        match hs.process_bytes(&buf[..n]).unwrap() {
+            rml_rtmp::handshake::HandshakeProcessResult::InProgress { response_bytes } => {
+                s.write_all(&response_bytes).await.unwrap()
+            }
+            rml_rtmp::handshake::HandshakeProcessResult::Completed { response_bytes, .. } => {
+                s.write_all(&response_bytes).await.unwrap();
+                break;
+            }
+        }
+    }
+    // A type-0 header announcing a 16 MB command message, then a type-3 chunk on an
+    // unknown chunk stream, then an AMF command that is not AMF.
+    let mut bad = vec![3, 0, 0, 0, 0xff, 0xff, 0xff, 20, 0, 0, 0, 0, 1, 2, 3];
+    bad.extend_from_slice(&[0xc0 | 40, 9, 9, 9]);
+    bad.extend_from_slice(&[3, 0, 0, 0, 0, 0, 4, 20, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]);
+    let _ = s.write_all(&bad).await;
+    drop(s);
+
+    // 3. A QUIC peer that sends garbage on the control stream.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = meshcast::config::Config::standalone_default();
+    let client = meshcast::backbone::tls::client_config(&cfg.backbone).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client);
+    let conn = endpoint
+        .connect(node.quic, meshcast::backbone::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .expect("QUIC handshake");
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 5, 0x42, 1, 2, 3, 4, 0, 0, 0])
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the node closes the malformed peer");
+    assert!(
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(_)),
+        "closed by the application: {reason}"
+    );
+
+    // The node still serves everyone else.
+    let url = node.rtmp_url("g");
+    let probe = tokio::task::spawn_blocking(move || ffprobe(&url, 2))
+        .await
+        .unwrap();
+    assert_synthetic_stream(&probe, 2);
+    let log = node.log();
+    assert!(
+        log.contains("handshake failed") || log.contains("connection closed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("malformed control message") || log.contains("unknown control message"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let mut node = NodeProc::start(NodeSpec::standalone());
+    let _p = publish_and_wait(&node.rtmp_url("s"), &node, "s", PublishOpts::default());
+    node.signal("TERM");
+    wait_until(Duration::from_secs(10), "node exits", || !node.is_running());
+    assert!(node.child.wait().unwrap().success());
+    assert!(node.log().contains("meshcast node stopped"));
+}
+
+#[test]
+fn sample_configs_are_valid_and_bad_ones_report_every_problem() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = std::process::Command::new(BIN)
+                .arg("check-config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4);
+
+    let bad = temp_dir("badcfg").join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[node]\nrole = \"edge\"\nid = \"no spaces\"\n[rtmp]\nlisten = \"1.2.3.4\"\n[backbone]\norigins = [\"x\"]\n[limits]\nstream_buffer_frames = 1\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = bad.display().to_string();
+    for key in [
+        "node.id",
+        "rtmp.listen",
+        "backbone.origins[0]",
+        "limits.stream_buffer_frames",
+    ] {
+        assert!(
+            err.contains(&format!("{file}: {key}: ")),
+            "missing {key} in:\n{err}"
+        );
+    }
+    // `run` refuses the same file with the same report.
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node.id"));
+}
