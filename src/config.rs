@@ -64,6 +64,9 @@ pub struct RtmpConfig {
     pub listen: Option<SocketAddr>,
     /// Outbound RTMP chunk size (bytes).
     pub chunk_size: u32,
+    /// Merged write interval for players (SRS's `mw_latency`): fewer, larger writes per
+    /// viewer at the cost of up to this much added latency. Zero writes every frame at once.
+    pub merged_write: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +137,7 @@ impl Config {
             rtmp: RtmpConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 1935))),
                 chunk_size: 4096,
+                merged_write: Duration::from_millis(200),
             },
             http: HttpConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
@@ -216,6 +220,13 @@ impl Config {
             problems.push(Problem::new(
                 "rtmp.chunk_size",
                 "must be between 128 and 65536",
+            ));
+        }
+        let merged_write_ms = rtmp.merged_write_ms.unwrap_or(200);
+        if merged_write_ms > 1000 {
+            problems.push(Problem::new(
+                "rtmp.merged_write_ms",
+                "must be at most 1000 (it adds that much latency)",
             ));
         }
         let http_listen = addr_or_off(
@@ -380,6 +391,7 @@ impl Config {
             rtmp: RtmpConfig {
                 listen: rtmp_listen,
                 chunk_size,
+                merged_write: Duration::from_millis(merged_write_ms),
             },
             http: HttpConfig {
                 listen: http_listen,
@@ -490,6 +502,7 @@ struct RawNode {
 struct RawRtmp {
     listen: Option<String>,
     chunk_size: Option<u32>,
+    merged_write_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]

@@ -65,6 +65,7 @@ impl Node {
                 write_timeout: config.limits.viewer_write_timeout,
                 max_connections: config.limits.max_rtmp_connections,
                 send_buffer: config.limits.viewer_send_buffer_bytes,
+                merged_write: config.rtmp.merged_write,
             };
             tasks.spawn(crate::rtmp::serve(
                 listener,

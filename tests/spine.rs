@@ -397,3 +397,95 @@ fn sample_configs_are_valid_and_bad_ones_report_every_problem() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node.id"));
 }
+
+#[test]
+fn late_joiner_on_an_edge_starts_from_the_edges_cache() {
+    let origin = NodeProc::start(NodeSpec::origin("origin-a"));
+    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![origin.quic]));
+    edge.wait_for_link_count(1);
+    let opts = PublishOpts {
+        gop: 300,
+        ..Default::default()
+    };
+    let _p = publish_and_wait(&origin.rtmp_url("eg"), &origin, "eg", opts);
+    // A first viewer makes the edge pull; it keeps watching while a second one joins later.
+    let first = std::thread::spawn({
+        let url = edge.flv_url("eg");
+        move || ffprobe(&url, 6)
+    });
+    wait_until(Duration::from_secs(10), "edge relaying", || {
+        edge.stream("eg").is_some()
+    });
+    wait_until(Duration::from_secs(10), "3 s into the stream", || {
+        origin.stream("eg").unwrap()["uptime_ms"].as_u64().unwrap() > 3500
+    });
+    let late = ffprobe(&edge.rtmp_url("eg"), 1);
+    let video = late.packets_of("video");
+    assert!(video[0]["flags"].as_str().unwrap().starts_with('K'));
+    assert!(
+        video[0]["dts"].as_i64().unwrap() < 500,
+        "started from the edge's cached keyframe"
+    );
+    late.assert_timestamps_sane();
+    first.join().unwrap().assert_timestamps_sane();
+}
+
+/// Writes a CA and a node certificate (DNS name `meshcast`) signed by it; returns the paths
+/// (ca, cert, key).
+fn make_pki(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let node_key = rcgen::KeyPair::generate().unwrap();
+    let node_params = rcgen::CertificateParams::new(vec!["meshcast".to_string()]).unwrap();
+    let node = node_params.signed_by(&node_key, &ca, &ca_key).unwrap();
+    let write = |file: &str, pem: String| {
+        let p = dir.join(file);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    (
+        write(&format!("{name}-ca.pem"), ca.pem()),
+        write(&format!("{name}-node.pem"), node.pem()),
+        write(&format!("{name}-node.key"), node_key.serialize_pem()),
+    )
+}
+
+#[test]
+fn backbone_with_a_ca_verifies_peers() {
+    let dir = temp_dir("pki");
+    let (ca, cert, key) = make_pki(&dir, "cluster");
+    let (other_ca, _, _) = make_pki(&dir, "other");
+    let mut o = NodeSpec::origin("origin-a");
+    o.extra = format!("cert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n");
+    // `extra` lands in [backbone] here: it is written right after the backbone keys.
+    let origin = NodeProc::start(o);
+    let mut trusted = NodeSpec::edge("edge-ok", vec![origin.quic]);
+    trusted.extra = format!("ca = \"{ca}\"\n");
+    let edge = NodeProc::start(trusted);
+    let mut untrusted = NodeSpec::edge("edge-bad", vec![origin.quic]);
+    untrusted.extra = format!("ca = \"{other_ca}\"\n");
+    let stranger = NodeProc::start(untrusted);
+
+    edge.wait_for_link_count(1);
+    let _p = publish_and_wait(
+        &origin.rtmp_url("tls"),
+        &origin,
+        "tls",
+        PublishOpts::default(),
+    );
+    assert_synthetic_stream(&ffprobe(&edge.rtmp_url("tls"), 2), 2);
+
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        stranger.links().is_empty(),
+        "an edge trusting another CA never links"
+    );
+    assert!(!stranger.log().contains("link up"));
+    let (status, _) = http_get(stranger.http, "/live/tls.flv").unwrap();
+    assert_eq!(status, 404);
+}

@@ -21,7 +21,7 @@ use rml_rtmp::sessions::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -39,7 +39,7 @@ const CANONICAL_STREAM_ID: u32 = 1;
 /// The chunk stream rml_rtmp uses for AMF data messages.
 const RML_DATA_CSID: u8 = 3;
 /// Events gathered into one vectored write when a viewer is behind.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct RtmpSettings {
@@ -50,6 +50,9 @@ pub struct RtmpSettings {
     pub max_connections: usize,
     /// SO_SNDBUF for player sockets (0: kernel default).
     pub send_buffer: usize,
+    /// Merged write: a player is written at most once per this interval, all frames that
+    /// arrived meanwhile in one vectored write (zero: every frame at once).
+    pub merged_write: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let flush_clock = spawn_flush_clock(settings.merged_write, shutdown.clone());
     loop {
         let (socket, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -96,7 +100,13 @@ pub async fn serve(
         };
         hub.metrics().count_connection(Proto::Rtmp);
         let _ = socket.set_nodelay(true);
-        let conn = Connection::new(socket, peer, hub.clone(), settings.clone());
+        let conn = Connection::new(
+            socket,
+            peer,
+            hub.clone(),
+            settings.clone(),
+            flush_clock.clone(),
+        );
         let shutdown = shutdown.clone();
         let span = tracing::info_span!("rtmp", %peer, stream = tracing::field::Empty);
         tokio::spawn(
@@ -129,10 +139,18 @@ struct Connection {
     settings: RtmpSettings,
     state: State,
     out: Vec<Bytes>,
+    /// Merged write: players write when this node-wide clock ticks.
+    flush_clock: Option<watch::Receiver<()>>,
 }
 
 impl Connection {
-    fn new(socket: TcpStream, peer: SocketAddr, hub: Arc<Hub>, settings: RtmpSettings) -> Self {
+    fn new(
+        socket: TcpStream,
+        peer: SocketAddr,
+        hub: Arc<Hub>,
+        settings: RtmpSettings,
+        flush_clock: Option<watch::Receiver<()>>,
+    ) -> Self {
         Connection {
             socket,
             peer,
@@ -140,6 +158,7 @@ impl Connection {
             settings,
             state: State::Idle,
             out: Vec::new(),
+            flush_clock,
         }
     }
 
@@ -171,7 +190,7 @@ impl Connection {
                     self.handle_results(&mut session, results).await?;
                     self.flush().await?;
                 }
-                ev = next_event(&mut self.state), if playing => {
+                ev = next_event(&mut self.state, self.flush_clock.as_mut()), if playing => {
                     match ev {
                         Ok(ev) => self.play_events(ev).await?,
                         Err(end) => return self.end_playback(&mut session, end).await,
@@ -430,6 +449,10 @@ impl Connection {
             }
         }
         play.counters.frames_out.inc_by(frames);
+        if let Some(clock) = &mut self.flush_clock {
+            // Wait for the next tick, not one that passed while writing.
+            clock.borrow_and_update();
+        }
         self.flush().await
     }
 
@@ -459,17 +482,22 @@ impl Connection {
         if self.out.is_empty() {
             return Ok(());
         }
-        let timeout = self.settings.write_timeout;
-        let written =
-            tokio::time::timeout(timeout, write_all_vectored(&mut self.socket, &mut self.out))
-                .await;
-        let Ok(bytes) = written else {
-            if let State::Playing(play) = &self.state {
-                play.counters.slow_disconnects.inc();
-            }
-            return Err(RtmpError::WriteTimeout(timeout));
-        };
-        let bytes = bytes?;
+        // Fast path: the kernel usually takes the whole batch at once, and then no timer is
+        // armed at all. Only a full socket buffer waits, bounded by the write timeout.
+        let mut bytes = try_write_vectored(&self.socket, &mut self.out)?;
+        if !self.out.is_empty() {
+            let timeout = self.settings.write_timeout;
+            let written =
+                tokio::time::timeout(timeout, write_all_vectored(&mut self.socket, &mut self.out))
+                    .await;
+            let Ok(more) = written else {
+                if let State::Playing(play) = &self.state {
+                    play.counters.slow_disconnects.inc();
+                }
+                return Err(RtmpError::WriteTimeout(timeout));
+            };
+            bytes += more?;
+        }
         if let State::Playing(play) = &self.state {
             play.counters.bytes_out.inc_by(bytes as u64);
         }
@@ -486,11 +514,49 @@ impl Drop for Connection {
 }
 
 /// Next event for a playing connection (only polled while playing).
-async fn next_event(state: &mut State) -> Result<StreamEvent, SubscriptionEnd> {
+///
+/// With merged writes, waits for the next tick of the node's flush clock first, so that
+/// frames arriving meanwhile are written together. Cancel-safe: dropping the future while it
+/// waits loses nothing.
+async fn next_event(
+    state: &mut State,
+    flush_clock: Option<&mut watch::Receiver<()>>,
+) -> Result<StreamEvent, SubscriptionEnd> {
     match state {
-        State::Playing(p) => p.sub.next().await,
+        State::Playing(p) => {
+            if let Some(clock) = flush_clock {
+                // An error means the clock stopped (shutdown): write at once.
+                let _ = clock.changed().await;
+            }
+            p.sub.next().await
+        }
         _ => std::future::pending().await,
     }
+}
+
+/// Ticks every `interval` while the server runs; players with merged writes flush on it.
+/// One timer for the whole node instead of one per player.
+fn spawn_flush_clock(
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> Option<watch::Receiver<()>> {
+    if interval.is_zero() {
+        return None;
+    }
+    let (tx, rx) = watch::channel(());
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    tx.send_replace(());
+                }
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    Some(rx)
 }
 
 /// Feeds bytes to the session; a panic inside the parser becomes an error for this
@@ -515,31 +581,55 @@ async fn write_all_vectored(
     bufs: &mut Vec<Bytes>,
 ) -> std::io::Result<usize> {
     let mut total = 0;
-    let mut start = 0;
-    while start < bufs.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = bufs[start..]
-            .iter()
-            .take(128)
-            .map(|b| std::io::IoSlice::new(b))
-            .collect();
-        let mut n = socket.write_vectored(&slices).await?;
+    while !bufs.is_empty() {
+        let n = socket.write_vectored(&io_slices(bufs)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         total += n;
-        while n > 0 {
-            let first = &mut bufs[start];
-            if n >= first.len() {
-                n -= first.len();
-                start += 1;
-            } else {
-                first.advance(n);
-                n = 0;
+        consume(bufs, n);
+    }
+    Ok(total)
+}
+
+/// Writes what the socket takes without waiting; the rest stays in `bufs`.
+fn try_write_vectored(socket: &TcpStream, bufs: &mut Vec<Bytes>) -> std::io::Result<usize> {
+    let mut total = 0;
+    while !bufs.is_empty() {
+        match socket.try_write_vectored(&io_slices(bufs)) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                total += n;
+                consume(bufs, n);
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
         }
     }
-    bufs.clear();
     Ok(total)
+}
+
+fn io_slices(bufs: &[Bytes]) -> Vec<std::io::IoSlice<'_>> {
+    bufs.iter()
+        .take(128)
+        .map(|b| std::io::IoSlice::new(b))
+        .collect()
+}
+
+/// Drops the first `n` written bytes from `bufs`.
+fn consume(bufs: &mut Vec<Bytes>, mut n: usize) {
+    let mut done = 0;
+    while n > 0 && done < bufs.len() {
+        let first = &mut bufs[done];
+        if n >= first.len() {
+            n -= first.len();
+            done += 1;
+        } else {
+            first.advance(n);
+            n = 0;
+        }
+    }
+    bufs.drain(..done);
 }
 
 /// A publishing connection's ingest state: FLV tags in, frames out.
