@@ -36,6 +36,8 @@ use crate::media::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Message stream id whose chunks are cached on the packet (what every common player gets).
 const CANONICAL_STREAM_ID: u32 = 1;
+/// Socket read buffer per connection.
+const READ_BUFFER: usize = 16 * 1024;
 /// The chunk stream rml_rtmp uses for AMF data messages.
 const RML_DATA_CSID: u8 = 3;
 /// Events gathered into one vectored write when a viewer is behind.
@@ -177,7 +179,8 @@ impl Connection {
         }
         self.flush().await?;
 
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        // Players send only small control messages; publishers refill it as it drains.
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
         loop {
             let playing = matches!(self.state, State::Playing(_));
             tokio::select! {
@@ -199,7 +202,7 @@ impl Connection {
                 _ = shutdown.cancelled() => return Ok(()),
             }
             if buf.capacity() < 4096 {
-                buf.reserve(64 * 1024);
+                buf.reserve(READ_BUFFER);
             }
         }
     }
