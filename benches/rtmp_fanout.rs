@@ -250,7 +250,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "[node]\nid = \"bench\"\n[rtmp]\nlisten = \"127.0.0.1:{port}\"\nmerged_write_ms = {mw}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[backbone]\nlisten = \"off\"\n[limits]\nmax_rtmp_connections = 5000\n"
+                "[node]\nid = \"bench\"\n[rtmp]\nlisten = \"127.0.0.1:{port}\"\nmerged_write_ms = {mw}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[backbone]\nlisten = \"off\"\n[webrtc]\nlisten = \"off\"\n[limits]\nmax_rtmp_connections = 5000\n"
             ),
         )
         .unwrap();

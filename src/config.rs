@@ -48,7 +48,19 @@ pub struct Config {
     pub rtmp: RtmpConfig,
     pub http: HttpConfig,
     pub backbone: BackboneConfig,
+    pub webrtc: WebRtcConfig,
     pub limits: Limits,
+}
+
+#[derive(Clone, Debug)]
+pub struct WebRtcConfig {
+    /// The one UDP address every WebRTC peer uses; `None` disables WHIP/WHEP.
+    pub listen: Option<SocketAddr>,
+    /// Public IPs to offer as host candidates (with the listen port). Empty: the listen IP
+    /// (loopback when listening on all addresses).
+    pub announce_ips: Vec<std::net::IpAddr>,
+    /// STUN/TURN URLs handed to clients in `Link` headers.
+    pub ice_servers: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -152,6 +164,11 @@ impl Config {
                 ca: None,
                 idle_grace: Duration::from_secs(5),
             },
+            webrtc: WebRtcConfig {
+                listen: Some(SocketAddr::from(([0, 0, 0, 0], 8000))),
+                announce_ips: vec![],
+                ice_servers: vec![],
+            },
             limits: Limits::default(),
         }
     }
@@ -179,10 +196,10 @@ impl Config {
             }
         };
         for key in table.keys() {
-            if !["node", "rtmp", "http", "backbone", "limits"].contains(&key.as_str()) {
+            if !["node", "rtmp", "http", "backbone", "webrtc", "limits"].contains(&key.as_str()) {
                 problems.push(Problem::new(
                     key,
-                    "unknown section (expected node, rtmp, http, backbone or limits)",
+                    "unknown section (expected node, rtmp, http, backbone, webrtc or limits)",
                 ));
             }
         }
@@ -191,6 +208,7 @@ impl Config {
         let http: RawHttp = section(&table, "http", &mut problems);
         let backbone: RawBackbone = section(&table, "backbone", &mut problems);
         let limits: RawLimits = section(&table, "limits", &mut problems);
+        let webrtc: RawWebRtc = section(&table, "webrtc", &mut problems);
 
         let defaults = Config::standalone_default();
         let role = node.role.unwrap_or(Role::Standalone);
@@ -325,6 +343,38 @@ impl Config {
             ));
         }
 
+        let webrtc_listen = addr_or_off(
+            webrtc.listen,
+            defaults.webrtc.listen,
+            "webrtc.listen",
+            &mut problems,
+        );
+        let mut announce_ips = Vec::new();
+        for (i, ip) in webrtc.announce_ips.iter().enumerate() {
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(a) if a.is_unspecified() => problems.push(Problem::new(
+                    &format!("webrtc.announce_ips[{i}]"),
+                    "must be an address clients can reach, not 0.0.0.0 or ::",
+                )),
+                Ok(a) => announce_ips.push(a),
+                Err(_) => problems.push(Problem::new(
+                    &format!("webrtc.announce_ips[{i}]"),
+                    format!("`{ip}` is not an IP address"),
+                )),
+            }
+        }
+        for (i, url) in webrtc.ice_servers.iter().enumerate() {
+            if !["stun:", "stuns:", "turn:", "turns:"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                problems.push(Problem::new(
+                    &format!("webrtc.ice_servers[{i}]"),
+                    format!("`{url}` is not a stun:, stuns:, turn: or turns: URL"),
+                ));
+            }
+        }
+
         let dl = Limits::default();
         let limits_out = Limits {
             stream_buffer_frames: limits
@@ -405,6 +455,11 @@ impl Config {
                 key,
                 ca,
                 idle_grace: Duration::from_millis(idle_grace_ms),
+            },
+            webrtc: WebRtcConfig {
+                listen: webrtc_listen,
+                announce_ips,
+                ice_servers: webrtc.ice_servers,
             },
             limits: limits_out,
         })
@@ -524,6 +579,16 @@ struct RawBackbone {
     key: Option<String>,
     ca: Option<String>,
     idle_grace_ms: Option<u64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebRtc {
+    listen: Option<String>,
+    #[serde(default)]
+    announce_ips: Vec<String>,
+    #[serde(default)]
+    ice_servers: Vec<String>,
 }
 
 #[derive(Default, Deserialize)]

@@ -42,6 +42,7 @@ pub struct Packet {
     flv_body: OnceLock<Bytes>,
     flv_tag: OnceLock<Bytes>,
     rtmp_chunks: OnceLock<Bytes>,
+    rtp_payloads: OnceLock<Vec<Arc<[u8]>>>,
 }
 
 impl Packet {
@@ -51,6 +52,7 @@ impl Packet {
             flv_body: OnceLock::new(),
             flv_tag: OnceLock::new(),
             rtmp_chunks: OnceLock::new(),
+            rtp_payloads: OnceLock::new(),
         })
     }
 
@@ -61,6 +63,7 @@ impl Packet {
             flv_body: OnceLock::new(),
             flv_tag: OnceLock::new(),
             rtmp_chunks: OnceLock::new(),
+            rtp_payloads: OnceLock::new(),
         };
         let _ = p.flv_body.set(body);
         Arc::new(p)
@@ -85,6 +88,13 @@ impl Packet {
     /// The RTMP chunks of this frame in the node's canonical chunking (built by `build` once).
     pub fn rtmp_chunks(&self, build: impl FnOnce(&Packet) -> Bytes) -> &Bytes {
         self.rtmp_chunks.get_or_init(|| build(self))
+    }
+}
+
+impl Packet {
+    /// The RTP payloads of this frame (WebRTC), built by `build` once and shared.
+    pub fn rtp_payloads(&self, build: impl FnOnce(&Packet) -> Vec<Arc<[u8]>>) -> &[Arc<[u8]>] {
+        self.rtp_payloads.get_or_init(|| build(self))
     }
 }
 

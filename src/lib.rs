@@ -12,3 +12,4 @@ pub mod media;
 pub mod node;
 pub mod play;
 pub mod rtmp;
+pub mod webrtc;

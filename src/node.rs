@@ -75,6 +75,28 @@ impl Node {
             ));
         }
 
+        let webrtc = match config.webrtc.listen {
+            Some(listen) => {
+                let candidates = config
+                    .webrtc
+                    .announce_ips
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, listen.port()))
+                    .collect();
+                let settings = crate::webrtc::WebRtcSettings {
+                    listen,
+                    candidates,
+                    ice_servers: config.webrtc.ice_servers.clone(),
+                };
+                Some(
+                    crate::webrtc::WebRtc::start(settings, shutdown.clone())
+                        .with_context(|| format!("binding WebRTC UDP socket {listen}"))?,
+                )
+            }
+            None => None,
+        };
+        let webrtc_addr = webrtc.as_ref().map(|w| w.local_addr());
+
         let mut http_addr = None;
         if let Some(addr) = config.http.listen {
             let listener = TcpListener::bind(addr)
@@ -90,6 +112,7 @@ impl Node {
                     version: env!("CARGO_PKG_VERSION"),
                 },
                 backbone: backbone.clone(),
+                webrtc: webrtc.clone(),
             };
             tasks.spawn(crate::api::http::serve(listener, state, shutdown.clone()));
         }
@@ -101,6 +124,7 @@ impl Node {
             rtmp = ?rtmp_addr,
             http = ?http_addr,
             backbone = ?backbone_addr,
+            webrtc = ?webrtc_addr,
             "meshcast node started"
         );
         Ok(Node {

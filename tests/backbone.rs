@@ -54,7 +54,9 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
     let events = read_events(&mut session, &mut recv, &mut send).await;
     assert!(matches!(events[0], SessionEvent::Ready(_)));
 
-    // A viewer asks the edge for a stream: the edge subscribes upstream.
+    // Once the edge has taken the welcome, a viewer asks it for a stream: the edge
+    // subscribes upstream.
+    wait_until_async(|| edge.links().len() == 1).await;
     let http = edge.http;
     let viewer = tokio::task::spawn_blocking(move || http_get(http, "/live/x.flv"));
     let id = loop {

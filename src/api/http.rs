@@ -7,8 +7,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -34,6 +35,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub node: NodeInfo,
     pub backbone: Option<Arc<Backbone>>,
+    pub webrtc: Option<Arc<crate::webrtc::WebRtc>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -44,6 +46,16 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/node", get(node))
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/links", get(links))
+        .route(
+            "/whep/{namespace}/{stream}",
+            post(whep_post).options(preflight),
+        )
+        .route(
+            "/whep/{namespace}/{stream}/{session}",
+            axum::routing::delete(session_delete)
+                .patch(session_patch)
+                .options(preflight),
+        )
         .route("/{namespace}/{file}", get(flv))
         .with_state(state)
 }
@@ -125,4 +137,158 @@ async fn flv(
         .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
         .body(Body::from_stream(body))
         .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// CORS headers every WHIP/WHEP response carries (browsers call these from other origins).
+fn cors(headers: &mut HeaderMap) {
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, PATCH, DELETE, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type, Authorization, If-Match"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Location, Link, ETag"),
+    );
+}
+
+fn with_cors(mut r: Response) -> Response {
+    cors(r.headers_mut());
+    r
+}
+
+/// `Link` headers announcing the configured ICE servers (RFC 9725 §4.6).
+fn ice_server_links(webrtc: &crate::webrtc::WebRtc, headers: &mut HeaderMap) {
+    for url in webrtc.ice_servers() {
+        if let Ok(v) = HeaderValue::from_str(&format!("<{url}>; rel=\"ice-server\"")) {
+            headers.append(header::LINK, v);
+        }
+    }
+}
+
+async fn preflight(State(s): State<AppState>) -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    cors(r.headers_mut());
+    r.headers_mut()
+        .insert("accept-post", HeaderValue::from_static("application/sdp"));
+    if let Some(w) = &s.webrtc {
+        ice_server_links(w, r.headers_mut());
+    }
+    r
+}
+
+fn is_sdp(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/sdp"))
+}
+
+async fn whep_post(
+    State(s): State<AppState>,
+    Path((namespace, stream)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let Some(webrtc) = s.webrtc.clone() else {
+        return with_cors(error(
+            StatusCode::NOT_FOUND,
+            "WebRTC is disabled on this node".into(),
+        ));
+    };
+    if !is_sdp(&headers) {
+        return with_cors(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/sdp".into(),
+        ));
+    }
+    let key = match StreamKey::new(&namespace, &stream) {
+        Ok(k) => k,
+        Err(e) => return with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
+    };
+    let sub = match s.hub.subscribe(&key, Scope::Any).await {
+        Ok(sub) => sub,
+        Err(e @ SubscribeError::NotFound(_)) => {
+            return with_cors(error(StatusCode::NOT_FOUND, e.to_string()))
+        }
+        Err(e @ SubscribeError::UpstreamTimeout(_)) => {
+            return with_cors(error(StatusCode::GATEWAY_TIMEOUT, e.to_string()))
+        }
+    };
+    match webrtc.create_whep(key.clone(), &body, sub) {
+        Ok(created) => {
+            info!(stream = %key, session = %created.id, "WHEP session created");
+            let location = format!("/whep/{namespace}/{stream}/{}", created.id);
+            let mut r = (StatusCode::CREATED, created.answer).into_response();
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/sdp"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                h.insert(header::LOCATION, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", created.id)) {
+                h.insert(header::ETAG, v);
+            }
+            ice_server_links(&webrtc, h);
+            cors(h);
+            r
+        }
+        Err(e @ crate::webrtc::WebRtcError::NoVideo) => {
+            with_cors(error(StatusCode::NOT_ACCEPTABLE, e.to_string()))
+        }
+        Err(e) => with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
+    }
+}
+
+async fn session_delete(
+    State(s): State<AppState>,
+    Path((namespace, stream, session)): Path<(String, String, String)>,
+) -> Response {
+    let found = StreamKey::new(&namespace, &stream)
+        .ok()
+        .zip(s.webrtc.as_ref())
+        .is_some_and(|(key, w)| w.delete(&key, &session));
+    with_cors(if found {
+        StatusCode::OK.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, "no such session".into())
+    })
+}
+
+/// Trickle ICE and ICE restarts. The server is ICE-lite with all its candidates in the
+/// answer, so client candidates are not needed (it learns the client's address from its
+/// checks): fragments are accepted and ignored.
+async fn session_patch(
+    State(s): State<AppState>,
+    Path((namespace, stream, session)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let exists = StreamKey::new(&namespace, &stream)
+        .ok()
+        .zip(s.webrtc.as_ref())
+        .is_some_and(|(key, w)| w.session_exists(&key, &session));
+    if !exists {
+        return with_cors(error(StatusCode::NOT_FOUND, "no such session".into()));
+    }
+    let fragment = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/trickle-ice-sdpfrag"));
+    with_cors(if fragment {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/trickle-ice-sdpfrag".into(),
+        )
+    })
 }

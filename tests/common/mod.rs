@@ -49,6 +49,7 @@ pub struct NodeProc {
     pub rtmp: SocketAddr,
     pub http: SocketAddr,
     pub quic: SocketAddr,
+    pub webrtc: SocketAddr,
     pub dir: PathBuf,
 }
 
@@ -101,6 +102,7 @@ impl NodeProc {
     pub fn start_at(spec: NodeSpec, quic: SocketAddr) -> NodeProc {
         let rtmp = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let webrtc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir = temp_dir(&spec.id);
         let list = |v: &Vec<SocketAddr>| {
             v.iter()
@@ -116,7 +118,7 @@ impl NodeProc {
             _ => format!("listen = \"{quic}\"\npeers = [{}]\n", list(&spec.upstreams)),
         };
         let config = format!(
-            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
+            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[webrtc]\nlisten = \"{webrtc}\"\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
             spec.id, spec.region, spec.role, spec.extra
         );
         let path = dir.join("node.toml");
@@ -136,6 +138,7 @@ impl NodeProc {
             rtmp,
             http,
             quic,
+            webrtc,
             dir,
         };
         wait_until(Duration::from_secs(10), "node HTTP up", || {

@@ -1,0 +1,478 @@
+//! WebRTC with str0m (sans-IO, RTP mode) on one UDP port for every peer.
+//!
+//! One task reads the shared socket and routes each datagram to its peer ([`demux`]): by
+//! source address once known, else by the ufrag in a STUN binding request (we choose each
+//! session's ufrag, so it names the session). Each peer is one task that owns its `Rtc` and
+//! its hub subscription (one owner per peer, no lock per packet); tokio spreads peer tasks
+//! over the cores. Peers send straight on the shared socket without waiting: a full socket
+//! buffer drops the datagram, as the network would, and NACK/RTX repairs it.
+//!
+//! WHEP viewers get H.264 as RTP payloads packetized once per frame per node ([`h264`]) and
+//! shared by all viewers; each viewer adds only its RTP header (own SSRC, sequence numbers
+//! and timestamps starting at random values) and SRTP.
+
+pub mod demux;
+pub mod h264;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use str0m::change::SdpOffer;
+use str0m::format::Codec as RtcCodec;
+use str0m::media::{MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpWrite, SeqNo};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::hub::{Packet, StreamEvent, Subscription, SubscriptionEnd};
+use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase};
+
+/// RTP payload bytes per packet (leaves room for RTP header, extensions and SRTP tag).
+const RTP_MTU: usize = 1100;
+/// Datagrams queued per peer between the socket reader and the peer task.
+const PEER_QUEUE: usize = 256;
+/// Receive buffer of the shared socket: join bursts overflow the default (FIELD-NOTES).
+const SOCKET_RCVBUF: usize = 4 << 20;
+/// A session that is not connected within this time is dropped.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const H264_CLOCK: Timebase = Timebase(90_000);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebRtcError {
+    #[error("bad SDP offer: {0}")]
+    BadOffer(String),
+    #[error("offer rejected: {0}")]
+    Rejected(String),
+    #[error("the offer has no H.264 video to play the stream on")]
+    NoVideo,
+}
+
+#[derive(Clone, Debug)]
+pub struct WebRtcSettings {
+    pub listen: SocketAddr,
+    /// Addresses put in host candidates (public IPs with the listen port).
+    pub candidates: Vec<SocketAddr>,
+    /// STUN/TURN URLs handed to clients (WHIP/WHEP `Link` headers).
+    pub ice_servers: Vec<String>,
+}
+
+/// A datagram for a peer.
+struct Datagram {
+    at: Instant,
+    from: SocketAddr,
+    data: Vec<u8>,
+}
+
+#[derive(Clone)]
+struct PeerRoute {
+    tx: mpsc::Sender<Datagram>,
+}
+
+struct SessionEntry {
+    stream: StreamKey,
+    ufrag: String,
+    cancel: CancellationToken,
+}
+
+/// A created WHEP/WHIP session.
+pub struct Created {
+    pub id: String,
+    pub answer: String,
+}
+
+pub struct WebRtc {
+    socket: Arc<UdpSocket>,
+    local_addr: SocketAddr,
+    settings: WebRtcSettings,
+    routes: Mutex<demux::Routes<PeerRoute>>,
+    sessions: Mutex<HashMap<String, SessionEntry>>,
+    shutdown: CancellationToken,
+}
+
+impl WebRtc {
+    /// Binds the shared UDP socket and starts routing datagrams.
+    pub fn start(
+        settings: WebRtcSettings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<WebRtc>> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(settings.listen),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        if let Err(e) = socket.set_recv_buffer_size(SOCKET_RCVBUF) {
+            warn!("webrtc: cannot set SO_RCVBUF: {e}");
+        }
+        let _ = socket.set_send_buffer_size(SOCKET_RCVBUF);
+        socket.set_nonblocking(true)?;
+        socket.bind(&settings.listen.into())?;
+        let socket = UdpSocket::from_std(socket.into())?;
+        let local_addr = socket.local_addr()?;
+        let webrtc = Arc::new(WebRtc {
+            socket: Arc::new(socket),
+            local_addr,
+            settings,
+            routes: Mutex::new(demux::Routes::default()),
+            sessions: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        tokio::spawn(webrtc.clone().read_loop());
+        Ok(webrtc)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn ice_servers(&self) -> &[String] {
+        &self.settings.ice_servers
+    }
+
+    /// Host candidates: the configured ones, or the bound address.
+    fn candidates(&self) -> Vec<SocketAddr> {
+        if !self.settings.candidates.is_empty() {
+            return self.settings.candidates.clone();
+        }
+        let mut a = self.local_addr;
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        vec![a]
+    }
+
+    async fn read_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, from) = tokio::select! {
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // ICMP errors surface here on Linux; they concern one peer only.
+                        debug!("webrtc recv: {e}");
+                        continue;
+                    }
+                },
+                _ = self.shutdown.cancelled() => return,
+            };
+            let packet = &buf[..n];
+            let Some(route) = self.routes.lock().route(from, packet) else {
+                continue;
+            };
+            // A full queue drops the datagram, like a congested link would.
+            let _ = route.tx.try_send(Datagram {
+                at: Instant::now(),
+                from,
+                data: packet.to_vec(),
+            });
+        }
+    }
+
+    /// Creates a WHEP session playing `sub` from an SDP offer.
+    pub fn create_whep(
+        self: &Arc<Self>,
+        stream: StreamKey,
+        offer: &str,
+        sub: Subscription,
+    ) -> Result<Created, WebRtcError> {
+        let lower = offer.to_ascii_lowercase();
+        if !lower.contains("m=video") || !lower.contains("h264/90000") {
+            return Err(WebRtcError::NoVideo);
+        }
+        let offer =
+            SdpOffer::from_sdp_string(offer).map_err(|e| WebRtcError::BadOffer(e.to_string()))?;
+        let ufrag = random_token(16);
+        let mut rtc = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false)
+            .set_local_ice_credentials(IceCreds {
+                ufrag: ufrag.clone(),
+                pass: random_token(24),
+            })
+            .build(Instant::now());
+        for addr in self.candidates() {
+            match Candidate::host(addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!("webrtc: bad candidate {addr}: {e}"),
+            }
+        }
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| WebRtcError::Rejected(e.to_string()))?;
+        let id = random_token(20);
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let cancel = self.shutdown.child_token();
+        self.routes.lock().insert(ufrag.clone(), PeerRoute { tx });
+        self.sessions.lock().insert(
+            id.clone(),
+            SessionEntry {
+                stream: stream.clone(),
+                ufrag,
+                cancel: cancel.clone(),
+            },
+        );
+        let peer = WhepPeer {
+            rtc,
+            sub,
+            socket: self.socket.clone(),
+            local_addr: self.local_addr,
+            video: None,
+            connected: false,
+            rtp: RtpState::new(),
+        };
+        let me = self.clone();
+        let span = tracing::info_span!("whep", session = %id, %stream);
+        let session_id = id.clone();
+        tokio::spawn(
+            async move {
+                match peer.run(rx, cancel).await {
+                    Ok(reason) => info!("session ended: {reason}"),
+                    Err(e) => info!("session failed: {e}"),
+                }
+                me.remove(&session_id);
+            }
+            .instrument(span),
+        );
+        Ok(Created {
+            id,
+            answer: answer.to_sdp_string(),
+        })
+    }
+
+    /// Ends a session (WHIP/WHEP DELETE); false if there is no such session for `stream`.
+    pub fn delete(&self, stream: &StreamKey, id: &str) -> bool {
+        let sessions = self.sessions.lock();
+        match sessions.get(id) {
+            Some(s) if &s.stream == stream => {
+                s.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn session_exists(&self, stream: &StreamKey, id: &str) -> bool {
+        self.sessions
+            .lock()
+            .get(id)
+            .is_some_and(|s| &s.stream == stream)
+    }
+
+    fn remove(&self, id: &str) {
+        if let Some(s) = self.sessions.lock().remove(id) {
+            self.routes.lock().remove(&s.ufrag);
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+}
+
+/// Random URL-safe token (session ids, ICE credentials).
+fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Per-viewer RTP numbering: random starts, then continuous whatever the source does.
+struct RtpState {
+    seq: u64,
+    ts_offset: u32,
+    first_pts: Option<i64>,
+}
+
+impl RtpState {
+    fn new() -> Self {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        RtpState {
+            seq: rng.random_range(0..30_000),
+            ts_offset: rng.random(),
+            first_pts: None,
+        }
+    }
+
+    /// The RTP timestamp of a frame presented at `pts_90k`: relative to the viewer's first
+    /// frame, from a random base. B-frames before the first frame wrap correctly.
+    fn timestamp(&mut self, pts_90k: i64) -> u32 {
+        let first = *self.first_pts.get_or_insert(pts_90k);
+        ((pts_90k - first) as u32).wrapping_add(self.ts_offset)
+    }
+}
+
+struct VideoOut {
+    mid: Mid,
+    pt: str0m::format::PayloadParams,
+}
+
+struct WhepPeer {
+    rtc: Rtc,
+    sub: Subscription,
+    socket: Arc<UdpSocket>,
+    local_addr: SocketAddr,
+    video: Option<VideoOut>,
+    connected: bool,
+    rtp: RtpState,
+}
+
+impl WhepPeer {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Datagram>,
+        cancel: CancellationToken,
+    ) -> Result<&'static str, str0m::RtcError> {
+        let started = Instant::now();
+        let mut config: Option<Arc<StreamConfig>> = None;
+        loop {
+            let timeout = self.drain()?;
+            if !self.rtc.is_alive() {
+                return Ok("peer closed");
+            }
+            if !self.connected && started.elapsed() > CONNECT_TIMEOUT {
+                return Ok("ICE did not connect in time");
+            }
+            let sending = self.connected && self.video.is_some();
+            tokio::select! {
+                d = rx.recv() => {
+                    let Some(d) = d else { return Ok("closed") };
+                    match Receive::new(Protocol::Udp, d.from, self.local_addr, &d.data) {
+                        Ok(r) => self.rtc.handle_input(Input::Receive(d.at, r))?,
+                        Err(e) => debug!("unparsable datagram: {e}"),
+                    }
+                }
+                ev = self.sub.next(), if sending => match ev {
+                    Ok(StreamEvent::Config(c)) => config = Some(c),
+                    Ok(StreamEvent::Frame(p)) => {
+                        if let Some(c) = &config {
+                            self.send_frame(&p, c);
+                        }
+                    }
+                    Ok(StreamEvent::Discontinuity) => {}
+                    Err(SubscriptionEnd::Ended) => {
+                        self.rtc.disconnect();
+                        return Ok("stream ended");
+                    }
+                    Err(SubscriptionEnd::TooSlow) => {
+                        self.rtc.disconnect();
+                        return Ok("viewer too slow");
+                    }
+                },
+                _ = tokio::time::sleep_until(timeout.into()) => {
+                    self.rtc.handle_input(Input::Timeout(Instant::now()))?;
+                }
+                _ = cancel.cancelled() => {
+                    self.rtc.disconnect();
+                    let _ = self.drain();
+                    return Ok("deleted");
+                }
+            }
+        }
+    }
+
+    /// Sends what str0m has to send and handles its events; returns its next timeout.
+    fn drain(&mut self) -> Result<Instant, str0m::RtcError> {
+        loop {
+            match self.rtc.poll_output()? {
+                Output::Timeout(t) => return Ok(t),
+                Output::Transmit(t) => {
+                    let _ = self.socket.try_send_to(&t.contents, t.destination);
+                }
+                Output::Event(ev) => self.on_event(ev),
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected => {
+                info!("connected");
+                self.connected = true;
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                info!("ICE disconnected");
+                self.rtc.disconnect();
+            }
+            Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
+                match h264_params(&self.rtc, m.mid) {
+                    Some(pt) => self.video = Some(VideoOut { mid: m.mid, pt }),
+                    None => warn!("viewer offered no H.264 (packetization-mode 1)"),
+                }
+            }
+            Event::KeyframeRequest(r) => debug!(kind = ?r.kind, "keyframe request from viewer"),
+            _ => {}
+        }
+    }
+
+    fn send_frame(&mut self, p: &Arc<Packet>, config: &StreamConfig) {
+        if p.frame.codec != Codec::H264 {
+            return; // audio needs AAC→Opus transcoding (not yet)
+        }
+        let Some(video) = &self.video else { return };
+        let payloads = p.rtp_payloads(|p| {
+            let (sps, pps) = config
+                .video
+                .as_ref()
+                .and_then(|v| avc::parse_decoder_config(&v.record).ok())
+                .map(|c| (c.sps.first().cloned(), c.pps.first().cloned()))
+                .unwrap_or((None, None));
+            h264::packetize(
+                &p.frame.payload,
+                sps.as_deref().unwrap_or(&[]),
+                pps.as_deref().unwrap_or(&[]),
+                RTP_MTU,
+            )
+        });
+        let pts = p.frame.timebase.rescale(p.frame.pts, H264_CLOCK);
+        let time = self.rtp.timestamp(pts);
+        let now = Instant::now();
+        let pt = video.pt.pt();
+        let mid = video.mid;
+        let mut api = self.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return;
+        };
+        let last = payloads.len().saturating_sub(1);
+        for (i, payload) in payloads.iter().enumerate() {
+            let seq = SeqNo::from(self.rtp.seq);
+            self.rtp.seq += 1;
+            tx.write_rtp(
+                RtpWrite::new(pt, seq, time, now, payload.clone())
+                    .marker(i == last)
+                    .nackable(true),
+            );
+        }
+    }
+}
+
+/// The negotiated H.264 (packetization-mode 1) payload of a video m-line.
+fn h264_params(rtc: &Rtc, mid: Mid) -> Option<str0m::format::PayloadParams> {
+    let media = rtc.media(mid)?;
+    let params = rtc.codec_config().params();
+    media.remote_pts().iter().find_map(|pt| {
+        params
+            .iter()
+            .find(|p| {
+                p.pt() == *pt
+                    && p.spec().codec == RtcCodec::H264
+                    && p.spec().format.packetization_mode == Some(1)
+            })
+            .cloned()
+    })
+}

@@ -1,0 +1,261 @@
+//! WebRTC with a real browser: headless Chromium (Debian `chromium`) plays over WHEP.
+//!
+//! Chromium only uses loopback for WebRTC when loopback is the only interface, so each test
+//! re-runs itself inside a fresh network namespace (`unshare -n`) where the node, ffmpeg,
+//! the page server and the browser all live on 127.0.0.1.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+/// True inside the namespace (run the test body); false outside, after running the test in
+/// a namespace and checking it passed.
+fn in_private_network(test: &str) -> bool {
+    if std::env::var_os("MESHCAST_TEST_NETNS").is_some() {
+        let up = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success(), "bring loopback up in the namespace");
+        return true;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let status = Command::new("unshare")
+        .args(["-n", "--"])
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("MESHCAST_TEST_NETNS", "1")
+        .status()
+        .expect("unshare (util-linux) runs the test in a network namespace");
+    assert!(
+        status.success(),
+        "{test} failed inside its network namespace"
+    );
+    false
+}
+
+/// Serves `page` at `/` and returns the body of the first `POST /result`.
+fn serve_page(page: String) -> (u16, mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let (status, content) = if request_line.starts_with("POST /result") {
+                let _ = tx.send(String::from_utf8_lossy(&body).to_string());
+                ("200 OK", String::from("ok"))
+            } else {
+                ("200 OK", page.clone())
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{content}",
+                content.len()
+            );
+        }
+    });
+    (port, rx)
+}
+
+/// Headless Chromium with fake devices and loopback WebRTC, killed on drop.
+struct Browser {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Browser {
+    fn open(url: &str) -> Browser {
+        let dir = temp_dir("chromium");
+        let child = Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+                "--autoplay-policy=no-user-gesture-required",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", dir.display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium is installed");
+        Browser { child, dir }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A page that plays `whep_url` and posts what `getStats()` saw after `seconds`.
+fn whep_player_page(whep_url: &str, seconds: u32) -> String {
+    format!(
+        r#"<!doctype html><html><body><video id="v" autoplay muted playsinline></video><script>
+async function report(obj) {{
+  await fetch('/result', {{method: 'POST', body: JSON.stringify(obj)}});
+}}
+(async () => {{
+  try {{
+    const pc = new RTCPeerConnection();
+    pc.addTransceiver('video', {{direction: 'recvonly'}});
+    pc.addTransceiver('audio', {{direction: 'recvonly'}});
+    pc.ontrack = e => {{ document.getElementById('v').srcObject = e.streams[0] || new MediaStream([e.track]); }};
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    const resp = await fetch('{whep_url}', {{method: 'POST', headers: {{'Content-Type': 'application/sdp'}}, body: offer.sdp}});
+    if (resp.status !== 201) {{ await report({{error: 'status ' + resp.status + ' ' + await resp.text()}}); return; }}
+    const location = resp.headers.get('Location');
+    await pc.setRemoteDescription({{type: 'answer', sdp: await resp.text()}});
+    const t0 = performance.now();
+    let first = null;
+    while (performance.now() - t0 < {seconds} * 1000) {{
+      await new Promise(r => setTimeout(r, 100));
+      const stats = await pc.getStats();
+      stats.forEach(s => {{
+        if (s.type === 'inbound-rtp' && s.kind === 'video' && s.framesDecoded > 0 && first === null)
+          first = performance.now() - t0;
+      }});
+    }}
+    const out = {{location, firstFrameMs: first, iceState: pc.iceConnectionState}};
+    (await pc.getStats()).forEach(s => {{
+      if (s.type === 'inbound-rtp' && s.kind === 'video') {{
+        out.framesDecoded = s.framesDecoded; out.width = s.frameWidth; out.height = s.frameHeight;
+        out.packetsLost = s.packetsLost; out.keyFramesDecoded = s.keyFramesDecoded;
+      }}
+    }});
+    const del = await fetch('{whep_url}'.replace(/\/whep\/.*/, '') + location, {{method: 'DELETE'}});
+    out.deleteStatus = del.status;
+    await report(out);
+  }} catch (e) {{ await report({{error: String(e)}}); }}
+}})();
+</script></body></html>"#
+    )
+}
+
+fn webrtc_node() -> NodeProc {
+    NodeProc::start(NodeSpec::standalone())
+}
+
+#[test]
+fn rtmp_publish_plays_in_chromium_over_whep() {
+    if !in_private_network("rtmp_publish_plays_in_chromium_over_whep") {
+        return;
+    }
+    let node = webrtc_node();
+    // WebRTC players do not reorder frames: publish without B-frames, as for any WHEP relay.
+    let opts = PublishOpts {
+        bframes: 0,
+        ..Default::default()
+    };
+    let _p = publish_and_wait(&node.rtmp_url("web"), &node, "web", opts);
+    let whep = format!("http://{}/whep/live/web", node.http);
+    let (port, results) = serve_page(whep_player_page(&whep, 6));
+    let _browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let result = results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the page reported nothing; node log:\n{}", node.log()));
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+    eprintln!("chromium reported: {v}");
+    assert!(v["error"].is_null(), "page error: {v}");
+    assert!(
+        v["framesDecoded"].as_u64().unwrap_or(0) > 60,
+        "video decoded: {v}"
+    );
+    assert_eq!(v["width"], 640);
+    assert_eq!(v["height"], 360);
+    assert!(v["location"]
+        .as_str()
+        .unwrap()
+        .starts_with("/whep/live/web/"));
+    assert_eq!(v["deleteStatus"], 200, "DELETE ends the session");
+    wait_until(Duration::from_secs(5), "session ended", || {
+        node.stream("web").unwrap()["subscribers"] == 0
+    });
+}
+
+#[test]
+fn whep_rejects_bad_requests_clearly() {
+    let node = webrtc_node();
+    let _p = publish_and_wait(&node.rtmp_url("bad"), &node, "bad", PublishOpts::default());
+    let post = |path: &str, ctype: &str, body: &str| -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(node.http).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, resp)
+    };
+    let (status, _) = post("/whep/live/bad", "text/plain", "v=0");
+    assert_eq!(status, 415, "wrong content type");
+    let (status, resp) = post("/whep/live/bad", "application/sdp", "this is not sdp");
+    assert!(status == 400 || status == 406, "malformed SDP: {resp}");
+    let (status, resp) = post(
+        "/whep/live/bad",
+        "application/sdp",
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 VP8/90000\r\na=recvonly\r\n",
+    );
+    assert_eq!(status, 406, "no H.264 in the offer: {resp}");
+    let (status, _) = post("/whep/live/missing", "application/sdp", "v=0");
+    assert_eq!(status, 404, "unknown stream");
+    // CORS preflight.
+    let mut s = std::net::TcpStream::connect(node.http).unwrap();
+    write!(
+        s,
+        "OPTIONS /whep/live/bad HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 204"), "{resp}");
+    assert!(resp
+        .to_ascii_lowercase()
+        .contains("access-control-allow-origin: *"));
+    assert!(resp
+        .to_ascii_lowercase()
+        .contains("accept-post: application/sdp"));
+    // The node is unharmed.
+    assert_eq!(http_get(node.http, "/healthz").unwrap().0, 200);
+}
