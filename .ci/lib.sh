@@ -23,7 +23,7 @@ need_cargo() {
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
   fi
   command -v cargo >/dev/null 2>&1 || {
-    echo "cargo not found: install a Rust toolchain (1.80 or newer) with rustup first" >&2
+    echo "cargo not found: install a Rust toolchain (1.89 or newer) with rustup first" >&2
     exit 1
   }
 }

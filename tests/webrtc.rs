@@ -160,10 +160,49 @@ async function report(obj) {{
         out.framesDecoded = s.framesDecoded; out.width = s.frameWidth; out.height = s.frameHeight;
         out.packetsLost = s.packetsLost; out.keyFramesDecoded = s.keyFramesDecoded;
       }}
+      if (s.type === 'inbound-rtp' && s.kind === 'audio') {{
+        out.audioPackets = s.packetsReceived; out.audioSamples = s.totalSamplesReceived;
+      }}
     }});
     const del = await fetch('{whep_url}'.replace(/\/whep\/.*/, '') + location, {{method: 'DELETE'}});
     out.deleteStatus = del.status;
     await report(out);
+  }} catch (e) {{ await report({{error: String(e)}}); }}
+}})();
+</script></body></html>"#
+    )
+}
+
+/// A page that publishes the fake camera and microphone with WHIP (H.264 preferred) and
+/// reports once ICE is connected; it keeps publishing until the browser is closed.
+fn whip_publisher_page(whip_url: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+async function report(obj) {{
+  await fetch('/result', {{method: 'POST', body: JSON.stringify(obj)}});
+}}
+(async () => {{
+  try {{
+    const media = await navigator.mediaDevices.getUserMedia({{video: {{width: 640, height: 360}}, audio: true}});
+    const pc = new RTCPeerConnection();
+    for (const track of media.getTracks()) {{
+      const tr = pc.addTransceiver(track, {{direction: 'sendonly', streams: [media]}});
+      if (track.kind === 'video') {{
+        const codecs = RTCRtpSender.getCapabilities('video').codecs
+          .filter(c => c.mimeType === 'video/H264' || c.mimeType === 'video/rtx');
+        tr.setCodecPreferences(codecs);
+      }}
+    }}
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    const resp = await fetch('{whip_url}', {{method: 'POST', headers: {{'Content-Type': 'application/sdp'}}, body: offer.sdp}});
+    if (resp.status !== 201) {{ await report({{error: 'status ' + resp.status + ' ' + await resp.text()}}); return; }}
+    const location = resp.headers.get('Location');
+    await pc.setRemoteDescription({{type: 'answer', sdp: await resp.text()}});
+    const t0 = performance.now();
+    while (pc.iceConnectionState !== 'connected' && pc.iceConnectionState !== 'completed' && performance.now() - t0 < 15000)
+      await new Promise(r => setTimeout(r, 100));
+    await report({{location, iceState: pc.iceConnectionState}});
   }} catch (e) {{ await report({{error: String(e)}}); }}
 }})();
 </script></body></html>"#
@@ -258,4 +297,76 @@ fn whep_rejects_bad_requests_clearly() {
         .contains("accept-post: application/sdp"));
     // The node is unharmed.
     assert_eq!(http_get(node.http, "/healthz").unwrap().0, 200);
+}
+
+#[test]
+fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
+    if !in_private_network("whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge") {
+        return;
+    }
+    let a_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let b_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut spec_a = NodeSpec::origin("origin-a");
+    spec_a.upstreams = vec![b_quic];
+    let mut spec_b = NodeSpec::origin("origin-b");
+    spec_b.upstreams = vec![a_quic];
+    let a = NodeProc::start_at(spec_a, a_quic);
+    let b = NodeProc::start_at(spec_b, b_quic);
+    let edge = NodeProc::start(NodeSpec::edge("edge-b1", vec![b_quic]));
+    edge.wait_for_link_count(1);
+    b.wait_for_link_count(3);
+
+    // Browser 1 publishes camera + microphone to origin A.
+    let whip = format!("http://{}/whip/live/cam", a.http);
+    let (pub_port, pub_results) = serve_page(whip_publisher_page(&whip));
+    let _publisher = Browser::open(&format!("http://127.0.0.1:{pub_port}/"));
+    let published = pub_results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", a.log()));
+    let v: serde_json::Value = serde_json::from_str(&published).unwrap();
+    assert!(v["error"].is_null(), "publisher error: {v}");
+    assert!(v["location"]
+        .as_str()
+        .unwrap()
+        .starts_with("/whip/live/cam/"));
+    wait_until(
+        Duration::from_secs(20),
+        "WHIP stream live with video",
+        || a.stream("cam").is_some_and(|s| !s["video"].is_null()),
+    );
+    let on_a = a.stream("cam").unwrap();
+    assert_eq!(on_a["video"]["codec"], "h264");
+    assert_eq!(on_a["audio"]["codec"], "opus");
+
+    // Browser 2 plays it from the edge of origin B.
+    let whep = format!("http://{}/whep/live/cam", edge.http);
+    let (view_port, view_results) = serve_page(whep_player_page(&whep, 6));
+    let _viewer = Browser::open(&format!("http://127.0.0.1:{view_port}/"));
+    let result = view_results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("viewer page reported nothing; edge log:\n{}", edge.log()));
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+    eprintln!("viewer reported: {v}");
+    assert!(v["error"].is_null(), "viewer error: {v}");
+    assert!(
+        v["framesDecoded"].as_u64().unwrap_or(0) > 30,
+        "video decoded: {v}"
+    );
+    assert!(
+        v["audioPackets"].as_u64().unwrap_or(0) > 50,
+        "audio received: {v}"
+    );
+    assert!(
+        v["audioSamples"].as_u64().unwrap_or(0) > 0,
+        "audio samples: {v}"
+    );
+    let relay = b.stream("cam").expect("B relayed the stream");
+    assert_eq!(relay["source"]["node"], "origin-a");
+
+    // The same stream reaches RTMP viewers (video; Opus audio needs AAC bridging).
+    let probe = ffprobe(&edge.rtmp_url("cam"), 2);
+    let video = probe.stream_of("video").expect("H.264 over RTMP");
+    assert_eq!(video["codec_name"], "h264");
+    assert!(!probe.packets_of("video").is_empty());
+    probe.assert_timestamps_sane();
 }

@@ -51,6 +51,16 @@ pub fn router(state: AppState) -> Router {
             post(whep_post).options(preflight),
         )
         .route(
+            "/whip/{namespace}/{stream}",
+            post(whip_post).options(preflight),
+        )
+        .route(
+            "/whip/{namespace}/{stream}/{session}",
+            axum::routing::delete(session_delete)
+                .patch(session_patch)
+                .options(preflight),
+        )
+        .route(
             "/whep/{namespace}/{stream}/{session}",
             axum::routing::delete(session_delete)
                 .patch(session_patch)
@@ -222,10 +232,58 @@ async fn whep_post(
             return with_cors(error(StatusCode::GATEWAY_TIMEOUT, e.to_string()))
         }
     };
-    match webrtc.create_whep(key.clone(), &body, sub) {
+    let created = webrtc.create_whep(key.clone(), &body, sub);
+    session_created(&webrtc, "whep", &namespace, &stream, created)
+}
+
+async fn whip_post(
+    State(s): State<AppState>,
+    Path((namespace, stream)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let Some(webrtc) = s.webrtc.clone() else {
+        return with_cors(error(
+            StatusCode::NOT_FOUND,
+            "WebRTC is disabled on this node".into(),
+        ));
+    };
+    if !is_sdp(&headers) {
+        return with_cors(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/sdp".into(),
+        ));
+    }
+    if s.node.role == "edge" {
+        return with_cors(error(
+            StatusCode::FORBIDDEN,
+            "this node is an edge: publish to an origin".into(),
+        ));
+    }
+    let key = match StreamKey::new(&namespace, &stream) {
+        Ok(k) => k,
+        Err(e) => return with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
+    };
+    let publisher = match s.hub.publish(key.clone()) {
+        Ok(p) => p,
+        Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),
+    };
+    let created = webrtc.create_whip(key, &body, publisher);
+    session_created(&webrtc, "whip", &namespace, &stream, created)
+}
+
+/// The 201 answer to a WHIP/WHEP POST, or the error.
+fn session_created(
+    webrtc: &crate::webrtc::WebRtc,
+    kind: &str,
+    namespace: &str,
+    stream: &str,
+    created: Result<crate::webrtc::Created, crate::webrtc::WebRtcError>,
+) -> Response {
+    match created {
         Ok(created) => {
-            info!(stream = %key, session = %created.id, "WHEP session created");
-            let location = format!("/whep/{namespace}/{stream}/{}", created.id);
+            info!(stream = %format!("{namespace}/{stream}"), session = %created.id, "{} session created", kind.to_uppercase());
+            let location = format!("/{kind}/{namespace}/{stream}/{}", created.id);
             let mut r = (StatusCode::CREATED, created.answer).into_response();
             let h = r.headers_mut();
             h.insert(
@@ -238,7 +296,7 @@ async fn whep_post(
             if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", created.id)) {
                 h.insert(header::ETAG, v);
             }
-            ice_server_links(&webrtc, h);
+            ice_server_links(webrtc, h);
             cors(h);
             r
         }

@@ -103,7 +103,8 @@ pub fn audio_sequence_header_body(specific: &[u8]) -> Bytes {
     b.freeze()
 }
 
-/// The FLV tag body of a frame (H.264 or AAC).
+/// The FLV tag body of a frame (H.264 or AAC; empty for codecs FLV cannot carry, which
+/// callers skip with [`super::Codec::fits_flv`]).
 pub fn frame_body(frame: &Frame) -> Bytes {
     match frame.codec {
         super::Codec::H264 => {
@@ -121,6 +122,7 @@ pub fn frame_body(frame: &Frame) -> Bytes {
             b.put_slice(&frame.payload);
             b.freeze()
         }
+        super::Codec::Opus => Bytes::new(),
     }
 }
 
@@ -135,7 +137,7 @@ pub fn metadata_body(config: &StreamConfig) -> Bytes {
         num("height", v.height as f64);
         num("videocodecid", VIDEO_CODEC_AVC as f64);
     }
-    if let Some(a) = &config.audio {
+    if let Some(a) = config.audio.as_ref().filter(|a| a.codec.fits_flv()) {
         num("audiocodecid", AUDIO_FORMAT_AAC as f64);
         num("audiosamplerate", a.sample_rate as f64);
         num("audiochannels", a.channels as f64);
@@ -149,7 +151,7 @@ pub fn metadata_body(config: &StreamConfig) -> Bytes {
     if let Some(r) = config.metadata.audio_bitrate_kbps {
         num("audiodatarate", r);
     }
-    if let Some(a) = &config.audio {
+    if let Some(a) = config.audio.as_ref().filter(|a| a.codec.fits_flv()) {
         props.insert("stereo".into(), Amf0Value::Boolean(a.channels >= 2));
     }
     props.insert(

@@ -31,13 +31,15 @@ pub enum Codec {
     H264,
     /// AAC; payload is one raw access unit (no ADTS header).
     Aac,
+    /// Opus; payload is one Opus packet (WebRTC audio).
+    Opus,
 }
 
 impl Codec {
     pub fn track(self) -> TrackKind {
         match self {
             Codec::H264 => TrackKind::Video,
-            Codec::Aac => TrackKind::Audio,
+            Codec::Aac | Codec::Opus => TrackKind::Audio,
         }
     }
 
@@ -45,6 +47,7 @@ impl Codec {
         match self {
             Codec::H264 => 1,
             Codec::Aac => 2,
+            Codec::Opus => 3,
         }
     }
 
@@ -52,8 +55,14 @@ impl Codec {
         match id {
             1 => Some(Codec::H264),
             2 => Some(Codec::Aac),
+            3 => Some(Codec::Opus),
             _ => None,
         }
+    }
+
+    /// Whether RTMP and FLV can carry this codec (FFmpeg 5.1's FLV takes H.264 and AAC).
+    pub fn fits_flv(self) -> bool {
+        matches!(self, Codec::H264 | Codec::Aac)
     }
 }
 
@@ -84,7 +93,7 @@ pub struct Frame {
     /// Presentation timestamp; `pts >= dts`.
     pub pts: i64,
     pub timebase: Timebase,
-    /// A random access point (IDR for H.264; every AAC frame).
+    /// A random access point (IDR for H.264; every audio frame).
     pub keyframe: bool,
     pub payload: Bytes,
 }

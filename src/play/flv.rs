@@ -61,7 +61,7 @@ async fn pump(
                 let mut out = Vec::new();
                 if !header_sent {
                     out.extend_from_slice(&flv::file_header(
-                        config.audio.is_some(),
+                        config.audio.as_ref().is_some_and(|a| a.codec.fits_flv()),
                         config.video.is_some(),
                     ));
                     header_sent = true;
@@ -75,12 +75,13 @@ async fn pump(
                     let body = flv::video_sequence_header_body(&v.record);
                     out.extend_from_slice(&flv::tag(flv::TAG_VIDEO, last_ts, &body));
                 }
-                if let Some(a) = &config.audio {
+                if let Some(a) = config.audio.as_ref().filter(|a| a.codec.fits_flv()) {
                     let body = flv::audio_sequence_header_body(&a.specific);
                     out.extend_from_slice(&flv::tag(flv::TAG_AUDIO, last_ts, &body));
                 }
                 Bytes::from(out)
             }
+            StreamEvent::Frame(p) if !p.frame.codec.fits_flv() => continue,
             StreamEvent::Frame(p) => {
                 last_ts = p.frame.dts_ms() as u32;
                 counters.frames_out.inc();

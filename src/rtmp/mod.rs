@@ -786,12 +786,13 @@ impl Playback {
                     let body = flv::video_sequence_header_body(&v.record);
                     out.push(self.message(chunk::CSID_VIDEO, chunk::MSG_VIDEO, ts, &body));
                 }
-                if let Some(a) = &config.audio {
+                if let Some(a) = config.audio.as_ref().filter(|a| a.codec.fits_flv()) {
                     let body = flv::audio_sequence_header_body(&a.specific);
                     out.push(self.message(chunk::CSID_AUDIO, chunk::MSG_AUDIO, ts, &body));
                 }
                 0
             }
+            StreamEvent::Frame(packet) if !packet.frame.codec.fits_flv() => 0,
             StreamEvent::Frame(packet) => {
                 let ts = packet.frame.dts_ms() as u32;
                 self.last_ts = ts;
@@ -821,7 +822,7 @@ impl Playback {
 fn frame_chunks(p: &Packet, stream_id: u32, chunk_size: usize) -> Bytes {
     let (csid, kind) = match p.frame.codec {
         Codec::H264 => (chunk::CSID_VIDEO, chunk::MSG_VIDEO),
-        Codec::Aac => (chunk::CSID_AUDIO, chunk::MSG_AUDIO),
+        Codec::Aac | Codec::Opus => (chunk::CSID_AUDIO, chunk::MSG_AUDIO),
     };
     chunk::encode_message(
         csid,

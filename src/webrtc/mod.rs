@@ -11,8 +11,10 @@
 //! shared by all viewers; each viewer adds only its RTP header (own SSRC, sequence numbers
 //! and timestamps starting at random values) and SRTP.
 
+pub mod assemble;
 pub mod demux;
 pub mod h264;
+mod whip;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::hub::{Packet, StreamEvent, Subscription, SubscriptionEnd};
+use crate::hub::{Packet, Publisher, StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase};
 
 /// RTP payload bytes per packet (leaves room for RTP header, extensions and SRTP tag).
@@ -43,6 +45,7 @@ const SOCKET_RCVBUF: usize = 4 << 20;
 /// A session that is not connected within this time is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const H264_CLOCK: Timebase = Timebase(90_000);
+const OPUS_CLOCK: Timebase = Timebase(48_000);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebRtcError {
@@ -64,7 +67,7 @@ pub struct WebRtcSettings {
 }
 
 /// A datagram for a peer.
-struct Datagram {
+pub(crate) struct Datagram {
     at: Instant,
     from: SocketAddr,
     data: Vec<u8>,
@@ -185,6 +188,71 @@ impl WebRtc {
         if !lower.contains("m=video") || !lower.contains("h264/90000") {
             return Err(WebRtcError::NoVideo);
         }
+        let (rtc, answer, ufrag) = self.negotiate(offer)?;
+        let (id, rx, cancel) = self.register(&stream, ufrag);
+        let peer = WhepPeer {
+            rtc,
+            sub,
+            socket: self.socket.clone(),
+            local_addr: self.local_addr,
+            video: None,
+            audio: None,
+            connected: false,
+            video_rtp: RtpState::new(),
+            audio_rtp: RtpState::new(),
+        };
+        let span = tracing::info_span!("whep", session = %id, %stream);
+        self.spawn_session(id.clone(), span, peer.run(rx, cancel));
+        Ok(Created { id, answer })
+    }
+
+    /// Creates a WHIP session feeding `publisher` from an SDP offer.
+    pub fn create_whip(
+        self: &Arc<Self>,
+        stream: StreamKey,
+        offer: &str,
+        publisher: Publisher,
+    ) -> Result<Created, WebRtcError> {
+        let lower = offer.to_ascii_lowercase();
+        if !lower.contains("h264/90000") && !lower.contains("opus/48000") {
+            return Err(WebRtcError::NoVideo);
+        }
+        let (rtc, answer, ufrag) = self.negotiate(offer)?;
+        let (id, rx, cancel) = self.register(&stream, ufrag);
+        let peer = whip::WhipPeer {
+            rtc,
+            publisher,
+            socket: self.socket.clone(),
+            local_addr: self.local_addr,
+        };
+        let span = tracing::info_span!("whip", session = %id, %stream);
+        self.spawn_session(id.clone(), span, peer.run(rx, cancel));
+        Ok(Created { id, answer })
+    }
+
+    fn spawn_session(
+        self: &Arc<Self>,
+        id: String,
+        span: tracing::Span,
+        session: impl std::future::Future<Output = Result<&'static str, str0m::RtcError>>
+            + Send
+            + 'static,
+    ) {
+        let me = self.clone();
+        tokio::spawn(
+            async move {
+                match session.await {
+                    Ok(reason) => info!("session ended: {reason}"),
+                    Err(e) => info!("session failed: {e}"),
+                }
+                me.remove(&id);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264 and Opus only).
+    fn negotiate(&self, offer: &str) -> Result<(Rtc, String, String), WebRtcError> {
         let offer =
             SdpOffer::from_sdp_string(offer).map_err(|e| WebRtcError::BadOffer(e.to_string()))?;
         let ufrag = random_token(16);
@@ -211,6 +279,15 @@ impl WebRtc {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| WebRtcError::Rejected(e.to_string()))?;
+        Ok((rtc, answer.to_sdp_string(), ufrag))
+    }
+
+    /// Routes `ufrag`'s datagrams to a new session; returns its id, queue and cancel token.
+    fn register(
+        &self,
+        stream: &StreamKey,
+        ufrag: String,
+    ) -> (String, mpsc::Receiver<Datagram>, CancellationToken) {
         let id = random_token(20);
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let cancel = self.shutdown.child_token();
@@ -223,32 +300,7 @@ impl WebRtc {
                 cancel: cancel.clone(),
             },
         );
-        let peer = WhepPeer {
-            rtc,
-            sub,
-            socket: self.socket.clone(),
-            local_addr: self.local_addr,
-            video: None,
-            connected: false,
-            rtp: RtpState::new(),
-        };
-        let me = self.clone();
-        let span = tracing::info_span!("whep", session = %id, %stream);
-        let session_id = id.clone();
-        tokio::spawn(
-            async move {
-                match peer.run(rx, cancel).await {
-                    Ok(reason) => info!("session ended: {reason}"),
-                    Err(e) => info!("session failed: {e}"),
-                }
-                me.remove(&session_id);
-            }
-            .instrument(span),
-        );
-        Ok(Created {
-            id,
-            answer: answer.to_sdp_string(),
-        })
+        (id, rx, cancel)
     }
 
     /// Ends a session (WHIP/WHEP DELETE); false if there is no such session for `stream`.
@@ -309,15 +361,17 @@ impl RtpState {
         }
     }
 
-    /// The RTP timestamp of a frame presented at `pts_90k`: relative to the viewer's first
-    /// frame, from a random base. B-frames before the first frame wrap correctly.
-    fn timestamp(&mut self, pts_90k: i64) -> u32 {
-        let first = *self.first_pts.get_or_insert(pts_90k);
-        ((pts_90k - first) as u32).wrapping_add(self.ts_offset)
+    /// The RTP timestamp of a frame presented at `pts` (in the track's RTP clock): relative
+    /// to the viewer's first frame, from a random base. B-frames before the first frame wrap
+    /// correctly.
+    fn timestamp(&mut self, pts: i64) -> u32 {
+        let first = *self.first_pts.get_or_insert(pts);
+        ((pts - first) as u32).wrapping_add(self.ts_offset)
     }
 }
 
-struct VideoOut {
+/// A negotiated outgoing track.
+struct TrackOut {
     mid: Mid,
     pt: str0m::format::PayloadParams,
 }
@@ -327,9 +381,11 @@ struct WhepPeer {
     sub: Subscription,
     socket: Arc<UdpSocket>,
     local_addr: SocketAddr,
-    video: Option<VideoOut>,
+    video: Option<TrackOut>,
+    audio: Option<TrackOut>,
     connected: bool,
-    rtp: RtpState,
+    video_rtp: RtpState,
+    audio_rtp: RtpState,
 }
 
 impl WhepPeer {
@@ -410,10 +466,14 @@ impl WhepPeer {
                 self.rtc.disconnect();
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
-                match h264_params(&self.rtc, m.mid) {
-                    Some(pt) => self.video = Some(VideoOut { mid: m.mid, pt }),
+                match negotiated(&self.rtc, m.mid, RtcCodec::H264) {
+                    Some(pt) => self.video = Some(TrackOut { mid: m.mid, pt }),
                     None => warn!("viewer offered no H.264 (packetization-mode 1)"),
                 }
+            }
+            Event::MediaAdded(m) if m.kind == MediaKind::Audio && self.audio.is_none() => {
+                self.audio = negotiated(&self.rtc, m.mid, RtcCodec::Opus)
+                    .map(|pt| TrackOut { mid: m.mid, pt });
             }
             Event::KeyframeRequest(r) => debug!(kind = ?r.kind, "keyframe request from viewer"),
             _ => {}
@@ -421,48 +481,70 @@ impl WhepPeer {
     }
 
     fn send_frame(&mut self, p: &Arc<Packet>, config: &StreamConfig) {
-        if p.frame.codec != Codec::H264 {
-            return; // audio needs AAC→Opus transcoding (not yet)
-        }
-        let Some(video) = &self.video else { return };
-        let payloads = p.rtp_payloads(|p| {
-            let (sps, pps) = config
-                .video
-                .as_ref()
-                .and_then(|v| avc::parse_decoder_config(&v.record).ok())
-                .map(|c| (c.sps.first().cloned(), c.pps.first().cloned()))
-                .unwrap_or((None, None));
-            h264::packetize(
-                &p.frame.payload,
-                sps.as_deref().unwrap_or(&[]),
-                pps.as_deref().unwrap_or(&[]),
-                RTP_MTU,
-            )
-        });
-        let pts = p.frame.timebase.rescale(p.frame.pts, H264_CLOCK);
-        let time = self.rtp.timestamp(pts);
-        let now = Instant::now();
-        let pt = video.pt.pt();
-        let mid = video.mid;
-        let mut api = self.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
-            return;
-        };
-        let last = payloads.len().saturating_sub(1);
-        for (i, payload) in payloads.iter().enumerate() {
-            let seq = SeqNo::from(self.rtp.seq);
-            self.rtp.seq += 1;
-            tx.write_rtp(
-                RtpWrite::new(pt, seq, time, now, payload.clone())
-                    .marker(i == last)
-                    .nackable(true),
-            );
+        match p.frame.codec {
+            Codec::H264 => {
+                let Some(video) = &self.video else { return };
+                let payloads = p.rtp_payloads(|p| {
+                    let (sps, pps) = config
+                        .video
+                        .as_ref()
+                        .and_then(|v| avc::parse_decoder_config(&v.record).ok())
+                        .map(|c| (c.sps.first().cloned(), c.pps.first().cloned()))
+                        .unwrap_or((None, None));
+                    h264::packetize(
+                        &p.frame.payload,
+                        sps.as_deref().unwrap_or(&[]),
+                        pps.as_deref().unwrap_or(&[]),
+                        RTP_MTU,
+                    )
+                });
+                let pts = p.frame.timebase.rescale(p.frame.pts, H264_CLOCK);
+                let time = self.video_rtp.timestamp(pts);
+                let (mid, pt) = (video.mid, video.pt.pt());
+                write_frame(&mut self.rtc, mid, pt, &mut self.video_rtp, time, payloads);
+            }
+            Codec::Opus => {
+                let Some(audio) = &self.audio else { return };
+                let payloads = p.rtp_payloads(|p| vec![Arc::from(&p.frame.payload[..])]);
+                let pts = p.frame.timebase.rescale(p.frame.pts, OPUS_CLOCK);
+                let time = self.audio_rtp.timestamp(pts);
+                let (mid, pt) = (audio.mid, audio.pt.pt());
+                write_frame(&mut self.rtc, mid, pt, &mut self.audio_rtp, time, payloads);
+            }
+            // AAC reaches WebRTC viewers once AAC→Opus bridging exists.
+            Codec::Aac => {}
         }
     }
 }
 
-/// The negotiated H.264 (packetization-mode 1) payload of a video m-line.
-fn h264_params(rtc: &Rtc, mid: Mid) -> Option<str0m::format::PayloadParams> {
+/// Writes one frame's RTP payloads on `mid`, numbering them from `rtp`.
+fn write_frame(
+    rtc: &mut Rtc,
+    mid: Mid,
+    pt: str0m::media::Pt,
+    rtp: &mut RtpState,
+    time: u32,
+    payloads: &[Arc<[u8]>],
+) {
+    let mut api = rtc.direct_api();
+    let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+        return;
+    };
+    let now = Instant::now();
+    let last = payloads.len().saturating_sub(1);
+    for (i, payload) in payloads.iter().enumerate() {
+        let seq = SeqNo::from(rtp.seq);
+        rtp.seq += 1;
+        tx.write_rtp(
+            RtpWrite::new(pt, seq, time, now, payload.clone())
+                .marker(i == last)
+                .nackable(true),
+        );
+    }
+}
+
+/// The negotiated payload of `codec` on an m-line (H.264 only with packetization-mode 1).
+fn negotiated(rtc: &Rtc, mid: Mid, codec: RtcCodec) -> Option<str0m::format::PayloadParams> {
     let media = rtc.media(mid)?;
     let params = rtc.codec_config().params();
     media.remote_pts().iter().find_map(|pt| {
@@ -470,8 +552,8 @@ fn h264_params(rtc: &Rtc, mid: Mid) -> Option<str0m::format::PayloadParams> {
             .iter()
             .find(|p| {
                 p.pt() == *pt
-                    && p.spec().codec == RtcCodec::H264
-                    && p.spec().format.packetization_mode == Some(1)
+                    && p.spec().codec == codec
+                    && (codec != RtcCodec::H264 || p.spec().format.packetization_mode == Some(1))
             })
             .cloned()
     })
