@@ -194,6 +194,26 @@ async fn preflight(State(s): State<AppState>) -> Response {
     r
 }
 
+/// The WebRTC server, if this node has one and the request carries an SDP offer.
+fn webrtc_for_offer(
+    s: &AppState,
+    headers: &HeaderMap,
+) -> Result<Arc<crate::webrtc::WebRtc>, Box<Response>> {
+    let Some(webrtc) = s.webrtc.clone() else {
+        return Err(Box::new(with_cors(error(
+            StatusCode::NOT_FOUND,
+            "WebRTC is disabled on this node".into(),
+        ))));
+    };
+    if !is_sdp(headers) {
+        return Err(Box::new(with_cors(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/sdp".into(),
+        ))));
+    }
+    Ok(webrtc)
+}
+
 fn is_sdp(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -207,18 +227,10 @@ async fn whep_post(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let Some(webrtc) = s.webrtc.clone() else {
-        return with_cors(error(
-            StatusCode::NOT_FOUND,
-            "WebRTC is disabled on this node".into(),
-        ));
+    let webrtc = match webrtc_for_offer(&s, &headers) {
+        Ok(w) => w,
+        Err(r) => return *r,
     };
-    if !is_sdp(&headers) {
-        return with_cors(error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/sdp".into(),
-        ));
-    }
     let key = match StreamKey::new(&namespace, &stream) {
         Ok(k) => k,
         Err(e) => return with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
@@ -242,18 +254,10 @@ async fn whip_post(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let Some(webrtc) = s.webrtc.clone() else {
-        return with_cors(error(
-            StatusCode::NOT_FOUND,
-            "WebRTC is disabled on this node".into(),
-        ));
+    let webrtc = match webrtc_for_offer(&s, &headers) {
+        Ok(w) => w,
+        Err(r) => return *r,
     };
-    if !is_sdp(&headers) {
-        return with_cors(error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/sdp".into(),
-        ));
-    }
     if s.node.role == "edge" {
         return with_cors(error(
             StatusCode::FORBIDDEN,

@@ -333,6 +333,17 @@ impl WebRtc {
     }
 }
 
+/// Feeds one datagram to a peer's `Rtc`; an unparsable one is dropped.
+fn receive(rtc: &mut Rtc, local_addr: SocketAddr, d: &Datagram) -> Result<(), str0m::RtcError> {
+    match Receive::new(Protocol::Udp, d.from, local_addr, &d.data) {
+        Ok(r) => rtc.handle_input(Input::Receive(d.at, r)),
+        Err(e) => {
+            debug!("unparsable datagram: {e}");
+            Ok(())
+        }
+    }
+}
+
 /// Random URL-safe token (session ids, ICE credentials).
 fn random_token(len: usize) -> String {
     use rand::Rng;
@@ -408,10 +419,7 @@ impl WhepPeer {
             tokio::select! {
                 d = rx.recv() => {
                     let Some(d) = d else { return Ok("closed") };
-                    match Receive::new(Protocol::Udp, d.from, self.local_addr, &d.data) {
-                        Ok(r) => self.rtc.handle_input(Input::Receive(d.at, r))?,
-                        Err(e) => debug!("unparsable datagram: {e}"),
-                    }
+                    receive(&mut self.rtc, self.local_addr, &d)?;
                 }
                 ev = self.sub.next(), if sending => match ev {
                     Ok(StreamEvent::Config(c)) => config = Some(c),

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use str0m::format::Codec as RtcCodec;
 use str0m::media::Pt;
 use str0m::media::{KeyframeRequestKind, MediaKind};
-use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpPacket, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -154,10 +153,7 @@ impl WhipPeer {
             tokio::select! {
                 d = rx.recv() => {
                     let Some(d) = d else { return Ok("closed") };
-                    match Receive::new(Protocol::Udp, d.from, self.local_addr, &d.data) {
-                        Ok(r) => self.rtc.handle_input(Input::Receive(d.at, r))?,
-                        Err(e) => debug!("unparsable datagram: {e}"),
-                    }
+                    super::receive(&mut self.rtc, self.local_addr, &d)?;
                 }
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.rtc.handle_input(Input::Timeout(Instant::now()))?;
