@@ -195,6 +195,8 @@ pub struct Stream {
     status: watch::Sender<Status>,
     subscribers: AtomicUsize,
     idle: Notify,
+    /// Consumers asking for a keyframe; merged (one permit) until the owner looks.
+    keyframe_wanted: Notify,
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
     started: Instant,
@@ -294,6 +296,7 @@ impl Hub {
             status: watch::channel(status).0,
             subscribers: AtomicUsize::new(0),
             idle: Notify::new(),
+            keyframe_wanted: Notify::new(),
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             started: Instant::now(),
@@ -465,6 +468,28 @@ impl Drop for SubscriberGuard {
     }
 }
 
+/// Lets a consumer (or a downstream node's request arriving over the backbone) ask the
+/// stream's owner for a keyframe. Requests merge until the owner looks.
+#[derive(Clone)]
+pub struct KeyframeRequester(Arc<Stream>);
+
+impl KeyframeRequester {
+    pub fn request(&self) {
+        self.0.keyframe_wanted.notify_one();
+    }
+}
+
+/// The owner's side of keyframe requests.
+#[derive(Clone)]
+pub struct KeyframeSignal(Arc<Stream>);
+
+impl KeyframeSignal {
+    /// Completes when some consumer asked for a keyframe since the last call.
+    pub async fn wanted(&self) {
+        self.0.keyframe_wanted.notified().await
+    }
+}
+
 /// The single writer of a stream. Dropping it ends the stream everywhere.
 pub struct Publisher {
     hub: Arc<Hub>,
@@ -533,6 +558,11 @@ impl Publisher {
         self.stream.subscribers()
     }
 
+    /// Where consumers' keyframe requests arrive (merged).
+    pub fn keyframe_signal(&self) -> KeyframeSignal {
+        KeyframeSignal(self.stream.clone())
+    }
+
     /// A future that completes once the stream has had no consumer for `grace`; the stream
     /// is then already unregistered, so a new consumer starts a new pull. Owns what it needs,
     /// so the caller can keep pushing frames while it waits.
@@ -587,6 +617,16 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// Asks the stream's owner for a keyframe (merged with other requests).
+    pub fn request_keyframe(&self) {
+        self._guard.0.keyframe_wanted.notify_one();
+    }
+
+    /// A handle that can ask for keyframes for this subscription from another task.
+    pub fn keyframe_requester(&self) -> KeyframeRequester {
+        KeyframeRequester(self._guard.0.clone())
+    }
+
     /// The next event. Cancel-safe.
     pub async fn next(&mut self) -> Result<StreamEvent, SubscriptionEnd> {
         if let Some(ev) = self.backlog.pop_front() {
@@ -793,6 +833,32 @@ mod tests {
             }
         }
         panic!("slow consumer was never disconnected");
+    }
+
+    #[tokio::test]
+    async fn keyframe_requests_from_many_consumers_reach_the_owner_merged() {
+        let hub = hub(16);
+        let p = hub.publish(key()).unwrap();
+        let signal = p.keyframe_signal();
+        let mut subs = vec![];
+        for _ in 0..10 {
+            subs.push(hub.subscribe(&key(), Scope::Any).await.unwrap());
+        }
+        for s in &subs {
+            s.request_keyframe();
+        }
+        subs[0].keyframe_requester().request();
+        // One wake-up for all of them...
+        tokio::time::timeout(Duration::from_millis(100), signal.wanted())
+            .await
+            .expect("the owner is told");
+        // ...and no second one.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), signal.wanted())
+                .await
+                .is_err(),
+            "requests merged into one"
+        );
     }
 
     #[tokio::test]

@@ -34,8 +34,10 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, Role};
 use crate::hub::{
-    Hub, HubEvent, Packet, Publisher, Scope, StreamEvent, Subscription, SubscriptionEnd, Upstream,
+    Hub, HubEvent, KeyframeRequester, Packet, Publisher, Scope, StreamEvent, Subscription,
+    SubscriptionEnd, Upstream,
 };
+use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
 use crate::media::{StreamConfig, StreamKey, TrackKind};
 use group::GroupSequencer;
 use session::{ControlSession, PeerInfo, SessionError, SessionEvent};
@@ -87,6 +89,7 @@ enum LinkCommand {
         reply: oneshot::Sender<Result<(u64, mpsc::Receiver<FeedItem>), String>>,
     },
     Unsubscribe(u64),
+    KeyframeRequest(u64),
 }
 
 /// An established link this node dialed.
@@ -352,6 +355,7 @@ impl Backbone {
                             feeds.lock().remove(&id);
                             session.unsubscribe(id)?;
                         }
+                        Some(LinkCommand::KeyframeRequest(id)) => session.request_keyframe(id)?,
                         None => return Ok(()),
                     },
                     e = conn.closed() => return Err(LinkError::Connection(e)),
@@ -458,7 +462,7 @@ impl Backbone {
             Scope::Any
         };
         let (internal_tx, mut internal_rx) = mpsc::channel::<Internal>(256);
-        let mut senders: HashMap<u64, CancellationToken> = HashMap::new();
+        let mut senders: HashMap<u64, (CancellationToken, KeyframeRequester)> = HashMap::new();
 
         let result = async {
             let mut events = early;
@@ -481,8 +485,15 @@ impl Backbone {
                             });
                         }
                         SessionEvent::Unsubscribed(id) => {
-                            if let Some(t) = senders.remove(&id) {
+                            if let Some((t, _)) = senders.remove(&id) {
                                 t.cancel();
+                            }
+                        }
+                        SessionEvent::KeyframeRequested(id) => {
+                            // Merged with this node's own viewers' requests; the stream's
+                            // owner forwards at most one per interval.
+                            if let Some((_, k)) = senders.get(&id) {
+                                k.request();
                             }
                         }
                         SessionEvent::GoAway(reason) => return Err(LinkError::GoAway(reason)),
@@ -499,7 +510,7 @@ impl Backbone {
                         Some(Internal::Subscribed { id, stream, result: Ok(sub) }) => {
                             if session.accept(id)? {
                                 let token = self.shutdown.child_token();
-                                senders.insert(id, token.clone());
+                                senders.insert(id, (token.clone(), sub.keyframe_requester()));
                                 let span = tracing::info_span!("send", sub = id, %stream);
                                 tokio::spawn(
                                     send_media(
@@ -551,7 +562,7 @@ impl Backbone {
         }
         .await;
 
-        for (_, t) in senders.drain() {
+        for (_, (t, _)) in senders.drain() {
             t.cancel();
         }
         self.inbound.lock().remove(&link_id);
@@ -614,11 +625,26 @@ impl Backbone {
         let mut seq = GroupSequencer::new(GROUP_STALL);
         let idle = relay.idle_waiter(self.idle_grace);
         tokio::pin!(idle);
+        let keyframe_signal = relay.keyframe_signal();
+        let mut gate = KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL);
         let mut live = false;
         let mut dropped = 0;
         loop {
             let deadline = seq.poll_timeout();
+            let gate_deadline = gate.poll_timeout();
             let items = tokio::select! {
+                _ = keyframe_signal.wanted() => {
+                    if gate.request(Instant::now()) {
+                        let _ = commands.send(LinkCommand::KeyframeRequest(id)).await;
+                    }
+                    continue;
+                }
+                _ = sleep_until(gate_deadline), if gate_deadline.is_some() => {
+                    if gate.poll(Instant::now()) {
+                        let _ = commands.send(LinkCommand::KeyframeRequest(id)).await;
+                    }
+                    continue;
+                }
                 item = feed.recv() => match item {
                     Some(FeedItem::Media { group, item }) => seq.push(group, item, Instant::now()),
                     Some(FeedItem::GroupEnd { group }) => seq.end(group, Instant::now()),
@@ -654,6 +680,9 @@ impl Backbone {
                         }
                     }
                     MediaItem::Frame(f) if live => {
+                        if f.is_video_keyframe() {
+                            gate.keyframe_seen();
+                        }
                         frames_in.inc();
                         bytes_in.inc_by(f.payload.len() as u64);
                         relay.push(Packet::new(f));

@@ -9,6 +9,7 @@ pub mod aac;
 pub mod avc;
 pub mod flv;
 pub mod gop;
+pub mod keyframe;
 
 use std::fmt;
 

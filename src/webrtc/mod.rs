@@ -483,7 +483,10 @@ impl WhepPeer {
                 self.audio = negotiated(&self.rtc, m.mid, RtcCodec::Opus)
                     .map(|pt| TrackOut { mid: m.mid, pt });
             }
-            Event::KeyframeRequest(r) => debug!(kind = ?r.kind, "keyframe request from viewer"),
+            Event::KeyframeRequest(r) => {
+                debug!(kind = ?r.kind, "keyframe request from viewer");
+                self.sub.request_keyframe();
+            }
             _ => {}
         }
     }

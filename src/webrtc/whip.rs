@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::assemble::{decoder_config_record, H264Assembler};
 use super::Datagram;
 use crate::hub::{Packet, Publisher};
+use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
 use crate::media::{avc, AudioConfig, Codec, Frame, StreamConfig, Timebase, VideoConfig};
 
 /// Keyframes are requested at least this often.
@@ -83,6 +84,8 @@ struct Ingest {
     video_clock: TrackClock,
     audio_clock: TrackClock,
     last_keyframe_request: Option<Instant>,
+    /// Viewers' requests, periodic requests and loss recovery, merged and spaced.
+    gate: KeyframeRequestGate,
     frames: u64,
 }
 
@@ -104,8 +107,10 @@ impl WhipPeer {
             video_clock: TrackClock::new(90_000),
             audio_clock: TrackClock::new(48_000),
             last_keyframe_request: None,
+            gate: KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL),
             frames: 0,
         };
+        let keyframe_signal = self.publisher.keyframe_signal();
         for p in self.rtc.codec_config().params() {
             ingest.codecs.insert(p.pt(), p.spec().codec);
         }
@@ -149,8 +154,15 @@ impl WhipPeer {
             if !connected && started.elapsed() > CONNECT_TIMEOUT {
                 return Ok("ICE did not connect in time");
             }
-            self.maybe_request_keyframe(&mut ingest);
+            self.maybe_request_keyframe(&mut ingest, false);
+            let timeout = ingest
+                .gate
+                .poll_timeout()
+                .map_or(timeout, |g| timeout.min(g));
             tokio::select! {
+                _ = keyframe_signal.wanted() => {
+                    self.maybe_request_keyframe(&mut ingest, true);
+                }
                 d = rx.recv() => {
                     let Some(d) = d else { return Ok("closed") };
                     super::receive(&mut self.rtc, self.local_addr, &d)?;
@@ -179,6 +191,9 @@ impl WhipPeer {
                     p.timestamp,
                 );
                 for f in frames {
+                    if f.keyframe {
+                        ingest.gate.keyframe_seen();
+                    }
                     if let (Some(sps), Some(pps)) = (&f.sps, &f.pps) {
                         if ingest.sps_pps.as_ref() != Some(&(sps.clone(), pps.clone())) {
                             self.configure_video(ingest, sps, pps);
@@ -238,8 +253,9 @@ impl WhipPeer {
         self.publisher.set_config(ingest.config.clone());
     }
 
-    /// PLI on unrepaired loss, and periodically to keep GOPs short.
-    fn maybe_request_keyframe(&mut self, ingest: &mut Ingest) {
+    /// PLI for viewers who asked, on unrepaired loss, and periodically to keep GOPs short;
+    /// all through one gate, so the publisher gets at most one PLI per interval.
+    fn maybe_request_keyframe(&mut self, ingest: &mut Ingest, viewer_asked: bool) {
         let Some(ssrc) = ingest.video_ssrc else {
             return;
         };
@@ -248,7 +264,12 @@ impl WhipPeer {
             .last_keyframe_request
             .is_none_or(|t| now.duration_since(t) >= KEYFRAME_INTERVAL);
         let lost = ingest.assembler.take_keyframe_wanted();
-        if !(due || lost) {
+        let send = if viewer_asked || due || lost {
+            ingest.gate.request(now)
+        } else {
+            ingest.gate.poll(now)
+        };
+        if !send {
             return;
         }
         if let Some(rx) = self.rtc.direct_api().stream_rx(&ssrc) {
