@@ -145,6 +145,8 @@ pub enum Source {
     Local,
     /// Pulled over the backbone from `node`.
     Relay { node: String },
+    /// Derived on this node from stream `of` (e.g. its audio transcoded).
+    Bridge { of: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,7 +327,30 @@ impl Hub {
         key: &StreamKey,
         scope: Scope,
     ) -> Result<Subscription, SubscribeError> {
-        let mut relay = None;
+        self.attach(key, scope, None).await
+    }
+
+    /// Subscribes to a stream this node derives from another (e.g. with its audio
+    /// transcoded). If it does not exist yet it is created with `source` and `start` is
+    /// handed its [`Publisher`]; like a relay, it is shared by every consumer and its owner
+    /// drops it when idle ([`Publisher::idle_waiter`]).
+    pub async fn subscribe_derived(
+        self: &Arc<Self>,
+        key: &StreamKey,
+        source: Source,
+        start: impl FnOnce(Publisher) + Send + 'static,
+    ) -> Result<Subscription, SubscribeError> {
+        self.attach(key, Scope::Any, Some((source, Box::new(start))))
+            .await
+    }
+
+    async fn attach(
+        self: &Arc<Self>,
+        key: &StreamKey,
+        scope: Scope,
+        derive: Option<(Source, DeriveStart)>,
+    ) -> Result<Subscription, SubscribeError> {
+        let mut created = None;
         let (stream, guard) = {
             let mut map = self.streams.lock();
             match map.get(key) {
@@ -334,23 +359,30 @@ impl Hub {
                 }
                 Some(s) => (s.clone(), SubscriberGuard::new(s.clone())),
                 None => {
-                    let upstream = match (scope, self.upstream.get()) {
-                        (Scope::Any, Some(u)) if u.can_pull(key) => u.clone(),
+                    let (source, producer) = match (derive, scope, self.upstream.get()) {
+                        (Some((source, start)), _, _) => (source, Producer::Derived(start)),
+                        (None, Scope::Any, Some(u)) if u.can_pull(key) => (
+                            Source::Relay {
+                                node: String::new(),
+                            },
+                            Producer::Upstream(u.clone()),
+                        ),
                         _ => return Err(SubscribeError::NotFound(key.clone())),
-                    };
-                    let source = Source::Relay {
-                        node: String::new(),
                     };
                     let s = self.new_stream(key.clone(), source, Status::Pending);
                     map.insert(key.clone(), s.clone());
-                    relay = Some((upstream, s.clone()));
+                    created = Some((producer, s.clone()));
                     (s.clone(), SubscriberGuard::new(s))
                 }
             }
         };
-        if let Some((upstream, s)) = relay {
-            self.metrics.relayed_streams.inc();
-            upstream.pull(Publisher::new(self.clone(), s));
+        match created {
+            Some((Producer::Upstream(upstream), s)) => {
+                self.metrics.relayed_streams.inc();
+                upstream.pull(Publisher::new(self.clone(), s));
+            }
+            Some((Producer::Derived(start), s)) => start(Publisher::new(self.clone(), s)),
+            None => {}
         }
         let mut status = stream.status.subscribe();
         match tokio::time::timeout(PULL_TIMEOUT, status.wait_for(|s| *s != Status::Pending)).await {
@@ -447,6 +479,14 @@ impl Hub {
         }
         true
     }
+}
+
+type DeriveStart = Box<dyn FnOnce(Publisher) + Send>;
+
+/// Who feeds a stream created on demand.
+enum Producer {
+    Upstream(Arc<dyn Upstream>),
+    Derived(DeriveStart),
 }
 
 /// Counts a stream's consumers; the count reaching zero wakes the relay's idle timer.
@@ -554,6 +594,11 @@ impl Publisher {
         self.stream.status.send_replace(Status::Live);
     }
 
+    /// Marks a derived stream live (its first configuration is set).
+    pub fn set_derived_live(&self) {
+        self.stream.status.send_replace(Status::Live);
+    }
+
     pub fn subscribers(&self) -> usize {
         self.stream.subscribers()
     }
@@ -593,14 +638,18 @@ impl Drop for Publisher {
         self.hub.remove(&self.stream);
         self.stream.state.lock().tx = None;
         self.stream.status.send_replace(Status::Ended);
-        if self.stream.is_local() {
-            self.hub.metrics.local_streams.dec();
-            let _ = self
-                .hub
-                .events
-                .send(HubEvent::Unpublished(self.stream.key.clone()));
-        } else {
-            self.hub.metrics.relayed_streams.dec();
+        match self.stream.source() {
+            Source::Local => {
+                self.hub.metrics.local_streams.dec();
+                let _ = self
+                    .hub
+                    .events
+                    .send(HubEvent::Unpublished(self.stream.key.clone()));
+            }
+            Source::Relay { .. } => {
+                self.hub.metrics.relayed_streams.dec();
+            }
+            Source::Bridge { .. } => {}
         }
     }
 }
@@ -617,6 +666,14 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The stream's configuration as of subscribing (before any event is taken).
+    pub fn initial_config(&self) -> Option<Arc<StreamConfig>> {
+        match self.backlog.front() {
+            Some(StreamEvent::Config(c)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
     /// Asks the stream's owner for a keyframe (merged with other requests).
     pub fn request_keyframe(&self) {
         self._guard.0.keyframe_wanted.notify_one();

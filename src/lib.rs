@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod backbone;
+pub mod bridge;
 pub mod config;
 pub mod hub;
 pub mod media;
 pub mod node;
 pub mod play;
 pub mod rtmp;
+pub mod transcode;
 pub mod webrtc;

@@ -240,6 +240,19 @@ fn rtmp_publish_plays_in_chromium_over_whep() {
     );
     assert_eq!(v["width"], 640);
     assert_eq!(v["height"], 360);
+    // The RTMP publisher's AAC reaches the browser as Opus, transcoded once on the node.
+    assert!(
+        v["audioPackets"].as_u64().unwrap_or(0) > 100,
+        "audio received: {v}"
+    );
+    assert!(
+        v["audioSamples"].as_u64().unwrap_or(0) > 48_000,
+        "audio decoded: {v}"
+    );
+    assert!(
+        node.stream("web~opus").is_some(),
+        "one bridge for WebRTC viewers"
+    );
     assert!(v["location"]
         .as_str()
         .unwrap()
@@ -363,10 +376,22 @@ fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
     let relay = b.stream("cam").expect("B relayed the stream");
     assert_eq!(relay["source"]["node"], "origin-a");
 
-    // The same stream reaches RTMP viewers (video; Opus audio needs AAC bridging).
-    let probe = ffprobe(&edge.rtmp_url("cam"), 2);
-    let video = probe.stream_of("video").expect("H.264 over RTMP");
-    assert_eq!(video["codec_name"], "h264");
-    assert!(!probe.packets_of("video").is_empty());
-    probe.assert_timestamps_sane();
+    // The same stream reaches RTMP and HTTP-FLV viewers, its Opus bridged to AAC.
+    for url in [edge.rtmp_url("cam"), edge.flv_url("cam")] {
+        let probe = ffprobe(&url, 3);
+        let video = probe.stream_of("video").expect("H.264 over RTMP/FLV");
+        assert_eq!(video["codec_name"], "h264");
+        let audio = probe.stream_of("audio").expect("audio over RTMP/FLV");
+        assert_eq!(audio["codec_name"], "aac");
+        assert_eq!(audio["sample_rate"], "48000");
+        assert!(
+            probe.packets_of("audio").len() > 60,
+            "~47 AAC frames a second"
+        );
+        assert!(!probe.packets_of("video").is_empty());
+        probe.assert_timestamps_sane();
+    }
+    let bridged = edge.stream("cam~aac").expect("one bridge on the edge");
+    assert_eq!(bridged["audio"]["codec"], "aac");
+    assert_eq!(bridged["source"]["kind"], "bridge");
 }

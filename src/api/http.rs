@@ -18,8 +18,8 @@ use tracing::{info, Instrument};
 
 use crate::api::metrics::Proto;
 use crate::backbone::Backbone;
-use crate::hub::{Hub, Scope, SubscribeError};
-use crate::media::StreamKey;
+use crate::hub::{Hub, SubscribeError};
+use crate::media::{Codec, StreamKey};
 
 /// What the API says about this node.
 #[derive(Clone, Debug, Serialize)]
@@ -124,7 +124,7 @@ async fn flv(
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     s.hub.metrics().count_connection(Proto::Flv);
-    let sub = match s.hub.subscribe(&key, Scope::Any).await {
+    let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Aac).await {
         Ok(sub) => sub,
         Err(e @ SubscribeError::NotFound(_)) => return error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ SubscribeError::UpstreamTimeout(_)) => {
@@ -235,7 +235,7 @@ async fn whep_post(
         Ok(k) => k,
         Err(e) => return with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
     };
-    let sub = match s.hub.subscribe(&key, Scope::Any).await {
+    let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
         Ok(sub) => sub,
         Err(e @ SubscribeError::NotFound(_)) => {
             return with_cors(error(StatusCode::NOT_FOUND, e.to_string()))

@@ -187,6 +187,15 @@ impl StreamKey {
         }
     }
 
+    /// A name this node gives a stream it derives from this one (e.g. `demo~opus`). The
+    /// `~` cannot appear in names from outside, so derived names never collide with them.
+    pub fn derived(&self, tag: &str) -> StreamKey {
+        StreamKey {
+            namespace: self.namespace.clone(),
+            name: format!("{}~{}", self.name, tag),
+        }
+    }
+
     pub fn namespace(&self) -> &str {
         &self.namespace
     }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::api::metrics::{Proto, ProtoCounters};
-use crate::hub::{Hub, Packet, Publisher, Scope, StreamEvent, Subscription, SubscriptionEnd};
+use crate::hub::{Hub, Packet, Publisher, StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::{
     aac, avc, flv, AudioConfig, Codec, Frame, Metadata, StreamConfig, StreamKey, Timebase,
     TimestampUnwrapper, VideoConfig,
@@ -389,7 +389,8 @@ impl Connection {
             Ok(key) if !matches!(self.state, State::Idle) => Err(format!(
                 "{key}: connection is already publishing or playing"
             )),
-            Ok(key) => match self.hub.subscribe(&key, Scope::Any).await {
+            Ok(key) => match crate::bridge::subscribe_with_audio(&self.hub, &key, Codec::Aac).await
+            {
                 Ok(sub) => Ok((key, sub)),
                 Err(e) => Err(e.to_string()),
             },

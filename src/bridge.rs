@@ -1,0 +1,132 @@
+//! Audio bridging between protocols: a consumer that needs AAC (RTMP, FLV) or Opus (WebRTC)
+//! gets a stream whose audio is in that codec.
+//!
+//! If the stream's audio already is (or there is none), the consumer just subscribes to it.
+//! Otherwise it subscribes to a *derived* stream (`name~aac`, `name~opus`) that this node
+//! creates on first demand: one task subscribes to the original, passes video through as the
+//! very same shared packets, transcodes the audio once ([`crate::transcode`]) and publishes
+//! the result for every consumer that needs it. The task ends a grace period after its last
+//! consumer leaves, or when the original ends. So audio is transcoded once per stream per
+//! node, and only while someone needs it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn, Instrument};
+
+use crate::hub::{
+    Hub, Packet, Publisher, Scope, Source, StreamEvent, SubscribeError, Subscription,
+};
+use crate::media::{AudioConfig, Codec, StreamKey, TrackKind};
+use crate::transcode::AudioTranscoder;
+
+/// How long a derived stream outlives its last consumer.
+const BRIDGE_GRACE: Duration = Duration::from_secs(3);
+
+/// Subscribes to `key` with its audio in `audio` (AAC or Opus), bridging if needed.
+pub async fn subscribe_with_audio(
+    hub: &Arc<Hub>,
+    key: &StreamKey,
+    audio: Codec,
+) -> Result<Subscription, SubscribeError> {
+    let sub = hub.subscribe(key, Scope::Any).await?;
+    let needs_bridge = sub
+        .initial_config()
+        .and_then(|c| c.audio.as_ref().map(|a| a.codec))
+        .is_some_and(|codec| codec != audio);
+    if !needs_bridge {
+        return Ok(sub);
+    }
+    drop(sub);
+    let tag = match audio {
+        Codec::Aac => "aac",
+        _ => "opus",
+    };
+    let derived = key.derived(tag);
+    let source = Source::Bridge {
+        of: key.to_string(),
+    };
+    let hub2 = hub.clone();
+    let original = key.clone();
+    hub.subscribe_derived(&derived, source, move |publisher| {
+        let span = tracing::info_span!("bridge", stream = %original, to = tag);
+        tokio::spawn(run(hub2, original, audio, publisher).instrument(span));
+    })
+    .await
+}
+
+async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, mut out: Publisher) {
+    let mut sub = match hub.subscribe(&original, Scope::Any).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!("bridge not started: {e}");
+            return;
+        }
+    };
+    info!("transcoding audio to {want:?} for consumers that need it");
+    let idle = out.idle_waiter(BRIDGE_GRACE);
+    tokio::pin!(idle);
+    let keyframes = out.keyframe_signal();
+    let mut transcoder: Option<(AudioConfig, AudioTranscoder)> = None;
+    let mut live = false;
+    loop {
+        let ev = tokio::select! {
+            ev = sub.next() => ev,
+            _ = &mut idle => {
+                info!("no consumers left; bridge stopped");
+                return;
+            }
+            _ = keyframes.wanted() => {
+                sub.request_keyframe();
+                continue;
+            }
+        };
+        match ev {
+            Ok(StreamEvent::Config(c)) => {
+                let mut config = (*c).clone();
+                if let Some(audio) = c.audio.as_ref().filter(|a| a.codec != want) {
+                    let reuse = transcoder.as_ref().is_some_and(|(from, _)| from == audio);
+                    if !reuse {
+                        transcoder = match AudioTranscoder::new(audio, want) {
+                            Ok(t) => Some((audio.clone(), t)),
+                            Err(e) => {
+                                warn!("cannot bridge audio: {e}; the audio track is dropped");
+                                None
+                            }
+                        };
+                    }
+                    config.audio = transcoder.as_ref().map(|(_, t)| t.output_config().clone());
+                }
+                out.set_config(config);
+                if !live {
+                    out.set_derived_live();
+                    live = true;
+                }
+            }
+            Ok(StreamEvent::Frame(p)) => {
+                let f = &p.frame;
+                if f.track() == TrackKind::Audio && f.codec != want {
+                    let Some((_, t)) = transcoder.as_mut() else {
+                        continue;
+                    };
+                    match t.push(f) {
+                        Ok(frames) => {
+                            for frame in frames {
+                                out.push(Packet::new(frame));
+                            }
+                        }
+                        Err(e) => warn!("audio frame not transcoded: {e}"),
+                    }
+                } else {
+                    // Video (and audio already in the right codec): the same shared packet.
+                    out.push(p);
+                }
+            }
+            Ok(StreamEvent::Discontinuity) => {}
+            Err(_) => {
+                info!("original stream ended");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Audio bridging between RTMP (AAC) and WebRTC (Opus) with FFmpeg (ffmpeg-next).
+//!
+//! [`AudioTranscoder`] is compute only: frames in, frames out, no I/O and no clock. It
+//! decodes (AAC is fed as ADTS so no decoder extradata is needed), resamples to what the
+//! encoder takes, cuts the samples into the encoder's frame size, and encodes. Output
+//! timestamps follow the input's: they start at the first input frame and are re-anchored
+//! whenever the input jumps (a publisher gap or a consumer skipping to a keyframe).
+//!
+//! One transcoder runs per stream per node, only while some consumer needs the other codec:
+//! see [`crate::bridge`].
+
+use bytes::Bytes;
+use ff::codec::{self, Context};
+use ff::format::sample::{Sample, Type as SampleType};
+use ff::software::resampling;
+use ff::ChannelLayout;
+use ffmpeg_next as ff;
+
+use crate::media::{aac, AudioConfig, Codec, Frame, Timebase};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TranscodeError {
+    #[error("no {0} codec in this FFmpeg build")]
+    MissingCodec(&'static str),
+    #[error("cannot bridge {from:?} to {to:?}")]
+    Unsupported { from: Codec, to: Codec },
+    #[error("bad AudioSpecificConfig: {0}")]
+    Config(#[from] aac::AacError),
+    #[error("ffmpeg: {0}")]
+    Ffmpeg(#[from] ff::Error),
+}
+
+/// Input gaps larger than this re-anchor the output timestamps.
+const RESYNC_MS: i64 = 200;
+
+pub struct AudioTranscoder {
+    from: Codec,
+    to: Codec,
+    adts: Option<aac::AacConfig>,
+    decoder: ff::decoder::Audio,
+    resampler: Option<resampling::Context>,
+    encoder: ff::encoder::Audio,
+    out_format: Sample,
+    out_layout: ChannelLayout,
+    out_rate: u32,
+    out_channels: u16,
+    frame_size: usize,
+    /// Resampled samples waiting for a whole encoder frame, one buffer per plane.
+    fifo: Vec<Vec<u8>>,
+    fifo_samples: usize,
+    /// Output time (in `out_rate` samples) of the first sample in the FIFO.
+    next_pts: Option<i64>,
+    output: AudioConfig,
+}
+
+impl AudioTranscoder {
+    /// A transcoder from `input`'s codec to `to` (AAC → Opus or Opus → AAC).
+    pub fn new(input: &AudioConfig, to: Codec) -> Result<AudioTranscoder, TranscodeError> {
+        ff::init()?;
+        let unsupported = TranscodeError::Unsupported {
+            from: input.codec,
+            to,
+        };
+        let (dec_id, adts) = match (input.codec, to) {
+            (Codec::Aac, Codec::Opus) => (
+                codec::Id::AAC,
+                Some(aac::parse_audio_specific_config(&input.specific)?),
+            ),
+            (Codec::Opus, Codec::Aac) => (codec::Id::OPUS, None),
+            _ => return Err(unsupported),
+        };
+        let dec_codec = ff::decoder::find(dec_id).ok_or(TranscodeError::MissingCodec("decoder"))?;
+        let mut dec_ctx = Context::new_with_codec(dec_codec);
+        if input.codec == Codec::Opus {
+            // Opus carries no in-band configuration: say what WebRTC sends.
+            // SAFETY: the context is not opened yet and these are plain fields of it.
+            unsafe {
+                let p = dec_ctx.as_mut_ptr();
+                (*p).sample_rate = 48_000;
+                #[allow(deprecated)]
+                {
+                    (*p).channels = 2;
+                    (*p).channel_layout = ChannelLayout::STEREO.bits();
+                }
+            }
+        }
+        let decoder = dec_ctx.decoder().audio()?;
+
+        let (enc_codec, out_format, out_rate, bitrate) = match to {
+            Codec::Opus => (
+                ff::encoder::find_by_name("libopus")
+                    .or_else(|| ff::encoder::find(codec::Id::OPUS))
+                    .ok_or(TranscodeError::MissingCodec("opus encoder"))?,
+                Sample::F32(SampleType::Packed),
+                48_000,
+                64_000,
+            ),
+            _ => (
+                ff::encoder::find(codec::Id::AAC)
+                    .ok_or(TranscodeError::MissingCodec("aac encoder"))?,
+                Sample::F32(SampleType::Planar),
+                48_000,
+                128_000,
+            ),
+        };
+        let out_layout = ChannelLayout::STEREO;
+        let mut enc = Context::new_with_codec(enc_codec).encoder().audio()?;
+        enc.set_rate(out_rate as i32);
+        enc.set_channel_layout(out_layout);
+        #[allow(deprecated)]
+        enc.set_channels(2);
+        enc.set_format(out_format);
+        enc.set_bit_rate(bitrate);
+        enc.set_time_base((1, out_rate as i32));
+        let encoder = enc.open_as(enc_codec)?;
+        let frame_size = match encoder.frame_size() {
+            0 => 960,
+            n => n as usize,
+        };
+        let specific = if to == Codec::Aac {
+            // AAC-LC, 48 kHz (index 3), stereo.
+            Bytes::from_static(&[0x11, 0x90])
+        } else {
+            Bytes::new()
+        };
+        Ok(AudioTranscoder {
+            from: input.codec,
+            to,
+            adts,
+            decoder,
+            resampler: None,
+            encoder,
+            out_format,
+            out_layout,
+            out_rate,
+            out_channels: 2,
+            frame_size,
+            fifo: Vec::new(),
+            fifo_samples: 0,
+            next_pts: None,
+            output: AudioConfig {
+                codec: to,
+                specific,
+                sample_rate: out_rate,
+                channels: 2,
+            },
+        })
+    }
+
+    /// The configuration of the output track.
+    pub fn output_config(&self) -> &AudioConfig {
+        &self.output
+    }
+
+    /// Transcodes one input frame; returns the output frames it completed.
+    pub fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError> {
+        if frame.codec != self.from {
+            return Ok(vec![]);
+        }
+        let in_pts = frame.timebase.rescale(frame.pts, Timebase(self.out_rate));
+        // Anchor (or re-anchor after a jump) the output timeline on the input's.
+        let expected = self.next_pts.map(|p| p + self.fifo_samples as i64);
+        let jump =
+            expected.is_some_and(|e| (e - in_pts).abs() > RESYNC_MS * self.out_rate as i64 / 1000);
+        if self.next_pts.is_none() || jump {
+            self.next_pts = Some(in_pts - self.fifo_samples as i64);
+        }
+        let packet = match &self.adts {
+            Some(cfg) => ff::Packet::copy(&with_adts(cfg, &frame.payload)),
+            None => ff::Packet::copy(&frame.payload),
+        };
+        self.decoder.send_packet(&packet)?;
+        let mut decoded = ff::frame::Audio::empty();
+        while self.decoder.receive_frame(&mut decoded).is_ok() {
+            self.resample_into_fifo(&decoded)?;
+        }
+        self.encode_whole_frames()
+    }
+
+    fn resample_into_fifo(&mut self, decoded: &ff::frame::Audio) -> Result<(), TranscodeError> {
+        if self.resampler.is_none() {
+            let layout = match decoded.channel_layout() {
+                l if l.is_empty() => ChannelLayout::default(decoded.channels() as i32),
+                l => l,
+            };
+            self.resampler = Some(resampling::Context::get(
+                decoded.format(),
+                layout,
+                decoded.rate(),
+                self.out_format,
+                self.out_layout,
+                self.out_rate,
+            )?);
+        }
+        let Some(resampler) = self.resampler.as_mut() else {
+            return Ok(());
+        };
+        let mut out = ff::frame::Audio::empty();
+        resampler.run(decoded, &mut out)?;
+        let samples = out.samples();
+        if samples == 0 {
+            return Ok(());
+        }
+        let bytes = self.plane_bytes(samples);
+        let planes = out.planes();
+        if self.fifo.len() != planes {
+            self.fifo = vec![Vec::new(); planes];
+        }
+        for (i, plane) in self.fifo.iter_mut().enumerate() {
+            plane.extend_from_slice(&out.data(i)[..bytes]);
+        }
+        self.fifo_samples += samples;
+        Ok(())
+    }
+
+    /// Bytes per plane for `samples` samples of the output format.
+    fn plane_bytes(&self, samples: usize) -> usize {
+        let per_sample = self.out_format.bytes();
+        if self.out_format.is_planar() {
+            samples * per_sample
+        } else {
+            samples * per_sample * self.out_channels as usize
+        }
+    }
+
+    fn encode_whole_frames(&mut self) -> Result<Vec<Frame>, TranscodeError> {
+        let mut out = Vec::new();
+        while self.fifo_samples >= self.frame_size {
+            let mut f = ff::frame::Audio::new(self.out_format, self.frame_size, self.out_layout);
+            f.set_rate(self.out_rate);
+            let bytes = self.plane_bytes(self.frame_size);
+            for (i, plane) in self.fifo.iter_mut().enumerate() {
+                f.data_mut(i)[..bytes].copy_from_slice(&plane[..bytes]);
+                plane.drain(..bytes);
+            }
+            self.fifo_samples -= self.frame_size;
+            let pts = self.next_pts.unwrap_or(0);
+            f.set_pts(Some(pts));
+            self.next_pts = Some(pts + self.frame_size as i64);
+            self.encoder.send_frame(&f)?;
+            let mut packet = ff::Packet::empty();
+            while self.encoder.receive_packet(&mut packet).is_ok() {
+                let Some(data) = packet.data() else { continue };
+                let pts = packet.pts().unwrap_or(pts);
+                out.push(Frame {
+                    codec: self.to,
+                    dts: pts,
+                    pts,
+                    timebase: Timebase(self.out_rate),
+                    keyframe: true,
+                    payload: Bytes::copy_from_slice(data),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A raw AAC frame with an ADTS header in front (so the decoder needs no extradata).
+fn with_adts(cfg: &aac::AacConfig, raw: &[u8]) -> Vec<u8> {
+    const RATES: [u32; 13] = [
+        96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
+    ];
+    let freq = RATES
+        .iter()
+        .position(|r| *r == cfg.sample_rate)
+        .unwrap_or(4) as u8;
+    let profile = cfg.object_type.clamp(1, 4) - 1;
+    let chan = cfg.channels.min(7);
+    let len = raw.len() + 7;
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&[
+        0xff,
+        0xf1,
+        (profile << 6) | (freq << 2) | (chan >> 2),
+        ((chan & 3) << 6) | ((len >> 11) as u8 & 0x03),
+        (len >> 3) as u8,
+        (((len & 7) as u8) << 5) | 0x1f,
+        0xfc,
+    ]);
+    out.extend_from_slice(raw);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adts_header_layout() {
+        let cfg = aac::AacConfig {
+            object_type: 2,
+            sample_rate: 44100,
+            channels: 2,
+        };
+        let h = with_adts(&cfg, &[0; 100]);
+        assert_eq!(&h[..2], &[0xff, 0xf1]);
+        assert_eq!(h[2], (1 << 6) | (4 << 2)); // LC, 44.1 kHz
+        let len = (((h[3] & 3) as usize) << 11) | ((h[4] as usize) << 3) | ((h[5] >> 5) as usize);
+        assert_eq!(len, 107);
+    }
+
+    /// Synthetic audio through both bridges: AAC (encoded here by FFmpeg) → Opus → AAC.
+    #[test]
+    fn aac_to_opus_and_back_keeps_duration_and_timing() {
+        // Make AAC input: encode 1 s of a 440 Hz tone with FFmpeg's AAC encoder.
+        ff::init().unwrap();
+        let enc_codec = ff::encoder::find(codec::Id::AAC).unwrap();
+        let mut enc = Context::new_with_codec(enc_codec)
+            .encoder()
+            .audio()
+            .unwrap();
+        enc.set_rate(44100);
+        enc.set_channel_layout(ChannelLayout::MONO);
+        #[allow(deprecated)]
+        enc.set_channels(1);
+        enc.set_format(Sample::F32(SampleType::Planar));
+        enc.set_bit_rate(64_000);
+        enc.set_time_base((1, 44100));
+        let mut enc = enc.open_as(enc_codec).unwrap();
+        let mut aac_frames = vec![];
+        for i in 0..44 {
+            let mut f =
+                ff::frame::Audio::new(Sample::F32(SampleType::Planar), 1024, ChannelLayout::MONO);
+            f.set_rate(44100);
+            for (j, s) in f.plane_mut::<f32>(0).iter_mut().enumerate() {
+                let t = (i * 1024 + j) as f32 / 44100.0;
+                *s = (t * 440.0 * std::f32::consts::TAU).sin() * 0.3;
+            }
+            f.set_pts(Some(i as i64 * 1024));
+            enc.send_frame(&f).unwrap();
+            let mut p = ff::Packet::empty();
+            while enc.receive_packet(&mut p).is_ok() {
+                aac_frames.push(p.data().unwrap().to_vec());
+            }
+        }
+        assert!(aac_frames.len() > 30);
+        let input = AudioConfig {
+            codec: Codec::Aac,
+            specific: Bytes::from_static(&[0x12, 0x08]), // LC 44.1 kHz mono
+            sample_rate: 44100,
+            channels: 1,
+        };
+        let mut to_opus = AudioTranscoder::new(&input, Codec::Opus).unwrap();
+        let mut opus = vec![];
+        for (i, data) in aac_frames.iter().enumerate() {
+            let ms = 5000 + (i as i64 * 1024 * 1000 / 44100);
+            opus.extend(
+                to_opus
+                    .push(&Frame {
+                        codec: Codec::Aac,
+                        dts: ms,
+                        pts: ms,
+                        timebase: Timebase::MILLIS,
+                        keyframe: true,
+                        payload: Bytes::from(data.clone()),
+                    })
+                    .unwrap(),
+            );
+        }
+        // ~1 s of input → ~45-50 Opus frames of 20 ms, starting near 5 s, monotonic.
+        assert!(opus.len() >= 40, "{} opus frames", opus.len());
+        assert!(opus
+            .iter()
+            .all(|f| f.codec == Codec::Opus && !f.payload.is_empty()));
+        let first_ms = opus[0].pts_ms();
+        assert!(
+            (4900..=5100).contains(&first_ms),
+            "first opus frame at {first_ms} ms"
+        );
+        assert!(opus.windows(2).all(|w| w[1].pts > w[0].pts));
+
+        let mut to_aac = AudioTranscoder::new(to_opus.output_config(), Codec::Aac).unwrap();
+        let mut back = vec![];
+        for f in &opus {
+            back.extend(to_aac.push(f).unwrap());
+        }
+        assert!(back.len() >= 35, "{} aac frames", back.len());
+        assert_eq!(to_aac.output_config().sample_rate, 48_000);
+        let spread = back.last().unwrap().pts_ms() - back[0].pts_ms();
+        assert!(
+            (700..=1100).contains(&spread),
+            "AAC output spans {spread} ms"
+        );
+    }
+
+    #[test]
+    fn refuses_unsupported_pairs() {
+        let input = AudioConfig {
+            codec: Codec::Aac,
+            specific: Bytes::from_static(&[0x12, 0x10]),
+            sample_rate: 44100,
+            channels: 2,
+        };
+        assert!(matches!(
+            AudioTranscoder::new(&input, Codec::Aac),
+            Err(TranscodeError::Unsupported { .. })
+        ));
+    }
+}
