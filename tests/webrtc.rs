@@ -395,3 +395,69 @@ fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
     assert_eq!(bridged["audio"]["codec"], "aac");
     assert_eq!(bridged["source"]["kind"], "bridge");
 }
+
+#[test]
+fn whep_late_joiner_starts_from_the_cached_keyframe() {
+    if !in_private_network("whep_late_joiner_starts_from_the_cached_keyframe") {
+        return;
+    }
+    let node = webrtc_node();
+    // One keyframe every 10 s, and an RTMP publisher cannot be asked for another.
+    let opts = PublishOpts {
+        gop: 300,
+        bframes: 0,
+        ..Default::default()
+    };
+    let _p = publish_and_wait(&node.rtmp_url("late"), &node, "late", opts);
+    wait_until(Duration::from_secs(10), "3.5 s into the GOP", || {
+        node.stream("late").unwrap()["uptime_ms"].as_u64().unwrap() > 3500
+    });
+    // The viewer watches for 3 s, ending well before the publisher's next keyframe (t=10 s):
+    // it can only decode anything by starting from the cached one.
+    let whep = format!("http://{}/whep/live/late", node.http);
+    let (port, results) = serve_page(whep_player_page(&whep, 3));
+    let _browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let result = results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the page reported nothing; node log:\n{}", node.log()));
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+    eprintln!("late joiner reported: {v}");
+    assert!(v["error"].is_null(), "page error: {v}");
+    assert!(v["keyFramesDecoded"].as_u64().unwrap_or(0) >= 1, "{v}");
+    assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 30, "{v}");
+    assert!(v["firstFrameMs"].as_f64().is_some(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_simultaneous_whep_joins_all_reach_media() {
+    let node = tokio::task::spawn_blocking(webrtc_node).await.unwrap();
+    let url = node.rtmp_url("many");
+    let _p = tokio::task::block_in_place(|| {
+        let opts = PublishOpts {
+            bframes: 0,
+            ..Default::default()
+        };
+        publish_and_wait(&url, &node, "many", opts)
+    });
+    let http = node.http;
+    let joins: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(meshcast::webrtc::client::play(
+                http,
+                "/whep/live/many",
+                Duration::from_secs(8),
+            ))
+        })
+        .collect();
+    let mut reached = 0;
+    let mut failures = vec![];
+    for j in joins {
+        match j.await.unwrap() {
+            Ok(s) if s.connected && s.video_packets > 50 && s.audio_packets > 50 => reached += 1,
+            Ok(s) => failures.push(format!("{s:?}")),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    assert_eq!(reached, 200, "viewers without media: {failures:?}");
+    assert!(node.log().contains("WHEP session created"));
+}

@@ -12,6 +12,7 @@
 //! and timestamps starting at random values) and SRTP.
 
 pub mod assemble;
+pub mod client;
 pub mod demux;
 pub mod h264;
 mod whip;
