@@ -23,6 +23,19 @@ use crate::transcode::AudioTranscoder;
 /// How long a derived stream outlives its last consumer.
 const BRIDGE_GRACE: Duration = Duration::from_secs(3);
 
+/// Why an RTMP/FLV consumer cannot play this subscription's video, if it cannot.
+/// (FFmpeg 5.1's FLV and RTMP take H.264 only; video is never transcoded implicitly.)
+pub fn flv_incompatible_video(sub: &Subscription) -> Option<String> {
+    let config = sub.initial_config()?;
+    let video = config.video.as_ref()?;
+    (!video.codec.fits_flv()).then(|| {
+        format!(
+            "the stream's video is {:?}; RTMP and HTTP-FLV carry H.264 only (play it over WHEP)",
+            video.codec
+        )
+    })
+}
+
 /// Subscribes to `key` with its audio in `audio` (AAC or Opus), bridging if needed.
 pub async fn subscribe_with_audio(
     hub: &Arc<Hub>,

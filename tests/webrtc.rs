@@ -173,9 +173,10 @@ async function report(obj) {{
     )
 }
 
-/// A page that publishes the fake camera and microphone with WHIP (H.264 preferred) and
-/// reports once ICE is connected; it keeps publishing until the browser is closed.
-fn whip_publisher_page(whip_url: &str) -> String {
+/// A page that publishes the fake camera and microphone with WHIP in `video_mime` (e.g.
+/// `video/H264`) and reports once ICE is connected; it keeps publishing until the browser
+/// is closed.
+fn whip_publisher_page(whip_url: &str, video_mime: &str) -> String {
     format!(
         r#"<!doctype html><html><body><script>
 async function report(obj) {{
@@ -189,7 +190,7 @@ async function report(obj) {{
       const tr = pc.addTransceiver(track, {{direction: 'sendonly', streams: [media]}});
       if (track.kind === 'video') {{
         const codecs = RTCRtpSender.getCapabilities('video').codecs
-          .filter(c => c.mimeType === 'video/H264' || c.mimeType === 'video/rtx');
+          .filter(c => c.mimeType === '{video_mime}' || c.mimeType === 'video/rtx');
         tr.setCodecPreferences(codecs);
       }}
     }}
@@ -331,7 +332,7 @@ fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
 
     // Browser 1 publishes camera + microphone to origin A.
     let whip = format!("http://{}/whip/live/cam", a.http);
-    let (pub_port, pub_results) = serve_page(whip_publisher_page(&whip));
+    let (pub_port, pub_results) = serve_page(whip_publisher_page(&whip, "video/H264"));
     let _publisher = Browser::open(&format!("http://127.0.0.1:{pub_port}/"));
     let published = pub_results
         .recv_timeout(Duration::from_secs(60))
@@ -460,4 +461,52 @@ async fn two_hundred_simultaneous_whep_joins_all_reach_media() {
     }
     assert_eq!(reached, 200, "viewers without media: {failures:?}");
     assert!(node.log().contains("WHEP session created"));
+}
+
+#[test]
+fn vp8_from_chromium_plays_over_whep_and_is_refused_over_rtmp_and_flv() {
+    if !in_private_network("vp8_from_chromium_plays_over_whep_and_is_refused_over_rtmp_and_flv") {
+        return;
+    }
+    let node = webrtc_node();
+    let whip = format!("http://{}/whip/live/vp8", node.http);
+    let (pub_port, pub_results) = serve_page(whip_publisher_page(&whip, "video/VP8"));
+    let _publisher = Browser::open(&format!("http://127.0.0.1:{pub_port}/"));
+    let published = pub_results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", node.log()));
+    assert!(published.contains("location"), "{published}");
+    wait_until(Duration::from_secs(20), "VP8 stream live", || {
+        node.stream("vp8")
+            .is_some_and(|s| s["video"]["codec"] == "vp8")
+    });
+
+    let whep = format!("http://{}/whep/live/vp8", node.http);
+    let (view_port, view_results) = serve_page(whep_player_page(&whep, 5));
+    let _viewer = Browser::open(&format!("http://127.0.0.1:{view_port}/"));
+    let result = view_results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("viewer reported nothing; log:\n{}", node.log()));
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+    eprintln!("VP8 viewer reported: {v}");
+    assert!(v["error"].is_null(), "{v}");
+    assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 30, "{v}");
+    assert!(v["audioPackets"].as_u64().unwrap_or(0) > 50, "{v}");
+
+    // RTMP and HTTP-FLV cannot carry VP8: refused with the reason, not an empty stream.
+    let (status, body) = http_get(node.http, "/live/vp8.flv").unwrap();
+    assert_eq!(status, 406, "{body}");
+    assert!(body.contains("H.264 only"), "{body}");
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-rw_timeout",
+            "10000000",
+            &node.rtmp_url("vp8"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "RTMP play of VP8 must fail");
+    assert!(node.log().contains("RTMP and HTTP-FLV carry H.264 only"));
 }

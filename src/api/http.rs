@@ -131,6 +131,9 @@ async fn flv(
             return error(StatusCode::GATEWAY_TIMEOUT, e.to_string())
         }
     };
+    if let Some(why) = crate::bridge::flv_incompatible_video(&sub) {
+        return error(StatusCode::NOT_ACCEPTABLE, why);
+    }
     let span = tracing::info_span!("flv", stream = %key);
     span.in_scope(|| info!("playing {key} over HTTP-FLV"));
     let counters = s.hub.metrics().proto(Proto::Flv);
@@ -304,7 +307,7 @@ fn session_created(
             cors(h);
             r
         }
-        Err(e @ crate::webrtc::WebRtcError::NoVideo) => {
+        Err(e @ crate::webrtc::WebRtcError::NoVideo(_)) => {
             with_cors(error(StatusCode::NOT_ACCEPTABLE, e.to_string()))
         }
         Err(e) => with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),

@@ -122,7 +122,7 @@ pub fn frame_body(frame: &Frame) -> Bytes {
             b.put_slice(&frame.payload);
             b.freeze()
         }
-        super::Codec::Opus => Bytes::new(),
+        super::Codec::Opus | super::Codec::Vp8 => Bytes::new(),
     }
 }
 

@@ -34,12 +34,14 @@ pub enum Codec {
     Aac,
     /// Opus; payload is one Opus packet (WebRTC audio).
     Opus,
+    /// VP8; payload is one frame (WebRTC video; cannot go over RTMP/FLV).
+    Vp8,
 }
 
 impl Codec {
     pub fn track(self) -> TrackKind {
         match self {
-            Codec::H264 => TrackKind::Video,
+            Codec::H264 | Codec::Vp8 => TrackKind::Video,
             Codec::Aac | Codec::Opus => TrackKind::Audio,
         }
     }
@@ -49,6 +51,7 @@ impl Codec {
             Codec::H264 => 1,
             Codec::Aac => 2,
             Codec::Opus => 3,
+            Codec::Vp8 => 4,
         }
     }
 
@@ -57,6 +60,7 @@ impl Codec {
             1 => Some(Codec::H264),
             2 => Some(Codec::Aac),
             3 => Some(Codec::Opus),
+            4 => Some(Codec::Vp8),
             _ => None,
         }
     }

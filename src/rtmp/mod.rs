@@ -391,7 +391,10 @@ impl Connection {
             )),
             Ok(key) => match crate::bridge::subscribe_with_audio(&self.hub, &key, Codec::Aac).await
             {
-                Ok(sub) => Ok((key, sub)),
+                Ok(sub) => match crate::bridge::flv_incompatible_video(&sub) {
+                    Some(why) => Err(why),
+                    None => Ok((key, sub)),
+                },
                 Err(e) => Err(e.to_string()),
             },
         };
@@ -823,6 +826,7 @@ impl Playback {
 fn frame_chunks(p: &Packet, stream_id: u32, chunk_size: usize) -> Bytes {
     let (csid, kind) = match p.frame.codec {
         Codec::H264 => (chunk::CSID_VIDEO, chunk::MSG_VIDEO),
+        Codec::Vp8 => (chunk::CSID_VIDEO, chunk::MSG_VIDEO),
         Codec::Aac | Codec::Opus => (chunk::CSID_AUDIO, chunk::MSG_AUDIO),
     };
     chunk::encode_message(

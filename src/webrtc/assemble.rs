@@ -1,6 +1,7 @@
-//! From RTP packets back to H.264 access units (RFC 6184), sans-IO.
+//! From RTP packets back to video frames, sans-IO: H.264 access units (RFC 6184) and VP8
+//! frames (RFC 7741).
 //!
-//! Packets may arrive out of order or not at all. [`H264Assembler`] keeps them by extended
+//! Packets may arrive out of order or not at all. [`FrameAssembler`] keeps them by extended
 //! sequence number and emits a frame once every packet from the end of the previous frame up
 //! to a marker bit is present. When a gap does not fill (the loss outlived NACK/RTX), it
 //! skips past the broken frame and asks for a keyframe; frames that depend on the lost one
@@ -19,16 +20,37 @@ const MAX_WAIT: Duration = Duration::from_millis(500);
 pub struct AssembledFrame {
     /// RTP timestamp (90 kHz).
     pub rtp_time: u32,
-    /// AVCC: 4-byte length-prefixed NAL units (parameter sets excluded).
+    /// H.264: AVCC, 4-byte length-prefixed NAL units (parameter sets excluded).
+    /// VP8: the frame as the encoder made it.
     pub avcc: Vec<u8>,
     pub keyframe: bool,
-    /// SPS and PPS carried in band with this frame, if any.
+    /// H.264: SPS and PPS carried in band with this frame, if any.
     pub sps: Option<Vec<u8>>,
     pub pps: Option<Vec<u8>>,
+    /// VP8 keyframes: the picture size.
+    pub size: Option<(u32, u32)>,
+}
+
+/// What differs between codecs: where a frame starts, and how its payloads join.
+pub trait Depacketizer: Default + std::fmt::Debug {
+    /// Whether an RTP payload begins a frame.
+    fn starts_frame(payload: &[u8]) -> bool;
+    /// The frame made of these payloads (in order), if it is well formed.
+    fn build(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame>;
 }
 
 #[derive(Debug, Default)]
-pub struct H264Assembler {
+pub struct H264;
+
+#[derive(Debug, Default)]
+pub struct Vp8;
+
+pub type H264Assembler = FrameAssembler<H264>;
+pub type Vp8Assembler = FrameAssembler<Vp8>;
+
+#[derive(Debug, Default)]
+pub struct FrameAssembler<D: Depacketizer> {
+    _codec: D,
     pending: BTreeMap<u64, (u32, bool, Vec<u8>)>,
     /// When the oldest packet still waiting arrived.
     waiting_since: Option<Instant>,
@@ -41,9 +63,9 @@ pub struct H264Assembler {
     lost_frames: u64,
 }
 
-impl H264Assembler {
+impl<D: Depacketizer> FrameAssembler<D> {
     pub fn new() -> Self {
-        H264Assembler {
+        FrameAssembler {
             need_keyframe: true,
             ..Default::default()
         }
@@ -113,7 +135,7 @@ impl H264Assembler {
             None => {
                 // Start only at the first packet of a frame: the start of a FU-A or a whole NAL.
                 let (_, _, p) = &self.pending[&first];
-                if !starts_frame(p) {
+                if !D::starts_frame(p) {
                     return None;
                 }
                 first
@@ -134,7 +156,7 @@ impl H264Assembler {
             .filter_map(|s| self.pending.remove(&s).map(|(t, _, p)| (t, p)))
             .collect();
         self.next = Some(end + 1);
-        let frame = build_frame(&packets)?;
+        let frame = D::build(&packets)?;
         if frame.keyframe {
             self.need_keyframe = false;
         } else if self.need_keyframe {
@@ -166,16 +188,75 @@ impl H264Assembler {
     }
 }
 
-/// Whether an RTP payload begins a NAL unit (not a FU-A continuation).
-fn starts_frame(p: &[u8]) -> bool {
-    match p.first().map(|b| b & 0x1f) {
-        Some(28) => p.get(1).is_some_and(|b| b & 0x80 != 0),
-        Some(t) => (1..=24).contains(&t),
-        None => false,
+impl Depacketizer for H264 {
+    /// A NAL unit's start (not a FU-A continuation).
+    fn starts_frame(p: &[u8]) -> bool {
+        match p.first().map(|b| b & 0x1f) {
+            Some(28) => p.get(1).is_some_and(|b| b & 0x80 != 0),
+            Some(t) => (1..=24).contains(&t),
+            None => false,
+        }
+    }
+
+    fn build(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame> {
+        build_h264(packets)
     }
 }
 
-fn build_frame(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame> {
+impl Depacketizer for Vp8 {
+    /// The start of partition 0 (S bit set, partition index 0).
+    fn starts_frame(p: &[u8]) -> bool {
+        p.first().is_some_and(|b| b & 0x10 != 0 && b & 0x0f == 0)
+    }
+
+    fn build(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame> {
+        let rtp_time = packets.first()?.0;
+        let mut data = Vec::new();
+        for (_, p) in packets {
+            data.extend_from_slice(p.get(vp8_descriptor_len(p)?..)?);
+        }
+        // VP8 frame tag: bit 0 clear marks a keyframe, whose header carries the size.
+        let keyframe = data.first().is_some_and(|b| b & 0x01 == 0);
+        let size = if keyframe && data.get(3..6) == Some(&[0x9d, 0x01, 0x2a]) {
+            let w = u16::from_le_bytes([*data.get(6)?, *data.get(7)?]) & 0x3fff;
+            let h = u16::from_le_bytes([*data.get(8)?, *data.get(9)?]) & 0x3fff;
+            Some((w as u32, h as u32))
+        } else {
+            None
+        };
+        (!data.is_empty()).then_some(AssembledFrame {
+            rtp_time,
+            avcc: data,
+            keyframe,
+            sps: None,
+            pps: None,
+            size,
+        })
+    }
+}
+
+/// Length of the VP8 payload descriptor (RFC 7741 §4.2) at the start of `p`.
+fn vp8_descriptor_len(p: &[u8]) -> Option<usize> {
+    let first = *p.first()?;
+    if first & 0x80 == 0 {
+        return Some(1);
+    }
+    let ext = *p.get(1)?;
+    let mut len = 2;
+    if ext & 0x80 != 0 {
+        // PictureID: 7 or 15 bits.
+        len += if p.get(len)? & 0x80 != 0 { 2 } else { 1 };
+    }
+    if ext & 0x40 != 0 {
+        len += 1; // TL0PICIDX
+    }
+    if ext & 0x30 != 0 {
+        len += 1; // TID / KEYIDX
+    }
+    (len <= p.len()).then_some(len)
+}
+
+fn build_h264(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame> {
     let rtp_time = packets.first()?.0;
     let mut nals: Vec<Vec<u8>> = Vec::new();
     let mut fu: Option<Vec<u8>> = None;
@@ -216,6 +297,7 @@ fn build_frame(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame> {
         keyframe: false,
         sps: None,
         pps: None,
+        size: None,
     };
     for nal in nals {
         match nal.first().map(|b| b & 0x1f) {
@@ -421,6 +503,34 @@ mod tests {
         assert!(keys[0]);
         assert!(keys.len() >= 2, "the stream resumed: {keys:?}");
         assert!(keys[1], "resumed at a keyframe: {keys:?}");
+    }
+
+    #[test]
+    fn vp8_frames_are_rebuilt_with_descriptors_stripped() {
+        // A keyframe: frame tag (P bit clear), start code, 640x360, then data.
+        let mut key = vec![0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0x68, 0x01];
+        key.extend((0..2000u32).map(|i| i as u8));
+        let payloads = crate::webrtc::vp8::packetize(&key, 700);
+        assert!(payloads.len() >= 3);
+        let mut a = Vp8Assembler::new();
+        let now = Instant::now();
+        let last = payloads.len() - 1;
+        let mut got = vec![];
+        // Extended descriptors (X, I with a 15-bit picture id) are skipped too.
+        for (i, p) in payloads.iter().enumerate() {
+            let mut ext = vec![p[0] | 0x80, 0x80, 0x81, 0x23];
+            ext.extend_from_slice(&p[1..]);
+            got.extend(a.push(i as u64, 0, i == last, &ext, now));
+        }
+        assert_eq!(got.len(), 1);
+        assert!(got[0].keyframe);
+        assert_eq!(got[0].size, Some((640, 360)));
+        assert_eq!(got[0].avcc, key);
+        // An interframe (P bit set) after it.
+        let inter = vec![0x51, 0x00, 0x00, 7, 7, 7];
+        let p = crate::webrtc::vp8::packetize(&inter, 700);
+        let got = a.push(10 + last as u64, 3000, true, &p[0], now);
+        assert_eq!(got.len(), 0, "sequence gap after the keyframe: waits");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod assemble;
 pub mod client;
 pub mod demux;
 pub mod h264;
+pub mod vp8;
 mod whip;
 
 use std::collections::HashMap;
@@ -54,8 +55,8 @@ pub enum WebRtcError {
     BadOffer(String),
     #[error("offer rejected: {0}")]
     Rejected(String),
-    #[error("the offer has no H.264 video to play the stream on")]
-    NoVideo,
+    #[error("the offer has no {0} media for this stream")]
+    NoVideo(&'static str),
 }
 
 #[derive(Clone, Debug)]
@@ -185,13 +186,22 @@ impl WebRtc {
         offer: &str,
         sub: Subscription,
     ) -> Result<Created, WebRtcError> {
+        let video_codec = sub
+            .initial_config()
+            .and_then(|c| c.video.as_ref().map(|v| v.codec))
+            .unwrap_or(Codec::H264);
+        let wanted = match video_codec {
+            Codec::Vp8 => "vp8/90000",
+            _ => "h264/90000",
+        };
         let lower = offer.to_ascii_lowercase();
-        if !lower.contains("m=video") || !lower.contains("h264/90000") {
-            return Err(WebRtcError::NoVideo);
+        if !lower.contains("m=video") || !lower.contains(wanted) {
+            return Err(WebRtcError::NoVideo(wanted));
         }
         let (rtc, answer, ufrag) = self.negotiate(offer)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = WhepPeer {
+            video_codec,
             rtc,
             sub,
             socket: self.socket.clone(),
@@ -215,8 +225,11 @@ impl WebRtc {
         publisher: Publisher,
     ) -> Result<Created, WebRtcError> {
         let lower = offer.to_ascii_lowercase();
-        if !lower.contains("h264/90000") && !lower.contains("opus/48000") {
-            return Err(WebRtcError::NoVideo);
+        if !lower.contains("h264/90000")
+            && !lower.contains("vp8/90000")
+            && !lower.contains("opus/48000")
+        {
+            return Err(WebRtcError::NoVideo("h264/90000, vp8/90000 or opus/48000"));
         }
         let (rtc, answer, ufrag) = self.negotiate(offer)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
@@ -262,6 +275,7 @@ impl WebRtc {
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_h264(true)
+            .enable_vp8(true)
             .enable_opus(true, false)
             .set_local_ice_credentials(IceCreds {
                 ufrag: ufrag.clone(),
@@ -389,6 +403,8 @@ struct TrackOut {
 }
 
 struct WhepPeer {
+    /// The stream's video codec, which the viewer's video m-line must carry.
+    video_codec: Codec,
     rtc: Rtc,
     sub: Subscription,
     socket: Arc<UdpSocket>,
@@ -475,9 +491,13 @@ impl WhepPeer {
                 self.rtc.disconnect();
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
-                match negotiated(&self.rtc, m.mid, RtcCodec::H264) {
+                let codec = match self.video_codec {
+                    Codec::Vp8 => RtcCodec::Vp8,
+                    _ => RtcCodec::H264,
+                };
+                match negotiated(&self.rtc, m.mid, codec) {
                     Some(pt) => self.video = Some(TrackOut { mid: m.mid, pt }),
-                    None => warn!("viewer offered no H.264 (packetization-mode 1)"),
+                    None => warn!("viewer offered no {codec:?} for the stream's video"),
                 }
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio && self.audio.is_none() => {
@@ -510,6 +530,14 @@ impl WhepPeer {
                         RTP_MTU,
                     )
                 });
+                let pts = p.frame.timebase.rescale(p.frame.pts, H264_CLOCK);
+                let time = self.video_rtp.timestamp(pts);
+                let (mid, pt) = (video.mid, video.pt.pt());
+                write_frame(&mut self.rtc, mid, pt, &mut self.video_rtp, time, payloads);
+            }
+            Codec::Vp8 => {
+                let Some(video) = &self.video else { return };
+                let payloads = p.rtp_payloads(|p| vp8::packetize(&p.frame.payload, RTP_MTU));
                 let pts = p.frame.timebase.rescale(p.frame.pts, H264_CLOCK);
                 let time = self.video_rtp.timestamp(pts);
                 let (mid, pt) = (video.mid, video.pt.pt());

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::assemble::{decoder_config_record, H264Assembler};
+use super::assemble::{decoder_config_record, H264Assembler, Vp8Assembler};
 use super::Datagram;
 use crate::hub::{Packet, Publisher};
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
@@ -78,6 +78,7 @@ struct Ingest {
     codecs: HashMap<Pt, RtcCodec>,
     video_ssrc: Option<Ssrc>,
     assembler: H264Assembler,
+    vp8: Vp8Assembler,
     config: StreamConfig,
     sps_pps: Option<(Vec<u8>, Vec<u8>)>,
     t0: Option<Instant>,
@@ -101,6 +102,7 @@ impl WhipPeer {
             codecs: HashMap::new(),
             video_ssrc: None,
             assembler: H264Assembler::new(),
+            vp8: Vp8Assembler::new(),
             config: StreamConfig::default(),
             sps_pps: None,
             t0: None,
@@ -214,6 +216,51 @@ impl WhipPeer {
                     }));
                 }
             }
+            Some(RtcCodec::Vp8) => {
+                ingest.video_ssrc = Some(p.header.ssrc);
+                let frames = ingest.vp8.push(
+                    *p.seq_no,
+                    p.header.timestamp,
+                    p.header.marker,
+                    &p.payload,
+                    p.timestamp,
+                );
+                for f in frames {
+                    if f.keyframe {
+                        ingest.gate.keyframe_seen();
+                    }
+                    if let Some((width, height)) = f.size {
+                        let known = ingest
+                            .config
+                            .video
+                            .as_ref()
+                            .is_some_and(|v| (v.width, v.height) == (width, height));
+                        if !known {
+                            info!(width, height, "VP8 from the publisher");
+                            ingest.config.video = Some(VideoConfig {
+                                codec: Codec::Vp8,
+                                record: Bytes::new(),
+                                width,
+                                height,
+                            });
+                            self.publisher.set_config(ingest.config.clone());
+                        }
+                    }
+                    if ingest.config.video.is_none() {
+                        continue;
+                    }
+                    let pts = ingest.video_clock.pts(f.rtp_time, p.timestamp, t0);
+                    ingest.frames += 1;
+                    self.publisher.push(Packet::new(Frame {
+                        codec: Codec::Vp8,
+                        dts: pts,
+                        pts,
+                        timebase: Timebase(90_000),
+                        keyframe: f.keyframe,
+                        payload: Bytes::from(f.avcc),
+                    }));
+                }
+            }
             Some(RtcCodec::Opus) => {
                 if ingest.config.video.is_none() && ingest.video_ssrc.is_some() {
                     return; // audio waits for video to be configured, so tracks start together
@@ -263,7 +310,7 @@ impl WhipPeer {
         let due = ingest
             .last_keyframe_request
             .is_none_or(|t| now.duration_since(t) >= KEYFRAME_INTERVAL);
-        let lost = ingest.assembler.take_keyframe_wanted();
+        let lost = ingest.assembler.take_keyframe_wanted() | ingest.vp8.take_keyframe_wanted();
         let send = if viewer_asked || due || lost {
             ingest.gate.request(now)
         } else {
