@@ -48,6 +48,8 @@ const SOCKET_RCVBUF: usize = 4 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const H264_CLOCK: Timebase = Timebase(90_000);
 const OPUS_CLOCK: Timebase = Timebase(48_000);
+/// Packets each viewer stream keeps for NACK resends.
+const RTX_CACHE_PACKETS: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebRtcError {
@@ -499,10 +501,12 @@ impl WhepPeer {
                     Some(pt) => self.video = Some(TrackOut { mid: m.mid, pt }),
                     None => warn!("viewer offered no {codec:?} for the stream's video"),
                 }
+                bound_rtx_cache(&mut self.rtc, m.mid);
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio && self.audio.is_none() => {
                 self.audio = negotiated(&self.rtc, m.mid, RtcCodec::Opus)
                     .map(|pt| TrackOut { mid: m.mid, pt });
+                bound_rtx_cache(&mut self.rtc, m.mid);
             }
             Event::KeyframeRequest(r) => {
                 debug!(kind = ?r.kind, "keyframe request from viewer");
@@ -554,6 +558,15 @@ impl WhepPeer {
             // AAC reaches WebRTC viewers once AAC→Opus bridging exists.
             Codec::Aac => {}
         }
+    }
+}
+
+/// Resends cover what a NACK can still save at live latency: the last second, at most
+/// [`RTX_CACHE_PACKETS`] packets. (str0m's default, 1024 packets / 3 s per stream, was most of
+/// a viewer's memory.)
+fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) {
+    if let Some(tx) = rtc.direct_api().stream_tx_by_mid(mid, None) {
+        tx.set_rtx_cache(RTX_CACHE_PACKETS, Duration::from_secs(1), Some(0.15));
     }
 }
 
