@@ -510,3 +510,45 @@ fn vp8_from_chromium_plays_over_whep_and_is_refused_over_rtmp_and_flv() {
     assert!(!out.status.success(), "RTMP play of VP8 must fail");
     assert!(node.log().contains("RTMP and HTTP-FLV carry H.264 only"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_addresses_and_ice_servers_reach_the_client() {
+    // Listen on every address, announce loopback, hand out a STUN and a TURN server.
+    let udp = free_port();
+    let mut spec = NodeSpec::standalone();
+    spec.webrtc_extra = format!(
+        "listen = \"0.0.0.0:{udp}\"\nannounce_ips = [\"127.0.0.1\"]\nice_servers = [\"stun:stun.example.net:3478\", \"turn:turn.example.net:3478?transport=udp\"]\n"
+    );
+    let node = tokio::task::spawn_blocking(move || NodeProc::start(spec))
+        .await
+        .unwrap();
+    let url = node.rtmp_url("ann");
+    let _p = tokio::task::block_in_place(|| {
+        let opts = PublishOpts {
+            bframes: 0,
+            ..Default::default()
+        };
+        publish_and_wait(&url, &node, "ann", opts)
+    });
+    // The preflight lists the ICE servers as Link headers (RFC 9725 §4.6).
+    let mut s = std::net::TcpStream::connect(node.http).unwrap();
+    write!(
+        s,
+        "OPTIONS /whep/live/ann HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let lower = resp.to_ascii_lowercase();
+    assert!(
+        lower.contains("link: <stun:stun.example.net:3478>; rel=\"ice-server\""),
+        "{resp}"
+    );
+    assert!(lower.contains("link: <turn:turn.example.net:3478?transport=udp>; rel=\"ice-server\""));
+    // A viewer connects through the announced candidate and gets media.
+    let stats = meshcast::webrtc::client::play(node.http, "/whep/live/ann", Duration::from_secs(4))
+        .await
+        .unwrap();
+    assert!(stats.connected && stats.video_packets > 30, "{stats:?}");
+    assert!(node.log().contains(&format!("0.0.0.0:{udp}")));
+}

@@ -142,6 +142,16 @@ impl WebRtc {
         &self.settings.ice_servers
     }
 
+    /// The address peers send to, as str0m must see it in each datagram's destination: the
+    /// (first) announced candidate, not a wildcard bind address or a private address behind
+    /// NAT. (With several announced addresses, checks to the others are not matched yet.)
+    fn ice_address(&self) -> SocketAddr {
+        self.candidates()
+            .first()
+            .copied()
+            .unwrap_or(self.local_addr)
+    }
+
     /// Host candidates: the configured ones, or the bound address.
     fn candidates(&self) -> Vec<SocketAddr> {
         if !self.settings.candidates.is_empty() {
@@ -207,7 +217,7 @@ impl WebRtc {
             rtc,
             sub,
             socket: self.socket.clone(),
-            local_addr: self.local_addr,
+            local_addr: self.ice_address(),
             video: None,
             audio: None,
             connected: false,
@@ -239,7 +249,7 @@ impl WebRtc {
             rtc,
             publisher,
             socket: self.socket.clone(),
-            local_addr: self.local_addr,
+            local_addr: self.ice_address(),
         };
         let span = tracing::info_span!("whip", session = %id, %stream);
         self.spawn_session(id.clone(), span, peer.run(rx, cancel));

@@ -60,6 +60,8 @@ pub struct NodeSpec {
     /// Origins: other origins' QUIC addresses. Edges: upstream origins.
     pub upstreams: Vec<SocketAddr>,
     pub extra: String,
+    /// Replaces the `[webrtc]` section's keys (default: listen on a free loopback port).
+    pub webrtc_extra: String,
 }
 
 impl NodeSpec {
@@ -70,6 +72,7 @@ impl NodeSpec {
             region: "local".into(),
             upstreams: vec![],
             extra: String::new(),
+            webrtc_extra: String::new(),
         }
     }
     pub fn origin(id: &str) -> Self {
@@ -79,6 +82,7 @@ impl NodeSpec {
             region: "r".into(),
             upstreams: vec![],
             extra: String::new(),
+            webrtc_extra: String::new(),
         }
     }
     pub fn edge(id: &str, origins: Vec<SocketAddr>) -> Self {
@@ -88,6 +92,7 @@ impl NodeSpec {
             region: "r".into(),
             upstreams: origins,
             extra: String::new(),
+            webrtc_extra: String::new(),
         }
     }
 }
@@ -117,8 +122,13 @@ impl NodeProc {
             ),
             _ => format!("listen = \"{quic}\"\npeers = [{}]\n", list(&spec.upstreams)),
         };
+        let webrtc_section = if spec.webrtc_extra.is_empty() {
+            format!("listen = \"{webrtc}\"")
+        } else {
+            spec.webrtc_extra.clone()
+        };
         let config = format!(
-            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[webrtc]\nlisten = \"{webrtc}\"\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
+            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
             spec.id, spec.region, spec.role, spec.extra
         );
         let path = dir.join("node.toml");
