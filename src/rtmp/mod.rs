@@ -71,6 +71,8 @@ pub enum RtmpError {
     ParserPanic,
     #[error("publish of {0} rejected: {1}")]
     Media(StreamKey, String),
+    #[error("publish of {0} refused: {1}")]
+    PublishRefused(String, String),
     #[error("viewer did not read for {0:?}")]
     WriteTimeout(Duration),
 }
@@ -327,10 +329,7 @@ impl Connection {
             warn!("publish {app}/{name} refused: {why}");
             let results = session_call(session.reject_request(request_id, code, &why))?;
             this.handle_plain_results(results);
-            Err(RtmpError::Media(
-                StreamKey::new("refused", "publish").expect("valid literal key"),
-                why,
-            ))
+            Err(RtmpError::PublishRefused(format!("{app}/{name}"), why))
         };
         if !matches!(self.state, State::Idle) {
             return reject(
