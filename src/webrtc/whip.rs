@@ -182,103 +182,87 @@ impl WhipPeer {
 
     fn on_rtp(&mut self, ingest: &mut Ingest, p: RtpPacket) {
         let t0 = *ingest.t0.get_or_insert(p.timestamp);
-        match ingest.codecs.get(&p.header.payload_type) {
-            Some(RtcCodec::H264) => {
-                ingest.video_ssrc = Some(p.header.ssrc);
-                let frames = ingest.assembler.push(
-                    *p.seq_no,
-                    p.header.timestamp,
-                    p.header.marker,
-                    &p.payload,
-                    p.timestamp,
-                );
-                for f in frames {
-                    if f.keyframe {
-                        ingest.gate.keyframe_seen();
-                    }
-                    if let (Some(sps), Some(pps)) = (&f.sps, &f.pps) {
-                        if ingest.sps_pps.as_ref() != Some(&(sps.clone(), pps.clone())) {
-                            self.configure_video(ingest, sps, pps);
-                        }
-                    }
-                    if ingest.config.video.is_none() {
-                        continue; // no decoder configuration yet
-                    }
-                    let pts = ingest.video_clock.pts(f.rtp_time, p.timestamp, t0);
-                    ingest.frames += 1;
-                    self.publisher.push(Packet::new(Frame {
-                        codec: Codec::H264,
-                        dts: pts,
-                        pts,
-                        timebase: Timebase(90_000),
-                        keyframe: f.keyframe,
-                        payload: Bytes::from(f.avcc),
-                    }));
-                }
-            }
-            Some(RtcCodec::Vp8) => {
-                ingest.video_ssrc = Some(p.header.ssrc);
-                let frames = ingest.vp8.push(
-                    *p.seq_no,
-                    p.header.timestamp,
-                    p.header.marker,
-                    &p.payload,
-                    p.timestamp,
-                );
-                for f in frames {
-                    if f.keyframe {
-                        ingest.gate.keyframe_seen();
-                    }
-                    if let Some((width, height)) = f.size {
-                        let known = ingest
-                            .config
-                            .video
-                            .as_ref()
-                            .is_some_and(|v| (v.width, v.height) == (width, height));
-                        if !known {
-                            info!(width, height, "VP8 from the publisher");
-                            ingest.config.video = Some(VideoConfig {
-                                codec: Codec::Vp8,
-                                record: Bytes::new(),
-                                width,
-                                height,
-                            });
-                            self.publisher.set_config(ingest.config.clone());
-                        }
-                    }
-                    if ingest.config.video.is_none() {
-                        continue;
-                    }
-                    let pts = ingest.video_clock.pts(f.rtp_time, p.timestamp, t0);
-                    ingest.frames += 1;
-                    self.publisher.push(Packet::new(Frame {
-                        codec: Codec::Vp8,
-                        dts: pts,
-                        pts,
-                        timebase: Timebase(90_000),
-                        keyframe: f.keyframe,
-                        payload: Bytes::from(f.avcc),
-                    }));
-                }
-            }
-            Some(RtcCodec::Opus) => {
-                if ingest.config.video.is_none() && ingest.video_ssrc.is_some() {
-                    return; // audio waits for video to be configured, so tracks start together
-                }
-                let pts = ingest.audio_clock.pts(p.header.timestamp, p.timestamp, t0);
-                self.publisher.push(Packet::new(Frame {
-                    codec: Codec::Opus,
-                    dts: pts,
-                    pts,
-                    timebase: Timebase(48_000),
-                    keyframe: true,
-                    payload: Bytes::copy_from_slice(&p.payload),
-                }));
-            }
+        let codec = match ingest.codecs.get(&p.header.payload_type) {
+            Some(RtcCodec::H264) => Codec::H264,
+            Some(RtcCodec::Vp8) => Codec::Vp8,
+            Some(RtcCodec::Opus) => Codec::Opus,
             other => {
                 debug!(pt = ?p.header.payload_type, codec = ?other, "RTP with an unsupported payload dropped");
+                return;
             }
+        };
+        if codec == Codec::Opus {
+            self.on_opus(ingest, &p, t0);
+            return;
         }
+        ingest.video_ssrc = Some(p.header.ssrc);
+        let (seq, time, marker) = (*p.seq_no, p.header.timestamp, p.header.marker);
+        let frames = match codec {
+            Codec::H264 => ingest
+                .assembler
+                .push(seq, time, marker, &p.payload, p.timestamp),
+            _ => ingest.vp8.push(seq, time, marker, &p.payload, p.timestamp),
+        };
+        for f in frames {
+            if f.keyframe {
+                ingest.gate.keyframe_seen();
+            }
+            if let (Some(sps), Some(pps)) = (&f.sps, &f.pps) {
+                if ingest.sps_pps.as_ref() != Some(&(sps.clone(), pps.clone())) {
+                    self.configure_video(ingest, sps, pps);
+                }
+            }
+            if let Some((width, height)) = f.size {
+                self.configure_vp8(ingest, width, height);
+            }
+            if ingest.config.video.is_none() {
+                continue; // no decoder configuration yet
+            }
+            let pts = ingest.video_clock.pts(f.rtp_time, p.timestamp, t0);
+            ingest.frames += 1;
+            self.publisher.push(Packet::new(Frame {
+                codec,
+                dts: pts,
+                pts,
+                timebase: Timebase(90_000),
+                keyframe: f.keyframe,
+                payload: Bytes::from(f.avcc),
+            }));
+        }
+    }
+
+    fn configure_vp8(&mut self, ingest: &mut Ingest, width: u32, height: u32) {
+        let known = ingest
+            .config
+            .video
+            .as_ref()
+            .is_some_and(|v| (v.width, v.height) == (width, height));
+        if known {
+            return;
+        }
+        info!(width, height, "VP8 from the publisher");
+        ingest.config.video = Some(VideoConfig {
+            codec: Codec::Vp8,
+            record: Bytes::new(),
+            width,
+            height,
+        });
+        self.publisher.set_config(ingest.config.clone());
+    }
+
+    fn on_opus(&mut self, ingest: &mut Ingest, p: &RtpPacket, t0: Instant) {
+        if ingest.config.video.is_none() && ingest.video_ssrc.is_some() {
+            return; // audio waits for video to be configured, so tracks start together
+        }
+        let pts = ingest.audio_clock.pts(p.header.timestamp, p.timestamp, t0);
+        self.publisher.push(Packet::new(Frame {
+            codec: Codec::Opus,
+            dts: pts,
+            pts,
+            timebase: Timebase(48_000),
+            keyframe: true,
+            payload: Bytes::copy_from_slice(&p.payload),
+        }));
     }
 
     fn configure_video(&mut self, ingest: &mut Ingest, sps: &[u8], pps: &[u8]) {
