@@ -100,6 +100,8 @@ pub struct WebRtc {
     settings: WebRtcSettings,
     routes: Mutex<demux::Routes<PeerRoute>>,
     sessions: Mutex<HashMap<String, SessionEntry>>,
+    /// One DTLS certificate for every peer of this node (str0m would make one per peer).
+    dtls_cert: str0m::config::DtlsCert,
     shutdown: CancellationToken,
 }
 
@@ -122,12 +124,17 @@ impl WebRtc {
         socket.bind(&settings.listen.into())?;
         let socket = UdpSocket::from_std(socket.into())?;
         let local_addr = socket.local_addr()?;
+        let dtls_cert = str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+            .ok_or_else(|| anyhow::anyhow!("cannot generate a DTLS certificate"))?;
         let webrtc = Arc::new(WebRtc {
             socket: Arc::new(socket),
             local_addr,
             settings,
             routes: Mutex::new(demux::Routes::default()),
             sessions: Mutex::new(HashMap::new()),
+            dtls_cert,
             shutdown,
         });
         tokio::spawn(webrtc.clone().read_loop());
@@ -285,6 +292,7 @@ impl WebRtc {
         let mut rtc = Rtc::builder()
             .set_ice_lite(true)
             .set_rtp_mode(true)
+            .set_dtls_cert(self.dtls_cert.clone())
             .clear_codecs()
             .enable_h264(true)
             .enable_vp8(true)
