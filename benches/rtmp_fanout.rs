@@ -11,10 +11,13 @@
 //! almost nothing; the players are `meshcast::rtmp::client::Player`s on a single-threaded
 //! runtime in this process that only count bytes (and send acknowledgements).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{build_meshcast, free_port, wait_port};
 use meshcast::rtmp::client::{PlayMode, Player};
 
 const BITRATE_KBPS: u32 = 2500;
@@ -210,29 +213,6 @@ fn make_source(work: &Path) -> PathBuf {
     path
 }
 
-fn build_meshcast() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--bin", "meshcast"])
-        .current_dir(root)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    // CARGO_TARGET_TMPDIR is <target>/tmp.
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .unwrap()
-        .join("release/meshcast")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Server {
     children: Vec<Child>,
     port: u16,
@@ -304,31 +284,14 @@ impl Server {
 
     /// (user, system) CPU seconds of the server processes.
     fn cpu_split(&self) -> (f64, f64) {
-        let tick = 100.0; // USER_HZ on Linux
         self.pids()
             .iter()
-            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-            .map(|stat| {
-                // Fields after the command name (which is in parentheses).
-                let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                (utime / tick, stime / tick)
-            })
+            .map(|pid| common::cpu_split(*pid))
             .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     fn rss_kb(&self) -> u64 {
-        self.pids()
-            .iter()
-            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            .filter_map(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .sum()
+        self.pids().iter().map(|pid| common::rss_kb(*pid)).sum()
     }
 }
 
@@ -338,16 +301,5 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-fn wait_port(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
