@@ -17,23 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_meshcast, free_port, wait_port};
+use common::{build_meshcast, free_port, viewers_from_env, wait_port, window_from_env};
 use meshcast::rtmp::client::{PlayMode, Player};
 
 const BITRATE_KBPS: u32 = 2500;
 
 fn main() {
-    let viewers: Vec<usize> = std::env::var("VIEWERS")
-        .unwrap_or_else(|_| "100,500,1000".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let window = Duration::from_secs(
-        std::env::var("SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(20),
-    );
+    let viewers = viewers_from_env("100,500,1000");
+    let window = window_from_env(20);
     let servers: Vec<String> = std::env::var("SERVERS")
         .unwrap_or_else(|_| "meshcast,nginx".into())
         .split(',')

@@ -15,21 +15,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{build_meshcast, cpu_seconds, free_port, rss_kb, wait_port};
+use common::{
+    build_meshcast, cpu_seconds, free_port, rss_kb, viewers_from_env, wait_port, window_from_env,
+};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let viewers: Vec<usize> = std::env::var("VIEWERS")
-        .unwrap_or_else(|_| "100,500,1000".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let window = Duration::from_secs(
-        std::env::var("SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(15),
-    );
+    let viewers = viewers_from_env("100,500,1000");
+    let window = window_from_env(15);
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("whep_fanout");
     std::fs::create_dir_all(&work).unwrap();
     let source = make_source(&work);

@@ -103,18 +103,7 @@ fn edge_pulls_on_first_viewer_and_releases_after_grace() {
 
 #[test]
 fn two_origins_relay_a_to_b_to_edge() {
-    let a_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let b_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut spec_a = NodeSpec::origin("origin-a");
-    spec_a.upstreams = vec![b_quic];
-    let mut spec_b = NodeSpec::origin("origin-b");
-    spec_b.upstreams = vec![a_quic];
-    let a = NodeProc::start_at(spec_a, a_quic);
-    let b = NodeProc::start_at(spec_b, b_quic);
-    let edge = NodeProc::start(NodeSpec::edge("edge-b1", vec![b_quic]));
-    // Each origin dials the other: one outbound and one inbound link each.
-    a.wait_for_link_count(2);
-    b.wait_for_link_count(3);
+    let (a, b, edge) = start_two_origins_and_edge();
 
     let _p = publish_and_wait(&a.rtmp_url("mesh"), &a, "mesh", PublishOpts::default());
     let probe = ffprobe(&edge.rtmp_url("mesh"), 3);

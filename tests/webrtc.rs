@@ -318,17 +318,7 @@ fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
     if !in_private_network("whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge") {
         return;
     }
-    let a_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let b_quic = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut spec_a = NodeSpec::origin("origin-a");
-    spec_a.upstreams = vec![b_quic];
-    let mut spec_b = NodeSpec::origin("origin-b");
-    spec_b.upstreams = vec![a_quic];
-    let a = NodeProc::start_at(spec_a, a_quic);
-    let b = NodeProc::start_at(spec_b, b_quic);
-    let edge = NodeProc::start(NodeSpec::edge("edge-b1", vec![b_quic]));
-    edge.wait_for_link_count(1);
-    b.wait_for_link_count(3);
+    let (a, b, edge) = start_two_origins_and_edge();
 
     // Browser 1 publishes camera + microphone to origin A.
     let whip = format!("http://{}/whip/live/cam", a.http);

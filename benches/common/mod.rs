@@ -68,3 +68,22 @@ pub fn rss_kb(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// `VIEWERS` (comma-separated counts) or the default list.
+pub fn viewers_from_env(default: &str) -> Vec<usize> {
+    std::env::var("VIEWERS")
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// `SECONDS` (the measurement window) or the default.
+pub fn window_from_env(default_secs: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var("SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_secs),
+    )
+}

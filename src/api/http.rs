@@ -197,11 +197,14 @@ async fn preflight(State(s): State<AppState>) -> Response {
     r
 }
 
-/// The WebRTC server, if this node has one and the request carries an SDP offer.
+/// The WebRTC server and the stream named, if this node has one, the request carries an
+/// SDP offer and the name is valid.
 fn webrtc_for_offer(
     s: &AppState,
     headers: &HeaderMap,
-) -> Result<Arc<crate::webrtc::WebRtc>, Box<Response>> {
+    namespace: &str,
+    stream: &str,
+) -> Result<(Arc<crate::webrtc::WebRtc>, StreamKey), Box<Response>> {
     let Some(webrtc) = s.webrtc.clone() else {
         return Err(Box::new(with_cors(error(
             StatusCode::NOT_FOUND,
@@ -214,7 +217,13 @@ fn webrtc_for_offer(
             "Content-Type must be application/sdp".into(),
         ))));
     }
-    Ok(webrtc)
+    match StreamKey::new(namespace, stream) {
+        Ok(key) => Ok((webrtc, key)),
+        Err(e) => Err(Box::new(with_cors(error(
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+        )))),
+    }
 }
 
 fn is_sdp(headers: &HeaderMap) -> bool {
@@ -230,13 +239,9 @@ async fn whep_post(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let webrtc = match webrtc_for_offer(&s, &headers) {
-        Ok(w) => w,
+    let (webrtc, key) = match webrtc_for_offer(&s, &headers, &namespace, &stream) {
+        Ok(x) => x,
         Err(r) => return *r,
-    };
-    let key = match StreamKey::new(&namespace, &stream) {
-        Ok(k) => k,
-        Err(e) => return with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
     };
     let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
         Ok(sub) => sub,
@@ -257,8 +262,8 @@ async fn whip_post(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let webrtc = match webrtc_for_offer(&s, &headers) {
-        Ok(w) => w,
+    let (webrtc, key) = match webrtc_for_offer(&s, &headers, &namespace, &stream) {
+        Ok(x) => x,
         Err(r) => return *r,
     };
     if s.node.role == "edge" {
@@ -267,10 +272,6 @@ async fn whip_post(
             "this node is an edge: publish to an origin".into(),
         ));
     }
-    let key = match StreamKey::new(&namespace, &stream) {
-        Ok(k) => k,
-        Err(e) => return with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
-    };
     let publisher = match s.hub.publish(key.clone()) {
         Ok(p) => p,
         Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),

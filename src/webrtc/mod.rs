@@ -46,7 +46,7 @@ const PEER_QUEUE: usize = 256;
 const SOCKET_RCVBUF: usize = 4 << 20;
 /// A session that is not connected within this time is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-const H264_CLOCK: Timebase = Timebase(90_000);
+const VIDEO_CLOCK: Timebase = Timebase(90_000);
 const OPUS_CLOCK: Timebase = Timebase(48_000);
 /// Packets each viewer stream keeps for NACK resends.
 const RTX_CACHE_PACKETS: usize = 128;
@@ -535,47 +535,39 @@ impl WhepPeer {
     }
 
     fn send_frame(&mut self, p: &Arc<Packet>, config: &StreamConfig) {
-        match p.frame.codec {
-            Codec::H264 => {
-                let Some(video) = &self.video else { return };
-                let payloads = p.rtp_payloads(|p| {
-                    let (sps, pps) = config
-                        .video
-                        .as_ref()
-                        .and_then(|v| avc::parse_decoder_config(&v.record).ok())
-                        .map(|c| (c.sps.first().cloned(), c.pps.first().cloned()))
-                        .unwrap_or((None, None));
-                    h264::packetize(
-                        &p.frame.payload,
-                        sps.as_deref().unwrap_or(&[]),
-                        pps.as_deref().unwrap_or(&[]),
-                        RTP_MTU,
-                    )
-                });
-                let pts = p.frame.timebase.rescale(p.frame.pts, H264_CLOCK);
-                let time = self.video_rtp.timestamp(pts);
-                let (mid, pt) = (video.mid, video.pt.pt());
-                write_frame(&mut self.rtc, mid, pt, &mut self.video_rtp, time, payloads);
-            }
-            Codec::Vp8 => {
-                let Some(video) = &self.video else { return };
-                let payloads = p.rtp_payloads(|p| vp8::packetize(&p.frame.payload, RTP_MTU));
-                let pts = p.frame.timebase.rescale(p.frame.pts, H264_CLOCK);
-                let time = self.video_rtp.timestamp(pts);
-                let (mid, pt) = (video.mid, video.pt.pt());
-                write_frame(&mut self.rtc, mid, pt, &mut self.video_rtp, time, payloads);
-            }
-            Codec::Opus => {
-                let Some(audio) = &self.audio else { return };
-                let payloads = p.rtp_payloads(|p| vec![Arc::from(&p.frame.payload[..])]);
-                let pts = p.frame.timebase.rescale(p.frame.pts, OPUS_CLOCK);
-                let time = self.audio_rtp.timestamp(pts);
-                let (mid, pt) = (audio.mid, audio.pt.pt());
-                write_frame(&mut self.rtc, mid, pt, &mut self.audio_rtp, time, payloads);
-            }
-            // AAC reaches WebRTC viewers once AAC→Opus bridging exists.
-            Codec::Aac => {}
+        let (track, rtp, clock) = match p.frame.codec {
+            Codec::H264 | Codec::Vp8 => (&self.video, &mut self.video_rtp, VIDEO_CLOCK),
+            Codec::Opus => (&self.audio, &mut self.audio_rtp, OPUS_CLOCK),
+            // AAC reaches WebRTC viewers bridged to Opus (crate::bridge).
+            Codec::Aac => return,
+        };
+        let Some(track) = track else { return };
+        let payloads = p.rtp_payloads(|p| packetize(p, config));
+        let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
+        write_frame(&mut self.rtc, track.mid, track.pt.pt(), rtp, time, payloads);
+    }
+}
+
+/// A frame's RTP payloads, per codec (built once per frame per node).
+fn packetize(p: &Packet, config: &StreamConfig) -> Vec<Arc<[u8]>> {
+    match p.frame.codec {
+        Codec::H264 => {
+            let (sps, pps) = config
+                .video
+                .as_ref()
+                .and_then(|v| avc::parse_decoder_config(&v.record).ok())
+                .map(|c| (c.sps.first().cloned(), c.pps.first().cloned()))
+                .unwrap_or((None, None));
+            h264::packetize(
+                &p.frame.payload,
+                sps.as_deref().unwrap_or(&[]),
+                pps.as_deref().unwrap_or(&[]),
+                RTP_MTU,
+            )
         }
+        Codec::Vp8 => vp8::packetize(&p.frame.payload, RTP_MTU),
+        Codec::Opus => vec![Arc::from(&p.frame.payload[..])],
+        Codec::Aac => vec![],
     }
 }
 

@@ -240,6 +240,24 @@ impl Drop for NodeProc {
     }
 }
 
+/// Origins A and B meshed with each other and an edge of B (A → B → edge), links up.
+pub fn start_two_origins_and_edge() -> (NodeProc, NodeProc, NodeProc) {
+    let a_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let b_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut spec_a = NodeSpec::origin("origin-a");
+    spec_a.upstreams = vec![b_quic];
+    let mut spec_b = NodeSpec::origin("origin-b");
+    spec_b.upstreams = vec![a_quic];
+    let a = NodeProc::start_at(spec_a, a_quic);
+    let b = NodeProc::start_at(spec_b, b_quic);
+    let edge = NodeProc::start(NodeSpec::edge("edge-b1", vec![b_quic]));
+    // Each origin dials the other (one outbound, one inbound link); B also has the edge.
+    a.wait_for_link_count(2);
+    b.wait_for_link_count(3);
+    edge.wait_for_link_count(1);
+    (a, b, edge)
+}
+
 /// An `ffmpeg` publishing a synthetic 640x360 H.264 + AAC stream in real time.
 pub struct Publisher {
     pub child: Child,
