@@ -207,6 +207,7 @@ fn make_source(work: &Path) -> PathBuf {
 struct Server {
     children: Vec<Child>,
     port: u16,
+    nginx: Option<common::nginx::Nginx>,
 }
 
 impl Server {
@@ -237,40 +238,25 @@ impl Server {
         Server {
             children: vec![child],
             port,
+            nginx: None,
         }
     }
 
     fn nginx(work: &Path) -> Server {
-        let port = free_port();
-        let dir = work.join("nginx");
-        std::fs::create_dir_all(dir.join("logs")).unwrap();
-        let conf = dir.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "load_module /usr/lib/nginx/modules/ngx_rtmp_module.so;\ndaemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {0}/logs/error.log;\npid {0}/nginx.pid;\nworker_rlimit_nofile 8192;\nevents {{ worker_connections 8192; }}\nrtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; }} }} }}\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx with libnginx-mod-rtmp");
-        wait_port(port);
+        let nginx = common::nginx::Nginx::start(&work.join("nginx"), free_port());
         Server {
-            children: vec![child],
-            port,
+            children: vec![],
+            port: nginx.port,
+            nginx: Some(nginx),
         }
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(|c| c.id()).collect()
+        self.children
+            .iter()
+            .chain(self.nginx.as_ref().map(|n| &n.child))
+            .map(|c| c.id())
+            .collect()
     }
 
     /// (user, system) CPU seconds of the server processes.

@@ -17,8 +17,8 @@ use tracing::{info, warn, Instrument};
 use crate::hub::{
     Hub, Packet, Publisher, Scope, Source, StreamEvent, SubscribeError, Subscription,
 };
-use crate::media::{AudioConfig, Codec, StreamKey, TrackKind};
-use crate::transcode::AudioTranscoder;
+use crate::media::{AudioConfig, Codec, StreamConfig, StreamKey, TrackKind, VideoConfig};
+use crate::transcode::{AudioTranscoder, VideoTranscoder};
 
 /// How long a derived stream outlives its last consumer.
 const BRIDGE_GRACE: Duration = Duration::from_secs(3);
@@ -55,6 +55,26 @@ pub async fn subscribe_with_audio(
         Codec::Aac => "aac",
         _ => "opus",
     };
+    subscribe_bridged(hub, key, tag, audio, false).await
+}
+
+/// Subscribes to `key` as RTMP/FLV/MP4 take it: video re-encoded to H.264 (when it is not)
+/// and audio in AAC. Only for consumers configured to transcode video (`transcode_video`);
+/// shared by all of them like the audio bridges (`name~h264`).
+pub async fn subscribe_with_h264(
+    hub: &Arc<Hub>,
+    key: &StreamKey,
+) -> Result<Subscription, SubscribeError> {
+    subscribe_bridged(hub, key, "h264", Codec::Aac, true).await
+}
+
+async fn subscribe_bridged(
+    hub: &Arc<Hub>,
+    key: &StreamKey,
+    tag: &'static str,
+    audio: Codec,
+    h264: bool,
+) -> Result<Subscription, SubscribeError> {
     let derived = key.derived(tag);
     let source = Source::Bridge {
         of: key.to_string(),
@@ -63,12 +83,12 @@ pub async fn subscribe_with_audio(
     let original = key.clone();
     hub.subscribe_derived(&derived, source, move |publisher| {
         let span = tracing::info_span!("bridge", stream = %original, to = tag);
-        tokio::spawn(run(hub2, original, audio, publisher).instrument(span));
+        tokio::spawn(run(hub2, original, audio, h264, publisher).instrument(span));
     })
     .await
 }
 
-async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, mut out: Publisher) {
+async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut out: Publisher) {
     let mut sub = match hub.subscribe(&original, Scope::Any).await {
         Ok(s) => s,
         Err(e) => {
@@ -76,11 +96,19 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, mut out: Publisher
             return;
         }
     };
-    info!("transcoding audio to {want:?} for consumers that need it");
+    if h264 {
+        info!("transcoding video to H.264 and audio to {want:?} for consumers that need it");
+        sub.request_keyframe();
+    } else {
+        info!("transcoding audio to {want:?} for consumers that need it");
+    }
     let idle = out.idle_waiter(BRIDGE_GRACE);
     tokio::pin!(idle);
     let keyframes = out.keyframe_signal();
     let mut transcoder: Option<(AudioConfig, AudioTranscoder)> = None;
+    let mut video: Option<(VideoConfig, VideoTranscoder)> = None;
+    // The configuration as published (its video replaced once the encoder has produced one).
+    let mut config = StreamConfig::default();
     let mut live = false;
     loop {
         let ev = tokio::select! {
@@ -96,7 +124,7 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, mut out: Publisher
         };
         match ev {
             Ok(StreamEvent::Config(c)) => {
-                let mut config = (*c).clone();
+                config = (*c).clone();
                 if let Some(audio) = c.audio.as_ref().filter(|a| a.codec != want) {
                     let reuse = transcoder.as_ref().is_some_and(|(from, _)| from == audio);
                     if !reuse {
@@ -110,7 +138,24 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, mut out: Publisher
                     }
                     config.audio = transcoder.as_ref().map(|(_, t)| t.output_config().clone());
                 }
-                out.set_config(config);
+                if let Some(v) = c.video.as_ref().filter(|v| h264 && v.codec != Codec::H264) {
+                    let reuse = video.as_ref().is_some_and(|(from, _)| from == v);
+                    if !reuse {
+                        video = match VideoTranscoder::new(v) {
+                            Ok(t) => Some((v.clone(), t)),
+                            Err(e) => {
+                                warn!("cannot transcode video: {e}; the bridge stops");
+                                return;
+                            }
+                        };
+                    }
+                    // Published once the encoder has its parameter sets (first keyframe).
+                    config.video = video.as_ref().and_then(|(_, t)| t.output_config().cloned());
+                    if config.video.is_none() {
+                        continue;
+                    }
+                }
+                out.set_config(config.clone());
                 if !live {
                     out.set_derived_live();
                     live = true;
@@ -119,7 +164,7 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, mut out: Publisher
             Ok(StreamEvent::Frame(p)) => {
                 let f = &p.frame;
                 if f.track() == TrackKind::Audio && f.codec != want {
-                    let Some((_, t)) = transcoder.as_mut() else {
+                    let Some((_, t)) = transcoder.as_mut().filter(|_| live) else {
                         continue;
                     };
                     match t.push(f) {
@@ -130,6 +175,31 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, mut out: Publisher
                         }
                         Err(e) => warn!("audio frame not transcoded: {e}"),
                     }
+                } else if let Some((_, t)) = video
+                    .as_mut()
+                    .filter(|_| f.codec != Codec::H264 && f.track() == TrackKind::Video)
+                {
+                    let frames = match t.push(f) {
+                        Ok(frames) => frames,
+                        Err(e) => {
+                            warn!("video frame not transcoded: {e}");
+                            continue;
+                        }
+                    };
+                    let encoded = t.output_config().cloned();
+                    if encoded.is_some() && config.video != encoded {
+                        config.video = encoded;
+                        out.set_config(config.clone());
+                        if !live {
+                            out.set_derived_live();
+                            live = true;
+                        }
+                    }
+                    for frame in frames {
+                        out.push(Packet::new(frame));
+                    }
+                } else if !live {
+                    continue; // waiting for the first encoded keyframe
                 } else {
                     // Video (and audio already in the right codec): the same shared packet.
                     out.push(p);

@@ -50,6 +50,10 @@ pub struct Config {
     pub backbone: BackboneConfig,
     pub webrtc: WebRtcConfig,
     pub limits: Limits,
+    /// Where recordings go (`[recording] root`).
+    pub recording_root: PathBuf,
+    /// Static egress rules (`[[egress]]`).
+    pub egress: Vec<crate::egress::EgressSpec>,
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +174,8 @@ impl Config {
                 ice_servers: vec![],
             },
             limits: Limits::default(),
+            recording_root: PathBuf::from("recordings"),
+            egress: vec![],
         }
     }
 
@@ -196,10 +202,21 @@ impl Config {
             }
         };
         for key in table.keys() {
-            if !["node", "rtmp", "http", "backbone", "webrtc", "limits"].contains(&key.as_str()) {
+            if ![
+                "node",
+                "rtmp",
+                "http",
+                "backbone",
+                "webrtc",
+                "limits",
+                "recording",
+                "egress",
+            ]
+            .contains(&key.as_str())
+            {
                 problems.push(Problem::new(
                     key,
-                    "unknown section (expected node, rtmp, http, backbone, webrtc or limits)",
+                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording or [[egress]])",
                 ));
             }
         }
@@ -209,6 +226,12 @@ impl Config {
         let backbone: RawBackbone = section(&table, "backbone", &mut problems);
         let limits: RawLimits = section(&table, "limits", &mut problems);
         let webrtc: RawWebRtc = section(&table, "webrtc", &mut problems);
+        let recording: RawRecording = section(&table, "recording", &mut problems);
+        let recording_root = recording
+            .root
+            .map(|r| base.join(r))
+            .unwrap_or_else(|| PathBuf::from("recordings"));
+        let egress = egress_rules(&table, &mut problems);
 
         let defaults = Config::standalone_default();
         let role = node.role.unwrap_or(Role::Standalone);
@@ -462,8 +485,47 @@ impl Config {
                 ice_servers: webrtc.ice_servers,
             },
             limits: limits_out,
+            recording_root,
+            egress,
         })
     }
+}
+
+/// `[[egress]]` rules: each validated like an API request, problems named `egress[i].field`.
+fn egress_rules(
+    table: &toml::Table,
+    problems: &mut Vec<Problem>,
+) -> Vec<crate::egress::EgressSpec> {
+    let Some(value) = table.get("egress") else {
+        return vec![];
+    };
+    let Some(items) = value.as_array() else {
+        problems.push(Problem::new(
+            "egress",
+            "must be an array of tables ([[egress]])",
+        ));
+        return vec![];
+    };
+    let mut rules = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let key = format!("egress[{i}]");
+        let req: crate::egress::EgressRequest = match item.clone().try_into() {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(Problem::new(&key, e.message().trim()));
+                continue;
+            }
+        };
+        match req.validate(true) {
+            Ok(spec) => rules.push(spec),
+            Err(errors) => {
+                for e in errors {
+                    problems.push(Problem::new(&format!("{key}.{}", e.field), e.reason));
+                }
+            }
+        }
+    }
+    rules
 }
 
 fn valid_name_char(c: char) -> bool {
@@ -589,6 +651,12 @@ struct RawWebRtc {
     announce_ips: Vec<String>,
     #[serde(default)]
     ice_servers: Vec<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecording {
+    root: Option<String>,
 }
 
 #[derive(Default, Deserialize)]

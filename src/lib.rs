@@ -8,6 +8,7 @@ pub mod api;
 pub mod backbone;
 pub mod bridge;
 pub mod config;
+pub mod egress;
 pub mod hub;
 pub mod media;
 pub mod node;

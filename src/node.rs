@@ -15,6 +15,7 @@ use crate::api::http::{AppState, NodeInfo};
 use crate::api::metrics::Metrics;
 use crate::backbone::Backbone;
 use crate::config::{Config, Role};
+use crate::egress::{Egress, EgressSettings};
 use crate::hub::Hub;
 use crate::rtmp::RtmpSettings;
 
@@ -25,6 +26,7 @@ pub struct Node {
     pub http_addr: Option<SocketAddr>,
     pub backbone_addr: Option<SocketAddr>,
     backbone: Option<Arc<Backbone>>,
+    pub egress: Arc<Egress>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -52,6 +54,15 @@ impl Node {
             (Some(bb), Some(_)) => Some(bb.local_addr()?),
             _ => None,
         };
+
+        let egress = Egress::start(
+            hub.clone(),
+            EgressSettings {
+                recording_root: config.recording_root.clone(),
+                rules: config.egress.clone(),
+            },
+            shutdown.clone(),
+        );
 
         let mut rtmp_addr = None;
         if let Some(addr) = config.rtmp.listen {
@@ -113,6 +124,7 @@ impl Node {
                 },
                 backbone: backbone.clone(),
                 webrtc: webrtc.clone(),
+                egress: egress.clone(),
             };
             tasks.spawn(crate::api::http::serve(listener, state, shutdown.clone()));
         }
@@ -133,6 +145,7 @@ impl Node {
             http_addr,
             backbone_addr,
             backbone,
+            egress,
             shutdown,
             tasks,
         })
@@ -144,6 +157,8 @@ impl Node {
 
     /// Stops accepting, closes connections and links, and waits (briefly) for tasks to end.
     pub async fn shutdown(mut self) {
+        // Recordings and pushes first, so files end cleanly while the stream still exists.
+        self.egress.stop_all().await;
         self.shutdown.cancel();
         if let Some(bb) = &self.backbone {
             bb.close().await;

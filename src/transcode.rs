@@ -16,7 +16,7 @@ use ff::software::resampling;
 use ff::ChannelLayout;
 use ffmpeg_next as ff;
 
-use crate::media::{aac, AudioConfig, Codec, Frame, Timebase};
+use crate::media::{aac, AudioConfig, Codec, Frame, Timebase, VideoConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TranscodeError {
@@ -256,6 +256,164 @@ impl AudioTranscoder {
     }
 }
 
+/// Re-encodes video the destination cannot carry (VP8) to H.264 with libx264, for egress
+/// that asks for it explicitly (`transcode_video`). Compute only, like [`AudioTranscoder`].
+///
+/// Output keyframes follow the input's (an input keyframe forces an IDR), so keyframe
+/// requests still work end to end; the encoder is tuned for latency (no B-frames, no
+/// lookahead), so each input frame comes out at once with `dts = pts`.
+pub struct VideoTranscoder {
+    from: Codec,
+    decoder: ff::decoder::Video,
+    encoder: Option<ff::encoder::Video>,
+    output: Option<VideoConfig>,
+    size: (u32, u32),
+}
+
+impl VideoTranscoder {
+    pub fn new(input: &VideoConfig) -> Result<VideoTranscoder, TranscodeError> {
+        ff::init()?;
+        let id = match input.codec {
+            Codec::Vp8 => codec::Id::VP8,
+            other => {
+                return Err(TranscodeError::Unsupported {
+                    from: other,
+                    to: Codec::H264,
+                })
+            }
+        };
+        let dec = ff::decoder::find(id).ok_or(TranscodeError::MissingCodec("vp8 decoder"))?;
+        let decoder = Context::new_with_codec(dec).decoder().video()?;
+        Ok(VideoTranscoder {
+            from: input.codec,
+            decoder,
+            encoder: None,
+            output: None,
+            size: (0, 0),
+        })
+    }
+
+    /// The H.264 configuration, once the first keyframe is encoded.
+    pub fn output_config(&self) -> Option<&VideoConfig> {
+        self.output.as_ref()
+    }
+
+    /// Transcodes one input frame; returns the H.264 frames it produced.
+    pub fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError> {
+        if frame.codec != self.from {
+            return Ok(vec![]);
+        }
+        self.decoder
+            .send_packet(&ff::Packet::copy(&frame.payload))?;
+        let mut out = Vec::new();
+        let mut decoded = ff::frame::Video::empty();
+        while self.decoder.receive_frame(&mut decoded).is_ok() {
+            let size = (decoded.width(), decoded.height());
+            if self.encoder.is_none() || size != self.size {
+                self.encoder = Some(open_x264(size, decoded.format())?);
+                self.size = size;
+            }
+            let Some(encoder) = self.encoder.as_mut() else {
+                continue;
+            };
+            decoded.set_pts(Some(frame.pts_ms()));
+            decoded.set_kind(if frame.keyframe {
+                ff::picture::Type::I
+            } else {
+                ff::picture::Type::None
+            });
+            encoder.send_frame(&decoded)?;
+            let mut packet = ff::Packet::empty();
+            while encoder.receive_packet(&mut packet).is_ok() {
+                let Some(data) = packet.data() else { continue };
+                let (avcc, sps, pps) = annexb_to_avcc(data);
+                if let (Some(sps), Some(pps)) = (sps, pps) {
+                    let record =
+                        Bytes::from(crate::webrtc::assemble::decoder_config_record(&sps, &pps));
+                    if self.output.as_ref().is_none_or(|o| o.record != record) {
+                        self.output = Some(VideoConfig {
+                            codec: Codec::H264,
+                            record,
+                            width: size.0,
+                            height: size.1,
+                        });
+                    }
+                }
+                if self.output.is_none() || avcc.is_empty() {
+                    continue;
+                }
+                let pts = packet.pts().unwrap_or(frame.pts_ms());
+                out.push(Frame {
+                    codec: Codec::H264,
+                    dts: pts,
+                    pts,
+                    timebase: Timebase::MILLIS,
+                    keyframe: packet.is_key(),
+                    payload: Bytes::from(avcc),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn open_x264(
+    (width, height): (u32, u32),
+    format: ff::format::Pixel,
+) -> Result<ff::encoder::Video, TranscodeError> {
+    if format != ff::format::Pixel::YUV420P {
+        return Err(TranscodeError::Ffmpeg(ff::Error::InvalidData));
+    }
+    let codec =
+        ff::encoder::find_by_name("libx264").ok_or(TranscodeError::MissingCodec("libx264"))?;
+    let mut enc = Context::new_with_codec(codec).encoder().video()?;
+    enc.set_width(width);
+    enc.set_height(height);
+    enc.set_format(format);
+    enc.set_time_base((1, 1000));
+    enc.set_max_b_frames(0);
+    enc.set_gop(250);
+    enc.set_bit_rate((width as usize * height as usize * 4).clamp(500_000, 8_000_000));
+    let mut opts = ff::Dictionary::new();
+    opts.set("preset", "veryfast");
+    opts.set("tune", "zerolatency");
+    opts.set("forced-idr", "1");
+    Ok(enc.open_as_with(codec, opts)?)
+}
+
+/// Splits an Annex B access unit into AVCC (parameter sets excluded) and its SPS/PPS.
+fn annexb_to_avcc(data: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>) {
+    let mut avcc = Vec::with_capacity(data.len());
+    let (mut sps, mut pps) = (None, None);
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    for (k, &start) in starts.iter().enumerate() {
+        let mut end = starts.get(k + 1).map_or(data.len(), |n| n - 3);
+        while end > start && data[end - 1] == 0 {
+            end -= 1; // the zero of a 4-byte start code, or trailing zeros
+        }
+        let nal = &data[start..end];
+        match nal.first().map(|b| b & 0x1f) {
+            Some(7) => sps = Some(nal.to_vec()),
+            Some(8) => pps = Some(nal.to_vec()),
+            Some(9) | None => {}
+            Some(_) => {
+                avcc.extend_from_slice(&(nal.len() as u32).to_be_bytes());
+                avcc.extend_from_slice(nal);
+            }
+        }
+    }
+    (avcc, sps, pps)
+}
+
 /// A raw AAC frame with an ADTS header in front (so the decoder needs no extradata).
 fn with_adts(cfg: &aac::AacConfig, raw: &[u8]) -> Vec<u8> {
     const RATES: [u32; 13] = [
@@ -382,6 +540,20 @@ mod tests {
             (700..=1100).contains(&spread),
             "AAC output spans {spread} ms"
         );
+    }
+
+    #[test]
+    fn annexb_splits_into_avcc_and_parameter_sets() {
+        let au = [
+            &[0, 0, 0, 1, 0x67, 1, 2][..],
+            &[0, 0, 1, 0x68, 3][..],
+            &[0, 0, 0, 1, 0x65, 9, 9, 9][..],
+        ]
+        .concat();
+        let (avcc, sps, pps) = annexb_to_avcc(&au);
+        assert_eq!(sps.unwrap(), [0x67, 1, 2]);
+        assert_eq!(pps.unwrap(), [0x68, 3]);
+        assert_eq!(avcc, [0, 0, 0, 4, 0x65, 9, 9, 9]);
     }
 
     #[test]

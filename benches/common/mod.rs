@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../../tests/common/nginx.rs"]
+pub mod nginx;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

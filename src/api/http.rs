@@ -36,6 +36,7 @@ pub struct AppState {
     pub node: NodeInfo,
     pub backbone: Option<Arc<Backbone>>,
     pub webrtc: Option<Arc<crate::webrtc::WebRtc>>,
+    pub egress: Arc<crate::egress::Egress>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -46,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/node", get(node))
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/links", get(links))
+        .route("/api/v1/egress", get(egress_list).post(egress_create))
+        .route("/api/v1/egress/{id}", get(egress_get).delete(egress_delete))
         .route(
             "/whep/{namespace}/{stream}",
             post(whep_post).options(preflight),
@@ -106,6 +109,56 @@ async fn streams(State(s): State<AppState>) -> impl IntoResponse {
 async fn links(State(s): State<AppState>) -> impl IntoResponse {
     let links = s.backbone.as_ref().map(|b| b.links()).unwrap_or_default();
     Json(serde_json::json!({ "links": links }))
+}
+
+async fn egress_list(State(s): State<AppState>) -> impl IntoResponse {
+    Json(serde_json::json!({ "egress": s.egress.list() }))
+}
+
+/// `POST /api/v1/egress` with `{stream, kind, url | format, template, ...}`: 201 with the
+/// new egress (and its `Location`), or 400 listing every invalid field.
+async fn egress_create(State(s): State<AppState>, body: axum::body::Bytes) -> Response {
+    let req: crate::egress::EgressRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": format!("invalid JSON: {e}") })),
+            )
+                .into_response()
+        }
+    };
+    match s.egress.create(&req) {
+        Ok(status) => {
+            let location = format!("/api/v1/egress/{}", status.id);
+            (
+                StatusCode::CREATED,
+                [(header::LOCATION, location)],
+                Json(status),
+            )
+                .into_response()
+        }
+        Err(crate::egress::EgressError::Invalid(errors)) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": "invalid egress request", "fields": errors })),
+        )
+            .into_response(),
+    }
+}
+
+async fn egress_get(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match s.egress.get(&id) {
+        Some(status) => Json(status).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no egress {id}")),
+    }
+}
+
+/// Stops the egress (its file finished, its publish ended) and returns its final status.
+async fn egress_delete(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match s.egress.stop(&id).await {
+        Some(status) => Json(status).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no egress {id}")),
+    }
 }
 
 fn error(status: StatusCode, msg: String) -> Response {

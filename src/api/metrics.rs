@@ -65,6 +65,10 @@ pub struct Metrics {
     pub backbone_groups_sent: Counter,
     pub backbone_groups_received: Counter,
     pub backbone_groups_dropped: Counter,
+    pub egress_active: Gauge,
+    pub egress_bytes: Counter,
+    pub egress_reconnects: Counter,
+    pub egress_dropped_frames: Counter,
 }
 
 impl Default for Metrics {
@@ -92,6 +96,10 @@ impl Metrics {
             backbone_groups_sent: Counter::default(),
             backbone_groups_received: Counter::default(),
             backbone_groups_dropped: Counter::default(),
+            egress_active: Gauge::default(),
+            egress_bytes: Counter::default(),
+            egress_reconnects: Counter::default(),
+            egress_dropped_frames: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -160,6 +168,26 @@ impl Metrics {
             "backbone_groups_dropped",
             "Stale groups skipped by a receiver",
             m.backbone_groups_dropped.clone(),
+        );
+        registry.register(
+            "egress_active",
+            "Egresses (RTMP pushes and recordings) running",
+            m.egress_active.clone(),
+        );
+        registry.register(
+            "egress_bytes",
+            "Bytes written by egresses to destinations and files",
+            m.egress_bytes.clone(),
+        );
+        registry.register(
+            "egress_reconnects",
+            "Times an egress destination failed and was retried",
+            m.egress_reconnects.clone(),
+        );
+        registry.register(
+            "egress_dropped_frames",
+            "Frames an egress dropped because its destination fell behind",
+            m.egress_dropped_frames.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -1,4 +1,5 @@
-//! A minimal RTMP player, for tests and the load generator: connects, asks to play, then
+//! RTMP client side: the connection start shared by playing and publishing ([`ClientConn`],
+//! used by RTMP egress), and a minimal player for tests and the load generator: connects, asks to play, then
 //! either parses the media (counting frames) or only counts bytes (cheap enough to run
 //! a thousand at once next to the server), or stops reading to simulate a stalled viewer.
 
@@ -52,34 +53,21 @@ fn rtmp<E: std::fmt::Debug>(e: E) -> PlayError {
     PlayError::Rtmp(format!("{e:?}"))
 }
 
-impl Player {
-    /// Connects to `addr` and plays `app/stream`.
-    pub async fn connect(addr: &str, app: &str, stream: &str) -> Result<Player, PlayError> {
-        Self::connect_with_buffer(addr, app, stream, None).await
-    }
+/// An RTMP client connection whose `connect` was accepted: the common start of playing and
+/// publishing.
+pub struct ClientConn {
+    pub socket: TcpStream,
+    pub session: ClientSession,
+}
 
-    /// Like [`connect`](Self::connect), with the socket's receive buffer set first (a small
-    /// one makes a stalled player fill up quickly).
-    pub async fn connect_with_buffer(
+impl ClientConn {
+    /// Connects to `addr` (`host:port`), handshakes and connects to application `app`.
+    pub async fn connect(
         addr: &str,
         app: &str,
-        stream: &str,
+        tc_url: Option<String>,
         recv_buffer: Option<u32>,
-    ) -> Result<Player, PlayError> {
-        tokio::time::timeout(
-            Duration::from_secs(15),
-            Self::connect_inner(addr, app, stream, recv_buffer),
-        )
-        .await
-        .map_err(|_| PlayError::Timeout)?
-    }
-
-    async fn connect_inner(
-        addr: &str,
-        app: &str,
-        stream: &str,
-        recv_buffer: Option<u32>,
-    ) -> Result<Player, PlayError> {
+    ) -> Result<ClientConn, PlayError> {
         let addr: std::net::SocketAddr = tokio::net::lookup_host(addr)
             .await?
             .next()
@@ -117,63 +105,125 @@ impl Player {
                 }
             }
         };
-        let (mut session, initial) =
-            ClientSession::new(ClientSessionConfig::new()).map_err(rtmp)?;
+        let mut config = ClientSessionConfig::new();
+        config.tc_url = tc_url;
+        let (session, initial) = ClientSession::new(config).map_err(rtmp)?;
+        let mut conn = ClientConn { socket, session };
         let mut out = Vec::new();
         collect(&initial, &mut out);
-        let r = session.request_connection(app.to_string()).map_err(rtmp)?;
+        let r = conn
+            .session
+            .request_connection(app.to_string())
+            .map_err(rtmp)?;
         collect(std::slice::from_ref(&r), &mut out);
-        socket.write_all(&out).await?;
-        let mut input = remaining;
-        let mut requested_play = false;
+        conn.socket.write_all(&out).await?;
+        conn.until(remaining, |ev| match ev {
+            ClientSessionEvent::ConnectionRequestAccepted => Some(Ok(())),
+            ClientSessionEvent::ConnectionRequestRejected { description } => {
+                Some(Err(PlayError::Refused(description.clone())))
+            }
+            _ => None,
+        })
+        .await?;
+        Ok(conn)
+    }
+
+    /// Sends one session result's bytes.
+    pub async fn send(
+        &mut self,
+        r: Result<ClientSessionResult, rml_rtmp::sessions::ClientSessionError>,
+    ) -> Result<(), PlayError> {
+        let r = r.map_err(rtmp)?;
+        let mut out = Vec::new();
+        collect(std::slice::from_ref(&r), &mut out);
+        self.socket.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Feeds `input`, then what the server sends, to the session (answering what it asks)
+    /// until `want` decides on a raised event.
+    pub async fn until<T>(
+        &mut self,
+        mut input: Vec<u8>,
+        mut want: impl FnMut(&ClientSessionEvent) -> Option<Result<T, PlayError>>,
+    ) -> Result<T, PlayError> {
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             if !input.is_empty() {
-                let results = session.handle_input(&input).map_err(rtmp)?;
+                let results = self.session.handle_input(&input).map_err(rtmp)?;
                 input.clear();
                 let mut out = Vec::new();
                 collect(&results, &mut out);
+                if !out.is_empty() {
+                    self.socket.write_all(&out).await?;
+                }
                 for r in &results {
                     if let ClientSessionResult::RaisedEvent(ev) = r {
-                        match ev {
-                            ClientSessionEvent::ConnectionRequestAccepted if !requested_play => {
-                                requested_play = true;
-                                let r =
-                                    session.request_playback(stream.to_string()).map_err(rtmp)?;
-                                collect(std::slice::from_ref(&r), &mut out);
-                            }
-                            ClientSessionEvent::ConnectionRequestRejected { description } => {
-                                return Err(PlayError::Refused(description.clone()))
-                            }
-                            ClientSessionEvent::PlaybackRequestAccepted => {
-                                socket.write_all(&out).await?;
-                                return Ok(Player {
-                                    socket,
-                                    session,
-                                    pending: Vec::new(),
-                                });
-                            }
-                            ClientSessionEvent::UnhandleableAmf0Command {
-                                command_name,
-                                additional_values,
-                                ..
-                            } if command_name == "onStatus" => {
-                                let text = format!("{additional_values:?}");
-                                if text.contains("StreamNotFound") || text.contains("error") {
-                                    return Err(PlayError::Refused(text));
-                                }
-                            }
-                            _ => {}
+                        if let Some(decided) = want(ev) {
+                            return decided;
                         }
                     }
                 }
-                socket.write_all(&out).await?;
             }
-            let n = socket.read(&mut buf).await?;
+            let n = self.socket.read(&mut buf).await?;
             if n == 0 {
                 return Err(PlayError::Refused("server closed the connection".into()));
             }
             input.extend_from_slice(&buf[..n]);
         }
+    }
+}
+
+impl Player {
+    /// Connects to `addr` and plays `app/stream`.
+    pub async fn connect(addr: &str, app: &str, stream: &str) -> Result<Player, PlayError> {
+        Self::connect_with_buffer(addr, app, stream, None).await
+    }
+
+    /// Like [`connect`](Self::connect), with the socket's receive buffer set first (a small
+    /// one makes a stalled player fill up quickly).
+    pub async fn connect_with_buffer(
+        addr: &str,
+        app: &str,
+        stream: &str,
+        recv_buffer: Option<u32>,
+    ) -> Result<Player, PlayError> {
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            Self::connect_inner(addr, app, stream, recv_buffer),
+        )
+        .await
+        .map_err(|_| PlayError::Timeout)?
+    }
+
+    async fn connect_inner(
+        addr: &str,
+        app: &str,
+        stream: &str,
+        recv_buffer: Option<u32>,
+    ) -> Result<Player, PlayError> {
+        let mut conn = ClientConn::connect(addr, app, None, recv_buffer).await?;
+        let r = conn.session.request_playback(stream.to_string());
+        conn.send(r).await?;
+        conn.until(Vec::new(), |ev| match ev {
+            ClientSessionEvent::PlaybackRequestAccepted => Some(Ok(())),
+            ClientSessionEvent::UnhandleableAmf0Command {
+                command_name,
+                additional_values,
+                ..
+            } if command_name == "onStatus" => {
+                let text = format!("{additional_values:?}");
+                (text.contains("StreamNotFound") || text.contains("error"))
+                    .then_some(Err(PlayError::Refused(text)))
+            }
+            _ => None,
+        })
+        .await?;
+        Ok(Player {
+            socket: conn.socket,
+            session: conn.session,
+            pending: Vec::new(),
+        })
     }
 
     /// Receives for `duration` (or until the server closes).
@@ -260,7 +310,7 @@ impl Player {
     }
 }
 
-fn collect(results: &[ClientSessionResult], out: &mut Vec<u8>) {
+pub fn collect(results: &[ClientSessionResult], out: &mut Vec<u8>) {
     for r in results {
         if let ClientSessionResult::OutboundResponse(p) = r {
             out.extend_from_slice(&p.bytes);

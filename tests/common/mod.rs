@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod nginx;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
@@ -267,6 +269,10 @@ pub struct PublishOpts {
     pub seconds: u32,
     pub gop: u32,
     pub bframes: u32,
+    /// Instead of the test pattern: black 320x240 video with one white frame at the start of
+    /// every second and silence with a 1 kHz beep starting at the same instant, so A/V sync
+    /// can be measured on the decoded output ([`av_offsets`]).
+    pub sync_marks: bool,
 }
 
 impl Default for PublishOpts {
@@ -275,16 +281,30 @@ impl Default for PublishOpts {
             seconds: 30,
             gop: 30,
             bframes: 2,
+            sync_marks: false,
         }
     }
 }
 
+/// lavfi sources for [`PublishOpts::sync_marks`].
+const FLASH_VIDEO: &str =
+    "color=c=black:s=320x240:r=30,drawbox=color=white:t=fill:enable='lt(mod(t,1),0.02)'";
+const BEEP_AUDIO: &str = "aevalsrc=exprs='if(lt(mod(t,1),0.1),0.5*sin(2*PI*1000*t),0)':s=44100";
+
 impl Publisher {
     pub fn start(url: &str, opts: PublishOpts) -> Publisher {
+        let (video, audio) = if opts.sync_marks {
+            (FLASH_VIDEO, BEEP_AUDIO)
+        } else {
+            (
+                "testsrc2=size=640x360:rate=30",
+                "sine=frequency=440:sample_rate=44100",
+            )
+        };
         let child = Command::new("ffmpeg")
             .args(["-hide_banner", "-loglevel", "error", "-re"])
-            .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
-            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+            .args(["-f", "lavfi", "-i", video])
+            .args(["-f", "lavfi", "-i", audio])
             .args(["-t", &opts.seconds.to_string()])
             .args([
                 "-c:v",
@@ -456,13 +476,72 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// For each flash in the [`PublishOpts::sync_marks`] stream at `input` (a URL or file), read
+/// for `seconds`: when its beep starts minus when the flash is shown, in seconds, from the
+/// decoded pictures and samples (FFmpeg's `blackframe` on the negated video and
+/// `silencedetect`). Equal offsets in input and output mean A/V sync was kept.
+pub fn av_offsets(input: &str, seconds: u32) -> Vec<f64> {
+    let out = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-nostats",
+            "-rw_timeout",
+            "15000000",
+            "-i",
+            input,
+        ])
+        .args(["-t", &seconds.to_string()])
+        .args(["-vf", "negate,blackframe=amount=90:threshold=64"])
+        .args(["-af", "silencedetect=noise=-30dB:duration=0.3"])
+        .args(["-f", "null", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ffmpeg is installed");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let field = |line: &str, key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let flashes: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("Parsed_blackframe"))
+        .filter_map(|l| field(l, " t:"))
+        .collect();
+    let beeps: Vec<f64> = log
+        .lines()
+        .filter_map(|l| field(l, "silence_end: "))
+        .collect();
+    flashes
+        .iter()
+        .filter_map(|f| {
+            beeps
+                .iter()
+                .map(|b| b - f)
+                .filter(|d| d.abs() < 0.4)
+                .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+        })
+        .collect()
+}
+
 /// A tiny HTTP/1.1 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, None)
+}
+
+/// A tiny HTTP/1.1 request with an optional JSON body: (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = json.unwrap_or("");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
