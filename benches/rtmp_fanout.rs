@@ -14,7 +14,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::{build_meshcast, free_port, viewers_from_env, wait_port, window_from_env};
@@ -32,7 +32,7 @@ fn main() {
         .collect();
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rtmp_fanout");
     std::fs::create_dir_all(&work).unwrap();
-    let source = make_source(&work);
+    let source = common::encoded_source(&work, "1920x1080", BITRATE_KBPS);
     let meshcast_bin = build_meshcast();
 
     println!(
@@ -97,21 +97,7 @@ struct RunResult {
 
 fn run(server: &mut Server, source: &Path, viewers: usize, window: Duration) -> RunResult {
     let url = format!("rtmp://127.0.0.1:{}/live/bench", server.port);
-    let mut publisher = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-stream_loop",
-            "-1",
-            "-i",
-        ])
-        .arg(source)
-        .args(["-c", "copy", "-f", "flv", &url])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("ffmpeg");
+    let mut publisher = common::loop_publisher(source, &url);
     std::thread::sleep(Duration::from_secs(3));
     let rss_idle = server.rss_kb();
 
@@ -181,29 +167,6 @@ fn run(server: &mut Server, source: &Path, viewers: usize, window: Duration) -> 
 }
 
 /// Encodes the publish source once: 30 s of 1080p30 at a constrained bitrate, 2 s GOP.
-fn make_source(work: &Path) -> PathBuf {
-    let path = work.join(format!("source-1080p-{BITRATE_KBPS}k.flv"));
-    if path.exists() {
-        return path;
-    }
-    eprintln!("encoding the benchmark source (once)...");
-    let rate = format!("{BITRATE_KBPS}k");
-    let status = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y"])
-        .args(["-f", "lavfi", "-i", "testsrc2=size=1920x1080:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
-        .args([
-            "-t", "30", "-c:v", "libx264", "-preset", "veryfast", "-g", "60",
-        ])
-        .args(["-b:v", &rate, "-maxrate", &rate, "-bufsize", &rate])
-        .args(["-c:a", "aac", "-b:a", "128k", "-f", "flv"])
-        .arg(&path)
-        .status()
-        .expect("ffmpeg");
-    assert!(status.success());
-    path
-}
-
 struct Server {
     children: Vec<Child>,
     port: u16,
@@ -219,21 +182,13 @@ impl Server {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(200);
-        std::fs::write(
+        let child = common::start_meshcast(
+            bin,
             &config,
-            format!(
+            &format!(
                 "[node]\nid = \"bench\"\n[rtmp]\nlisten = \"127.0.0.1:{port}\"\nmerged_write_ms = {mw}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[backbone]\nlisten = \"off\"\n[webrtc]\nlisten = \"off\"\n[limits]\nmax_rtmp_connections = 5000\n"
             ),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        );
         wait_port(port);
         Server {
             children: vec![child],

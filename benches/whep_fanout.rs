@@ -13,7 +13,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{
     build_meshcast, cpu_seconds, free_port, rss_kb, viewers_from_env, wait_port, window_from_env,
@@ -61,45 +61,17 @@ fn run(bin: &Path, work: &Path, source: &Path, n: usize, window: Duration) -> Ru
     let http = free_port();
     let udp = free_port();
     let config = work.join("meshcast.toml");
-    std::fs::write(
+    let mut server = common::start_meshcast(
+        bin,
         &config,
-        format!(
+        &format!(
             "[node]\nid = \"bench\"\n[rtmp]\nlisten = \"127.0.0.1:{rtmp}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[webrtc]\nlisten = \"127.0.0.1:{udp}\"\n[backbone]\nlisten = \"off\"\n"
         ),
-    )
-    .unwrap();
-    let mut server = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .envs(std::env::var("SERVER_MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    );
     let pid = server.id();
     wait_port(http);
-    let mut publisher = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-stream_loop",
-            "-1",
-            "-i",
-        ])
-        .arg(source)
-        .args([
-            "-c",
-            "copy",
-            "-f",
-            "flv",
-            &format!("rtmp://127.0.0.1:{rtmp}/live/bench"),
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut publisher =
+        common::loop_publisher(source, &format!("rtmp://127.0.0.1:{rtmp}/live/bench"));
     std::thread::sleep(Duration::from_secs(3));
     let rss0 = rss_kb(pid);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -385,3 +385,49 @@ fn egress_requests_are_validated_and_paths_confined() {
     assert!(err.contains("egress[0].template"), "{err}");
     assert!(err.contains("egress[1].url"), "{err}");
 }
+
+#[test]
+fn an_edge_records_a_stream_it_pulls_and_new_segment_splits_at_a_reconnect() {
+    let origin = NodeProc::start(NodeSpec::origin("o1"));
+    let edge = NodeProc::start(NodeSpec {
+        extra: "\n[recording]\nroot = \"rec\"\n".into(),
+        ..NodeSpec::edge("e1", vec![origin.quic])
+    });
+    edge.wait_for_link_count(1);
+    // The egress is created before the stream exists: it waits, then pulls it from upstream.
+    let (status, e) = post_egress(
+        &edge,
+        json!({"stream": "live/far", "kind": "record", "on_reconnect": "new_segment"}),
+    );
+    assert_eq!(status, 201, "{e}");
+    assert_eq!(e["state"], "waiting");
+    let id = e["id"].as_str().unwrap().to_string();
+    let opts = || PublishOpts {
+        seconds: 5,
+        ..Default::default()
+    };
+    let first = publish_and_wait(&origin.rtmp_url("far"), &origin, "far", opts());
+    wait_until(Duration::from_secs(15), "edge recording", || {
+        egress(&edge, &id)["state"] == "live"
+    });
+    assert!(edge
+        .stream("far")
+        .is_some_and(|s| s["source"]["kind"] == "relay"));
+    assert!(first.wait(Duration::from_secs(20)).0);
+    std::thread::sleep(Duration::from_secs(1));
+    let second = publish_and_wait(&origin.rtmp_url("far"), &origin, "far", opts());
+    assert!(second.wait(Duration::from_secs(20)).0);
+    wait_until(Duration::from_secs(10), "two files", || {
+        egress(&edge, &id)["files"].as_array().unwrap().len() == 2
+    });
+    let status = delete_egress(&edge, &id);
+    assert_eq!(status["publisher_reconnects"], 1, "{status}");
+    for f in status["files"].as_array().unwrap() {
+        let path = edge.dir.join("rec").join(f.as_str().unwrap());
+        let (streams, format) = probe_file(&path);
+        assert_eq!(codec_of(&streams, "video"), "h264");
+        assert_eq!(codec_of(&streams, "audio"), "aac");
+        let d = duration(&format);
+        assert!((2.5..=6.0).contains(&d), "{}: {d} s", path.display());
+    }
+}

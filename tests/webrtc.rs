@@ -542,3 +542,106 @@ async fn announced_addresses_and_ice_servers_reach_the_client() {
     assert!(stats.connected && stats.video_packets > 30, "{stats:?}");
     assert!(node.log().contains(&format!("0.0.0.0:{udp}")));
 }
+
+/// `POST /api/v1/egress`; returns the new egress id.
+fn start_egress(node: &NodeProc, body: serde_json::Value) -> String {
+    let (status, text) =
+        http_request(node.http, "POST", "/api/v1/egress", Some(&body.to_string())).unwrap();
+    assert_eq!(status, 201, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn egress_status(node: &NodeProc, id: &str) -> serde_json::Value {
+    let (_, text) = http_get(node.http, &format!("/api/v1/egress/{id}")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Decodes `seconds` of `url`'s audio to PCM; returns the number of samples per channel.
+fn decoded_audio_samples(url: &str, seconds: u32) -> usize {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-rw_timeout", "15000000", "-i", url])
+        .args(["-t", &seconds.to_string(), "-map", "0:a"])
+        .args(["-ac", "1", "-ar", "48000", "-f", "s16le", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout.len() / 2
+}
+
+#[test]
+fn whip_streams_push_to_nginx_with_aac_and_vp8_only_when_asked() {
+    if !in_private_network("whip_streams_push_to_nginx_with_aac_and_vp8_only_when_asked") {
+        return;
+    }
+    let nginx = common::nginx::Nginx::start(&temp_dir("nginx"), free_port());
+    let node = webrtc_node();
+
+    // H.264 + Opus from Chromium, pushed to nginx-rtmp: audio bridged to AAC, video remuxed.
+    let whip = format!("http://{}/whip/live/meet", node.http);
+    let (port, results) = serve_page(whip_publisher_page(&whip, "video/H264"));
+    let _h264 = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let r = results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", node.log()));
+    assert!(r.contains("location"), "{r}");
+    wait_until(Duration::from_secs(20), "WHIP stream with Opus", || {
+        node.stream("meet")
+            .is_some_and(|s| s["audio"]["codec"] == "opus" && s["video"]["codec"] == "h264")
+    });
+    let push = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/meet", "kind": "rtmp", "url": nginx.url("meet")}),
+    );
+    wait_until(Duration::from_secs(15), "push live", || {
+        egress_status(&node, &push)["state"] == "live"
+    });
+    let probe = ffprobe(&nginx.url("meet"), 4);
+    assert_eq!(probe.stream_of("video").unwrap()["codec_name"], "h264");
+    assert_eq!(probe.stream_of("audio").unwrap()["codec_name"], "aac");
+    assert!(probe.packets_of("video").len() > 40, "{:?}", probe.streams);
+    // The AAC decodes: about 3 s of samples from 3 s read.
+    let samples = decoded_audio_samples(&nginx.url("meet"), 3);
+    assert!(samples > 48_000 * 2, "{samples} samples decoded");
+    // Transcoded once on this node, in the shared bridge stream.
+    assert!(node.stream("meet~aac").is_some(), "{:?}", node.streams());
+
+    // VP8: refused for RTMP with the reason, unless the egress asks for transcoding.
+    let whip = format!("http://{}/whip/live/vp8", node.http);
+    let (port, results) = serve_page(whip_publisher_page(&whip, "video/VP8"));
+    let _vp8 = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let r = results.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(r.contains("location"), "{r}");
+    wait_until(Duration::from_secs(20), "VP8 stream live", || {
+        node.stream("vp8")
+            .is_some_and(|s| s["video"]["codec"] == "vp8")
+    });
+    let refused = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/vp8", "kind": "rtmp", "url": nginx.url("vp8-plain")}),
+    );
+    wait_until(Duration::from_secs(10), "refused", || {
+        egress_status(&node, &refused)["state"] == "refused"
+    });
+    let e = egress_status(&node, &refused);
+    assert!(e["last_error"].as_str().unwrap().contains("Vp8"), "{e}");
+    let transcoded = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/vp8", "kind": "rtmp", "url": nginx.url("vp8"),
+                           "transcode_video": true}),
+    );
+    wait_until(Duration::from_secs(20), "transcoded push live", || {
+        egress_status(&node, &transcoded)["state"] == "live"
+    });
+    let probe = ffprobe(&nginx.url("vp8"), 4);
+    let v = probe.stream_of("video").unwrap();
+    assert_eq!(v["codec_name"], "h264");
+    assert_eq!(v["width"], 640, "{v}");
+    assert_eq!(probe.stream_of("audio").unwrap()["codec_name"], "aac");
+    assert!(probe.packets_of("video").len() > 40);
+    probe.assert_timestamps_sane();
+}

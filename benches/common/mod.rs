@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../../tests/common/http.rs"]
+pub mod http;
 #[path = "../../tests/common/nginx.rs"]
 pub mod nginx;
 
@@ -89,4 +91,68 @@ pub fn window_from_env(default_secs: u64) -> Duration {
             .and_then(|s| s.parse().ok())
             .unwrap_or(default_secs),
     )
+}
+
+/// A 30 s H.264 (`size`, `kbps`, GOP 2 s) + AAC FLV file, encoded once per work directory.
+pub fn encoded_source(work: &Path, size: &str, kbps: u32) -> PathBuf {
+    let path = work.join(format!("source-{size}-{kbps}k.flv"));
+    if path.exists() {
+        return path;
+    }
+    eprintln!("encoding the benchmark source (once)...");
+    let rate = format!("{kbps}k");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("testsrc2=size={size}:rate=30"),
+        ])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args([
+            "-t", "30", "-c:v", "libx264", "-preset", "veryfast", "-g", "60",
+        ])
+        .args(["-b:v", &rate, "-maxrate", &rate, "-bufsize", &rate])
+        .args(["-c:a", "aac", "-b:a", "128k", "-f", "flv"])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg");
+    assert!(status.success());
+    path
+}
+
+/// Publishes `source` to `url` in real time, looping, without re-encoding (it costs the
+/// publisher almost nothing).
+pub fn loop_publisher(source: &Path, url: &str) -> std::process::Child {
+    std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-stream_loop",
+            "-1",
+            "-i",
+        ])
+        .arg(source)
+        .args(["-c", "copy", "-f", "flv", url])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("ffmpeg")
+}
+
+/// Writes `config` to `path` and runs `bin` on it (logging warnings only). The benchmark's
+/// `SERVER_MALLOC_ARENA_MAX`, if set, is passed to the server as `MALLOC_ARENA_MAX`.
+pub fn start_meshcast(bin: &Path, path: &Path, config: &str) -> std::process::Child {
+    std::fs::write(path, config).unwrap();
+    std::process::Command::new(bin)
+        .args(["run", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "warn")
+        .envs(std::env::var("SERVER_MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
 }
