@@ -202,10 +202,14 @@ fn push_to_nginx_keeps_codecs_and_sync_while_a_dead_destination_retries() {
 #[test]
 fn fragmented_mp4_rotates_and_stays_playable_after_sigkill() {
     let root = temp_dir("rec");
+    let nginx = Nginx::start(&temp_dir("nginx"), free_port());
+    // Three rules for every stream of `live`: fMP4 cut by time, Matroska cut by size, and a
+    // push to nginx-rtmp under the same name.
     let spec = NodeSpec {
         extra: format!(
-            "\n[recording]\nroot = \"{}\"\n\n[[egress]]\nstream = \"live/*\"\nkind = \"record\"\nsegment_seconds = 3\ntemplate = \"{{ns}}/{{stream}}/{{seq}}.{{ext}}\"\n",
-            root.display()
+            "\n[recording]\nroot = \"{}\"\n\n[[egress]]\nstream = \"live/*\"\nkind = \"record\"\nsegment_seconds = 3\ntemplate = \"{{ns}}/{{stream}}/{{seq}}.{{ext}}\"\n\n[[egress]]\nstream = \"live/*\"\nkind = \"record\"\nformat = \"mkv\"\nsegment_mb = 1\ntemplate = \"{{ns}}/{{stream}}-by-size/{{seq}}.{{ext}}\"\n\n[[egress]]\nstream = \"live/*\"\nkind = \"rtmp\"\nurl = \"rtmp://127.0.0.1:{}/live/{{stream}}\"\n",
+            root.display(),
+            nginx.port
         ),
         ..NodeSpec::standalone()
     };
@@ -219,13 +223,35 @@ fn fragmented_mp4_rotates_and_stays_playable_after_sigkill() {
             ..Default::default()
         },
     );
-    wait_until(Duration::from_secs(20), "three files written", || {
-        files_under(&root.join("live/cam")).len() >= 3
-    });
+    // The push rule: nginx-rtmp has the stream under its name.
+    let probe = ffprobe(&nginx.url("cam"), 2);
+    assert_eq!(probe.stream_of("video").unwrap()["codec_name"], "h264");
+    assert_eq!(probe.stream_of("audio").unwrap()["codec_name"], "aac");
+    wait_until(
+        Duration::from_secs(25),
+        "files cut by time and by size",
+        || {
+            files_under(&root.join("live/cam")).len() >= 3
+                && files_under(&root.join("live/cam-by-size")).len() >= 2
+        },
+    );
     std::thread::sleep(Duration::from_millis(1500));
     node.signal("KILL");
     let _ = node.child.wait();
 
+    // Size rotation: every finished Matroska file is a little over 1 MiB (cut at the first
+    // keyframe after it; GOP 1 s).
+    let by_size = files_under(&root.join("live/cam-by-size"));
+    for f in &by_size[..by_size.len() - 1] {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(
+            (1 << 20..3 << 20).contains(&len),
+            "{}: {len} bytes",
+            f.display()
+        );
+        let (streams, _) = probe_file(f);
+        assert_eq!(codec_of(&streams, "video"), "h264");
+    }
     let files = files_under(&root.join("live/cam"));
     assert!(files.len() >= 3, "{files:?}");
     for (i, f) in files.iter().enumerate() {

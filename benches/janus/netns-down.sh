@@ -1,0 +1,3 @@
+#!/bin/bash
+NS=${NS:-mcbench}
+ip netns del $NS   # also deletes the veth pair living inside it
