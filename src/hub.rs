@@ -739,12 +739,7 @@ impl Subscription {
     fn filter(&mut self, ev: StreamEvent) -> Option<StreamEvent> {
         if self.skipping {
             if let StreamEvent::Frame(p) = &ev {
-                let resumes = if self.has_video {
-                    p.frame.is_video_keyframe()
-                } else {
-                    p.frame.keyframe
-                };
-                if !resumes {
+                if !p.frame.resumes_at(self.has_video) {
                     return None;
                 }
                 self.skipping = false;

@@ -16,7 +16,7 @@ use ff::software::resampling;
 use ff::ChannelLayout;
 use ffmpeg_next as ff;
 
-use crate::media::{aac, AudioConfig, Codec, Frame, Timebase, VideoConfig};
+use crate::media::{aac, avc, AudioConfig, Codec, Frame, Timebase, VideoConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TranscodeError {
@@ -326,10 +326,10 @@ impl VideoTranscoder {
             let mut packet = ff::Packet::empty();
             while encoder.receive_packet(&mut packet).is_ok() {
                 let Some(data) = packet.data() else { continue };
-                let (avcc, sps, pps) = annexb_to_avcc(data);
+                let avc::AccessUnit { avcc, sps, pps, .. } =
+                    avc::access_unit(avc::annexb_nalus(data));
                 if let (Some(sps), Some(pps)) = (sps, pps) {
-                    let record =
-                        Bytes::from(crate::webrtc::assemble::decoder_config_record(&sps, &pps));
+                    let record = Bytes::from(avc::decoder_config_record(&sps, &pps));
                     if self.output.as_ref().is_none_or(|o| o.record != record) {
                         self.output = Some(VideoConfig {
                             codec: Codec::H264,
@@ -379,39 +379,6 @@ fn open_x264(
     opts.set("tune", "zerolatency");
     opts.set("forced-idr", "1");
     Ok(enc.open_as_with(codec, opts)?)
-}
-
-/// Splits an Annex B access unit into AVCC (parameter sets excluded) and its SPS/PPS.
-fn annexb_to_avcc(data: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>) {
-    let mut avcc = Vec::with_capacity(data.len());
-    let (mut sps, mut pps) = (None, None);
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while i + 3 <= data.len() {
-        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
-            starts.push(i + 3);
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    for (k, &start) in starts.iter().enumerate() {
-        let mut end = starts.get(k + 1).map_or(data.len(), |n| n - 3);
-        while end > start && data[end - 1] == 0 {
-            end -= 1; // the zero of a 4-byte start code, or trailing zeros
-        }
-        let nal = &data[start..end];
-        match nal.first().map(|b| b & 0x1f) {
-            Some(7) => sps = Some(nal.to_vec()),
-            Some(8) => pps = Some(nal.to_vec()),
-            Some(9) | None => {}
-            Some(_) => {
-                avcc.extend_from_slice(&(nal.len() as u32).to_be_bytes());
-                avcc.extend_from_slice(nal);
-            }
-        }
-    }
-    (avcc, sps, pps)
 }
 
 /// A raw AAC frame with an ADTS header in front (so the decoder needs no extradata).
@@ -540,20 +507,6 @@ mod tests {
             (700..=1100).contains(&spread),
             "AAC output spans {spread} ms"
         );
-    }
-
-    #[test]
-    fn annexb_splits_into_avcc_and_parameter_sets() {
-        let au = [
-            &[0, 0, 0, 1, 0x67, 1, 2][..],
-            &[0, 0, 1, 0x68, 3][..],
-            &[0, 0, 0, 1, 0x65, 9, 9, 9][..],
-        ]
-        .concat();
-        let (avcc, sps, pps) = annexb_to_avcc(&au);
-        assert_eq!(sps.unwrap(), [0x67, 1, 2]);
-        assert_eq!(pps.unwrap(), [0x68, 3]);
-        assert_eq!(avcc, [0, 0, 0, 4, 0x65, 9, 9, 9]);
     }
 
     #[test]

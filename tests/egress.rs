@@ -34,7 +34,7 @@ fn delete_egress(node: &NodeProc, id: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// ffprobe of a file: streams and per-stream packet timestamps (in seconds).
+/// ffprobe of a file: its streams and its format (duration...).
 fn probe_file(path: &Path) -> (Vec<Value>, Value) {
     let out = Command::new("ffprobe")
         .args([

@@ -210,6 +210,38 @@ async function report(obj) {{
     )
 }
 
+/// Chromium publishing camera + microphone (video as `video_mime`) over WHIP to
+/// `node`'s `live/{stream}`; returns the browser (publishing until dropped) and what the
+/// page reported once connected.
+fn whip_from_chromium(node: &NodeProc, stream: &str, video_mime: &str) -> (Browser, String) {
+    let whip = format!("http://{}/whip/live/{stream}", node.http);
+    let (port, results) = serve_page(whip_publisher_page(&whip, video_mime));
+    let browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let report = results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", node.log()));
+    (browser, report)
+}
+
+/// Chromium playing `node`'s `live/{stream}` over WHEP for `seconds`; returns the browser
+/// and what `getStats()` saw (logged as `{who} reported: ...`).
+fn whep_in_chromium(
+    node: &NodeProc,
+    stream: &str,
+    seconds: u32,
+    who: &str,
+) -> (Browser, serde_json::Value) {
+    let whep = format!("http://{}/whep/live/{stream}", node.http);
+    let (port, results) = serve_page(whep_player_page(&whep, seconds));
+    let browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let result = results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the {who} page reported nothing; node log:\n{}", node.log()));
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+    eprintln!("{who} reported: {v}");
+    (browser, v)
+}
+
 fn webrtc_node() -> NodeProc {
     NodeProc::start(NodeSpec::standalone())
 }
@@ -226,14 +258,7 @@ fn rtmp_publish_plays_in_chromium_over_whep() {
         ..Default::default()
     };
     let _p = publish_and_wait(&node.rtmp_url("web"), &node, "web", opts);
-    let whep = format!("http://{}/whep/live/web", node.http);
-    let (port, results) = serve_page(whep_player_page(&whep, 6));
-    let _browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
-    let result = results
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("the page reported nothing; node log:\n{}", node.log()));
-    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
-    eprintln!("chromium reported: {v}");
+    let (_browser, v) = whep_in_chromium(&node, "web", 6, "chromium");
     assert!(v["error"].is_null(), "page error: {v}");
     assert!(
         v["framesDecoded"].as_u64().unwrap_or(0) > 60,
@@ -321,12 +346,7 @@ fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
     let (a, b, edge) = start_two_origins_and_edge();
 
     // Browser 1 publishes camera + microphone to origin A.
-    let whip = format!("http://{}/whip/live/cam", a.http);
-    let (pub_port, pub_results) = serve_page(whip_publisher_page(&whip, "video/H264"));
-    let _publisher = Browser::open(&format!("http://127.0.0.1:{pub_port}/"));
-    let published = pub_results
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", a.log()));
+    let (_publisher, published) = whip_from_chromium(&a, "cam", "video/H264");
     let v: serde_json::Value = serde_json::from_str(&published).unwrap();
     assert!(v["error"].is_null(), "publisher error: {v}");
     assert!(v["location"]
@@ -343,14 +363,7 @@ fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
     assert_eq!(on_a["audio"]["codec"], "opus");
 
     // Browser 2 plays it from the edge of origin B.
-    let whep = format!("http://{}/whep/live/cam", edge.http);
-    let (view_port, view_results) = serve_page(whep_player_page(&whep, 6));
-    let _viewer = Browser::open(&format!("http://127.0.0.1:{view_port}/"));
-    let result = view_results
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("viewer page reported nothing; edge log:\n{}", edge.log()));
-    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
-    eprintln!("viewer reported: {v}");
+    let (_viewer, v) = whep_in_chromium(&edge, "cam", 6, "viewer");
     assert!(v["error"].is_null(), "viewer error: {v}");
     assert!(
         v["framesDecoded"].as_u64().unwrap_or(0) > 30,
@@ -405,14 +418,7 @@ fn whep_late_joiner_starts_from_the_cached_keyframe() {
     });
     // The viewer watches for 3 s, ending well before the publisher's next keyframe (t=10 s):
     // it can only decode anything by starting from the cached one.
-    let whep = format!("http://{}/whep/live/late", node.http);
-    let (port, results) = serve_page(whep_player_page(&whep, 3));
-    let _browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
-    let result = results
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("the page reported nothing; node log:\n{}", node.log()));
-    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
-    eprintln!("late joiner reported: {v}");
+    let (_browser, v) = whep_in_chromium(&node, "late", 3, "late joiner");
     assert!(v["error"].is_null(), "page error: {v}");
     assert!(v["keyFramesDecoded"].as_u64().unwrap_or(0) >= 1, "{v}");
     assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 30, "{v}");
@@ -459,26 +465,14 @@ fn vp8_from_chromium_plays_over_whep_and_is_refused_over_rtmp_and_flv() {
         return;
     }
     let node = webrtc_node();
-    let whip = format!("http://{}/whip/live/vp8", node.http);
-    let (pub_port, pub_results) = serve_page(whip_publisher_page(&whip, "video/VP8"));
-    let _publisher = Browser::open(&format!("http://127.0.0.1:{pub_port}/"));
-    let published = pub_results
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", node.log()));
+    let (_publisher, published) = whip_from_chromium(&node, "vp8", "video/VP8");
     assert!(published.contains("location"), "{published}");
     wait_until(Duration::from_secs(20), "VP8 stream live", || {
         node.stream("vp8")
             .is_some_and(|s| s["video"]["codec"] == "vp8")
     });
 
-    let whep = format!("http://{}/whep/live/vp8", node.http);
-    let (view_port, view_results) = serve_page(whep_player_page(&whep, 5));
-    let _viewer = Browser::open(&format!("http://127.0.0.1:{view_port}/"));
-    let result = view_results
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("viewer reported nothing; log:\n{}", node.log()));
-    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
-    eprintln!("VP8 viewer reported: {v}");
+    let (_viewer, v) = whep_in_chromium(&node, "vp8", 5, "VP8 viewer");
     assert!(v["error"].is_null(), "{v}");
     assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 30, "{v}");
     assert!(v["audioPackets"].as_u64().unwrap_or(0) > 50, "{v}");
@@ -582,12 +576,7 @@ fn whip_streams_push_to_nginx_with_aac_and_vp8_only_when_asked() {
     let node = webrtc_node();
 
     // H.264 + Opus from Chromium, pushed to nginx-rtmp: audio bridged to AAC, video remuxed.
-    let whip = format!("http://{}/whip/live/meet", node.http);
-    let (port, results) = serve_page(whip_publisher_page(&whip, "video/H264"));
-    let _h264 = Browser::open(&format!("http://127.0.0.1:{port}/"));
-    let r = results
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", node.log()));
+    let (_h264, r) = whip_from_chromium(&node, "meet", "video/H264");
     assert!(r.contains("location"), "{r}");
     wait_until(Duration::from_secs(20), "WHIP stream with Opus", || {
         node.stream("meet")
@@ -611,10 +600,7 @@ fn whip_streams_push_to_nginx_with_aac_and_vp8_only_when_asked() {
     assert!(node.stream("meet~aac").is_some(), "{:?}", node.streams());
 
     // VP8: refused for RTMP with the reason, unless the egress asks for transcoding.
-    let whip = format!("http://{}/whip/live/vp8", node.http);
-    let (port, results) = serve_page(whip_publisher_page(&whip, "video/VP8"));
-    let _vp8 = Browser::open(&format!("http://127.0.0.1:{port}/"));
-    let r = results.recv_timeout(Duration::from_secs(60)).unwrap();
+    let (_vp8, r) = whip_from_chromium(&node, "vp8", "video/VP8");
     assert!(r.contains("location"), "{r}");
     wait_until(Duration::from_secs(20), "VP8 stream live", || {
         node.stream("vp8")

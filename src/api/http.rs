@@ -138,7 +138,7 @@ async fn egress_create(State(s): State<AppState>, body: axum::body::Bytes) -> Re
             )
                 .into_response()
         }
-        Err(crate::egress::EgressError::Invalid(errors)) => (
+        Err(errors) => (
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({ "error": "invalid egress request", "fields": errors })),
         )

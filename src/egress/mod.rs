@@ -134,13 +134,12 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    pub fn add_bytes(&self, n: u64) {
-        self.status.lock().bytes += n;
-        self.metrics.egress_bytes.inc_by(n);
-    }
-
-    pub fn add_frames(&self, n: u64) {
-        self.status.lock().frames += n;
+    /// Counts what a sink wrote.
+    pub fn sent(&self, bytes: u64, frames: u64) {
+        let mut s = self.status.lock();
+        s.bytes += bytes;
+        s.frames += frames;
+        self.metrics.egress_bytes.inc_by(bytes);
     }
 
     fn error(&self, e: &str) {
@@ -177,12 +176,6 @@ struct Entry {
     done: tokio::sync::watch::Receiver<bool>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum EgressError {
-    #[error("invalid request")]
-    Invalid(Vec<FieldError>),
-}
-
 /// Every egress of this node.
 pub struct Egress {
     hub: Arc<Hub>,
@@ -210,9 +203,9 @@ impl Egress {
         egress
     }
 
-    /// Starts an egress from an API request.
-    pub fn create(self: &Arc<Self>, req: &EgressRequest) -> Result<EgressStatus, EgressError> {
-        let spec = req.validate(false).map_err(EgressError::Invalid)?;
+    /// Starts an egress from an API request, or says which fields are invalid.
+    pub fn create(self: &Arc<Self>, req: &EgressRequest) -> Result<EgressStatus, Vec<FieldError>> {
+        let spec = req.validate(false)?;
         Ok(self.spawn(spec, "api"))
     }
 
@@ -325,11 +318,12 @@ impl Egress {
         let rules = self.settings.rules.clone();
         let mut running: HashMap<(usize, StreamKey), String> = HashMap::new();
         let mut start = |me: &Arc<Egress>, i: usize, key: &StreamKey| {
+            // Forget finished egresses; one still running means the publisher came back
+            // within its wait.
+            running.retain(|_, id| me.entries.lock().contains_key(id));
             let slot = (i, key.clone());
-            if let Some(id) = running.get(&slot) {
-                if me.entries.lock().contains_key(id) {
-                    return; // still running (the publisher came back within the wait)
-                }
+            if running.contains_key(&slot) {
+                return;
             }
             let status = me.spawn(rules[i].for_stream(key), "config");
             running.insert(slot, status.id);
@@ -627,36 +621,34 @@ impl Task {
                     return None;
                 }
             }
-            tokio::select! {
-                _ = self.cancel.cancelled() => return None,
-                _ = tokio::time::sleep(WAIT_POLL) => {}
-                ev = events.recv() => {
-                    if !matches!(ev, Ok(HubEvent::Published(ref k)) if *k == self.key) {
-                        continue;
-                    }
+            // Look again at the next poll (which also pulls it, on an edge), or as soon as it
+            // is published here.
+            let poll = tokio::time::sleep(WAIT_POLL);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return None,
+                    _ = &mut poll => break,
+                    ev = events.recv() => match ev {
+                        Ok(HubEvent::Published(k)) if k == self.key => break,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            (&mut poll).await;
+                            break;
+                        }
+                        _ => {}
+                    },
                 }
             }
         }
     }
 
     async fn subscribe(&self) -> Result<Subscription, SubscribeError> {
-        let probe = self
-            .hub
-            .subscribe(&self.key, crate::hub::Scope::Any)
-            .await?;
-        let input_audio = probe
-            .initial_config()
-            .and_then(|c| c.audio.as_ref().map(|a| a.codec));
-        let want = match &self.spec.target {
-            Target::Rtmp(_) => Codec::Aac,
-            Target::Record { format, .. } => format.audio_for(input_audio),
-        };
-        if input_audio.is_none_or(|a| a == want) {
-            return Ok(probe);
+        match &self.spec.target {
+            Target::Record { format, .. } if format.takes_opus() => {
+                self.hub.subscribe(&self.key, crate::hub::Scope::Any).await
+            }
+            _ => crate::bridge::subscribe_with_audio(&self.hub, &self.key, Codec::Aac).await,
         }
-        let sub = crate::bridge::subscribe_with_audio(&self.hub, &self.key, want).await;
-        drop(probe);
-        sub
     }
 
     /// Why the destination cannot carry this configuration's video as it is, if it cannot.
@@ -735,12 +727,7 @@ impl Task {
                 }
                 Ok(StreamEvent::Frame(p)) => {
                     if skipping {
-                        let resumes = if has_video {
-                            p.frame.is_video_keyframe()
-                        } else {
-                            p.frame.keyframe
-                        };
-                        if !resumes {
+                        if !p.frame.resumes_at(has_video) {
                             self.dropped(1);
                             continue;
                         }

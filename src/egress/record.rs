@@ -56,11 +56,7 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
                     pts_ms,
                 } => {
                     let Some(cfg) = &config else { continue };
-                    let starts = if cfg.video.is_some() {
-                        packet.frame.is_video_keyframe()
-                    } else {
-                        true
-                    };
+                    let starts = packet.frame.resumes_at(cfg.video.is_some());
                     if file.as_ref().is_some_and(|f| !f.same_tracks(cfg)) {
                         if !starts {
                             continue;
@@ -84,8 +80,7 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
                     }
                     let f = file.as_mut().expect("opened above");
                     let n = f.write(&packet, dts_ms, pts_ms)?;
-                    shared.add_bytes(n);
-                    shared.add_frames(1);
+                    shared.sent(n, 1);
                 }
             }
         }
@@ -155,53 +150,39 @@ impl OutFile {
                 Codec::Vp8 => ffi::AVCodecID::AV_CODEC_ID_VP8,
                 other => return Err(format!("{other:?} is not a video codec")),
             };
-            let mut st = octx
-                .add_stream(None::<ff::Codec>)
-                .map_err(|e| err("adding video", e))?;
-            st.set_time_base((1, 1000));
-            // SAFETY: a fresh stream's codecpar, filled before the header is written.
-            unsafe {
-                let par = (*st.as_mut_ptr()).codecpar;
-                (*par).codec_type = ffi::AVMediaType::AVMEDIA_TYPE_VIDEO;
-                (*par).codec_id = id;
-                (*par).width = v.width as i32;
-                (*par).height = v.height as i32;
-                set_extradata(par, &v.record);
-            }
-            video = Some((st.index(), v.codec));
+            let index = add_stream(&mut octx, id, &v.record, |par| {
+                par.codec_type = ffi::AVMediaType::AVMEDIA_TYPE_VIDEO;
+                par.width = v.width as i32;
+                par.height = v.height as i32;
+            })
+            .map_err(|e| err("adding video", e))?;
+            video = Some((index, v.codec));
         }
         let mut audio = None;
         if let Some(a) = &config.audio {
             let (id, extradata, frame_size) = match a.codec {
                 Codec::Aac => (ffi::AVCodecID::AV_CODEC_ID_AAC, a.specific.to_vec(), 1024),
-                Codec::Opus if job.format == RecordFormat::Mkv => {
+                Codec::Opus if job.format.takes_opus() => {
                     (ffi::AVCodecID::AV_CODEC_ID_OPUS, opus_head(a.channels), 960)
                 }
                 other => return Err(format!("{other:?} audio cannot go into {:?}", job.format)),
             };
-            let mut st = octx
-                .add_stream(None::<ff::Codec>)
-                .map_err(|e| err("adding audio", e))?;
-            st.set_time_base((1, 1000));
-            // SAFETY: as above.
-            unsafe {
-                let par = (*st.as_mut_ptr()).codecpar;
-                (*par).codec_type = ffi::AVMediaType::AVMEDIA_TYPE_AUDIO;
-                (*par).codec_id = id;
-                (*par).sample_rate = a.sample_rate as i32;
-                (*par).frame_size = frame_size;
+            let index = add_stream(&mut octx, id, &extradata, |par| {
+                par.codec_type = ffi::AVMediaType::AVMEDIA_TYPE_AUDIO;
+                par.sample_rate = a.sample_rate as i32;
+                par.frame_size = frame_size;
                 #[allow(deprecated)]
                 {
-                    (*par).channels = a.channels as i32;
-                    (*par).channel_layout = if a.channels == 1 {
+                    par.channels = a.channels as i32;
+                    par.channel_layout = if a.channels == 1 {
                         ff::ChannelLayout::MONO.bits()
                     } else {
                         ff::ChannelLayout::STEREO.bits()
                     };
                 }
-                set_extradata(par, &extradata);
-            }
-            audio = Some((st.index(), a.codec));
+            })
+            .map_err(|e| err("adding audio", e))?;
+            audio = Some((index, a.codec));
         }
         let mut opts = ff::Dictionary::new();
         if job.format == RecordFormat::Mp4 {
@@ -271,22 +252,36 @@ impl OutFile {
     }
 }
 
-/// Copies `data` into `par.extradata` (with FFmpeg's required padding).
-///
-/// # Safety
-/// `par` must be a valid codec parameters struct whose extradata is unset.
-unsafe fn set_extradata(par: *mut ffi::AVCodecParameters, data: &[u8]) {
-    if data.is_empty() {
-        return;
+/// Adds a stream (time base 1 ms, as written) of codec `id` with `extradata`; `fill` sets
+/// the rest of its codec parameters. Returns the stream's index.
+fn add_stream(
+    octx: &mut ff::format::context::Output,
+    id: ffi::AVCodecID,
+    extradata: &[u8],
+    fill: impl FnOnce(&mut ffi::AVCodecParameters),
+) -> Result<usize, ff::Error> {
+    let mut st = octx.add_stream(None::<ff::Codec>)?;
+    st.set_time_base((1, 1000));
+    // SAFETY: a fresh stream's codecpar (allocated by FFmpeg, unset extradata), filled
+    // before the header is written.
+    unsafe {
+        let par = &mut *(*st.as_mut_ptr()).codecpar;
+        par.codec_id = id;
+        fill(par);
+        if !extradata.is_empty() {
+            let padded = extradata.len() + ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize;
+            let buf = ffi::av_mallocz(padded) as *mut u8;
+            if buf.is_null() {
+                return Err(ff::Error::Other {
+                    errno: ff::util::error::ENOMEM,
+                });
+            }
+            std::ptr::copy_nonoverlapping(extradata.as_ptr(), buf, extradata.len());
+            par.extradata = buf;
+            par.extradata_size = extradata.len() as i32;
+        }
     }
-    let padded = data.len() + ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize;
-    let buf = ffi::av_mallocz(padded) as *mut u8;
-    if buf.is_null() {
-        return;
-    }
-    std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len());
-    (*par).extradata = buf;
-    (*par).extradata_size = data.len() as i32;
+    Ok(st.index())
 }
 
 /// The Opus identification header (RFC 7845 §5.1) Matroska carries as codec private data.

@@ -87,8 +87,7 @@ pub async fn run(
                     }
                 }
                 write(&mut conn, &out).await?;
-                shared.add_bytes(out.len() as u64);
-                shared.add_frames(frames);
+                shared.sent(out.len() as u64, frames);
             }
             n = conn.socket.read(&mut buf) => {
                 let n = n.map_err(|e| format!("reading from the destination: {e}"))?;

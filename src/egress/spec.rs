@@ -74,12 +74,10 @@ impl RecordFormat {
         }
     }
 
-    /// The audio codec this container gets (Opus is kept in Matroska, bridged to AAC elsewhere).
-    pub fn audio_for(self, input: Option<Codec>) -> Codec {
-        match (self, input) {
-            (RecordFormat::Mkv, Some(Codec::Opus)) => Codec::Opus,
-            _ => Codec::Aac,
-        }
+    /// Whether the container takes Opus audio as it is (Matroska); the others get AAC,
+    /// bridged when the stream's audio is Opus.
+    pub fn takes_opus(self) -> bool {
+        self == RecordFormat::Mkv
     }
 }
 
@@ -94,8 +92,6 @@ pub enum ReconnectPolicy {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RtmpUrl {
-    /// As given (with the stream key), for connecting.
-    pub url: String,
     pub host: String,
     pub port: u16,
     pub app: String,
@@ -137,7 +133,6 @@ impl RtmpUrl {
             None => key.to_string(),
         };
         Ok(RtmpUrl {
-            url: s.to_string(),
             host,
             port,
             app: app.to_string(),
@@ -199,10 +194,6 @@ impl PathTemplate {
             ));
         }
         Ok(PathTemplate(s.to_string()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 
     /// The relative path for one file. `seq` counts the files of this egress from 0.

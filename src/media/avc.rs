@@ -222,6 +222,79 @@ impl<'a> BitReader<'a> {
     }
 }
 
+/// One H.264 access unit as AVC packaging wants it: the AVCC payload (4-byte lengths;
+/// parameter sets and access unit delimiters left out), whether it holds an IDR slice, and
+/// the SPS/PPS it carried in band.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AccessUnit {
+    pub avcc: Vec<u8>,
+    pub keyframe: bool,
+    pub sps: Option<Vec<u8>>,
+    pub pps: Option<Vec<u8>>,
+}
+
+/// Sorts the NAL units of one access unit into an [`AccessUnit`].
+pub fn access_unit<N: AsRef<[u8]>>(nals: impl IntoIterator<Item = N>) -> AccessUnit {
+    let mut au = AccessUnit::default();
+    for nal in nals {
+        let nal = nal.as_ref();
+        match nal.first().map(|b| b & 0x1f) {
+            Some(7) => au.sps = Some(nal.to_vec()),
+            Some(8) => au.pps = Some(nal.to_vec()),
+            Some(9) | None => {}
+            Some(t) => {
+                au.keyframe |= t == 5;
+                au.avcc.extend_from_slice(&(nal.len() as u32).to_be_bytes());
+                au.avcc.extend_from_slice(nal);
+            }
+        }
+    }
+    au
+}
+
+/// The NAL units of an Annex B byte stream (3- or 4-byte start codes).
+pub fn annexb_nalus(data: &[u8]) -> Vec<&[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &start)| {
+            let mut end = starts.get(k + 1).map_or(data.len(), |n| n - 3);
+            while end > start && data[end - 1] == 0 {
+                end -= 1; // the zero of a 4-byte start code, or trailing zeros
+            }
+            &data[start..end]
+        })
+        .collect()
+}
+
+/// An AVCDecoderConfigurationRecord for one SPS and PPS.
+pub fn decoder_config_record(sps: &[u8], pps: &[u8]) -> Vec<u8> {
+    let mut r = vec![
+        1,
+        *sps.get(1).unwrap_or(&0x42),
+        *sps.get(2).unwrap_or(&0),
+        *sps.get(3).unwrap_or(&0x1f),
+        0xff,
+        0xe1,
+    ];
+    r.extend_from_slice(&(sps.len() as u16).to_be_bytes());
+    r.extend_from_slice(sps);
+    r.push(1);
+    r.extend_from_slice(&(pps.len() as u16).to_be_bytes());
+    r.extend_from_slice(pps);
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +363,19 @@ mod tests {
             }
             let _ = sps_picture_size(&nal);
         }
+    }
+
+    #[test]
+    fn annexb_splits_into_avcc_and_parameter_sets() {
+        let au = [
+            &[0, 0, 0, 1, 0x67, 1, 2][..],
+            &[0, 0, 1, 0x68, 3][..],
+            &[0, 0, 0, 1, 0x65, 9, 9, 9][..],
+        ]
+        .concat();
+        let AccessUnit { avcc, sps, pps, .. } = access_unit(annexb_nalus(&au));
+        assert_eq!(sps.unwrap(), [0x67, 1, 2]);
+        assert_eq!(pps.unwrap(), [0x68, 3]);
+        assert_eq!(avcc, [0, 0, 0, 4, 0x65, 9, 9, 9]);
     }
 }

@@ -120,6 +120,16 @@ impl Frame {
     pub fn is_video_keyframe(&self) -> bool {
         self.keyframe && self.track() == TrackKind::Video
     }
+
+    /// Whether a consumer that skipped frames can resume here: at a video keyframe, or at
+    /// any keyframe (every audio frame) when the stream has no video.
+    pub fn resumes_at(&self, has_video: bool) -> bool {
+        if has_video {
+            self.is_video_keyframe()
+        } else {
+            self.keyframe
+        }
+    }
 }
 
 /// Codec configuration of a video track.

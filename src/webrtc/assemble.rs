@@ -291,52 +291,21 @@ fn build_h264(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame> {
             _ => {}
         }
     }
-    let mut frame = AssembledFrame {
+    let au = crate::media::avc::access_unit(nals);
+    (!au.avcc.is_empty()).then_some(AssembledFrame {
         rtp_time,
-        avcc: Vec::new(),
-        keyframe: false,
-        sps: None,
-        pps: None,
+        avcc: au.avcc,
+        keyframe: au.keyframe,
+        sps: au.sps,
+        pps: au.pps,
         size: None,
-    };
-    for nal in nals {
-        match nal.first().map(|b| b & 0x1f) {
-            Some(7) => frame.sps = Some(nal),
-            Some(8) => frame.pps = Some(nal),
-            Some(9) | None => {}
-            Some(t) => {
-                frame.keyframe |= t == 5;
-                frame
-                    .avcc
-                    .extend_from_slice(&(nal.len() as u32).to_be_bytes());
-                frame.avcc.extend_from_slice(&nal);
-            }
-        }
-    }
-    (!frame.avcc.is_empty()).then_some(frame)
-}
-
-/// An AVCDecoderConfigurationRecord for one SPS and PPS.
-pub fn decoder_config_record(sps: &[u8], pps: &[u8]) -> Vec<u8> {
-    let mut r = vec![
-        1,
-        *sps.get(1).unwrap_or(&0x42),
-        *sps.get(2).unwrap_or(&0),
-        *sps.get(3).unwrap_or(&0x1f),
-        0xff,
-        0xe1,
-    ];
-    r.extend_from_slice(&(sps.len() as u16).to_be_bytes());
-    r.extend_from_slice(sps);
-    r.push(1);
-    r.extend_from_slice(&(pps.len() as u16).to_be_bytes());
-    r.extend_from_slice(pps);
-    r
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::avc::decoder_config_record;
     use crate::webrtc::h264::packetize;
 
     const SPS: &[u8] = &[0x67, 0x42, 0xc0, 0x1e, 0xd9];

@@ -22,9 +22,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::assemble::{decoder_config_record, H264Assembler, Vp8Assembler};
+use super::assemble::{H264Assembler, Vp8Assembler};
 use super::Datagram;
 use crate::hub::{Packet, Publisher};
+use crate::media::avc::decoder_config_record;
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
 use crate::media::{avc, AudioConfig, Codec, Frame, StreamConfig, Timebase, VideoConfig};
 
