@@ -234,6 +234,16 @@ pub struct StreamInfo {
     pub bytes_in: u64,
     pub uptime_ms: u64,
     pub gop_cache_frames: usize,
+    /// Simulcast layers (each also listed as the stream `name~sim.RID`), smallest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub simulcast: Vec<LayerInfo>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerInfo {
+    pub rid: String,
+    pub width: u32,
+    pub height: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -453,6 +463,16 @@ impl Hub {
                     bytes_in: s.bytes_in.load(Ordering::Relaxed),
                     uptime_ms: s.started.elapsed().as_millis() as u64,
                     gop_cache_frames: st.gop.len(),
+                    simulcast: st
+                        .config
+                        .simulcast
+                        .iter()
+                        .map(|l| LayerInfo {
+                            rid: l.rid.clone(),
+                            width: l.width,
+                            height: l.height,
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -556,6 +576,12 @@ impl Publisher {
 
     pub fn config(&self) -> Arc<StreamConfig> {
         self.stream.state.lock().config.clone()
+    }
+
+    /// Publishes simulcast layer `rid` of this stream as its own local stream
+    /// ([`StreamKey::layer`]).
+    pub fn publish_layer(&self, rid: &str) -> Result<Publisher, PublishError> {
+        self.hub.publish(self.stream.key.layer(rid))
     }
 
     /// Replaces the stream configuration; consumers see it before any later frame.

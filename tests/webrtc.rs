@@ -176,7 +176,16 @@ async function report(obj) {{
 /// A page that publishes the fake camera and microphone with WHIP in `video_mime` (e.g.
 /// `video/H264`) and reports once ICE is connected; it keeps publishing until the browser
 /// is closed.
-fn whip_publisher_page(whip_url: &str, video_mime: &str) -> String {
+fn whip_publisher_page(whip_url: &str, video_mime: &str, simulcast: bool) -> String {
+    // Simulcast: 320x180, 640x360 and 1280x720 encodings of a 720p camera.
+    let (size, encodings) = if simulcast {
+        (
+            "width: 1280, height: 720",
+            "sendEncodings: [{rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 200000}, {rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 700000}, {rid: 'f', maxBitrate: 2500000}],",
+        )
+    } else {
+        ("width: 640, height: 360", "")
+    };
     format!(
         r#"<!doctype html><html><body><script>
 async function report(obj) {{
@@ -184,10 +193,11 @@ async function report(obj) {{
 }}
 (async () => {{
   try {{
-    const media = await navigator.mediaDevices.getUserMedia({{video: {{width: 640, height: 360}}, audio: true}});
+    const media = await navigator.mediaDevices.getUserMedia({{video: {{{size}}}, audio: true}});
     const pc = new RTCPeerConnection();
     for (const track of media.getTracks()) {{
-      const tr = pc.addTransceiver(track, {{direction: 'sendonly', streams: [media]}});
+      const video = track.kind === 'video';
+      const tr = pc.addTransceiver(track, video ? {{direction: 'sendonly', streams: [media], {encodings}}} : {{direction: 'sendonly', streams: [media]}});
       if (track.kind === 'video') {{
         const codecs = RTCRtpSender.getCapabilities('video').codecs
           .filter(c => c.mimeType === '{video_mime}' || c.mimeType === 'video/rtx');
@@ -214,8 +224,17 @@ async function report(obj) {{
 /// `node`'s `live/{stream}`; returns the browser (publishing until dropped) and what the
 /// page reported once connected.
 fn whip_from_chromium(node: &NodeProc, stream: &str, video_mime: &str) -> (Browser, String) {
+    whip_from_chromium_with(node, stream, video_mime, false)
+}
+
+fn whip_from_chromium_with(
+    node: &NodeProc,
+    stream: &str,
+    video_mime: &str,
+    simulcast: bool,
+) -> (Browser, String) {
     let whip = format!("http://{}/whip/live/{stream}", node.http);
-    let (port, results) = serve_page(whip_publisher_page(&whip, video_mime));
+    let (port, results) = serve_page(whip_publisher_page(&whip, video_mime, simulcast));
     let browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
     let report = results
         .recv_timeout(Duration::from_secs(60))
@@ -442,7 +461,7 @@ async fn two_hundred_simultaneous_whep_joins_all_reach_media() {
             tokio::spawn(meshcast::webrtc::client::play(
                 http,
                 "/whep/live/many",
-                Duration::from_secs(8),
+                Duration::from_secs(12),
             ))
         })
         .collect();
@@ -630,4 +649,113 @@ fn whip_streams_push_to_nginx_with_aac_and_vp8_only_when_asked() {
     assert_eq!(probe.stream_of("audio").unwrap()["codec_name"], "aac");
     assert!(probe.packets_of("video").len() > 40);
     probe.assert_timestamps_sane();
+}
+
+/// Average video bit rate of `stream` on `node` over `secs`, from the stream API.
+fn measured_bps(node: &NodeProc, stream: &str, secs: u64) -> u64 {
+    let bytes = || {
+        node.stream(stream).expect(stream)["bytes_in"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = bytes();
+    std::thread::sleep(Duration::from_secs(secs));
+    (bytes() - before) * 8 / secs
+}
+
+#[test]
+fn simulcast_from_chromium_gives_each_whep_viewer_the_layer_its_bandwidth_fits() {
+    if !in_private_network(
+        "simulcast_from_chromium_gives_each_whep_viewer_the_layer_its_bandwidth_fits",
+    ) {
+        return;
+    }
+    let (a, _b, edge) = start_two_origins_and_edge();
+    let (_publisher, published) = whip_from_chromium_with(&a, "sim", "video/H264", true);
+    let v: serde_json::Value = serde_json::from_str(&published).unwrap();
+    assert!(v["error"].is_null(), "publisher error: {v}");
+    wait_until(Duration::from_secs(45), "three layers, 720p on top", || {
+        a.stream("sim").is_some_and(|s| {
+            s["simulcast"].as_array().is_some_and(|l| l.len() == 3) && s["video"]["width"] == 1280
+        })
+    });
+    let on_a = a.stream("sim").unwrap();
+    let sizes: Vec<(String, u64, u64)> = on_a["simulcast"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let n = |k: &str| l[k].as_u64().unwrap();
+            (
+                l["rid"].as_str().unwrap().to_string(),
+                n("width"),
+                n("height"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        [("q", 320, 180), ("h", 640, 360), ("f", 1280, 720)]
+            .map(|(r, w, h)| (r.to_string(), w, h))
+            .to_vec()
+    );
+    for rid in ["q", "h", "f"] {
+        let layer = a.stream(&format!("sim~sim.{rid}")).expect("layer stream");
+        assert!(layer["audio"].is_null(), "layers carry video only");
+    }
+    // A viewer link between the two lowest layers' rates (plus ~64 kb/s for Opus).
+    let q = measured_bps(&a, "sim~sim.q", 3);
+    let h = measured_bps(&a, "sim~sim.h", 3);
+    let limit = (q + h) / 2 + 64_000;
+    eprintln!("layer rates: q {q} b/s, h {h} b/s; narrow viewer link {limit} b/s");
+    assert!(h > q, "h {h} q {q}");
+    let relay = common::impair::Relay::start(
+        edge.webrtc,
+        Default::default(),
+        common::impair::Impairment::rate(limit),
+    );
+
+    // Two viewers on the edge (two backbone hops from the publisher): one unconstrained,
+    // one behind the narrow link. Each is sent the layer its TWCC feedback allows.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let play = |via| meshcast::webrtc::client::PlayOptions {
+        duration: Duration::from_secs(20),
+        via,
+    };
+    let (wide, narrow) = rt.block_on(async {
+        let wide = play(None);
+        let narrow = play(Some(relay.addr));
+        tokio::join!(
+            meshcast::webrtc::client::play_with(edge.http, "/whep/live/sim", &wide),
+            meshcast::webrtc::client::play_with(edge.http, "/whep/live/sim", &narrow),
+        )
+    });
+    let (wide, narrow) = (wide.unwrap(), narrow.unwrap());
+    eprintln!("wide viewer: {wide:?}\nnarrow viewer: {narrow:?}");
+    eprintln!(
+        "relay: {} passed, {} dropped",
+        relay.down.passed.load(std::sync::atomic::Ordering::Relaxed),
+        relay
+            .down
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        wide.video_packets > 300 && wide.audio_packets > 300,
+        "{wide:?}"
+    );
+    assert!(
+        narrow.video_packets > 100 && narrow.audio_packets > 300,
+        "{narrow:?}"
+    );
+    assert_eq!(wide.video_sizes.last(), Some(&(1280, 720)), "{wide:?}");
+    assert_eq!(narrow.video_sizes.last(), Some(&(320, 180)), "{narrow:?}");
+    // The edge pulled the layers its viewers take, as streams of their own.
+    let relayed = edge.stream("sim~sim.q").expect("q relayed to the edge");
+    assert_eq!(relayed["source"]["kind"], "relay");
+    assert!(edge.log().contains("simulcast layer switch"));
 }

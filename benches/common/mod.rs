@@ -7,6 +7,8 @@
 pub mod http;
 #[path = "../../tests/common/nginx.rs"]
 pub mod nginx;
+#[path = "../../tests/common/ports.rs"]
+pub mod ports;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,16 +28,7 @@ pub fn build_meshcast() -> PathBuf {
         .join("release/meshcast")
 }
 
-/// A loopback port free for both TCP and UDP right now.
-pub fn free_port() -> u16 {
-    loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-}
+pub use ports::free_port;
 
 pub fn wait_port(port: u16) {
     let start = Instant::now();

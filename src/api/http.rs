@@ -305,7 +305,7 @@ async fn whep_post(
             return with_cors(error(StatusCode::GATEWAY_TIMEOUT, e.to_string()))
         }
     };
-    let created = webrtc.create_whep(key.clone(), &body, sub);
+    let created = webrtc.create_whep(key.clone(), &body, sub, s.hub.clone());
     session_created(&webrtc, "whep", &namespace, &stream, created)
 }
 

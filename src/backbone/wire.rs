@@ -13,7 +13,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::media::{
-    AudioConfig, Codec, Frame, Metadata, StreamConfig, StreamKey, Timebase, VideoConfig,
+    valid_rid, AudioConfig, Codec, Frame, Metadata, SimulcastLayer, StreamConfig, StreamKey,
+    Timebase, VideoConfig,
 };
 
 /// Protocol version carried in the hello; peers with another major version are refused.
@@ -315,6 +316,7 @@ const CF_FRAME_RATE: u8 = 4;
 const CF_VIDEO_BITRATE: u8 = 8;
 const CF_AUDIO_BITRATE: u8 = 16;
 const CF_ENCODER: u8 = 32;
+const CF_SIMULCAST: u8 = 64;
 
 impl MediaItem {
     pub fn encode(&self, out: &mut BytesMut) {
@@ -327,7 +329,8 @@ impl MediaItem {
                     | (m.frame_rate.is_some() as u8 * CF_FRAME_RATE)
                     | (m.video_bitrate_kbps.is_some() as u8 * CF_VIDEO_BITRATE)
                     | (m.audio_bitrate_kbps.is_some() as u8 * CF_AUDIO_BITRATE)
-                    | (m.encoder.is_some() as u8 * CF_ENCODER);
+                    | (m.encoder.is_some() as u8 * CF_ENCODER)
+                    | (!c.simulcast.is_empty() as u8 * CF_SIMULCAST);
                 body.put_u8(flags);
                 if let Some(v) = &c.video {
                     body.put_u8(v.codec.wire_id());
@@ -349,6 +352,14 @@ impl MediaItem {
                 }
                 if let Some(e) = &m.encoder {
                     put_str(&mut body, e);
+                }
+                if !c.simulcast.is_empty() {
+                    body.put_u8(c.simulcast.len().min(u8::MAX as usize) as u8);
+                    for l in c.simulcast.iter().take(u8::MAX as usize) {
+                        put_str(&mut body, &l.rid);
+                        body.put_u32(l.width);
+                        body.put_u32(l.height);
+                    }
                 }
                 put_frame(out, K_CONFIG, &body);
             }
@@ -409,11 +420,26 @@ impl MediaItem {
                         None
                     },
                 };
+                let mut simulcast = vec![];
+                if flags & CF_SIMULCAST != 0 {
+                    for _ in 0..r.u8()? {
+                        let rid = r.string()?;
+                        if !valid_rid(&rid) {
+                            return Err(WireError::Invalid("bad simulcast rid"));
+                        }
+                        simulcast.push(SimulcastLayer {
+                            rid,
+                            width: r.u32()?,
+                            height: r.u32()?,
+                        });
+                    }
+                }
                 r.finish()?;
                 Ok(MediaItem::Config(StreamConfig {
                     video,
                     audio,
                     metadata,
+                    simulcast,
                 }))
             }
             K_FRAME => {
@@ -571,7 +597,7 @@ impl Reader {
     }
     fn stream_key(&mut self) -> Result<StreamKey, WireError> {
         let s = self.string()?;
-        StreamKey::parse(&s).map_err(|_| WireError::BadStreamKey(s))
+        StreamKey::parse_relayable(&s).map_err(|_| WireError::BadStreamKey(s))
     }
     fn codec(&mut self) -> Result<Codec, WireError> {
         let id = self.u8()?;
@@ -748,6 +774,18 @@ mod tests {
                 audio_bitrate_kbps: Some(128.0),
                 encoder: Some("Lavf".into()),
             },
+            simulcast: vec![
+                SimulcastLayer {
+                    rid: "q".into(),
+                    width: 480,
+                    height: 270,
+                },
+                SimulcastLayer {
+                    rid: "f".into(),
+                    width: 1920,
+                    height: 1080,
+                },
+            ],
         };
         let frame = Frame {
             codec: Codec::H264,

@@ -335,7 +335,8 @@ impl Egress {
         }
         let mut pending: Vec<StreamKey> = self.hub.local_streams();
         loop {
-            for key in pending.drain(..) {
+            // Simulcast layers are parts of a stream, not streams a rule should take.
+            for key in pending.drain(..).filter(|k| !k.is_derived()) {
                 for (i, rule) in rules.iter().enumerate() {
                     if matches!(rule.stream, StreamMatch::Pattern { .. })
                         && rule.stream.matches(&key)

@@ -161,12 +161,30 @@ pub struct Metadata {
     pub encoder: Option<String>,
 }
 
+/// One simulcast layer of a stream: its video is published as the stream
+/// [`StreamKey::layer`]`(rid)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimulcastLayer {
+    pub rid: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl SimulcastLayer {
+    pub fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+}
+
 /// Everything a late joiner needs before the first frame.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StreamConfig {
     pub video: Option<VideoConfig>,
     pub audio: Option<AudioConfig>,
     pub metadata: Metadata,
+    /// The publisher's simulcast layers, smallest first (empty without simulcast). The
+    /// stream's own video is the largest; WebRTC viewers pick one by their bandwidth.
+    pub simulcast: Vec<SimulcastLayer>,
 }
 
 /// Names a stream: `namespace/name` (RTMP app / stream key).
@@ -210,6 +228,31 @@ impl StreamKey {
         }
     }
 
+    /// The stream carrying simulcast layer `rid` of this one (`demo~sim.h`). Layers are
+    /// published like streams, so the backbone relays each one only where it is watched.
+    pub fn layer(&self, rid: &str) -> StreamKey {
+        self.derived(&format!("{LAYER_TAG}{rid}"))
+    }
+
+    /// Whether this names a stream this node derived (a bridge or a simulcast layer) rather
+    /// than one a publisher named.
+    pub fn is_derived(&self) -> bool {
+        self.name.contains('~')
+    }
+
+    /// Parses `namespace/name` as sent between nodes: a publisher's name or a simulcast
+    /// layer of one ([`layer`](Self::layer)); other derived names stay node-local.
+    pub fn parse_relayable(s: &str) -> Result<StreamKey, InvalidStreamKey> {
+        let Some((base, rid)) = s.split_once('~') else {
+            return StreamKey::parse(s);
+        };
+        let rid = rid
+            .strip_prefix(LAYER_TAG)
+            .filter(|r| valid_rid(r))
+            .ok_or_else(|| InvalidStreamKey(s.to_string()))?;
+        Ok(StreamKey::parse(base)?.layer(rid))
+    }
+
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
@@ -217,6 +260,14 @@ impl StreamKey {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+const LAYER_TAG: &str = "sim.";
+
+/// A simulcast layer id as carried in names: 1-16 of A-Z a-z 0-9 (RFC 8851 allows `-` and
+/// `_` too; they are refused here to keep names simple).
+pub fn valid_rid(rid: &str) -> bool {
+    (1..=16).contains(&rid.len()) && rid.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 fn valid_part(s: &str) -> bool {
@@ -280,6 +331,25 @@ mod tests {
             StreamKey::parse("live/demo").unwrap().to_string(),
             "live/demo"
         );
+    }
+
+    #[test]
+    fn layer_keys_cross_nodes_but_other_derived_names_do_not() {
+        let key = StreamKey::parse("live/cam").unwrap();
+        let layer = key.layer("h");
+        assert_eq!(layer.to_string(), "live/cam~sim.h");
+        assert!(layer.is_derived() && !key.is_derived());
+        assert_eq!(StreamKey::parse_relayable("live/cam~sim.h"), Ok(layer));
+        assert_eq!(StreamKey::parse_relayable("live/cam"), Ok(key));
+        for bad in [
+            "live/cam~aac",
+            "live/cam~sim.",
+            "live/cam~sim.a-b",
+            "live/~sim.h",
+        ] {
+            assert!(StreamKey::parse_relayable(bad).is_err(), "{bad}");
+        }
+        assert!(StreamKey::parse("live/cam~sim.h").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A minimal WHEP viewer on str0m, for tests and load generation: offers recvonly video and
-//! audio, POSTs the offer, then counts the RTP packets it receives. Many can run in one
-//! process, each with its own UDP socket on loopback.
+//! audio, POSTs the offer, then counts the RTP packets it receives and notes the H.264
+//! picture sizes it is sent. Many can run in one process, each with its own UDP socket on
+//! loopback. Being str0m, it sends TWCC feedback, so the server can estimate its bandwidth.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -34,6 +35,16 @@ pub struct WhepStats {
     pub bytes: u64,
     /// Time from POST to the first video packet.
     pub first_video: Option<Duration>,
+    /// H.264 picture sizes from the SPS the server sent, each change once, in order.
+    pub video_sizes: Vec<(u32, u32)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlayOptions {
+    pub duration: Duration,
+    /// Send to (and receive from) this address instead of the server's candidate: a relay
+    /// in front of the server (e.g. one that limits bandwidth).
+    pub via: Option<SocketAddr>,
 }
 
 /// Plays `path` (e.g. `/whep/live/demo`) from the node at `http` for `duration`.
@@ -42,6 +53,22 @@ pub async fn play(
     path: &str,
     duration: Duration,
 ) -> Result<WhepStats, WhepClientError> {
+    let opts = PlayOptions {
+        duration,
+        via: None,
+    };
+    play_with(http, path, &opts).await
+}
+
+/// [`play`] with options.
+pub async fn play_with(
+    http: SocketAddr,
+    path: &str,
+    opts: &PlayOptions,
+) -> Result<WhepStats, WhepClientError> {
+    let duration = opts.duration;
+    // The server's address as str0m knows it, when talking through `opts.via`.
+    let mut server = None;
     let socket = UdpSocket::bind("127.0.0.1:0").await?;
     let local = socket.local_addr()?;
     let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
@@ -66,7 +93,9 @@ pub async fn play(
             match rtc.poll_output().map_err(rtc_err)? {
                 Output::Timeout(t) => break t,
                 Output::Transmit(t) => {
-                    let _ = socket.send_to(&t.contents, t.destination).await;
+                    server = Some(t.destination);
+                    let to = opts.via.unwrap_or(t.destination);
+                    let _ = socket.send_to(&t.contents, to).await;
                 }
                 Output::Event(Event::Connected) => stats.connected = true,
                 Output::Event(Event::RtpPacket(p)) => {
@@ -75,6 +104,11 @@ pub async fn play(
                     if p.time.frequency().get() == 90_000 {
                         stats.video_packets += 1;
                         stats.first_video.get_or_insert(started.elapsed());
+                        if let Some(size) = sps_size(&p.payload) {
+                            if stats.video_sizes.last() != Some(&size) {
+                                stats.video_sizes.push(size);
+                            }
+                        }
                     } else {
                         stats.audio_packets += 1;
                     }
@@ -89,6 +123,10 @@ pub async fn play(
         let wait = timeout.min(deadline).saturating_duration_since(now);
         match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
             Ok(Ok((n, from))) => {
+                let from = match (opts.via, server) {
+                    (Some(via), Some(server)) if from == via => server,
+                    _ => from,
+                };
                 if let Ok(r) = Receive::new(Protocol::Udp, from, local, &buf[..n]) {
                     rtc.handle_input(Input::Receive(Instant::now(), r))
                         .map_err(rtc_err)?;
@@ -99,6 +137,27 @@ pub async fn play(
                 .handle_input(Input::Timeout(Instant::now()))
                 .map_err(rtc_err)?,
         }
+    }
+}
+
+/// The picture size in an H.264 RTP payload carrying an SPS (alone or in a STAP-A).
+fn sps_size(payload: &[u8]) -> Option<(u32, u32)> {
+    let nal_type = |n: &[u8]| n.first().map(|b| b & 0x1f);
+    match nal_type(payload)? {
+        7 => crate::media::avc::sps_picture_size(payload).ok(),
+        24 => {
+            let mut rest = &payload[1..];
+            while rest.len() > 2 {
+                let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+                let nal = rest.get(2..2 + len)?;
+                if nal_type(nal) == Some(7) {
+                    return crate::media::avc::sps_picture_size(nal).ok();
+                }
+                rest = &rest[2 + len..];
+            }
+            None
+        }
+        _ => None,
     }
 }
 

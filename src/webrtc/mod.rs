@@ -15,6 +15,7 @@ pub mod assemble;
 pub mod client;
 pub mod demux;
 pub mod h264;
+pub mod simulcast;
 pub mod vp8;
 mod whip;
 
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
 use str0m::media::{MediaKind, Mid};
@@ -31,12 +33,13 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::hub::{Packet, Publisher, StreamEvent, Subscription, SubscriptionEnd};
-use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase};
+use crate::hub::{Hub, Packet, Publisher, Scope, StreamEvent, Subscription, SubscriptionEnd};
+use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase, TrackKind};
+use simulcast::LayerChooser;
 
 /// RTP payload bytes per packet (leaves room for RTP header, extensions and SRTP tag).
 const RTP_MTU: usize = 1100;
@@ -50,6 +53,10 @@ const VIDEO_CLOCK: Timebase = Timebase(90_000);
 const OPUS_CLOCK: Timebase = Timebase(48_000);
 /// Packets each viewer stream keeps for NACK resends.
 const RTX_CACHE_PACKETS: usize = 128;
+/// A simulcast viewer's bandwidth estimate before its first feedback.
+const INITIAL_ESTIMATE_BPS: u64 = 1_000_000;
+/// How soon a viewer tries again to join a simulcast layer it could not subscribe to.
+const LAYER_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebRtcError {
@@ -204,6 +211,7 @@ impl WebRtc {
         stream: StreamKey,
         offer: &str,
         sub: Subscription,
+        hub: Arc<Hub>,
     ) -> Result<Created, WebRtcError> {
         let video_codec = sub
             .initial_config()
@@ -217,12 +225,26 @@ impl WebRtc {
         if !lower.contains("m=video") || !lower.contains(wanted) {
             return Err(WebRtcError::NoVideo(wanted));
         }
-        let (rtc, answer, ufrag) = self.negotiate(offer)?;
+        let simulcast = sub
+            .initial_config()
+            .is_some_and(|c| !c.simulcast.is_empty());
+        let (rtc, answer, ufrag) = self.negotiate(offer, simulcast)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = WhepPeer {
             video_codec,
             rtc,
             sub,
+            layers: Layers {
+                hub,
+                stream: stream.clone(),
+                chooser: None,
+                current: None,
+                next: None,
+                opening: None,
+                last_video_pts: None,
+                desired_bps: 0,
+                open_failed: None,
+            },
             socket: self.socket.clone(),
             local_addr: self.ice_address(),
             video: None,
@@ -250,7 +272,7 @@ impl WebRtc {
         {
             return Err(WebRtcError::NoVideo("h264/90000, vp8/90000 or opus/48000"));
         }
-        let (rtc, answer, ufrag) = self.negotiate(offer)?;
+        let (rtc, answer, ufrag) = self.negotiate(offer, false)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = whip::WhipPeer {
             rtc,
@@ -284,12 +306,18 @@ impl WebRtc {
         );
     }
 
-    /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264 and Opus only).
-    fn negotiate(&self, offer: &str) -> Result<(Rtc, String, String), WebRtcError> {
+    /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264, VP8, Opus). `bwe`
+    /// estimates the peer's bandwidth from its TWCC feedback (simulcast viewers only: the
+    /// estimator also paces video to the estimate).
+    fn negotiate(&self, offer: &str, bwe: bool) -> Result<(Rtc, String, String), WebRtcError> {
         let offer =
             SdpOffer::from_sdp_string(offer).map_err(|e| WebRtcError::BadOffer(e.to_string()))?;
         let ufrag = random_token(16);
-        let mut rtc = Rtc::builder()
+        let mut builder = Rtc::builder();
+        if bwe {
+            builder = builder.enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)));
+        }
+        let mut rtc = builder
             .set_ice_lite(true)
             .set_rtp_mode(true)
             .set_dtls_cert(self.dtls_cert.clone())
@@ -422,11 +450,72 @@ struct TrackOut {
     pt: str0m::format::PayloadParams,
 }
 
+/// One simulcast layer a viewer is subscribed to.
+struct LayerSub {
+    rid: String,
+    sub: Subscription,
+    config: Option<Arc<StreamConfig>>,
+}
+
+/// A WHEP viewer's simulcast state: the layer it is sent, and the one it switches to at that
+/// layer's next keyframe. Unused for streams without simulcast.
+struct Layers {
+    hub: Arc<Hub>,
+    stream: StreamKey,
+    chooser: Option<LayerChooser>,
+    current: Option<LayerSub>,
+    next: Option<LayerSub>,
+    /// A layer subscription being made (on an edge it may pull the layer first).
+    opening: Option<(String, oneshot::Receiver<Option<Subscription>>)>,
+    /// The last video frame sent (90 kHz): a layer is joined at a keyframe after it.
+    last_video_pts: Option<i64>,
+    desired_bps: u64,
+    /// When a layer subscription last failed (retried after [`LAYER_RETRY`]).
+    open_failed: Option<Instant>,
+}
+
+impl Layers {
+    /// The stream's configuration arrived or changed: starts or updates layer choice.
+    fn set_layers(&mut self, config: &StreamConfig) {
+        if config.simulcast.is_empty() {
+            return;
+        }
+        match &mut self.chooser {
+            Some(c) if c.layers() == config.simulcast.as_slice() => {}
+            Some(c) => c.set_layers(config.simulcast.clone()),
+            None => {
+                let c = LayerChooser::new(config.simulcast.clone(), INITIAL_ESTIMATE_BPS);
+                info!(layers = config.simulcast.len(), first = %c.target().rid, "simulcast viewer");
+                self.chooser = Some(c);
+            }
+        }
+    }
+}
+
+/// The next event of an optional layer subscription (never, without one).
+async fn next_of(layer: &mut Option<LayerSub>) -> Result<StreamEvent, SubscriptionEnd> {
+    match layer {
+        Some(l) => l.sub.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of an optional layer subscription being made (never, without one).
+async fn opened(
+    opening: &mut Option<(String, oneshot::Receiver<Option<Subscription>>)>,
+) -> Option<Subscription> {
+    match opening {
+        Some((_, rx)) => rx.await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
 struct WhepPeer {
     /// The stream's video codec, which the viewer's video m-line must carry.
     video_codec: Codec,
     rtc: Rtc,
     sub: Subscription,
+    layers: Layers,
     socket: Arc<UdpSocket>,
     local_addr: SocketAddr,
     video: Option<TrackOut>,
@@ -453,15 +542,23 @@ impl WhepPeer {
                 return Ok("ICE did not connect in time");
             }
             let sending = self.connected && self.video.is_some();
+            if sending {
+                self.steer_layers();
+            }
             tokio::select! {
                 d = rx.recv() => {
                     let Some(d) = d else { return Ok("closed") };
                     receive(&mut self.rtc, self.local_addr, &d)?;
                 }
                 ev = self.sub.next(), if sending => match ev {
-                    Ok(StreamEvent::Config(c)) => config = Some(c),
+                    Ok(StreamEvent::Config(c)) => {
+                        self.layers.set_layers(&c);
+                        config = Some(c);
+                    }
                     Ok(StreamEvent::Frame(p)) => {
-                        if let Some(c) = &config {
+                        // With simulcast, video comes from the viewer's layer.
+                        let layered = self.layers.chooser.is_some() && (p.frame.track() == TrackKind::Video);
+                        if let (Some(c), false) = (&config, layered) {
                             self.send_frame(&p, c);
                         }
                     }
@@ -475,6 +572,20 @@ impl WhepPeer {
                         return Ok("viewer too slow");
                     }
                 },
+                ev = next_of(&mut self.layers.current), if sending => self.on_layer_event(ev),
+                ev = next_of(&mut self.layers.next), if sending => self.on_next_layer_event(ev),
+                sub = opened(&mut self.layers.opening) => {
+                    let (rid, _) = self.layers.opening.take().expect("opening");
+                    if sub.is_none() {
+                        self.layers.open_failed = Some(Instant::now());
+                    }
+                    if let Some(sub) = sub {
+                        if self.layers.current.is_some() {
+                            sub.request_keyframe();
+                        }
+                        self.layers.next = Some(LayerSub { rid, sub, config: None });
+                    }
+                }
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.rtc.handle_input(Input::Timeout(Instant::now()))?;
                 }
@@ -484,6 +595,95 @@ impl WhepPeer {
                     return Ok("deleted");
                 }
             }
+        }
+    }
+
+    /// Subscribes to the layer the chooser wants when it is neither sent nor being joined,
+    /// and keeps str0m probing toward the next layer up.
+    fn steer_layers(&mut self) {
+        let l = &mut self.layers;
+        let Some(chooser) = &l.chooser else { return };
+        let target = chooser.target().rid.clone();
+        let desired = chooser.desired_bps();
+        if desired != l.desired_bps {
+            l.desired_bps = desired;
+            self.rtc
+                .bwe()
+                .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+        }
+        let l = &mut self.layers;
+        let have = |s: &Option<LayerSub>| s.as_ref().is_some_and(|s| s.rid == target);
+        let opening = l.opening.as_ref().is_some_and(|(r, _)| *r == target);
+        let failed_lately = l.open_failed.is_some_and(|t| t.elapsed() < LAYER_RETRY);
+        if have(&l.current) || have(&l.next) || opening || failed_lately {
+            return;
+        }
+        l.next = None;
+        let (tx, rx) = oneshot::channel();
+        let (hub, key) = (l.hub.clone(), l.stream.layer(&target));
+        tokio::spawn(async move {
+            match hub.subscribe(&key, Scope::Any).await {
+                Ok(sub) => {
+                    let _ = tx.send(Some(sub));
+                }
+                Err(e) => debug!("layer {key}: {e}"),
+            }
+        });
+        l.opening = Some((target, rx));
+    }
+
+    fn on_layer_event(&mut self, ev: Result<StreamEvent, SubscriptionEnd>) {
+        match ev {
+            Ok(StreamEvent::Config(c)) => {
+                if let Some(cur) = &mut self.layers.current {
+                    cur.config = Some(c);
+                }
+            }
+            Ok(StreamEvent::Frame(p)) => self.send_layer_frame(&p),
+            Ok(StreamEvent::Discontinuity) => {}
+            // The layer stopped (its publisher dropped it): the chooser's target is joined
+            // again, or another one once the layer list changes.
+            Err(_) => self.layers.current = None,
+        }
+    }
+
+    /// Events of the layer being joined: it becomes the sent layer at its first keyframe
+    /// after the last frame sent, so the picture switches cleanly and time runs on.
+    fn on_next_layer_event(&mut self, ev: Result<StreamEvent, SubscriptionEnd>) {
+        let l = &mut self.layers;
+        let Some(next) = &mut l.next else { return };
+        match ev {
+            Ok(StreamEvent::Config(c)) => next.config = Some(c),
+            Ok(StreamEvent::Frame(p)) => {
+                let pts = p.frame.timebase.rescale(p.frame.pts, VIDEO_CLOCK);
+                let after = l.last_video_pts.is_none_or(|last| pts > last);
+                if p.frame.is_video_keyframe() && after && next.config.is_some() {
+                    let next = l.next.take().expect("next layer");
+                    info!(from = ?l.current.as_ref().map(|c| &c.rid), to = %next.rid, "simulcast layer switch");
+                    if let Some(chooser) = &mut l.chooser {
+                        chooser.switched(Instant::now(), &next.rid);
+                    }
+                    l.current = Some(next);
+                    self.send_layer_frame(&p);
+                }
+            }
+            Ok(StreamEvent::Discontinuity) => {}
+            Err(_) => l.next = None,
+        }
+    }
+
+    fn send_layer_frame(&mut self, p: &Arc<Packet>) {
+        let Some(config) = self.layers.current.as_ref().and_then(|c| c.config.clone()) else {
+            return;
+        };
+        if !(p.frame.track() == TrackKind::Video) {
+            return;
+        }
+        let bytes = self.send_frame(p, &config);
+        let l = &mut self.layers;
+        l.last_video_pts = Some(p.frame.timebase.rescale(p.frame.pts, VIDEO_CLOCK));
+        if let Some(chooser) = &mut l.chooser {
+            chooser.on_sent(Instant::now(), bytes);
         }
     }
 
@@ -528,23 +728,34 @@ impl WhepPeer {
             }
             Event::KeyframeRequest(r) => {
                 debug!(kind = ?r.kind, "keyframe request from viewer");
-                self.sub.request_keyframe();
+                match &self.layers.current {
+                    Some(layer) => layer.sub.request_keyframe(),
+                    None => self.sub.request_keyframe(),
+                }
+            }
+            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                debug!(%estimate, "viewer bandwidth estimate");
+                if let Some(chooser) = &mut self.layers.chooser {
+                    chooser.on_estimate(Instant::now(), estimate.as_u64());
+                }
             }
             _ => {}
         }
     }
 
-    fn send_frame(&mut self, p: &Arc<Packet>, config: &StreamConfig) {
+    /// Sends one frame; returns the payload bytes sent.
+    fn send_frame(&mut self, p: &Arc<Packet>, config: &StreamConfig) -> usize {
         let (track, rtp, clock) = match p.frame.codec {
             Codec::H264 | Codec::Vp8 => (&self.video, &mut self.video_rtp, VIDEO_CLOCK),
             Codec::Opus => (&self.audio, &mut self.audio_rtp, OPUS_CLOCK),
             // AAC reaches WebRTC viewers bridged to Opus (crate::bridge).
-            Codec::Aac => return,
+            Codec::Aac => return 0,
         };
-        let Some(track) = track else { return };
+        let Some(track) = track else { return 0 };
         let payloads = p.rtp_payloads(|p| packetize(p, config));
         let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
         write_frame(&mut self.rtc, track.mid, track.pt.pt(), rtp, time, payloads);
+        payloads.iter().map(|p| p.len()).sum()
     }
 }
 

@@ -1,10 +1,19 @@
 //! A WHIP publisher: RTP in (str0m, RTP mode), frames out to the hub.
 //!
 //! H.264 is reassembled into access units ([`super::assemble`]), its in-band SPS/PPS become
-//! the stream's decoder configuration; Opus packets pass through as frames. Both tracks are
+//! the stream's decoder configuration; Opus packets pass through as frames. All tracks are
 //! put on one timeline by their first packets' arrival times. A keyframe is requested (PLI)
 //! when a loss could not be repaired, and every [`KEYFRAME_INTERVAL`] so that the GOP cache
 //! stays short and late joiners start at once: browsers send keyframes only when asked.
+//!
+//! **Simulcast.** Each encoding (rid) of a simulcast publisher is published as its own stream
+//! ([`StreamKey::layer`](crate::media::StreamKey::layer)), video only, so each is cached,
+//! relayed over the backbone and requested keyframes for on its own. The stream itself
+//! carries the largest layer's video (for RTMP, FLV, egress) and the audio, and lists the
+//! layers in its configuration, which is how WHEP viewers anywhere find them. The largest
+//! layer is chosen once every announced layer has a configuration, or [`LAYER_WAIT`] after
+//! the first one (a browser starts its top layers only as its bandwidth estimate grows); a
+//! larger layer that starts later takes over at its first keyframe.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,6 +28,7 @@ use str0m::rtp::{RtpPacket, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -27,12 +37,19 @@ use super::Datagram;
 use crate::hub::{Packet, Publisher};
 use crate::media::avc::decoder_config_record;
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
-use crate::media::{avc, AudioConfig, Codec, Frame, StreamConfig, Timebase, VideoConfig};
+use crate::media::{
+    avc, valid_rid, AudioConfig, Codec, Frame, SimulcastLayer, StreamConfig, Timebase, VideoConfig,
+};
 
 /// Keyframes are requested at least this often.
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
 /// A session that is not connected within this time is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the stream waits for a simulcast publisher's other layers before choosing its
+/// largest one so far.
+pub const LAYER_WAIT: Duration = Duration::from_millis(1500);
+/// Encodings taken from one publisher; more are ignored.
+const MAX_ENCODINGS: usize = 4;
 
 /// Maps one track's RTP timestamps onto the session timeline.
 struct TrackClock {
@@ -75,20 +92,47 @@ pub(super) struct WhipPeer {
     pub local_addr: SocketAddr,
 }
 
-struct Ingest {
-    codecs: HashMap<Pt, RtcCodec>,
-    video_ssrc: Option<Ssrc>,
+/// One incoming video encoding: the only one, or one simulcast layer.
+struct VideoIn {
+    ssrc: Ssrc,
+    /// The simulcast layer's id (None without simulcast).
+    rid: Option<String>,
     assembler: H264Assembler,
     vp8: Vp8Assembler,
-    config: StreamConfig,
+    clock: TrackClock,
     sps_pps: Option<(Vec<u8>, Vec<u8>)>,
-    t0: Option<Instant>,
-    video_clock: TrackClock,
-    audio_clock: TrackClock,
-    last_keyframe_request: Option<Instant>,
+    config: Option<VideoConfig>,
+    /// The layer's own stream (simulcast only).
+    layer: Option<Publisher>,
     /// Viewers' requests, periodic requests and loss recovery, merged and spaced.
     gate: KeyframeRequestGate,
-    frames: u64,
+    last_keyframe_request: Option<Instant>,
+}
+
+impl VideoIn {
+    fn pixels(&self) -> u64 {
+        self.config
+            .as_ref()
+            .map_or(0, |c| c.width as u64 * c.height as u64)
+    }
+}
+
+struct Ingest {
+    codecs: HashMap<Pt, RtcCodec>,
+    videos: Vec<VideoIn>,
+    /// Rids the publisher announced (`a=simulcast:send`); empty without simulcast.
+    rids: Vec<String>,
+    /// The encoding whose video the stream itself carries.
+    primary: Option<usize>,
+    first_layer_configured: Option<Instant>,
+    config: StreamConfig,
+    t0: Option<Instant>,
+    audio_clock: TrackClock,
+    /// Keyframe requests from the consumers of each layer stream (index into `videos`).
+    layer_requests: mpsc::Receiver<usize>,
+    layer_requests_tx: mpsc::Sender<usize>,
+    /// Forward each layer stream's keyframe requests to `layer_requests`; aborted on drop.
+    forwarders: JoinSet<()>,
 }
 
 impl WhipPeer {
@@ -99,19 +143,19 @@ impl WhipPeer {
     ) -> Result<&'static str, str0m::RtcError> {
         let started = Instant::now();
         let mut connected = false;
+        let (layer_requests_tx, layer_requests) = mpsc::channel(16);
         let mut ingest = Ingest {
             codecs: HashMap::new(),
-            video_ssrc: None,
-            assembler: H264Assembler::new(),
-            vp8: Vp8Assembler::new(),
+            videos: Vec::new(),
+            rids: Vec::new(),
+            primary: None,
+            first_layer_configured: None,
             config: StreamConfig::default(),
-            sps_pps: None,
             t0: None,
-            video_clock: TrackClock::new(90_000),
             audio_clock: TrackClock::new(48_000),
-            last_keyframe_request: None,
-            gate: KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL),
-            frames: 0,
+            layer_requests,
+            layer_requests_tx,
+            forwarders: JoinSet::new(),
         };
         let keyframe_signal = self.publisher.keyframe_signal();
         for p in self.rtc.codec_config().params() {
@@ -133,7 +177,14 @@ impl WhipPeer {
                             self.rtc.disconnect();
                         }
                         Event::MediaAdded(m) => {
-                            debug!(mid = %m.mid, kind = ?m.kind, "media added");
+                            debug!(mid = %m.mid, kind = ?m.kind, simulcast = ?m.simulcast, "media added");
+                            if m.kind == MediaKind::Video {
+                                if let Some(s) = &m.simulcast {
+                                    ingest.rids =
+                                        s.recv.iter().map(|l| l.rid.to_string()).collect();
+                                    info!(rids = ?ingest.rids, "simulcast publisher");
+                                }
+                            }
                             if m.kind == MediaKind::Audio {
                                 ingest.config.audio = Some(AudioConfig {
                                     codec: Codec::Opus,
@@ -157,14 +208,22 @@ impl WhipPeer {
             if !connected && started.elapsed() > CONNECT_TIMEOUT {
                 return Ok("ICE did not connect in time");
             }
-            self.maybe_request_keyframe(&mut ingest, false);
+            for i in 0..ingest.videos.len() {
+                self.maybe_request_keyframe(&mut ingest, i, false);
+            }
             let timeout = ingest
-                .gate
-                .poll_timeout()
-                .map_or(timeout, |g| timeout.min(g));
+                .videos
+                .iter()
+                .filter_map(|v| v.gate.poll_timeout())
+                .fold(timeout, Instant::min);
             tokio::select! {
                 _ = keyframe_signal.wanted() => {
-                    self.maybe_request_keyframe(&mut ingest, true);
+                    if let Some(i) = ingest.primary {
+                        self.maybe_request_keyframe(&mut ingest, i, true);
+                    }
+                }
+                Some(i) = ingest.layer_requests.recv() => {
+                    self.maybe_request_keyframe(&mut ingest, i, true);
                 }
                 d = rx.recv() => {
                     let Some(d) = d else { return Ok("closed") };
@@ -196,63 +255,195 @@ impl WhipPeer {
             self.on_opus(ingest, &p, t0);
             return;
         }
-        ingest.video_ssrc = Some(p.header.ssrc);
+        let Some(idx) = self.video_in(ingest, p.header.ssrc) else {
+            return;
+        };
         let (seq, time, marker) = (*p.seq_no, p.header.timestamp, p.header.marker);
+        let video = &mut ingest.videos[idx];
         let frames = match codec {
-            Codec::H264 => ingest
+            Codec::H264 => video
                 .assembler
                 .push(seq, time, marker, &p.payload, p.timestamp),
-            _ => ingest.vp8.push(seq, time, marker, &p.payload, p.timestamp),
+            _ => video.vp8.push(seq, time, marker, &p.payload, p.timestamp),
         };
         for f in frames {
+            let video = &mut ingest.videos[idx];
             if f.keyframe {
-                ingest.gate.keyframe_seen();
+                video.gate.keyframe_seen();
             }
+            let mut changed = false;
             if let (Some(sps), Some(pps)) = (&f.sps, &f.pps) {
-                if ingest.sps_pps.as_ref() != Some(&(sps.clone(), pps.clone())) {
-                    self.configure_video(ingest, sps, pps);
+                if video.sps_pps.as_ref() != Some(&(sps.clone(), pps.clone())) {
+                    changed |= configure_h264(video, sps, pps);
                 }
             }
             if let Some((width, height)) = f.size {
-                self.configure_vp8(ingest, width, height);
+                changed |= configure_vp8(video, width, height);
             }
-            if ingest.config.video.is_none() {
+            if changed {
+                self.layer_configured(ingest, idx);
+            }
+            let video = &mut ingest.videos[idx];
+            let Some(codec) = video.config.as_ref().map(|c| c.codec) else {
                 continue; // no decoder configuration yet
-            }
-            let pts = ingest.video_clock.pts(f.rtp_time, p.timestamp, t0);
-            ingest.frames += 1;
-            self.publisher.push(Packet::new(Frame {
+            };
+            let pts = video.clock.pts(f.rtp_time, p.timestamp, t0);
+            let packet = Packet::new(Frame {
                 codec,
                 dts: pts,
                 pts,
                 timebase: Timebase(90_000),
                 keyframe: f.keyframe,
                 payload: Bytes::from(f.avcc),
-            }));
+            });
+            if let Some(layer) = &mut video.layer {
+                layer.push(packet.clone());
+            }
+            if f.keyframe {
+                self.maybe_promote(ingest, idx);
+            }
+            if ingest.primary == Some(idx) {
+                self.publisher.push(packet);
+            }
         }
     }
 
-    fn configure_vp8(&mut self, ingest: &mut Ingest, width: u32, height: u32) {
-        let known = ingest
-            .config
-            .video
-            .as_ref()
-            .is_some_and(|v| (v.width, v.height) == (width, height));
-        if known {
+    /// The encoding `ssrc` belongs to, created on its first packet.
+    fn video_in(&mut self, ingest: &mut Ingest, ssrc: Ssrc) -> Option<usize> {
+        if let Some(i) = ingest.videos.iter().position(|v| v.ssrc == ssrc) {
+            return Some(i);
+        }
+        if ingest.videos.len() >= MAX_ENCODINGS {
+            return None;
+        }
+        let rid = if ingest.rids.is_empty() {
+            None
+        } else {
+            // str0m learned the layer from the rid header extension of the first packets.
+            let rid = self.rtc.direct_api().stream_rx(&ssrc)?.rid()?.to_string();
+            if !valid_rid(&rid) {
+                warn!(
+                    rid,
+                    "simulcast layer id not usable in a stream name; layer ignored"
+                );
+                return None;
+            }
+            Some(rid)
+        };
+        let layer = match &rid {
+            Some(rid) => match self.publisher.publish_layer(rid) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!("simulcast layer {rid}: {e}");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let idx = ingest.videos.len();
+        if let Some(layer) = &layer {
+            let signal = layer.keyframe_signal();
+            let tx = ingest.layer_requests_tx.clone();
+            ingest.forwarders.spawn(async move {
+                loop {
+                    signal.wanted().await;
+                    if tx.send(idx).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        debug!(?ssrc, ?rid, "video encoding");
+        ingest.videos.push(VideoIn {
+            ssrc,
+            rid,
+            assembler: H264Assembler::new(),
+            vp8: Vp8Assembler::new(),
+            clock: TrackClock::new(90_000),
+            sps_pps: None,
+            config: None,
+            layer,
+            gate: KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL),
+            last_keyframe_request: None,
+        });
+        if ingest.rids.is_empty() {
+            ingest.primary = Some(idx);
+        }
+        Some(idx)
+    }
+
+    /// An encoding has a (new) decoder configuration: its layer stream and the stream's
+    /// layer list follow.
+    fn layer_configured(&mut self, ingest: &mut Ingest, idx: usize) {
+        let video = &mut ingest.videos[idx];
+        if let (Some(layer), Some(config)) = (&mut video.layer, &video.config) {
+            layer.set_config(StreamConfig {
+                video: Some(config.clone()),
+                ..Default::default()
+            });
+            layer.set_derived_live();
+        }
+        if video.layer.is_some() {
+            ingest
+                .first_layer_configured
+                .get_or_insert_with(Instant::now);
+            let mut layers: Vec<SimulcastLayer> = ingest
+                .videos
+                .iter()
+                .filter_map(|v| {
+                    let c = v.config.as_ref()?;
+                    Some(SimulcastLayer {
+                        rid: v.rid.clone()?,
+                        width: c.width,
+                        height: c.height,
+                    })
+                })
+                .collect();
+            layers.sort_by_key(|l| (l.pixels(), l.rid.clone()));
+            ingest.config.simulcast = layers;
+        }
+        if ingest.primary == Some(idx) {
+            ingest.config.video = ingest.videos[idx].config.clone();
+        }
+        if ingest.config.video.is_some() {
+            self.publisher.set_config(ingest.config.clone());
+        }
+    }
+
+    /// At a keyframe of encoding `idx`: makes it the stream's video if it is the largest
+    /// layer and the choice is due (see the module notes).
+    fn maybe_promote(&mut self, ingest: &mut Ingest, idx: usize) {
+        if ingest.rids.is_empty() || ingest.primary == Some(idx) {
             return;
         }
-        info!(width, height, "VP8 from the publisher");
-        ingest.config.video = Some(VideoConfig {
-            codec: Codec::Vp8,
-            record: Bytes::new(),
-            width,
-            height,
-        });
+        let largest = (0..ingest.videos.len())
+            .filter(|&i| ingest.videos[i].config.is_some())
+            .max_by_key(|&i| ingest.videos[i].pixels());
+        if largest != Some(idx) {
+            return;
+        }
+        if ingest.primary.is_none() {
+            let all = ingest.rids.iter().all(|r| {
+                ingest
+                    .videos
+                    .iter()
+                    .any(|v| v.rid.as_ref() == Some(r) && v.config.is_some())
+            });
+            let waited = ingest
+                .first_layer_configured
+                .is_some_and(|t| t.elapsed() >= LAYER_WAIT);
+            if !all && !waited {
+                return;
+            }
+        }
+        info!(rid = ?ingest.videos[idx].rid, "simulcast layer carries the stream's video");
+        ingest.primary = Some(idx);
+        ingest.config.video = ingest.videos[idx].config.clone();
         self.publisher.set_config(ingest.config.clone());
     }
 
     fn on_opus(&mut self, ingest: &mut Ingest, p: &RtpPacket, t0: Instant) {
-        if ingest.config.video.is_none() && ingest.video_ssrc.is_some() {
+        if ingest.config.video.is_none() && !ingest.videos.is_empty() {
             return; // audio waits for video to be configured, so tracks start together
         }
         let pts = ingest.audio_clock.pts(p.header.timestamp, p.timestamp, t0);
@@ -266,47 +457,67 @@ impl WhipPeer {
         }));
     }
 
-    fn configure_video(&mut self, ingest: &mut Ingest, sps: &[u8], pps: &[u8]) {
-        let (width, height) = match avc::sps_picture_size(sps) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("publisher sent an unreadable SPS: {e}");
-                return;
-            }
-        };
-        info!(width, height, "H.264 configuration from the publisher");
-        ingest.sps_pps = Some((sps.to_vec(), pps.to_vec()));
-        ingest.config.video = Some(VideoConfig {
-            codec: Codec::H264,
-            record: Bytes::from(decoder_config_record(sps, pps)),
-            width,
-            height,
-        });
-        self.publisher.set_config(ingest.config.clone());
-    }
-
     /// PLI for viewers who asked, on unrepaired loss, and periodically to keep GOPs short;
-    /// all through one gate, so the publisher gets at most one PLI per interval.
-    fn maybe_request_keyframe(&mut self, ingest: &mut Ingest, viewer_asked: bool) {
-        let Some(ssrc) = ingest.video_ssrc else {
+    /// all through the encoding's gate, so it gets at most one PLI per interval.
+    fn maybe_request_keyframe(&mut self, ingest: &mut Ingest, idx: usize, viewer_asked: bool) {
+        let Some(video) = ingest.videos.get_mut(idx) else {
             return;
         };
         let now = Instant::now();
-        let due = ingest
+        let due = video
             .last_keyframe_request
             .is_none_or(|t| now.duration_since(t) >= KEYFRAME_INTERVAL);
-        let lost = ingest.assembler.take_keyframe_wanted() | ingest.vp8.take_keyframe_wanted();
+        let lost = video.assembler.take_keyframe_wanted() | video.vp8.take_keyframe_wanted();
         let send = if viewer_asked || due || lost {
-            ingest.gate.request(now)
+            video.gate.request(now)
         } else {
-            ingest.gate.poll(now)
+            video.gate.poll(now)
         };
         if !send {
             return;
         }
-        if let Some(rx) = self.rtc.direct_api().stream_rx(&ssrc) {
+        if let Some(rx) = self.rtc.direct_api().stream_rx(&video.ssrc) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
-            ingest.last_keyframe_request = Some(now);
+            video.last_keyframe_request = Some(now);
         }
     }
+}
+
+/// Takes an H.264 encoding's parameter sets; true if its configuration changed.
+fn configure_h264(video: &mut VideoIn, sps: &[u8], pps: &[u8]) -> bool {
+    let (width, height) = match avc::sps_picture_size(sps) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("publisher sent an unreadable SPS: {e}");
+            return false;
+        }
+    };
+    info!(width, height, rid = ?video.rid, "H.264 configuration from the publisher");
+    video.sps_pps = Some((sps.to_vec(), pps.to_vec()));
+    video.config = Some(VideoConfig {
+        codec: Codec::H264,
+        record: Bytes::from(decoder_config_record(sps, pps)),
+        width,
+        height,
+    });
+    true
+}
+
+/// Takes a VP8 encoding's picture size; true if its configuration changed.
+fn configure_vp8(video: &mut VideoIn, width: u32, height: u32) -> bool {
+    let known = video
+        .config
+        .as_ref()
+        .is_some_and(|v| (v.width, v.height) == (width, height));
+    if known {
+        return false;
+    }
+    info!(width, height, rid = ?video.rid, "VP8 from the publisher");
+    video.config = Some(VideoConfig {
+        codec: Codec::Vp8,
+        record: Bytes::new(),
+        width,
+        height,
+    });
+    true
 }
