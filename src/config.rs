@@ -65,6 +65,8 @@ pub struct WebRtcConfig {
     pub announce_ips: Vec<std::net::IpAddr>,
     /// STUN/TURN URLs handed to clients in `Link` headers.
     pub ice_servers: Vec<String>,
+    /// Also take ICE over TCP on the listen port (the fallback where UDP is blocked).
+    pub tcp: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -172,6 +174,7 @@ impl Config {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 8000))),
                 announce_ips: vec![],
                 ice_servers: vec![],
+                tcp: true,
             },
             limits: Limits::default(),
             recording_root: PathBuf::from("recordings"),
@@ -483,6 +486,7 @@ impl Config {
                 listen: webrtc_listen,
                 announce_ips,
                 ice_servers: webrtc.ice_servers,
+                tcp: webrtc.tcp.unwrap_or(defaults.webrtc.tcp),
             },
             limits: limits_out,
             recording_root,
@@ -651,6 +655,7 @@ struct RawWebRtc {
     announce_ips: Vec<String>,
     #[serde(default)]
     ice_servers: Vec<String>,
+    tcp: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]

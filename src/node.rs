@@ -98,10 +98,12 @@ impl Node {
                     listen,
                     candidates,
                     ice_servers: config.webrtc.ice_servers.clone(),
+                    tcp: config.webrtc.tcp,
                 };
                 Some(
                     crate::webrtc::WebRtc::start(settings, shutdown.clone())
-                        .with_context(|| format!("binding WebRTC UDP socket {listen}"))?,
+                        .await
+                        .with_context(|| format!("binding WebRTC socket {listen} (UDP, TCP)"))?,
                 )
             }
             None => None,

@@ -125,8 +125,9 @@ impl Drop for Browser {
     }
 }
 
-/// A page that plays `whep_url` and posts what `getStats()` saw after `seconds`.
-fn whep_player_page(whep_url: &str, seconds: u32) -> String {
+/// A page that plays `whep_url` and posts what `getStats()` saw after `seconds`. With
+/// `tcp_only` it drops the answer's UDP candidates, as if UDP to the server were blocked.
+fn whep_player_page(whep_url: &str, seconds: u32, tcp_only: bool) -> String {
     format!(
         r#"<!doctype html><html><body><video id="v" autoplay muted playsinline></video><script>
 async function report(obj) {{
@@ -143,7 +144,9 @@ async function report(obj) {{
     const resp = await fetch('{whep_url}', {{method: 'POST', headers: {{'Content-Type': 'application/sdp'}}, body: offer.sdp}});
     if (resp.status !== 201) {{ await report({{error: 'status ' + resp.status + ' ' + await resp.text()}}); return; }}
     const location = resp.headers.get('Location');
-    await pc.setRemoteDescription({{type: 'answer', sdp: await resp.text()}});
+    let answer = await resp.text();
+    if ({tcp_only}) answer = answer.split('\r\n').filter(l => !/^a=candidate:.* udp /i.test(l)).join('\r\n');
+    await pc.setRemoteDescription({{type: 'answer', sdp: answer}});
     const t0 = performance.now();
     let first = null;
     while (performance.now() - t0 < {seconds} * 1000) {{
@@ -155,10 +158,20 @@ async function report(obj) {{
       }});
     }}
     const out = {{location, firstFrameMs: first, iceState: pc.iceConnectionState}};
-    (await pc.getStats()).forEach(s => {{
+    const final = await pc.getStats();
+    final.forEach(s => {{
+      if (s.type === 'transport' && s.selectedCandidatePairId) {{
+        const pair = final.get(s.selectedCandidatePairId);
+        const remote = pair && final.get(pair.remoteCandidateId);
+        out.remoteProtocol = remote && remote.protocol;
+      }}
+    }});
+    final.forEach(s => {{
       if (s.type === 'inbound-rtp' && s.kind === 'video') {{
         out.framesDecoded = s.framesDecoded; out.width = s.frameWidth; out.height = s.frameHeight;
         out.packetsLost = s.packetsLost; out.keyFramesDecoded = s.keyFramesDecoded;
+        out.framesReceived = s.framesReceived; out.framesDropped = s.framesDropped;
+        out.pliCount = s.pliCount; out.nackCount = s.nackCount; out.videoPackets = s.packetsReceived;
       }}
       if (s.type === 'inbound-rtp' && s.kind === 'audio') {{
         out.audioPackets = s.packetsReceived; out.audioSamples = s.totalSamplesReceived;
@@ -250,8 +263,18 @@ fn whep_in_chromium(
     seconds: u32,
     who: &str,
 ) -> (Browser, serde_json::Value) {
+    whep_in_chromium_with(node, stream, seconds, who, false)
+}
+
+fn whep_in_chromium_with(
+    node: &NodeProc,
+    stream: &str,
+    seconds: u32,
+    who: &str,
+    tcp_only: bool,
+) -> (Browser, serde_json::Value) {
     let whep = format!("http://{}/whep/live/{stream}", node.http);
-    let (port, results) = serve_page(whep_player_page(&whep, seconds));
+    let (port, results) = serve_page(whep_player_page(&whep, seconds, tcp_only));
     let browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
     let result = results
         .recv_timeout(Duration::from_secs(60))
@@ -417,6 +440,27 @@ fn whip_from_chromium_plays_over_whep_through_two_origins_and_an_edge() {
     let bridged = edge.stream("cam~aac").expect("one bridge on the edge");
     assert_eq!(bridged["audio"]["codec"], "aac");
     assert_eq!(bridged["source"]["kind"], "bridge");
+}
+
+#[test]
+fn chromium_plays_over_ice_tcp_when_udp_is_unavailable() {
+    if !in_private_network("chromium_plays_over_ice_tcp_when_udp_is_unavailable") {
+        return;
+    }
+    let node = webrtc_node();
+    // No B-frames: browsers' WebRTC H.264 decoders do not take them.
+    let opts = PublishOpts {
+        bframes: 0,
+        ..Default::default()
+    };
+    let _p = publish_and_wait(&node.rtmp_url("tcp"), &node, "tcp", opts);
+    // The page keeps only the answer's TCP candidate (as if UDP were blocked).
+    let (_browser, v) = whep_in_chromium_with(&node, "tcp", 5, "TCP viewer", true);
+    assert!(v["error"].is_null(), "page error: {v}");
+    assert_eq!(v["remoteProtocol"], "tcp", "{v}");
+    assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 60, "{v}");
+    assert!(v["audioSamples"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["deleteStatus"], 200, "{v}");
 }
 
 #[test]

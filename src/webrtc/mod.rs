@@ -7,6 +7,12 @@
 //! over the cores. Peers send straight on the shared socket without waiting: a full socket
 //! buffer drops the datagram, as the network would, and NACK/RTX repairs it.
 //!
+//! **ICE over TCP** is the fallback for clients that cannot use UDP: the same port also
+//! listens for TCP, each peer gets a passive TCP host candidate (lower priority than UDP),
+//! and packets on a TCP connection are framed as RFC 4571 says (16-bit length prefix). A
+//! connection is routed like a datagram, by the ufrag of its first STUN request, and peers'
+//! packets to a TCP address go out through that connection's writer.
+//!
 //! WHEP viewers get H.264 as RTP payloads packetized once per frame per node ([`h264`]) and
 //! shared by all viewers; each viewer adds only its RTP header (own SSRC, sequence numbers
 //! and timestamps starting at random values) and SRTP.
@@ -29,7 +35,7 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
 use str0m::media::{MediaKind, Mid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -75,13 +81,44 @@ pub struct WebRtcSettings {
     pub candidates: Vec<SocketAddr>,
     /// STUN/TURN URLs handed to clients (WHIP/WHEP `Link` headers).
     pub ice_servers: Vec<String>,
+    /// Also take ICE over TCP on the listen port.
+    pub tcp: bool,
 }
 
-/// A datagram for a peer.
+/// A datagram (or RFC 4571 frame) for a peer.
 pub(crate) struct Datagram {
     at: Instant,
     from: SocketAddr,
+    proto: Protocol,
     data: Vec<u8>,
+}
+
+/// Packets queued toward one ICE-TCP connection before it drops them.
+const TCP_QUEUE: usize = 512;
+/// A TCP connection must name its session (a STUN request) within this time.
+const TCP_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where peers send: the shared UDP socket, and the writers of ICE-TCP connections.
+pub(crate) struct Io {
+    udp: UdpSocket,
+    tcp: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+}
+
+impl Io {
+    /// Sends without waiting: a full socket buffer or connection queue drops the packet, as
+    /// a congested link would, and NACK/RTX repairs it.
+    fn send(&self, t: &str0m::net::Transmit) {
+        match t.proto {
+            Protocol::Udp => {
+                let _ = self.udp.try_send_to(&t.contents, t.destination);
+            }
+            _ => {
+                if let Some(tx) = self.tcp.lock().get(&t.destination) {
+                    let _ = tx.try_send(t.contents.to_vec());
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -102,7 +139,7 @@ pub struct Created {
 }
 
 pub struct WebRtc {
-    socket: Arc<UdpSocket>,
+    io: Arc<Io>,
     local_addr: SocketAddr,
     settings: WebRtcSettings,
     routes: Mutex<demux::Routes<PeerRoute>>,
@@ -114,7 +151,7 @@ pub struct WebRtc {
 
 impl WebRtc {
     /// Binds the shared UDP socket and starts routing datagrams.
-    pub fn start(
+    pub async fn start(
         settings: WebRtcSettings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<WebRtc>> {
@@ -131,12 +168,20 @@ impl WebRtc {
         socket.bind(&settings.listen.into())?;
         let socket = UdpSocket::from_std(socket.into())?;
         let local_addr = socket.local_addr()?;
+        let tcp = if settings.tcp {
+            Some(tokio::net::TcpListener::bind(local_addr).await?)
+        } else {
+            None
+        };
         let dtls_cert = str0m::crypto::from_feature_flags()
             .dtls_provider
             .generate_certificate()
             .ok_or_else(|| anyhow::anyhow!("cannot generate a DTLS certificate"))?;
         let webrtc = Arc::new(WebRtc {
-            socket: Arc::new(socket),
+            io: Arc::new(Io {
+                udp: socket,
+                tcp: Mutex::new(HashMap::new()),
+            }),
             local_addr,
             settings,
             routes: Mutex::new(demux::Routes::default()),
@@ -145,6 +190,9 @@ impl WebRtc {
             shutdown,
         });
         tokio::spawn(webrtc.clone().read_loop());
+        if let Some(listener) = tcp {
+            tokio::spawn(webrtc.clone().accept_tcp(listener));
+        }
         Ok(webrtc)
     }
 
@@ -182,7 +230,7 @@ impl WebRtc {
         let mut buf = vec![0u8; 2048];
         loop {
             let (n, from) = tokio::select! {
-                r = self.socket.recv_from(&mut buf) => match r {
+                r = self.io.udp.recv_from(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
                         // ICMP errors surface here on Linux; they concern one peer only.
@@ -200,8 +248,97 @@ impl WebRtc {
             let _ = route.tx.try_send(Datagram {
                 at: Instant::now(),
                 from,
+                proto: Protocol::Udp,
                 data: packet.to_vec(),
             });
+        }
+    }
+
+    async fn accept_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, from) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        debug!("webrtc tcp accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = self.shutdown.cancelled() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                match me.clone().serve_tcp(stream, from).await {
+                    Ok(()) => debug!(%from, "ICE-TCP connection closed"),
+                    Err(e) => debug!(%from, "ICE-TCP connection ended: {e}"),
+                }
+                me.io.tcp.lock().remove(&from);
+            });
+        }
+    }
+
+    /// One ICE-TCP connection: RFC 4571 frames in, routed like datagrams; the peer's
+    /// packets for `from` out through a bounded queue. Ends when either side closes, when
+    /// its session is gone, or when its first frame names no session.
+    async fn serve_tcp(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        from: SocketAddr,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        self.io.tcp.lock().insert(from, tx);
+        let writer = async move {
+            while let Some(packet) = rx.recv().await {
+                let mut framed = Vec::with_capacity(2 + packet.len());
+                framed.extend_from_slice(&(packet.len() as u16).to_be_bytes());
+                framed.extend_from_slice(&packet);
+                wr.write_all(&framed).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let reader = async {
+            let mut buf = vec![0u8; u16::MAX as usize];
+            let mut first = true;
+            loop {
+                let read = async {
+                    let len = rd.read_u16().await? as usize;
+                    rd.read_exact(&mut buf[..len]).await?;
+                    Ok::<usize, std::io::Error>(len)
+                };
+                let len = if first {
+                    tokio::time::timeout(TCP_FIRST_PACKET_TIMEOUT, read)
+                        .await
+                        .map_err(|_| std::io::Error::other("no STUN request in time"))??
+                } else {
+                    read.await?
+                };
+                let packet = &buf[..len];
+                let Some(route) = self.routes.lock().route(from, packet) else {
+                    if first {
+                        return Err(std::io::Error::other("first frame names no session"));
+                    }
+                    continue;
+                };
+                first = false;
+                let d = Datagram {
+                    at: Instant::now(),
+                    from,
+                    proto: Protocol::Tcp,
+                    data: packet.to_vec(),
+                };
+                if let Err(mpsc::error::TrySendError::Closed(_)) = route.tx.try_send(d) {
+                    return Ok(()); // the session ended
+                }
+            }
+        };
+        tokio::select! {
+            r = writer => r,
+            r = reader => r,
+            _ = self.shutdown.cancelled() => Ok(()),
         }
     }
 
@@ -245,7 +382,7 @@ impl WebRtc {
                 desired_bps: 0,
                 open_failed: None,
             },
-            socket: self.socket.clone(),
+            io: self.io.clone(),
             local_addr: self.ice_address(),
             video: None,
             audio: None,
@@ -277,7 +414,7 @@ impl WebRtc {
         let peer = whip::WhipPeer {
             rtc,
             publisher,
-            socket: self.socket.clone(),
+            io: self.io.clone(),
             local_addr: self.ice_address(),
         };
         let span = tracing::info_span!("whip", session = %id, %stream);
@@ -331,11 +468,20 @@ impl WebRtc {
             })
             .build(Instant::now());
         for addr in self.candidates() {
-            match Candidate::host(addr, "udp") {
-                Ok(c) => {
-                    rtc.add_local_candidate(c);
+            let tcp = self.settings.tcp.then(|| {
+                Candidate::builder()
+                    .tcp()
+                    .host(addr)
+                    .tcptype(TcpType::Passive)
+                    .build()
+            });
+            for c in std::iter::once(Candidate::host(addr, "udp")).chain(tcp) {
+                match c {
+                    Ok(c) => {
+                        rtc.add_local_candidate(c);
+                    }
+                    Err(e) => warn!("webrtc: bad candidate {addr}: {e}"),
                 }
-                Err(e) => warn!("webrtc: bad candidate {addr}: {e}"),
             }
         }
         let answer = rtc
@@ -398,7 +544,7 @@ impl WebRtc {
 
 /// Feeds one datagram to a peer's `Rtc`; an unparsable one is dropped.
 fn receive(rtc: &mut Rtc, local_addr: SocketAddr, d: &Datagram) -> Result<(), str0m::RtcError> {
-    match Receive::new(Protocol::Udp, d.from, local_addr, &d.data) {
+    match Receive::new(d.proto, d.from, local_addr, &d.data) {
         Ok(r) => rtc.handle_input(Input::Receive(d.at, r)),
         Err(e) => {
             debug!("unparsable datagram: {e}");
@@ -516,7 +662,7 @@ struct WhepPeer {
     rtc: Rtc,
     sub: Subscription,
     layers: Layers,
-    socket: Arc<UdpSocket>,
+    io: Arc<Io>,
     local_addr: SocketAddr,
     video: Option<TrackOut>,
     audio: Option<TrackOut>,
@@ -692,9 +838,7 @@ impl WhepPeer {
         loop {
             match self.rtc.poll_output()? {
                 Output::Timeout(t) => return Ok(t),
-                Output::Transmit(t) => {
-                    let _ = self.socket.try_send_to(&t.contents, t.destination);
-                }
+                Output::Transmit(t) => self.io.send(&t),
                 Output::Event(ev) => self.on_event(ev),
             }
         }

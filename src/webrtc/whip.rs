@@ -26,7 +26,6 @@ use str0m::media::Pt;
 use str0m::media::{KeyframeRequestKind, MediaKind};
 use str0m::rtp::{RtpPacket, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -88,7 +87,7 @@ impl TrackClock {
 pub(super) struct WhipPeer {
     pub rtc: Rtc,
     pub publisher: Publisher,
-    pub socket: Arc<UdpSocket>,
+    pub io: Arc<super::Io>,
     pub local_addr: SocketAddr,
 }
 
@@ -165,9 +164,7 @@ impl WhipPeer {
             let timeout = loop {
                 match self.rtc.poll_output()? {
                     Output::Timeout(t) => break t,
-                    Output::Transmit(t) => {
-                        let _ = self.socket.try_send_to(&t.contents, t.destination);
-                    }
+                    Output::Transmit(t) => self.io.send(&t),
                     Output::Event(ev) => match ev {
                         Event::Connected => {
                             info!("connected");
