@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, watch, Notify};
 use crate::api::metrics::Metrics;
 use crate::config::Limits;
 use crate::media::gop::{GopCache, HasFrame};
-use crate::media::{flv, Codec, Frame, StreamConfig, StreamKey, TrackKind};
+use crate::media::{flv, Codec, Frame, SimulcastLayer, StreamConfig, StreamKey, TrackKind};
 
 /// How long a consumer waits for an upstream pull to deliver the stream's configuration.
 const PULL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -236,14 +236,7 @@ pub struct StreamInfo {
     pub gop_cache_frames: usize,
     /// Simulcast layers (each also listed as the stream `name~sim.RID`), smallest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub simulcast: Vec<LayerInfo>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct LayerInfo {
-    pub rid: String,
-    pub width: u32,
-    pub height: u32,
+    pub simulcast: Vec<SimulcastLayer>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -463,16 +456,7 @@ impl Hub {
                     bytes_in: s.bytes_in.load(Ordering::Relaxed),
                     uptime_ms: s.started.elapsed().as_millis() as u64,
                     gop_cache_frames: st.gop.len(),
-                    simulcast: st
-                        .config
-                        .simulcast
-                        .iter()
-                        .map(|l| LayerInfo {
-                            rid: l.rid.clone(),
-                            width: l.width,
-                            height: l.height,
-                        })
-                        .collect(),
+                    simulcast: st.config.simulcast.clone(),
                 }
             })
             .collect();

@@ -288,18 +288,23 @@ fn webrtc_node() -> NodeProc {
     NodeProc::start(NodeSpec::standalone())
 }
 
+/// An ffmpeg RTMP publish to `node`'s `live/{name}` without B-frames: WebRTC players (and
+/// browsers' H.264 decoders) do not reorder frames, as for any RTMP→WebRTC relay.
+fn publish_for_webrtc(node: &NodeProc, name: &str) -> Publisher {
+    let opts = PublishOpts {
+        bframes: 0,
+        ..Default::default()
+    };
+    publish_and_wait(&node.rtmp_url(name), node, name, opts)
+}
+
 #[test]
 fn rtmp_publish_plays_in_chromium_over_whep() {
     if !in_private_network("rtmp_publish_plays_in_chromium_over_whep") {
         return;
     }
     let node = webrtc_node();
-    // WebRTC players do not reorder frames: publish without B-frames, as for any WHEP relay.
-    let opts = PublishOpts {
-        bframes: 0,
-        ..Default::default()
-    };
-    let _p = publish_and_wait(&node.rtmp_url("web"), &node, "web", opts);
+    let _p = publish_for_webrtc(&node, "web");
     let (_browser, v) = whep_in_chromium(&node, "web", 6, "chromium");
     assert!(v["error"].is_null(), "page error: {v}");
     assert!(
@@ -448,12 +453,7 @@ fn chromium_plays_over_ice_tcp_when_udp_is_unavailable() {
         return;
     }
     let node = webrtc_node();
-    // No B-frames: browsers' WebRTC H.264 decoders do not take them.
-    let opts = PublishOpts {
-        bframes: 0,
-        ..Default::default()
-    };
-    let _p = publish_and_wait(&node.rtmp_url("tcp"), &node, "tcp", opts);
+    let _p = publish_for_webrtc(&node, "tcp");
     // The page keeps only the answer's TCP candidate (as if UDP were blocked).
     let (_browser, v) = whep_in_chromium_with(&node, "tcp", 5, "TCP viewer", true);
     assert!(v["error"].is_null(), "page error: {v}");
@@ -491,14 +491,7 @@ fn whep_late_joiner_starts_from_the_cached_keyframe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_simultaneous_whep_joins_all_reach_media() {
     let node = tokio::task::spawn_blocking(webrtc_node).await.unwrap();
-    let url = node.rtmp_url("many");
-    let _p = tokio::task::block_in_place(|| {
-        let opts = PublishOpts {
-            bframes: 0,
-            ..Default::default()
-        };
-        publish_and_wait(&url, &node, "many", opts)
-    });
+    let _p = tokio::task::block_in_place(|| publish_for_webrtc(&node, "many"));
     let http = node.http;
     let joins: Vec<_> = (0..200)
         .map(|_| {
@@ -569,14 +562,7 @@ async fn announced_addresses_and_ice_servers_reach_the_client() {
     let node = tokio::task::spawn_blocking(move || NodeProc::start(spec))
         .await
         .unwrap();
-    let url = node.rtmp_url("ann");
-    let _p = tokio::task::block_in_place(|| {
-        let opts = PublishOpts {
-            bframes: 0,
-            ..Default::default()
-        };
-        publish_and_wait(&url, &node, "ann", opts)
-    });
+    let _p = tokio::task::block_in_place(|| publish_for_webrtc(&node, "ann"));
     // The preflight lists the ICE servers as Link headers (RFC 9725 §4.6).
     let mut s = std::net::TcpStream::connect(node.http).unwrap();
     write!(

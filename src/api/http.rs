@@ -179,10 +179,7 @@ async fn flv(
     s.hub.metrics().count_connection(Proto::Flv);
     let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Aac).await {
         Ok(sub) => sub,
-        Err(e @ SubscribeError::NotFound(_)) => return error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ SubscribeError::UpstreamTimeout(_)) => {
-            return error(StatusCode::GATEWAY_TIMEOUT, e.to_string())
-        }
+        Err(e) => return subscribe_failed(e),
     };
     if let Some(why) = crate::bridge::flv_incompatible_video(&sub) {
         return error(StatusCode::NOT_ACCEPTABLE, why);
@@ -279,6 +276,15 @@ fn webrtc_for_offer(
     }
 }
 
+/// 404 for a stream that is not live, 504 when upstream did not deliver it in time.
+fn subscribe_failed(e: SubscribeError) -> Response {
+    let status = match e {
+        SubscribeError::NotFound(_) => StatusCode::NOT_FOUND,
+        SubscribeError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+    };
+    error(status, e.to_string())
+}
+
 fn is_sdp(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -298,12 +304,7 @@ async fn whep_post(
     };
     let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
         Ok(sub) => sub,
-        Err(e @ SubscribeError::NotFound(_)) => {
-            return with_cors(error(StatusCode::NOT_FOUND, e.to_string()))
-        }
-        Err(e @ SubscribeError::UpstreamTimeout(_)) => {
-            return with_cors(error(StatusCode::GATEWAY_TIMEOUT, e.to_string()))
-        }
+        Err(e) => return with_cors(subscribe_failed(e)),
     };
     let created = webrtc.create_whep(key.clone(), &body, sub, s.hub.clone());
     session_created(&webrtc, "whep", &namespace, &stream, created)

@@ -163,7 +163,7 @@ pub struct Metadata {
 
 /// One simulcast layer of a stream: its video is published as the stream
 /// [`StreamKey::layer`]`(rid)`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SimulcastLayer {
     pub rid: String,
     pub width: u32,

@@ -263,17 +263,7 @@ fn build_h264(packets: &[(u32, Vec<u8>)]) -> Option<AssembledFrame> {
     for (_, p) in packets {
         let Some(&h) = p.first() else { continue };
         match h & 0x1f {
-            24 => {
-                let mut rest = &p[1..];
-                while rest.len() >= 2 {
-                    let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
-                    let Some(nal) = rest.get(2..2 + len) else {
-                        break;
-                    };
-                    nals.push(nal.to_vec());
-                    rest = &rest[2 + len..];
-                }
-            }
+            24 => nals.extend(super::h264::stap_a_nalus(p).map(<[u8]>::to_vec)),
             28 => {
                 let Some(&fh) = p.get(1) else { continue };
                 if fh & 0x80 != 0 {

@@ -142,23 +142,13 @@ pub async fn play_with(
 
 /// The picture size in an H.264 RTP payload carrying an SPS (alone or in a STAP-A).
 fn sps_size(payload: &[u8]) -> Option<(u32, u32)> {
-    let nal_type = |n: &[u8]| n.first().map(|b| b & 0x1f);
-    match nal_type(payload)? {
-        7 => crate::media::avc::sps_picture_size(payload).ok(),
-        24 => {
-            let mut rest = &payload[1..];
-            while rest.len() > 2 {
-                let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
-                let nal = rest.get(2..2 + len)?;
-                if nal_type(nal) == Some(7) {
-                    return crate::media::avc::sps_picture_size(nal).ok();
-                }
-                rest = &rest[2 + len..];
-            }
-            None
-        }
-        _ => None,
-    }
+    let is_sps = |n: &&[u8]| n.first().is_some_and(|b| b & 0x1f == 7);
+    let sps = match payload.first()? & 0x1f {
+        7 => payload,
+        24 => super::h264::stap_a_nalus(payload).find(is_sps)?,
+        _ => return None,
+    };
+    crate::media::avc::sps_picture_size(sps).ok()
 }
 
 /// POSTs an SDP offer over HTTP/1.1; returns the answer.

@@ -29,6 +29,21 @@ pub fn avcc_nalus(mut avcc: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// Iterates the NAL units aggregated in a STAP-A payload (after its 1-byte header); stops at
+/// the first malformed size.
+pub fn stap_a_nalus(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = payload.get(1..).unwrap_or_default();
+    std::iter::from_fn(move || {
+        if rest.len() < 2 {
+            return None;
+        }
+        let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        let nal = rest.get(2..2 + len)?;
+        rest = &rest[2 + len..];
+        Some(nal)
+    })
+}
+
 /// RTP payloads for one access unit, in order; the last one carries the marker bit.
 pub fn packetize(avcc: &[u8], sps: &[u8], pps: &[u8], mtu: usize) -> Vec<Arc<[u8]>> {
     let mut out: Vec<Arc<[u8]>> = Vec::new();

@@ -98,7 +98,8 @@ const TCP_QUEUE: usize = 512;
 /// A TCP connection must name its session (a STUN request) within this time.
 const TCP_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where peers send: the shared UDP socket, and the writers of ICE-TCP connections.
+/// Where peers send: the shared UDP socket, and the writers of ICE-TCP connections (which
+/// take packets already framed).
 pub(crate) struct Io {
     udp: UdpSocket,
     tcp: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
@@ -114,7 +115,11 @@ impl Io {
             }
             _ => {
                 if let Some(tx) = self.tcp.lock().get(&t.destination) {
-                    let _ = tx.try_send(t.contents.to_vec());
+                    // RFC 4571 framing, built here so the packet is copied once.
+                    let mut framed = Vec::with_capacity(2 + t.contents.len());
+                    framed.extend_from_slice(&(t.contents.len() as u16).to_be_bytes());
+                    framed.extend_from_slice(&t.contents);
+                    let _ = tx.try_send(framed);
                 }
             }
         }
@@ -292,10 +297,7 @@ impl WebRtc {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
         self.io.tcp.lock().insert(from, tx);
         let writer = async move {
-            while let Some(packet) = rx.recv().await {
-                let mut framed = Vec::with_capacity(2 + packet.len());
-                framed.extend_from_slice(&(packet.len() as u16).to_be_bytes());
-                framed.extend_from_slice(&packet);
+            while let Some(framed) = rx.recv().await {
                 wr.write_all(&framed).await?;
             }
             Ok::<(), std::io::Error>(())
@@ -749,7 +751,6 @@ impl WhepPeer {
     fn steer_layers(&mut self) {
         let l = &mut self.layers;
         let Some(chooser) = &l.chooser else { return };
-        let target = chooser.target().rid.clone();
         let desired = chooser.desired_bps();
         if desired != l.desired_bps {
             l.desired_bps = desired;
@@ -758,12 +759,15 @@ impl WhepPeer {
                 .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
         }
         let l = &mut self.layers;
+        let Some(chooser) = &l.chooser else { return };
+        let target = chooser.target().rid.as_str();
         let have = |s: &Option<LayerSub>| s.as_ref().is_some_and(|s| s.rid == target);
-        let opening = l.opening.as_ref().is_some_and(|(r, _)| *r == target);
+        let opening = l.opening.as_ref().is_some_and(|(r, _)| r == target);
         let failed_lately = l.open_failed.is_some_and(|t| t.elapsed() < LAYER_RETRY);
         if have(&l.current) || have(&l.next) || opening || failed_lately {
             return;
         }
+        let target = target.to_string();
         l.next = None;
         let (tx, rx) = oneshot::channel();
         let (hub, key) = (l.hub.clone(), l.stream.layer(&target));

@@ -270,7 +270,11 @@ impl WhipPeer {
             }
             let mut changed = false;
             if let (Some(sps), Some(pps)) = (&f.sps, &f.pps) {
-                if video.sps_pps.as_ref() != Some(&(sps.clone(), pps.clone())) {
+                let known = video
+                    .sps_pps
+                    .as_ref()
+                    .is_some_and(|(s, p)| s == sps && p == pps);
+                if !known {
                     changed |= configure_h264(video, sps, pps);
                 }
             }
