@@ -14,6 +14,14 @@ use std::time::Duration;
 
 use common::*;
 
+/// Serializes this file's tests: each loads the 2-core machine (a browser, 200 viewers, a
+/// simulcast encoder) and their timing-based outcomes (bandwidth estimates, 200 DTLS
+/// handshakes) suffer when two run at once.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// True inside the namespace (run the test body); false outside, after running the test in
 /// a namespace and checking it passed.
 fn in_private_network(test: &str) -> bool {
@@ -25,6 +33,7 @@ fn in_private_network(test: &str) -> bool {
         assert!(up.success(), "bring loopback up in the namespace");
         return true;
     }
+    let _alone = one_at_a_time();
     let exe = std::env::current_exe().unwrap();
     let status = Command::new("unshare")
         .args(["-n", "--"])
@@ -488,8 +497,11 @@ fn whep_late_joiner_starts_from_the_cached_keyframe() {
     assert!(v["firstFrameMs"].as_f64().is_some(), "{v}");
 }
 
+// The guard only keeps other tests of this file out; each test has its own runtime.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_simultaneous_whep_joins_all_reach_media() {
+    let _alone = one_at_a_time();
     let node = tokio::task::spawn_blocking(webrtc_node).await.unwrap();
     let _p = tokio::task::block_in_place(|| publish_for_webrtc(&node, "many"));
     let http = node.http;
@@ -551,8 +563,11 @@ fn vp8_from_chromium_plays_over_whep_and_is_refused_over_rtmp_and_flv() {
     assert!(node.log().contains("RTMP and HTTP-FLV carry H.264 only"));
 }
 
+// The guard only keeps other tests of this file out; each test has its own runtime.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announced_addresses_and_ice_servers_reach_the_client() {
+    let _alone = one_at_a_time();
     // Listen on every address, announce loopback, hand out a STUN and a TURN server.
     let udp = free_port();
     let mut spec = NodeSpec::standalone();
