@@ -18,6 +18,7 @@
 //! and timestamps starting at random values) and SRTP.
 
 pub mod assemble;
+mod batch;
 pub mod client;
 pub mod demux;
 pub mod h264;
@@ -102,10 +103,61 @@ const TCP_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// take packets already framed).
 pub(crate) struct Io {
     udp: UdpSocket,
+    /// Batched (GSO) sends on `udp`.
+    udp_state: quinn_udp::UdpSocketState,
     tcp: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
 }
 
 impl Io {
+    fn new(udp: UdpSocket) -> std::io::Result<Io> {
+        let udp_state = quinn_udp::UdpSocketState::new((&udp).into())?;
+        // quinn-udp turns on receive offload (UDP_GRO), which would hand the reader several
+        // datagrams in one buffer; this socket's reader takes them one at a time.
+        disable_udp_gro(&udp);
+        Ok(Io {
+            udp,
+            udp_state,
+            tcp: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sends one of a peer's packets: UDP ones join this thread's GSO batch ([`batch`]),
+    /// which [`Io::flush`] must send before the peer waits.
+    fn transmit(&self, t: &str0m::net::Transmit) {
+        if t.proto != Protocol::Udp {
+            return self.send(t);
+        }
+        let max_segments = self.udp_state.max_gso_segments();
+        batch::BATCH.with_borrow_mut(|b| {
+            if !b.push(t.destination, &t.contents, max_segments) {
+                self.send_batch(b);
+                b.push(t.destination, &t.contents, max_segments);
+            }
+        });
+    }
+
+    /// Sends this thread's batch.
+    fn flush(&self) {
+        batch::BATCH.with_borrow_mut(|b| self.send_batch(b));
+    }
+
+    fn send_batch(&self, b: &mut batch::Batch) {
+        if let Some((destination, contents, segment_size)) = b.contents() {
+            let t = quinn_udp::Transmit {
+                destination,
+                ecn: None,
+                contents,
+                segment_size,
+                src_ip: None,
+            };
+            // As in `send`: a full socket buffer drops the packets.
+            let _ = self.udp.try_io(tokio::io::Interest::WRITABLE, || {
+                self.udp_state.send((&self.udp).into(), &t)
+            });
+        }
+        b.clear();
+    }
+
     /// Sends without waiting: a full socket buffer or connection queue drops the packet, as
     /// a congested link would, and NACK/RTX repairs it.
     fn send(&self, t: &str0m::net::Transmit) {
@@ -135,6 +187,15 @@ struct SessionEntry {
     stream: StreamKey,
     ufrag: String,
     cancel: CancellationToken,
+}
+
+/// What a negotiated peer is, for the extensions and estimator it gets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PeerKind {
+    Publisher,
+    Viewer,
+    /// A viewer of a simulcast stream: its layer follows its bandwidth estimate (TWCC).
+    SimulcastViewer,
 }
 
 /// A created WHEP/WHIP session.
@@ -183,10 +244,7 @@ impl WebRtc {
             .generate_certificate()
             .ok_or_else(|| anyhow::anyhow!("cannot generate a DTLS certificate"))?;
         let webrtc = Arc::new(WebRtc {
-            io: Arc::new(Io {
-                udp: socket,
-                tcp: Mutex::new(HashMap::new()),
-            }),
+            io: Arc::new(Io::new(socket)?),
             local_addr,
             settings,
             routes: Mutex::new(demux::Routes::default()),
@@ -367,7 +425,12 @@ impl WebRtc {
         let simulcast = sub
             .initial_config()
             .is_some_and(|c| !c.simulcast.is_empty());
-        let (rtc, answer, ufrag) = self.negotiate(offer, simulcast)?;
+        let kind = if simulcast {
+            PeerKind::SimulcastViewer
+        } else {
+            PeerKind::Viewer
+        };
+        let (rtc, answer, ufrag) = self.negotiate(offer, kind)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = WhepPeer {
             video_codec,
@@ -411,7 +474,7 @@ impl WebRtc {
         {
             return Err(WebRtcError::NoVideo("h264/90000, vp8/90000 or opus/48000"));
         }
-        let (rtc, answer, ufrag) = self.negotiate(offer, false)?;
+        let (rtc, answer, ufrag) = self.negotiate(offer, PeerKind::Publisher)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = whip::WhipPeer {
             rtc,
@@ -448,13 +511,26 @@ impl WebRtc {
     /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264, VP8, Opus). `bwe`
     /// estimates the peer's bandwidth from its TWCC feedback (simulcast viewers only: the
     /// estimator also paces video to the estimate).
-    fn negotiate(&self, offer: &str, bwe: bool) -> Result<(Rtc, String, String), WebRtcError> {
+    fn negotiate(&self, offer: &str, kind: PeerKind) -> Result<(Rtc, String, String), WebRtcError> {
         let offer =
             SdpOffer::from_sdp_string(offer).map_err(|e| WebRtcError::BadOffer(e.to_string()))?;
         let ufrag = random_token(16);
         let mut builder = Rtc::builder();
-        if bwe {
-            builder = builder.enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)));
+        match kind {
+            PeerKind::SimulcastViewer => {
+                builder = builder.enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)));
+            }
+            // Nothing reads a plain viewer's bandwidth: without transport-cc every packet
+            // it is sent is a header extension shorter and is not logged for feedback, and
+            // the viewer sends no feedback to parse. The mid keeps BUNDLE demuxing simple.
+            PeerKind::Viewer => {
+                builder = builder
+                    .clear_extension_map()
+                    .set_extension(4, str0m::rtp::Extension::RtpMid);
+            }
+            // Publishers keep the standard extensions: their encoders adapt to our
+            // transport-cc feedback, and simulcast needs rid.
+            PeerKind::Publisher => {}
         }
         let mut rtc = builder
             .set_ice_lite(true)
@@ -563,6 +639,30 @@ fn random_token(len: usize) -> String {
     (0..len)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect()
+}
+
+/// Turns off `UDP_GRO` on `socket` (Linux; elsewhere there is nothing to turn off).
+fn disable_udp_gro(socket: &UdpSocket) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let off: libc::c_int = 0;
+        // SAFETY: a valid socket descriptor and an int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            debug!("webrtc: UDP_GRO off: {}", std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
 }
 
 /// Per-viewer RTP numbering: random starts, then continuous whatever the source does.
@@ -837,15 +937,19 @@ impl WhepPeer {
         }
     }
 
-    /// Sends what str0m has to send and handles its events; returns its next timeout.
+    /// Sends what str0m has to send (in GSO batches) and handles its events; returns its
+    /// next timeout.
     fn drain(&mut self) -> Result<Instant, str0m::RtcError> {
-        loop {
-            match self.rtc.poll_output()? {
-                Output::Timeout(t) => return Ok(t),
-                Output::Transmit(t) => self.io.send(&t),
-                Output::Event(ev) => self.on_event(ev),
+        let next = loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => break Ok(t),
+                Ok(Output::Transmit(t)) => self.io.transmit(&t),
+                Ok(Output::Event(ev)) => self.on_event(ev),
+                Err(e) => break Err(e),
             }
-        }
+        };
+        self.io.flush();
+        next
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -966,7 +1070,11 @@ fn write_frame(
 }
 
 /// The negotiated payload of `codec` on an m-line (H.264 only with packetization-mode 1).
-fn negotiated(rtc: &Rtc, mid: Mid, codec: RtcCodec) -> Option<str0m::format::PayloadParams> {
+pub(crate) fn negotiated(
+    rtc: &Rtc,
+    mid: Mid,
+    codec: RtcCodec,
+) -> Option<str0m::format::PayloadParams> {
     let media = rtc.media(mid)?;
     let params = rtc.codec_config().params();
     media.remote_pts().iter().find_map(|pt| {
