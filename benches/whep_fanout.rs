@@ -1,48 +1,119 @@
-//! WHEP fan-out benchmark (meshcast side): one 720p30 H.264 (no B-frames) + AAC RTMP
-//! publish, N WHEP viewers from the project's str0m-based client
-//! (`meshcast::webrtc::client`), on one machine. Reports the SRTP packets the viewers
-//! received per second, server CPU per packet (µs) and packets per server core-second, and
-//! RSS per viewer. The side-by-side run against Janus is not built yet.
+//! WHEP fan-out benchmark: meshcast and Janus side by side, fed the same RTP.
+//!
+//! One `ffmpeg` feeder sends a pre-encoded 720p30 H.264 (~1.5 Mb/s, no B-frames, 2 s GOP,
+//! 1100-byte payloads) + Opus 64 kb/s stream as RTP, packet for packet the same to each
+//! server: straight into Janus's streaming plugin mountpoint, and for meshcast into a WHIP
+//! session (`meshcast::webrtc::client::publish_rtp` relays each packet unchanged on its own
+//! thread). Then N viewers from the project's str0m client (`meshcast::webrtc::client`:
+//! recvonly audio + video, ICE/DTLS/SRTP, counts RTP) join in waves of 50, all on one thread
+//! of this process, so they compete with the server for the machine's two cores. After the
+//! joins, a window is measured: RTP packets the viewers received, server CPU (user + system
+//! from /proc) per packet and packets per server core-second, RSS per viewer over the
+//! server's publisher-only RSS. The servers run one after the other, each alone.
+//!
+//! Janus (Debian `janus` 1.1) runs with the streaming plugin and the HTTP transport only,
+//! ICE-lite, no trickle; its viewers use its HTTP API (one session, a handle per viewer,
+//! offer from Janus, answer from the viewer). Janus never gathers candidates on a loopback
+//! interface, so the benchmark re-runs itself in a private network namespace
+//! (`unshare -n`, root) with a veth end on 127.0.0.2 (docs/janus-benchmark-notes.md).
 //!
 //! Run: `cargo bench --bench whep_fanout`. Environment: `VIEWERS=100,500,1000`,
-//! `SECONDS=15`.
-//!
-//! The viewers run in this process on one thread, so they compete with the server for the
-//! machine's two cores: at high N the server cannot get more than about one core.
+//! `SECONDS=15`, `SERVERS=meshcast,janus`, `JANUS_EVENT_LOOPS=0` (0: Janus's default, a
+//! thread per viewer; N: N shared GLib loops).
 
 mod common;
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use common::janus::{self, Janus};
 use common::{
     build_meshcast, cpu_seconds, free_port, rss_kb, viewers_from_env, wait_port, window_from_env,
 };
-use std::time::{Duration, Instant};
+use meshcast::webrtc::client::{self, PlayOptions};
+
+const IN_NAMESPACE: &str = "MESHCAST_BENCH_NETNS";
 
 fn main() {
+    if std::env::var_os(IN_NAMESPACE).is_none() {
+        // Re-run in a private network namespace, with room for a socket per viewer.
+        let status = Command::new("unshare")
+            .args([
+                "-n",
+                "--",
+                "sh",
+                "-c",
+                "ulimit -n \"$(ulimit -Hn)\" && exec \"$0\" \"$@\"",
+            ])
+            .arg(std::env::current_exe().unwrap())
+            .args(std::env::args_os().skip(1))
+            .env(IN_NAMESPACE, "1")
+            .status()
+            .expect("unshare (util-linux; needs root)");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    janus::set_up_namespace();
     let viewers = viewers_from_env("100,500,1000");
     let window = window_from_env(15);
+    let servers = std::env::var("SERVERS").unwrap_or_else(|_| "meshcast,janus".into());
+    let event_loops: usize = std::env::var("JANUS_EVENT_LOOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("whep_fanout");
     std::fs::create_dir_all(&work).unwrap();
     let source = make_source(&work);
     let bin = build_meshcast();
     println!(
-        "# WHEP fan-out: 720p30 H.264 ~1.5 Mb/s + audio (AAC bridged to Opus), window {}s",
+        "# WHEP fan-out: 720p30 H.264 ~1.5 Mb/s + Opus 64 kb/s as RTP, window {}s, Janus event_loops = {event_loops}",
         window.as_secs()
     );
-    println!("| viewers | connected | packets/s delivered | server CPU % | µs per packet | packets per core-second | RSS KB / viewer |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| server | viewers | connected | packets/s delivered | server CPU % | µs per packet | packets per core-second | RSS KB / viewer |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
     for n in viewers {
-        let r = run(&bin, &work, &source, n, window);
+        for server in servers.split(',').map(str::trim) {
+            let r = match server {
+                "meshcast" => run_meshcast(&bin, &work, &source, n, window),
+                "janus" => run_janus(&work, &source, n, window, event_loops),
+                other => panic!("unknown server {other} (meshcast, janus)"),
+            };
+            println!(
+                "| {server} | {n} | {} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.1} |",
+                r.connected,
+                r.packets_per_s,
+                r.cpu_percent,
+                r.us_per_packet,
+                r.packets_per_core_s,
+                r.rss_kb_per_viewer
+            );
+            rows.push((server.to_string(), n, r));
+        }
+    }
+    let find = |s: &str, n: usize| rows.iter().find(|r| r.0 == s && r.1 == n).map(|r| &r.2);
+    let ns: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    let mut printed_header = false;
+    for (i, &n) in ns.iter().enumerate() {
+        if ns[..i].contains(&n) {
+            continue;
+        }
+        let (Some(m), Some(j)) = (find("meshcast", n), find("janus", n)) else {
+            continue;
+        };
+        if !printed_header {
+            println!();
+            println!("| viewers | packets per core-second, meshcast / Janus | RSS per viewer, meshcast / Janus |");
+            println!("|---|---|---|");
+            printed_header = true;
+        }
         println!(
-            "| {n} | {} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.1} |",
-            r.connected,
-            r.packets_per_s,
-            r.cpu_percent,
-            r.us_per_packet,
-            r.packets_per_core_s,
-            r.rss_kb_per_viewer
+            "| {n} | {:.2} | {:.2} |",
+            m.packets_per_core_s / j.packets_per_core_s.max(1e-9),
+            m.rss_kb_per_viewer / j.rss_kb_per_viewer.max(1e-9)
         );
     }
 }
@@ -56,74 +127,143 @@ struct RunResult {
     rss_kb_per_viewer: f64,
 }
 
-fn run(bin: &Path, work: &Path, source: &Path, n: usize, window: Duration) -> RunResult {
-    let rtmp = free_port();
+fn run_meshcast(bin: &Path, work: &Path, source: &Path, n: usize, window: Duration) -> RunResult {
     let http = free_port();
     let udp = free_port();
     let config = work.join("meshcast.toml");
-    let mut server = common::start_meshcast(
+    let server = Proc(common::start_meshcast(
         bin,
         &config,
         &format!(
-            "[node]\nid = \"bench\"\n[rtmp]\nlisten = \"127.0.0.1:{rtmp}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[webrtc]\nlisten = \"127.0.0.1:{udp}\"\n[backbone]\nlisten = \"off\"\n"
+            "[node]\nid = \"bench\"\n[rtmp]\nlisten = \"127.0.0.1:{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[webrtc]\nlisten = \"127.0.0.1:{udp}\"\n[backbone]\nlisten = \"off\"\n",
+            free_port()
         ),
-    );
-    let pid = server.id();
+    ));
     wait_port(http);
-    let mut publisher =
-        common::loop_publisher(source, &format!("rtmp://127.0.0.1:{rtmp}/live/bench"));
+    let http_addr = SocketAddr::from(([127, 0, 0, 1], http));
+    // The WHIP publisher relays the feeder's RTP on a thread of its own, so that the viewers'
+    // thread cannot delay the server's input.
+    let video = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let audio = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (vport, aport) = (
+        video.local_addr().unwrap().port(),
+        audio.local_addr().unwrap().port(),
+    );
+    let stay = stay(n, window);
+    let publisher = std::thread::spawn(move || {
+        current_thread().block_on(async move {
+            video.set_nonblocking(true).unwrap();
+            audio.set_nonblocking(true).unwrap();
+            let video = tokio::net::UdpSocket::from_std(video).unwrap();
+            let audio = tokio::net::UdpSocket::from_std(audio).unwrap();
+            client::publish_rtp(
+                http_addr,
+                "/whip/live/bench",
+                video,
+                audio,
+                stay + Duration::from_secs(5),
+            )
+            .await
+        })
+    });
+    let feeder = feeder(source, vport, aport);
+    let r = measure(&current_thread(), server.0.id(), n, window, |opts| {
+        tokio::spawn(async move {
+            client::play_with(http_addr, "/whep/live/bench", &opts)
+                .await
+                .ok()
+        })
+    });
+    drop(feeder);
+    drop(server);
+    match publisher.join() {
+        Ok(Ok(p)) if p.connected && p.video_packets > 0 => {}
+        other => eprintln!("WHIP publisher: {other:?}"),
+    }
+    r
+}
+
+fn run_janus(
+    work: &Path,
+    source: &Path,
+    n: usize,
+    window: Duration,
+    event_loops: usize,
+) -> RunResult {
+    let server = Janus::start(work, event_loops);
+    let feeder = feeder(source, janus::VIDEO_PORT, janus::AUDIO_PORT);
+    let rt = current_thread();
+    let session = Arc::new(rt.block_on(janus::Session::create(server.http)));
+    let s = session.clone();
+    let r = measure(&rt, server.pid(), n, window, move |opts| {
+        let session = s.clone();
+        tokio::spawn(async move {
+            let (handle, offer) = session.watch().await?;
+            let (answer, viewer) = client::answer(&offer, janus::viewer_ip()).await.ok()?;
+            session.start(handle, &answer).await;
+            viewer.run(&opts).await.ok()
+        })
+    });
+    if let Some(s) = Arc::into_inner(session) {
+        rt.block_on(s.destroy());
+    }
+    drop(feeder);
+    drop(server);
+    r
+}
+
+/// How long each of `n` viewers stays: the joins, two seconds to settle, the window.
+fn stay(n: usize, window: Duration) -> Duration {
+    Duration::from_millis(200) * (n as u32).div_ceil(50) + Duration::from_secs(3) + window
+}
+
+/// Joins `n` viewers (`spawn` starts one) in waves of 50 and measures the window.
+fn measure<F>(
+    rt: &tokio::runtime::Runtime,
+    pid: u32,
+    n: usize,
+    window: Duration,
+    spawn: F,
+) -> RunResult
+where
+    F: Fn(PlayOptions) -> tokio::task::JoinHandle<Option<client::WhepStats>>,
+{
+    // Settle: the feeder running, the server holding the stream.
     std::thread::sleep(Duration::from_secs(3));
     let rss0 = rss_kb(pid);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-    // Join in waves of 50; every viewer stays for the joins plus the window.
-    let join_time = Duration::from_millis(200) * (n as u32).div_ceil(50);
-    let (stats, cpu, elapsed, rss1) = rt.block_on(async {
+    let packets = Arc::new(AtomicU64::new(0));
+    let opts = PlayOptions {
+        duration: stay(n, window),
+        via: None,
+        packets: Some(packets.clone()),
+    };
+    let (stats, cpu, window_packets, elapsed, rss1) = rt.block_on(async {
         let mut tasks = Vec::new();
         for wave in 0..n.div_ceil(50) {
             for _ in 0..50.min(n - wave * 50) {
-                let stay = join_time + window + Duration::from_secs(2);
-                tasks.push(tokio::spawn(meshcast::webrtc::client::play(
-                    http_addr,
-                    "/whep/live/bench",
-                    stay,
-                )));
+                tasks.push(spawn(opts.clone()));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let cpu0 = cpu_seconds(pid);
+        let (cpu0, p0) = (cpu_seconds(pid), packets.load(Ordering::Relaxed));
         let t0 = Instant::now();
         tokio::time::sleep(window).await;
         let cpu = cpu_seconds(pid) - cpu0;
+        let window_packets = packets.load(Ordering::Relaxed) - p0;
         let elapsed = t0.elapsed();
         let rss1 = rss_kb(pid);
         let mut stats = Vec::new();
         for t in tasks {
-            if let Ok(Ok(s)) = t.await {
+            if let Ok(Some(s)) = t.await {
                 stats.push(s);
             }
         }
-        (stats, cpu, elapsed, rss1)
+        (stats, cpu, window_packets as f64, elapsed, rss1)
     });
-    let _ = publisher.kill();
-    let _ = publisher.wait();
-    let _ = server.kill();
-    let _ = server.wait();
-    // Packets per second over each viewer's whole stay, summed: a steady-state estimate.
-    let stay = (join_time + window + Duration::from_secs(2)).as_secs_f64();
-    let packets: u64 = stats
-        .iter()
-        .map(|s| s.video_packets + s.audio_packets)
-        .sum();
-    let packets_per_s = packets as f64 / stay;
-    let window_packets = packets_per_s * elapsed.as_secs_f64();
     RunResult {
         connected: stats.iter().filter(|s| s.connected).count(),
-        packets_per_s,
+        packets_per_s: window_packets / elapsed.as_secs_f64(),
         cpu_percent: cpu / elapsed.as_secs_f64() * 100.0,
         us_per_packet: cpu * 1e6 / window_packets.max(1.0),
         packets_per_core_s: window_packets / cpu.max(1e-9),
@@ -131,8 +271,65 @@ fn run(bin: &Path, work: &Path, source: &Path, n: usize, window: Duration) -> Ru
     }
 }
 
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Sends `source` as RTP in real time, looping, without re-encoding: H.264 (PT 96, 1100-byte
+/// payloads like meshcast's own packetizer) to `video`, Opus (PT 111) to `audio`.
+fn feeder(source: &Path, video: u16, audio: u16) -> Proc {
+    let ip = IpAddr::from([127, 0, 0, 1]);
+    let child = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin"])
+        .args(["-re", "-stream_loop", "-1", "-i"])
+        .arg(source)
+        .args([
+            "-map",
+            "0:v",
+            "-c",
+            "copy",
+            "-f",
+            "rtp",
+            "-payload_type",
+            "96",
+        ])
+        .args(["-ssrc", "1111", "-pkt_size", "1112"])
+        .arg(format!("rtp://{ip}:{video}"))
+        .args([
+            "-map",
+            "0:a",
+            "-c",
+            "copy",
+            "-f",
+            "rtp",
+            "-payload_type",
+            "111",
+        ])
+        .args(["-ssrc", "2222"])
+        .arg(format!("rtp://{ip}:{audio}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("ffmpeg");
+    Proc(child)
+}
+
+/// A child process killed (by its PID) when dropped, even when the benchmark panics.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// 30 s of 720p30 H.264 (constrained baseline, no B-frames, SPS/PPS before every IDR) + Opus
+/// in MPEG-TS, encoded once per work directory.
 fn make_source(work: &Path) -> PathBuf {
-    let path = work.join("source-720p-nobf.flv");
+    let path = work.join("source-720p-opus.ts");
     if path.exists() {
         return path;
     }
@@ -140,11 +337,10 @@ fn make_source(work: &Path) -> PathBuf {
         .args(["-hide_banner", "-loglevel", "error", "-y"])
         .args(["-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30"])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
-        .args([
-            "-t", "30", "-c:v", "libx264", "-preset", "veryfast", "-bf", "0", "-g", "60",
-        ])
+        .args(["-t", "30", "-c:v", "libx264", "-profile:v", "baseline"])
+        .args(["-preset", "veryfast", "-bf", "0", "-g", "60"])
         .args(["-b:v", "1500k", "-maxrate", "1500k", "-bufsize", "1500k"])
-        .args(["-c:a", "aac", "-b:a", "96k", "-f", "flv"])
+        .args(["-c:a", "libopus", "-b:a", "64k", "-ac", "2", "-f", "mpegts"])
         .arg(&path)
         .status()
         .unwrap();

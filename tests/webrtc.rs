@@ -770,6 +770,7 @@ fn simulcast_from_chromium_gives_each_whep_viewer_the_layer_its_bandwidth_fits()
     let play = |via| meshcast::webrtc::client::PlayOptions {
         duration: Duration::from_secs(20),
         via,
+        packets: None,
     };
     let (wide, narrow) = rt.block_on(async {
         let wide = play(None);

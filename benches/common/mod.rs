@@ -5,6 +5,7 @@
 
 #[path = "../../tests/common/http.rs"]
 pub mod http;
+pub mod janus;
 #[path = "../../tests/common/nginx.rs"]
 pub mod nginx;
 #[path = "../../tests/common/ports.rs"]
@@ -15,7 +16,13 @@ use std::time::{Duration, Instant};
 
 /// Builds `meshcast` in release mode and returns its path.
 pub fn build_meshcast() -> PathBuf {
+    // Without the variables cargo set for this run: some build scripts (ring's) watch them,
+    // and a change would rebuild the dependencies on every run.
     let status = std::process::Command::new(env!("CARGO"))
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| {
+            !k.starts_with("CARGO_") || k == "CARGO_HOME" || k == "CARGO_TARGET_DIR"
+        }))
         .args(["build", "--release", "--bin", "meshcast"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
@@ -135,17 +142,22 @@ pub fn loop_publisher(source: &Path, url: &str) -> std::process::Child {
         .expect("ffmpeg")
 }
 
-/// Writes `config` to `path` and runs `bin` on it (logging warnings only). The benchmark's
+/// Writes `config` to `path` and runs `bin` on it (logging warnings only, to `path` with the
+/// extension `log`). The benchmark's
 /// `SERVER_MALLOC_ARENA_MAX`, if set, is passed to the server as `MALLOC_ARENA_MAX`.
 pub fn start_meshcast(bin: &Path, path: &Path, config: &str) -> std::process::Child {
     std::fs::write(path, config).unwrap();
+    let log = std::fs::File::create(path.with_extension("log")).unwrap();
     std::process::Command::new(bin)
         .args(["run", "--config"])
         .arg(path)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .envs(std::env::var("SERVER_MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .unwrap()
 }

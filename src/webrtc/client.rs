@@ -1,14 +1,24 @@
-//! A minimal WHEP viewer on str0m, for tests and load generation: offers recvonly video and
-//! audio, POSTs the offer, then counts the RTP packets it receives and notes the H.264
-//! picture sizes it is sent. Many can run in one process, each with its own UDP socket on
-//! loopback. Being str0m, it sends TWCC feedback, so the server can estimate its bandwidth.
+//! Minimal str0m WebRTC peers for tests and load generation, many per process, each with its
+//! own UDP socket on loopback:
+//!
+//! * a WHEP viewer ([`play`]): offers recvonly video and audio, POSTs the offer, then counts
+//!   the RTP packets it receives and notes the H.264 picture sizes it is sent. Being str0m,
+//!   it sends TWCC feedback, so the server can estimate its bandwidth;
+//! * the same viewer answering a server's offer ([`answer`]), for servers such as Janus
+//!   whose viewers receive the offer;
+//! * a WHIP publisher that relays RTP it is sent ([`publish_rtp`]), e.g. by
+//!   `ffmpeg -f rtp`: the same packets a plain RTP server (Janus's streaming plugin) is fed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use str0m::change::{SdpAnswer, SdpPendingOffer};
-use str0m::media::{Direction, MediaKind};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec as RtcCodec;
+use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -45,6 +55,9 @@ pub struct PlayOptions {
     /// Send to (and receive from) this address instead of the server's candidate: a relay
     /// in front of the server (e.g. one that limits bandwidth).
     pub via: Option<SocketAddr>,
+    /// Also counts every RTP packet received here (shared by many viewers, read while they
+    /// run: a load generator's measurement window).
+    pub packets: Option<Arc<AtomicU64>>,
 }
 
 /// Plays `path` (e.g. `/whep/live/demo`) from the node at `http` for `duration`.
@@ -56,6 +69,7 @@ pub async fn play(
     let opts = PlayOptions {
         duration,
         via: None,
+        packets: None,
     };
     play_with(http, path, &opts).await
 }
@@ -66,11 +80,7 @@ pub async fn play_with(
     path: &str,
     opts: &PlayOptions,
 ) -> Result<WhepStats, WhepClientError> {
-    let duration = opts.duration;
-    // The server's address as str0m knows it, when talking through `opts.via`.
-    let mut server = None;
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
-    let local = socket.local_addr()?;
+    let (socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
     let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
     let mut api = rtc.sdp_api();
@@ -84,35 +94,164 @@ pub async fn play_with(
     rtc.sdp_api()
         .accept_answer(pending, answer)
         .map_err(rtc_err)?;
+    Viewer {
+        rtc,
+        socket,
+        local,
+        started,
+    }
+    .run(opts)
+    .await
+}
 
-    let mut stats = WhepStats::default();
+/// A viewer whose offer/answer exchange is done; [`Viewer::run`] receives media.
+pub struct Viewer {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    started: Instant,
+}
+
+/// Answers a server's offer (recvonly for what it sends) from a socket on `ip`; returns the
+/// answer SDP to hand the server, and the viewer to run once it has it.
+pub async fn answer(offer: &str, ip: IpAddr) -> Result<(String, Viewer), WhepClientError> {
+    let (socket, local) = bind(ip).await?;
+    let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
+    let offer = SdpOffer::from_sdp_string(offer).map_err(rtc_err)?;
+    let answer = rtc.sdp_api().accept_offer(offer).map_err(rtc_err)?;
+    let viewer = Viewer {
+        rtc,
+        socket,
+        local,
+        started: Instant::now(),
+    };
+    Ok((answer.to_sdp_string(), viewer))
+}
+
+impl Viewer {
+    /// Receives for `opts.duration`, counting what arrives.
+    pub async fn run(mut self, opts: &PlayOptions) -> Result<WhepStats, WhepClientError> {
+        let rtc = &mut self.rtc;
+        // The server's address as str0m knows it, when talking through `opts.via`.
+        let mut server = None;
+        let mut stats = WhepStats::default();
+        let deadline = Instant::now() + opts.duration;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let timeout = loop {
+                match rtc.poll_output().map_err(rtc_err)? {
+                    Output::Timeout(t) => break t,
+                    Output::Transmit(t) => {
+                        server = Some(t.destination);
+                        let to = opts.via.unwrap_or(t.destination);
+                        let _ = self.socket.send_to(&t.contents, to).await;
+                    }
+                    Output::Event(Event::Connected) => stats.connected = true,
+                    Output::Event(Event::RtpPacket(p)) => {
+                        if let Some(c) = &opts.packets {
+                            c.fetch_add(1, Ordering::Relaxed);
+                        }
+                        stats.bytes += p.payload.len() as u64;
+                        // Video uses the 90 kHz clock, audio 48 kHz.
+                        if p.time.frequency().get() == 90_000 {
+                            stats.video_packets += 1;
+                            stats.first_video.get_or_insert(self.started.elapsed());
+                            if let Some(size) = sps_size(&p.payload) {
+                                if stats.video_sizes.last() != Some(&size) {
+                                    stats.video_sizes.push(size);
+                                }
+                            }
+                        } else {
+                            stats.audio_packets += 1;
+                        }
+                    }
+                    Output::Event(_) => {}
+                }
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(stats);
+            }
+            let wait = timeout.min(deadline).saturating_duration_since(now);
+            match tokio::time::timeout(wait, self.socket.recv_from(&mut buf)).await {
+                Ok(Ok((n, from))) => {
+                    let from = match (opts.via, server) {
+                        (Some(via), Some(server)) if from == via => server,
+                        _ => from,
+                    };
+                    if let Ok(r) = Receive::new(Protocol::Udp, from, self.local, &buf[..n]) {
+                        rtc.handle_input(Input::Receive(Instant::now(), r))
+                            .map_err(rtc_err)?;
+                    }
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => rtc
+                    .handle_input(Input::Timeout(Instant::now()))
+                    .map_err(rtc_err)?,
+            }
+        }
+    }
+}
+
+/// What a [`publish_rtp`] publisher sent.
+#[derive(Clone, Debug, Default)]
+pub struct PublishStats {
+    pub connected: bool,
+    pub video_packets: u64,
+    pub audio_packets: u64,
+}
+
+/// Publishes over WHIP to `path` (e.g. `/whip/live/demo`) the RTP arriving on `video`
+/// (H.264, packetization mode 1) and `audio` (Opus) for `duration`, packet for packet:
+/// payloads, sequence numbers, timestamps and marker bits as received, on the negotiated
+/// payload types. Packets arriving before the connection is up are dropped.
+pub async fn publish_rtp(
+    http: SocketAddr,
+    path: &str,
+    video: UdpSocket,
+    audio: UdpSocket,
+    duration: Duration,
+) -> Result<PublishStats, WhepClientError> {
+    let (socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
+    let mut rtc = Rtc::builder()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_h264(true)
+        .enable_opus(true, false)
+        .build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
+    let mut api = rtc.sdp_api();
+    let video_mid = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+    let audio_mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let (offer, pending) = api.apply().ok_or_else(|| rtc_err("nothing to offer"))?;
+    let answer = post_sdp(http, path, &offer.to_sdp_string()).await?;
+    let answer = SdpAnswer::from_sdp_string(&answer).map_err(rtc_err)?;
+    rtc.sdp_api()
+        .accept_answer(pending, answer)
+        .map_err(rtc_err)?;
+    let video_pt = super::negotiated(&rtc, video_mid, RtcCodec::H264)
+        .ok_or_else(|| rtc_err("no H.264 (packetization mode 1) in the answer"))?
+        .pt();
+    let audio_pt = super::negotiated(&rtc, audio_mid, RtcCodec::Opus)
+        .ok_or_else(|| rtc_err("no Opus in the answer"))?
+        .pt();
+
+    let mut stats = PublishStats::default();
+    let mut tracks = [
+        RelayTrack::new(video_mid, video_pt),
+        RelayTrack::new(audio_mid, audio_pt),
+    ];
     let deadline = Instant::now() + duration;
-    let mut buf = vec![0u8; 2048];
+    let (mut buf, mut vbuf, mut abuf) = (vec![0u8; 2048], vec![0u8; 2048], vec![0u8; 2048]);
     loop {
         let timeout = loop {
             match rtc.poll_output().map_err(rtc_err)? {
                 Output::Timeout(t) => break t,
                 Output::Transmit(t) => {
-                    server = Some(t.destination);
-                    let to = opts.via.unwrap_or(t.destination);
-                    let _ = socket.send_to(&t.contents, to).await;
+                    let _ = socket.send_to(&t.contents, t.destination).await;
                 }
                 Output::Event(Event::Connected) => stats.connected = true,
-                Output::Event(Event::RtpPacket(p)) => {
-                    stats.bytes += p.payload.len() as u64;
-                    // Video uses the 90 kHz clock, audio 48 kHz.
-                    if p.time.frequency().get() == 90_000 {
-                        stats.video_packets += 1;
-                        stats.first_video.get_or_insert(started.elapsed());
-                        if let Some(size) = sps_size(&p.payload) {
-                            if stats.video_sizes.last() != Some(&size) {
-                                stats.video_sizes.push(size);
-                            }
-                        }
-                    } else {
-                        stats.audio_packets += 1;
-                    }
-                }
                 Output::Event(_) => {}
             }
         };
@@ -121,25 +260,113 @@ pub async fn play_with(
             return Ok(stats);
         }
         let wait = timeout.min(deadline).saturating_duration_since(now);
-        match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
-            Ok(Ok((n, from))) => {
-                let from = match (opts.via, server) {
-                    (Some(via), Some(server)) if from == via => server,
-                    _ => from,
-                };
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let (n, from) = r?;
                 if let Ok(r) = Receive::new(Protocol::Udp, from, local, &buf[..n]) {
-                    rtc.handle_input(Input::Receive(Instant::now(), r))
-                        .map_err(rtc_err)?;
+                    rtc.handle_input(Input::Receive(Instant::now(), r)).map_err(rtc_err)?;
                 }
             }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => rtc
-                .handle_input(Input::Timeout(Instant::now()))
-                .map_err(rtc_err)?,
+            r = video.recv(&mut vbuf) => {
+                let n = r?;
+                if stats.connected && tracks[0].relay(&mut rtc, &vbuf[..n]) {
+                    stats.video_packets += 1;
+                }
+            }
+            r = audio.recv(&mut abuf) => {
+                let n = r?;
+                if stats.connected && tracks[1].relay(&mut rtc, &abuf[..n]) {
+                    stats.audio_packets += 1;
+                }
+            }
+            _ = tokio::time::sleep(wait) => {
+                rtc.handle_input(Input::Timeout(Instant::now())).map_err(rtc_err)?;
+            }
         }
     }
 }
 
+/// One relayed RTP stream: its m-line, payload type and extended sequence number.
+struct RelayTrack {
+    mid: Mid,
+    pt: str0m::media::Pt,
+    seq: Option<u64>,
+}
+
+impl RelayTrack {
+    fn new(mid: Mid, pt: str0m::media::Pt) -> Self {
+        Self { mid, pt, seq: None }
+    }
+
+    /// Writes one received RTP packet; false if it is not RTP.
+    fn relay(&mut self, rtc: &mut Rtc, packet: &[u8]) -> bool {
+        let Some(rtp) = parse_rtp(packet) else {
+            return false;
+        };
+        // Extend the 16-bit sequence number across wraps (and small reorderings); the
+        // receiver's SRTP context starts at rollover count 0.
+        let seq = match self.seq {
+            None => u64::from(rtp.seq),
+            Some(last) => {
+                let delta = rtp.seq.wrapping_sub(last as u16) as i16;
+                last.saturating_add_signed(i64::from(delta))
+            }
+        };
+        self.seq = Some(self.seq.map_or(seq, |last| last.max(seq)));
+        let mut api = rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
+            return false;
+        };
+        tx.write_rtp(
+            RtpWrite::new(
+                self.pt,
+                SeqNo::from(seq),
+                rtp.timestamp,
+                Instant::now(),
+                rtp.payload.to_vec(),
+            )
+            .marker(rtp.marker)
+            .nackable(true),
+        );
+        true
+    }
+}
+
+struct RtpView<'a> {
+    marker: bool,
+    seq: u16,
+    timestamp: u32,
+    payload: &'a [u8],
+}
+
+/// The fields of an RTP packet (RFC 3550 §5.1) a relay needs; None if it is not RTP v2.
+fn parse_rtp(p: &[u8]) -> Option<RtpView<'_>> {
+    if p.len() < 12 || p[0] >> 6 != 2 {
+        return None;
+    }
+    let csrcs = usize::from(p[0] & 0x0f) * 4;
+    let mut start = 12 + csrcs;
+    if p[0] & 0x10 != 0 {
+        let words = u16::from_be_bytes([*p.get(start + 2)?, *p.get(start + 3)?]);
+        start += 4 + usize::from(words) * 4;
+    }
+    let mut end = p.len();
+    if p[0] & 0x20 != 0 {
+        end = end.checked_sub(usize::from(*p.last()?))?;
+    }
+    Some(RtpView {
+        marker: p[1] & 0x80 != 0,
+        seq: u16::from_be_bytes([p[2], p[3]]),
+        timestamp: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+        payload: p.get(start..end)?,
+    })
+}
+
+async fn bind(ip: IpAddr) -> Result<(UdpSocket, SocketAddr), WhepClientError> {
+    let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
+    let local = socket.local_addr()?;
+    Ok((socket, local))
+}
 /// The picture size in an H.264 RTP payload carrying an SPS (alone or in a STAP-A).
 fn sps_size(payload: &[u8]) -> Option<(u32, u32)> {
     let is_sps = |n: &&[u8]| n.first().is_some_and(|b| b & 0x1f == 7);
@@ -175,4 +402,25 @@ async fn post_sdp(http: SocketAddr, path: &str, sdp: &str) -> Result<String, Whe
         return Err(WhepClientError::Http(status, body));
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rtp_with_csrcs_extension_and_padding() {
+        let mut p = vec![0xb1, 0xe0, 0x12, 0x34, 0, 0, 0x10, 0, 1, 2, 3, 4];
+        p.extend_from_slice(&[9, 9, 9, 9]); // one CSRC
+        p.extend_from_slice(&[0xbe, 0xde, 0, 1, 0x10, 0xff, 0, 0]); // one extension word
+        p.extend_from_slice(b"payload");
+        p.extend_from_slice(&[0, 0, 3]); // three bytes of padding
+        let rtp = parse_rtp(&p).unwrap();
+        assert!(rtp.marker);
+        assert_eq!(rtp.seq, 0x1234);
+        assert_eq!(rtp.timestamp, 0x1000);
+        assert_eq!(rtp.payload, b"payload");
+        assert!(parse_rtp(&p[..11]).is_none());
+        assert!(parse_rtp(&[0x40; 20]).is_none(), "RTP version 1");
+    }
 }
