@@ -940,8 +940,18 @@ impl WhepPeer {
     /// Sends what str0m has to send (in GSO batches) and handles its events; returns its
     /// next timeout.
     fn drain(&mut self) -> Result<Instant, str0m::RtcError> {
+        // str0m often asks for a timeout that is already due (its send queues want a
+        // fresh look right after media was written): handling it here rather than through
+        // the runtime's timer saves a wake-up per frame. A few rounds at most.
+        let mut due_rounds = 0;
         let next = loop {
             match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) if due_rounds < 4 && t <= Instant::now() => {
+                    due_rounds += 1;
+                    if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) {
+                        break Err(e);
+                    }
+                }
                 Ok(Output::Timeout(t)) => break Ok(t),
                 Ok(Output::Transmit(t)) => self.io.transmit(&t),
                 Ok(Output::Event(ev)) => self.on_event(ev),
