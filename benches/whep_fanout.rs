@@ -18,8 +18,9 @@
 //! (`unshare -n`, root) with a veth end on 127.0.0.2 (docs/janus-benchmark-notes.md).
 //!
 //! Run: `cargo bench --bench whep_fanout`. Environment: `VIEWERS=100,500,1000`,
-//! `SECONDS=15`, `SERVERS=meshcast,janus`, `JANUS_EVENT_LOOPS=0` (0: Janus's default, a
-//! thread per viewer; N: N shared GLib loops).
+//! `SECONDS=15`, `ROUNDS=1` (runs per server and count; the median is printed),
+//! `SERVERS=meshcast,janus`, `JANUS_EVENT_LOOPS=0,2` (Janus is run once per value; 0:
+//! Janus's default, a thread per viewer; N: N shared GLib loops).
 
 mod common;
 
@@ -59,65 +60,117 @@ fn main() {
     janus::set_up_namespace();
     let viewers = viewers_from_env("100,500,1000");
     let window = window_from_env(15);
-    let servers = std::env::var("SERVERS").unwrap_or_else(|_| "meshcast,janus".into());
-    let event_loops: usize = std::env::var("JANUS_EVENT_LOOPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let rounds: usize = env_or("ROUNDS", "1").parse().expect("ROUNDS");
+    // Servers to run: meshcast, and Janus once per event-loop setting.
+    let mut servers = Vec::new();
+    for s in env_or("SERVERS", "meshcast,janus")
+        .split(',')
+        .map(str::trim)
+    {
+        match s {
+            "meshcast" => servers.push(Server::Meshcast),
+            "janus" => {
+                for loops in env_or("JANUS_EVENT_LOOPS", "0,2").split(',') {
+                    servers.push(Server::Janus(
+                        loops.trim().parse().expect("JANUS_EVENT_LOOPS"),
+                    ));
+                }
+            }
+            other => panic!("unknown server {other} (meshcast, janus)"),
+        }
+    }
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("whep_fanout");
     std::fs::create_dir_all(&work).unwrap();
     let source = make_source(&work);
     let bin = build_meshcast();
     println!(
-        "# WHEP fan-out: 720p30 H.264 ~1.5 Mb/s + Opus 64 kb/s as RTP, window {}s, Janus event_loops = {event_loops}",
+        "# WHEP fan-out: 720p30 H.264 ~1.5 Mb/s + Opus 64 kb/s as RTP, window {}s, {rounds} round(s), medians",
         window.as_secs()
     );
-    println!("| server | viewers | connected | packets/s delivered | server CPU % | µs per packet | packets per core-second | RSS KB / viewer |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut rows = Vec::new();
-    for n in viewers {
-        for server in servers.split(',').map(str::trim) {
-            let r = match server {
-                "meshcast" => run_meshcast(&bin, &work, &source, n, window),
-                "janus" => run_janus(&work, &source, n, window, event_loops),
-                other => panic!("unknown server {other} (meshcast, janus)"),
-            };
+    println!("| server | viewers | connected | packets/s delivered | payload kb/s per viewer | server CPU % | µs per packet | packets per core-second | RSS KB / viewer |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut medians = Vec::new();
+    for &n in &viewers {
+        // Rounds alternate the servers, so slow drift on the machine touches them alike.
+        let mut runs: Vec<Vec<RunResult>> = servers.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (i, server) in servers.iter().enumerate() {
+                runs[i].push(match *server {
+                    Server::Meshcast => run_meshcast(&bin, &work, &source, n, window),
+                    Server::Janus(loops) => run_janus(&work, &source, n, window, loops),
+                });
+            }
+        }
+        for (server, runs) in servers.iter().zip(runs) {
+            let r = RunResult::median(runs);
             println!(
-                "| {server} | {n} | {} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.1} |",
+                "| {} | {n} | {} | {:.0} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.1} |",
+                server.name(),
                 r.connected,
                 r.packets_per_s,
+                r.kbps_per_viewer,
                 r.cpu_percent,
                 r.us_per_packet,
                 r.packets_per_core_s,
                 r.rss_kb_per_viewer
             );
-            rows.push((server.to_string(), n, r));
+            medians.push((*server, n, r));
         }
     }
-    let find = |s: &str, n: usize| rows.iter().find(|r| r.0 == s && r.1 == n).map(|r| &r.2);
-    let ns: Vec<usize> = rows.iter().map(|r| r.1).collect();
-    let mut printed_header = false;
-    for (i, &n) in ns.iter().enumerate() {
-        if ns[..i].contains(&n) {
-            continue;
+    let janus: Vec<Server> = servers
+        .iter()
+        .copied()
+        .filter(|s| matches!(s, Server::Janus(_)))
+        .collect();
+    if !servers.contains(&Server::Meshcast) || janus.is_empty() {
+        return;
+    }
+    let find = |s: Server, n: usize| {
+        medians
+            .iter()
+            .find(|r| r.0 == s && r.1 == n)
+            .map(|r| &r.2)
+            .unwrap()
+    };
+    println!();
+    println!("| viewers | vs | packets per core-second, meshcast / Janus | RSS per viewer, meshcast / Janus |");
+    println!("|---|---|---|---|");
+    for &n in &viewers {
+        let m = find(Server::Meshcast, n);
+        for &j in &janus {
+            let r = find(j, n);
+            println!(
+                "| {n} | {} | {:.2} | {:.2} |",
+                j.name(),
+                m.packets_per_core_s / r.packets_per_core_s.max(1e-9),
+                m.rss_kb_per_viewer / r.rss_kb_per_viewer.max(1e-9)
+            );
         }
-        let (Some(m), Some(j)) = (find("meshcast", n), find("janus", n)) else {
-            continue;
-        };
-        if !printed_header {
-            println!();
-            println!("| viewers | packets per core-second, meshcast / Janus | RSS per viewer, meshcast / Janus |");
-            println!("|---|---|---|");
-            printed_header = true;
-        }
-        println!(
-            "| {n} | {:.2} | {:.2} |",
-            m.packets_per_core_s / j.packets_per_core_s.max(1e-9),
-            m.rss_kb_per_viewer / j.rss_kb_per_viewer.max(1e-9)
-        );
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Meshcast,
+    /// Janus with this many event loops (0: a thread per viewer, Janus's default).
+    Janus(usize),
+}
+
+impl Server {
+    fn name(self) -> String {
+        match self {
+            Server::Meshcast => "meshcast".into(),
+            Server::Janus(0) => "Janus (thread per viewer)".into(),
+            Server::Janus(n) => format!("Janus ({n} event loops)"),
+        }
+    }
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.into())
+}
+
+#[derive(Clone, Copy)]
 struct RunResult {
     connected: usize,
     packets_per_s: f64,
@@ -125,6 +178,16 @@ struct RunResult {
     us_per_packet: f64,
     packets_per_core_s: f64,
     rss_kb_per_viewer: f64,
+    /// Payload kb/s per connected viewer over its whole stay.
+    kbps_per_viewer: f64,
+}
+
+impl RunResult {
+    /// The run with the median packets per core-second.
+    fn median(mut runs: Vec<RunResult>) -> RunResult {
+        runs.sort_by(|a, b| a.packets_per_core_s.total_cmp(&b.packets_per_core_s));
+        runs[runs.len() / 2]
+    }
 }
 
 fn run_meshcast(bin: &Path, work: &Path, source: &Path, n: usize, window: Duration) -> RunResult {
@@ -268,6 +331,10 @@ where
         us_per_packet: cpu * 1e6 / window_packets.max(1.0),
         packets_per_core_s: window_packets / cpu.max(1e-9),
         rss_kb_per_viewer: rss1.saturating_sub(rss0) as f64 / n as f64,
+        kbps_per_viewer: stats.iter().map(|s| s.bytes).sum::<u64>() as f64 * 8.0
+            / 1000.0
+            / stay(n, window).as_secs_f64()
+            / stats.iter().filter(|s| s.connected).count().max(1) as f64,
     }
 }
 
@@ -326,10 +393,11 @@ impl Drop for Proc {
     }
 }
 
-/// 30 s of 720p30 H.264 (constrained baseline, no B-frames, SPS/PPS before every IDR) + Opus
-/// in MPEG-TS, encoded once per work directory.
+/// 30 s of 720p30 H.264 (constrained baseline, no B-frames, SPS/PPS before every IDR, no
+/// access unit delimiters or SEI, which Janus would relay as packets of their own and
+/// meshcast drops) + Opus in MPEG-TS, encoded once per work directory.
 fn make_source(work: &Path) -> PathBuf {
-    let path = work.join("source-720p-opus.ts");
+    let path = work.join("source-720p-opus-noaud.ts");
     if path.exists() {
         return path;
     }
@@ -340,6 +408,7 @@ fn make_source(work: &Path) -> PathBuf {
         .args(["-t", "30", "-c:v", "libx264", "-profile:v", "baseline"])
         .args(["-preset", "veryfast", "-bf", "0", "-g", "60"])
         .args(["-b:v", "1500k", "-maxrate", "1500k", "-bufsize", "1500k"])
+        .args(["-bsf:v", "filter_units=remove_types=6|9"])
         .args(["-c:a", "libopus", "-b:a", "64k", "-ac", "2", "-f", "mpegts"])
         .arg(&path)
         .status()
