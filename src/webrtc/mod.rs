@@ -1016,7 +1016,7 @@ impl WhepPeer {
         let Some(track) = track else { return 0 };
         let payloads = p.rtp_payloads(|p| packetize(p, config));
         let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
-        write_frame(&mut self.rtc, track.mid, track.pt.pt(), rtp, time, payloads);
+        write_frame(&mut self.rtc, track, rtp, time, payloads);
         payloads.iter().map(|p| p.len()).sum()
     }
 }
@@ -1053,19 +1053,21 @@ fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) {
     }
 }
 
-/// Writes one frame's RTP payloads on `mid`, numbering them from `rtp`.
+/// Writes one frame's RTP payloads on `track`, numbering them from `rtp`. Packets are kept
+/// for resending only where the viewer negotiated NACK (video; browsers and str0m do not
+/// NACK Opus).
 fn write_frame(
     rtc: &mut Rtc,
-    mid: Mid,
-    pt: str0m::media::Pt,
+    track: &TrackOut,
     rtp: &mut RtpState,
     time: u32,
     payloads: &[Arc<[u8]>],
 ) {
     let mut api = rtc.direct_api();
-    let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+    let Some(tx) = api.stream_tx_by_mid(track.mid, None) else {
         return;
     };
+    let (pt, nackable) = (track.pt.pt(), track.pt.fb_nack());
     let now = Instant::now();
     let last = payloads.len().saturating_sub(1);
     for (i, payload) in payloads.iter().enumerate() {
@@ -1074,7 +1076,7 @@ fn write_frame(
         tx.write_rtp(
             RtpWrite::new(pt, seq, time, now, payload.clone())
                 .marker(i == last)
-                .nackable(true),
+                .nackable(nackable),
         );
     }
 }
