@@ -684,6 +684,28 @@ impl Subscription {
         }
     }
 
+    /// The stream's configuration; when it has none yet (a relay whose upstream has not
+    /// sent it), waits up to `within` for it. Whatever arrives stays queued for `next`.
+    pub async fn wait_config(&mut self, within: Duration) -> Option<Arc<StreamConfig>> {
+        if let Some(c) = self.initial_config() {
+            return Some(c);
+        }
+        if !self.backlog.is_empty() {
+            return None;
+        }
+        match tokio::time::timeout(within, self.rx.recv()).await {
+            Ok(Ok(ev)) => {
+                let config = match &ev {
+                    StreamEvent::Config(c) => Some(c.clone()),
+                    _ => None,
+                };
+                self.backlog.push_back(ev);
+                config
+            }
+            _ => None,
+        }
+    }
+
     /// Asks the stream's owner for a keyframe (merged with other requests).
     pub fn request_keyframe(&self) {
         self._guard.0.keyframe_wanted.notify_one();

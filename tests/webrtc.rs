@@ -798,8 +798,14 @@ fn simulcast_from_chromium_gives_each_whep_viewer_the_layer_its_bandwidth_fits()
         narrow.video_packets > 100 && narrow.audio_packets > 300,
         "{narrow:?}"
     );
-    assert_eq!(wide.video_sizes.last(), Some(&(1280, 720)), "{wide:?}");
+    // The open viewer's estimate climbs to the top layer. Where it ends is timing, not
+    // behaviour: on the 2-core machine a Chromium encoding three layers beside three nodes
+    // starves the loopback path at times, and a delay-based estimator then steps down for a
+    // while (seen once in CI: 360p -> 720p -> 360p -> 180p -> 360p).
+    assert!(wide.video_sizes.contains(&(1280, 720)), "{wide:?}");
+    // The narrow viewer settles on the layer its link fits and is never sent the top one.
     assert_eq!(narrow.video_sizes.last(), Some(&(320, 180)), "{narrow:?}");
+    assert!(!narrow.video_sizes.contains(&(1280, 720)), "{narrow:?}");
     // The edge pulled the layers its viewers take, as streams of their own.
     let relayed = edge.stream("sim~sim.q").expect("q relayed to the edge");
     assert_eq!(relayed["source"]["kind"], "relay");
