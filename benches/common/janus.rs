@@ -203,7 +203,7 @@ pub fn viewer_ip() -> IpAddr {
 }
 
 async fn request(http: SocketAddr, path: &str, mut body: Value) -> Value {
-    body["transaction"] = json!(format!("{:x}", rand_u64()));
+    body["transaction"] = json!(format!("{:x}", rand::random::<u64>()));
     exchange(http, "POST", path, &body.to_string()).await
 }
 
@@ -228,11 +228,4 @@ async fn exchange(http: SocketAddr, method: &str, path: &str, body: &str) -> Val
     text.split_once("\r\n\r\n")
         .and_then(|(_, b)| serde_json::from_str(b).ok())
         .unwrap_or(Value::Null)
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    h.finish()
 }

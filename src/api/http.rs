@@ -302,14 +302,13 @@ async fn whep_post(
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let mut sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
+    let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
         Ok(sub) => sub,
         Err(e) => return with_cors(subscribe_failed(e)),
     };
-    // On an edge that has just started pulling, the configuration is still on its way; the
-    // answer depends on it (a simulcast stream's viewers get a bandwidth estimator).
-    sub.wait_config(std::time::Duration::from_secs(2)).await;
-    let created = webrtc.create_whep(key.clone(), &body, sub, s.hub.clone());
+    let created = webrtc
+        .create_whep(key.clone(), &body, sub, s.hub.clone())
+        .await;
     session_created(&webrtc, "whep", &namespace, &stream, created)
 }
 

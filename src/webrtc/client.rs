@@ -81,8 +81,7 @@ pub async fn play_with(
     opts: &PlayOptions,
 ) -> Result<WhepStats, WhepClientError> {
     let (socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
-    let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
+    let mut rtc = viewer_rtc(local)?;
     let mut api = rtc.sdp_api();
     api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
     api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
@@ -116,8 +115,7 @@ pub struct Viewer {
 /// answer SDP to hand the server, and the viewer to run once it has it.
 pub async fn answer(offer: &str, ip: IpAddr) -> Result<(String, Viewer), WhepClientError> {
     let (socket, local) = bind(ip).await?;
-    let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
+    let mut rtc = viewer_rtc(local)?;
     let offer = SdpOffer::from_sdp_string(offer).map_err(rtc_err)?;
     let answer = rtc.sdp_api().accept_offer(offer).map_err(rtc_err)?;
     let viewer = Viewer {
@@ -127,6 +125,14 @@ pub async fn answer(offer: &str, ip: IpAddr) -> Result<(String, Viewer), WhepCli
         started: Instant::now(),
     };
     Ok((answer.to_sdp_string(), viewer))
+}
+
+/// A viewer's `Rtc` (RTP mode, str0m's default codecs and extensions) with a host
+/// candidate on `local`.
+fn viewer_rtc(local: SocketAddr) -> Result<Rtc, WhepClientError> {
+    let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
+    Ok(rtc)
 }
 
 impl Viewer {
@@ -323,7 +329,7 @@ impl RelayTrack {
                 SeqNo::from(seq),
                 rtp.timestamp,
                 Instant::now(),
-                rtp.payload.to_vec(),
+                rtp.payload,
             )
             .marker(rtp.marker)
             .nackable(true),
@@ -367,6 +373,7 @@ async fn bind(ip: IpAddr) -> Result<(UdpSocket, SocketAddr), WhepClientError> {
     let local = socket.local_addr()?;
     Ok((socket, local))
 }
+
 /// The picture size in an H.264 RTP payload carrying an SPS (alone or in a STAP-A).
 fn sps_size(payload: &[u8]) -> Option<(u32, u32)> {
     let is_sps = |n: &&[u8]| n.first().is_some_and(|b| b & 0x1f == 7);

@@ -54,6 +54,8 @@ const RTP_MTU: usize = 1100;
 const PEER_QUEUE: usize = 256;
 /// Receive buffer of the shared socket: join bursts overflow the default (FIELD-NOTES).
 const SOCKET_RCVBUF: usize = 4 << 20;
+/// How long a WHEP offer waits for its stream's configuration (a relay just pulling).
+const CONFIG_WAIT: Duration = Duration::from_secs(2);
 /// A session that is not connected within this time is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const VIDEO_CLOCK: Timebase = Timebase(90_000);
@@ -121,11 +123,13 @@ impl Io {
         })
     }
 
-    /// Sends one of a peer's packets: UDP ones join this thread's GSO batch ([`batch`]),
-    /// which [`Io::flush`] must send before the peer waits.
+    /// Sends one of a peer's packets without waiting: a full socket buffer or connection
+    /// queue drops it, as a congested link would, and NACK/RTX repairs it. UDP packets join
+    /// this thread's GSO batch ([`batch`]), which [`Io::flush`] must send before the peer
+    /// waits.
     fn transmit(&self, t: &str0m::net::Transmit) {
         if t.proto != Protocol::Udp {
-            return self.send(t);
+            return self.send_tcp(t);
         }
         let max_segments = self.udp_state.max_gso_segments();
         batch::BATCH.with_borrow_mut(|b| {
@@ -150,7 +154,6 @@ impl Io {
                 segment_size,
                 src_ip: None,
             };
-            // As in `send`: a full socket buffer drops the packets.
             let _ = self.udp.try_io(tokio::io::Interest::WRITABLE, || {
                 self.udp_state.send((&self.udp).into(), &t)
             });
@@ -158,22 +161,14 @@ impl Io {
         b.clear();
     }
 
-    /// Sends without waiting: a full socket buffer or connection queue drops the packet, as
-    /// a congested link would, and NACK/RTX repairs it.
-    fn send(&self, t: &str0m::net::Transmit) {
-        match t.proto {
-            Protocol::Udp => {
-                let _ = self.udp.try_send_to(&t.contents, t.destination);
-            }
-            _ => {
-                if let Some(tx) = self.tcp.lock().get(&t.destination) {
-                    // RFC 4571 framing, built here so the packet is copied once.
-                    let mut framed = Vec::with_capacity(2 + t.contents.len());
-                    framed.extend_from_slice(&(t.contents.len() as u16).to_be_bytes());
-                    framed.extend_from_slice(&t.contents);
-                    let _ = tx.try_send(framed);
-                }
-            }
+    /// Sends over an ICE-TCP connection (RFC 4571 framing, built here so the packet is
+    /// copied once); a full connection queue drops the packet.
+    fn send_tcp(&self, t: &str0m::net::Transmit) {
+        if let Some(tx) = self.tcp.lock().get(&t.destination) {
+            let mut framed = Vec::with_capacity(2 + t.contents.len());
+            framed.extend_from_slice(&(t.contents.len() as u16).to_be_bytes());
+            framed.extend_from_slice(&t.contents);
+            let _ = tx.try_send(framed);
         }
     }
 }
@@ -190,7 +185,7 @@ struct SessionEntry {
 }
 
 /// What a negotiated peer is, for the extensions and estimator it gets.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum PeerKind {
     Publisher,
     Viewer,
@@ -402,16 +397,19 @@ impl WebRtc {
         }
     }
 
-    /// Creates a WHEP session playing `sub` from an SDP offer.
-    pub fn create_whep(
+    /// Creates a WHEP session playing `sub` from an SDP offer. The answer depends on the
+    /// stream's configuration (video codec, simulcast), which a relay that has just started
+    /// pulling may not have yet: it is waited for, briefly.
+    pub async fn create_whep(
         self: &Arc<Self>,
         stream: StreamKey,
         offer: &str,
-        sub: Subscription,
+        mut sub: Subscription,
         hub: Arc<Hub>,
     ) -> Result<Created, WebRtcError> {
-        let video_codec = sub
-            .initial_config()
+        let config = sub.wait_config(CONFIG_WAIT).await;
+        let video_codec = config
+            .as_ref()
             .and_then(|c| c.video.as_ref().map(|v| v.codec))
             .unwrap_or(Codec::H264);
         let wanted = match video_codec {
@@ -422,13 +420,9 @@ impl WebRtc {
         if !lower.contains("m=video") || !lower.contains(wanted) {
             return Err(WebRtcError::NoVideo(wanted));
         }
-        let simulcast = sub
-            .initial_config()
-            .is_some_and(|c| !c.simulcast.is_empty());
-        let kind = if simulcast {
-            PeerKind::SimulcastViewer
-        } else {
-            PeerKind::Viewer
+        let kind = match config {
+            Some(c) if !c.simulcast.is_empty() => PeerKind::SimulcastViewer,
+            _ => PeerKind::Viewer,
         };
         let (rtc, answer, ufrag) = self.negotiate(offer, kind)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
@@ -508,9 +502,9 @@ impl WebRtc {
         );
     }
 
-    /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264, VP8, Opus). `bwe`
-    /// estimates the peer's bandwidth from its TWCC feedback (simulcast viewers only: the
-    /// estimator also paces video to the estimate).
+    /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264, VP8, Opus), with the
+    /// header extensions and estimator `kind` needs: only simulcast viewers get a bandwidth
+    /// estimate from their TWCC feedback (which also paces their video to it).
     fn negotiate(&self, offer: &str, kind: PeerKind) -> Result<(Rtc, String, String), WebRtcError> {
         let offer =
             SdpOffer::from_sdp_string(offer).map_err(|e| WebRtcError::BadOffer(e.to_string()))?;

@@ -163,8 +163,11 @@ impl WhipPeer {
         loop {
             let timeout = loop {
                 match self.rtc.poll_output()? {
-                    Output::Timeout(t) => break t,
-                    Output::Transmit(t) => self.io.send(&t),
+                    Output::Timeout(t) => {
+                        self.io.flush();
+                        break t;
+                    }
+                    Output::Transmit(t) => self.io.transmit(&t),
                     Output::Event(ev) => match ev {
                         Event::Connected => {
                             info!("connected");
