@@ -148,8 +148,18 @@ pub fn loop_publisher(source: &Path, url: &str) -> std::process::Child {
 pub fn start_meshcast(bin: &Path, path: &Path, config: &str) -> std::process::Child {
     std::fs::write(path, config).unwrap();
     let log = std::fs::File::create(path.with_extension("log")).unwrap();
-    std::process::Command::new(bin)
-        .args(["run", "--config"])
+    // SERVER_WRAP runs the server under a profiler, e.g. `heaptrack -o /tmp/mc`.
+    let wrap = std::env::var("SERVER_WRAP").unwrap_or_default();
+    let mut wrap = wrap.split_whitespace();
+    let mut cmd = match wrap.next() {
+        Some(tool) => {
+            let mut c = std::process::Command::new(tool);
+            c.args(wrap).arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
+    cmd.args(["run", "--config"])
         .arg(path)
         .env(
             "RUST_LOG",

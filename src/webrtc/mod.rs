@@ -62,6 +62,8 @@ const VIDEO_CLOCK: Timebase = Timebase(90_000);
 const OPUS_CLOCK: Timebase = Timebase(48_000);
 /// Packets each viewer stream keeps for NACK resends.
 const RTX_CACHE_PACKETS: usize = 128;
+/// A frame's packets are handed to str0m this many at a time (see `WhepPeer::send_queued`).
+const SEND_CHUNK: usize = 8;
 /// A simulcast viewer's bandwidth estimate before its first feedback.
 const INITIAL_ESTIMATE_BPS: u64 = 1_000_000;
 /// How soon a viewer tries again to join a simulcast layer it could not subscribe to.
@@ -428,7 +430,7 @@ impl WebRtc {
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = WhepPeer {
             video_codec,
-            rtc,
+            rtc: Box::new(rtc),
             sub,
             layers: Layers {
                 hub,
@@ -448,6 +450,7 @@ impl WebRtc {
             connected: false,
             video_rtp: RtpState::new(),
             audio_rtp: RtpState::new(),
+            failed: None,
         };
         let span = tracing::info_span!("whep", session = %id, %stream);
         self.spawn_session(id.clone(), span, peer.run(rx, cancel));
@@ -471,7 +474,7 @@ impl WebRtc {
         let (rtc, answer, ufrag) = self.negotiate(offer, PeerKind::Publisher)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = whip::WhipPeer {
-            rtc,
+            rtc: Box::new(rtc),
             publisher,
             io: self.io.clone(),
             local_addr: self.ice_address(),
@@ -490,6 +493,8 @@ impl WebRtc {
             + 'static,
     ) {
         let me = self.clone();
+        // Boxed so the wrapper below holds a pointer, not a second copy of the session.
+        let session = Box::pin(session);
         tokio::spawn(
             async move {
                 match session.await {
@@ -755,7 +760,10 @@ async fn opened(
 struct WhepPeer {
     /// The stream's video codec, which the viewer's video m-line must carry.
     video_codec: Codec,
-    rtc: Rtc,
+    /// Boxed, like the peer's future in [`WebRtc::spawn_session`]: an async fn keeps its
+    /// arguments and its locals apart, so a ~10 KB `Rtc` held by value was stored several
+    /// times over in each viewer's task.
+    rtc: Box<Rtc>,
     sub: Subscription,
     layers: Layers,
     io: Arc<Io>,
@@ -765,6 +773,8 @@ struct WhepPeer {
     connected: bool,
     video_rtp: RtpState,
     audio_rtp: RtpState,
+    /// An error met while sending a frame, returned by the next [`Self::drain`].
+    failed: Option<str0m::RtcError>,
 }
 
 impl WhepPeer {
@@ -934,6 +944,9 @@ impl WhepPeer {
     /// Sends what str0m has to send (in GSO batches) and handles its events; returns its
     /// next timeout.
     fn drain(&mut self) -> Result<Instant, str0m::RtcError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         // str0m often asks for a timeout that is already due (its send queues want a
         // fresh look right after media was written): handling it here rather than through
         // the runtime's timer saves a wake-up per frame. A few rounds at most.
@@ -1001,17 +1014,48 @@ impl WhepPeer {
 
     /// Sends one frame; returns the payload bytes sent.
     fn send_frame(&mut self, p: &Arc<Packet>, config: &StreamConfig) -> usize {
-        let (track, rtp, clock) = match p.frame.codec {
-            Codec::H264 | Codec::Vp8 => (&self.video, &mut self.video_rtp, VIDEO_CLOCK),
-            Codec::Opus => (&self.audio, &mut self.audio_rtp, OPUS_CLOCK),
+        let video = match p.frame.codec {
+            Codec::H264 | Codec::Vp8 => true,
+            Codec::Opus => false,
             // AAC reaches WebRTC viewers bridged to Opus (crate::bridge).
             Codec::Aac => return 0,
         };
-        let Some(track) = track else { return 0 };
         let payloads = p.rtp_payloads(|p| packetize(p, config));
-        let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
-        write_frame(&mut self.rtc, track, rtp, time, payloads);
+        let last = payloads.len().saturating_sub(1);
+        let mut time = None;
+        for (i, payload) in payloads.iter().enumerate() {
+            let (track, rtp, clock) = match video {
+                true => (&self.video, &mut self.video_rtp, VIDEO_CLOCK),
+                false => (&self.audio, &mut self.audio_rtp, OPUS_CLOCK),
+            };
+            let Some(track) = track else { return 0 };
+            let time = *time
+                .get_or_insert_with(|| rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock)));
+            write_packet(&mut self.rtc, track, rtp, time, payload, i == last);
+            if i % SEND_CHUNK == SEND_CHUNK - 1 && i != last {
+                self.send_queued();
+            }
+        }
         payloads.iter().map(|p| p.len()).sum()
+    }
+
+    /// Moves the packets written so far into the send batch, so that str0m's send queue
+    /// holds [`SEND_CHUNK`] packets at most instead of a keyframe's worth: each queued
+    /// packet is ~400 bytes of str0m state, and the queue keeps its largest size for the
+    /// viewer's lifetime. (str0m releases written packets after a timeout input.) The rest
+    /// of the frame goes out in [`Self::drain`]; an error is kept for it to return.
+    fn send_queued(&mut self) {
+        if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) {
+            self.failed = Some(e);
+        }
+        while self.failed.is_none() {
+            match self.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => self.io.transmit(&t),
+                Ok(Output::Event(ev)) => self.on_event(ev),
+                Ok(Output::Timeout(_)) => break,
+                Err(e) => self.failed = Some(e),
+            }
+        }
     }
 }
 
@@ -1040,39 +1084,37 @@ fn packetize(p: &Packet, config: &StreamConfig) -> Vec<Arc<[u8]>> {
 
 /// Resends cover what a NACK can still save at live latency: the last second, at most
 /// [`RTX_CACHE_PACKETS`] packets. (str0m's default, 1024 packets / 3 s per stream, was most of
-/// a viewer's memory.)
+/// a viewer's memory.) No cap on the resent share: the cap's byte history (an entry per
+/// packet sent in the last second) cost ~20 KB per viewer, and resends are already bounded
+/// by this cache.
 fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) {
     if let Some(tx) = rtc.direct_api().stream_tx_by_mid(mid, None) {
-        tx.set_rtx_cache(RTX_CACHE_PACKETS, Duration::from_secs(1), Some(0.15));
+        tx.set_rtx_cache(RTX_CACHE_PACKETS, Duration::from_secs(1), None);
     }
 }
 
-/// Writes one frame's RTP payloads on `track`, numbering them from `rtp`. Packets are kept
-/// for resending only where the viewer negotiated NACK (video; browsers and str0m do not
-/// NACK Opus).
-fn write_frame(
+/// Writes one RTP payload of a frame on `track`, numbered from `rtp`. Packets are kept for
+/// resending only where the viewer negotiated NACK (video; browsers and str0m do not NACK
+/// Opus).
+fn write_packet(
     rtc: &mut Rtc,
     track: &TrackOut,
     rtp: &mut RtpState,
     time: u32,
-    payloads: &[Arc<[u8]>],
+    payload: &Arc<[u8]>,
+    marker: bool,
 ) {
     let mut api = rtc.direct_api();
     let Some(tx) = api.stream_tx_by_mid(track.mid, None) else {
         return;
     };
-    let (pt, nackable) = (track.pt.pt(), track.pt.fb_nack());
-    let now = Instant::now();
-    let last = payloads.len().saturating_sub(1);
-    for (i, payload) in payloads.iter().enumerate() {
-        let seq = SeqNo::from(rtp.seq);
-        rtp.seq += 1;
-        tx.write_rtp(
-            RtpWrite::new(pt, seq, time, now, payload.clone())
-                .marker(i == last)
-                .nackable(nackable),
-        );
-    }
+    let seq = SeqNo::from(rtp.seq);
+    rtp.seq += 1;
+    tx.write_rtp(
+        RtpWrite::new(track.pt.pt(), seq, time, Instant::now(), payload.clone())
+            .marker(marker)
+            .nackable(track.pt.fb_nack()),
+    );
 }
 
 /// The negotiated payload of `codec` on an m-line (H.264 only with packetization-mode 1).

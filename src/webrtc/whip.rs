@@ -85,7 +85,7 @@ impl TrackClock {
 }
 
 pub(super) struct WhipPeer {
-    pub rtc: Rtc,
+    pub rtc: Box<Rtc>,
     pub publisher: Publisher,
     pub io: Arc<super::Io>,
     pub local_addr: SocketAddr,
