@@ -92,6 +92,9 @@ pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
 }
 
+const DEFAULT_LINK_TIMEOUT_MS: u64 = 700;
+const DEFAULT_REHOME_WINDOW_MS: u64 = 5000;
+
 #[derive(Clone, Debug)]
 pub struct BackboneConfig {
     /// UDP address the QUIC endpoint listens on (origins and standalone nodes).
@@ -109,6 +112,12 @@ pub struct BackboneConfig {
     pub ca: Option<PathBuf>,
     /// How long a node keeps pulling a stream after its last viewer left.
     pub idle_grace: Duration,
+    /// A link on which nothing at all arrived this long is declared dead and closed (QUIC
+    /// keep-alives arrive several times within it), so pulls move to another upstream.
+    pub link_timeout: Duration,
+    /// How long a pull that lost its upstream keeps looking for another before it ends the
+    /// stream for its viewers.
+    pub rehome_window: Duration,
 }
 
 /// Queue sizes and timeouts that bound memory and decide when a consumer is too slow.
@@ -169,6 +178,8 @@ impl Config {
                 key: None,
                 ca: None,
                 idle_grace: Duration::from_secs(5),
+                link_timeout: Duration::from_millis(DEFAULT_LINK_TIMEOUT_MS),
+                rehome_window: Duration::from_millis(DEFAULT_REHOME_WINDOW_MS),
             },
             webrtc: WebRtcConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 8000))),
@@ -368,6 +379,22 @@ impl Config {
                 "must be at most one hour",
             ));
         }
+        let link_timeout_ms = backbone.link_timeout_ms.unwrap_or(DEFAULT_LINK_TIMEOUT_MS);
+        if !(300..=30_000).contains(&link_timeout_ms) {
+            problems.push(Problem::new(
+                "backbone.link_timeout_ms",
+                "must be between 300 and 30000 (keep-alives go every 150 ms)",
+            ));
+        }
+        let rehome_window_ms = backbone
+            .rehome_window_ms
+            .unwrap_or(DEFAULT_REHOME_WINDOW_MS);
+        if rehome_window_ms > 600_000 {
+            problems.push(Problem::new(
+                "backbone.rehome_window_ms",
+                "must be at most ten minutes",
+            ));
+        }
 
         let webrtc_listen = addr_or_off(
             webrtc.listen,
@@ -481,6 +508,8 @@ impl Config {
                 key,
                 ca,
                 idle_grace: Duration::from_millis(idle_grace_ms),
+                link_timeout: Duration::from_millis(link_timeout_ms),
+                rehome_window: Duration::from_millis(rehome_window_ms),
             },
             webrtc: WebRtcConfig {
                 listen: webrtc_listen,
@@ -645,6 +674,8 @@ struct RawBackbone {
     key: Option<String>,
     ca: Option<String>,
     idle_grace_ms: Option<u64>,
+    link_timeout_ms: Option<u64>,
+    rehome_window_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]

@@ -202,9 +202,16 @@ pub struct Stream {
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
     started: Instant,
+    /// Identity of the timeline consumers get: random per local publish; a relay serves its
+    /// upstream's (see `media::splice`).
+    session: AtomicU64,
 }
 
 impl Stream {
+    pub fn session(&self) -> u64 {
+        self.session.load(Ordering::Acquire)
+    }
+
     pub fn key(&self) -> &StreamKey {
         &self.key
     }
@@ -305,6 +312,7 @@ impl Hub {
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             started: Instant::now(),
+            session: AtomicU64::new(rand::random()),
         })
     }
 
@@ -604,6 +612,11 @@ impl Publisher {
         self.stream.status.send_replace(Status::Live);
     }
 
+    /// Names the timeline consumers get from now on (a relay: its upstream's session).
+    pub fn set_session(&self, session: u64) {
+        self.stream.session.store(session, Ordering::Release);
+    }
+
     /// Marks a derived stream live (its first configuration is set).
     pub fn set_derived_live(&self) {
         self.stream.status.send_replace(Status::Live);
@@ -676,6 +689,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The timeline this subscription's frames are on (see [`Stream::session`]).
+    pub fn session(&self) -> u64 {
+        self._guard.0.session()
+    }
+
     /// The stream's configuration as of subscribing (before any event is taken).
     pub fn initial_config(&self) -> Option<Arc<StreamConfig>> {
         match self.backlog.front() {

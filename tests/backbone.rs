@@ -65,7 +65,7 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
             break *id;
         }
     };
-    session.accept(id).unwrap();
+    session.accept(id, 1).unwrap();
     while let Some(b) = session.poll_transmit() {
         send.write_all(&b).await.unwrap();
     }

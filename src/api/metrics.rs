@@ -65,6 +65,8 @@ pub struct Metrics {
     pub backbone_groups_sent: Counter,
     pub backbone_groups_received: Counter,
     pub backbone_groups_dropped: Counter,
+    pub backbone_rehomes: Counter,
+    pub backbone_links_timed_out: Counter,
     pub egress_active: Gauge,
     pub egress_bytes: Counter,
     pub egress_reconnects: Counter,
@@ -96,6 +98,8 @@ impl Metrics {
             backbone_groups_sent: Counter::default(),
             backbone_groups_received: Counter::default(),
             backbone_groups_dropped: Counter::default(),
+            backbone_rehomes: Counter::default(),
+            backbone_links_timed_out: Counter::default(),
             egress_active: Gauge::default(),
             egress_bytes: Counter::default(),
             egress_reconnects: Counter::default(),
@@ -168,6 +172,16 @@ impl Metrics {
             "backbone_groups_dropped",
             "Stale groups skipped by a receiver",
             m.backbone_groups_dropped.clone(),
+        );
+        registry.register(
+            "backbone_rehomes",
+            "Pulls that lost their upstream and resumed from another one",
+            m.backbone_rehomes.clone(),
+        );
+        registry.register(
+            "backbone_links_timed_out",
+            "Links closed because nothing arrived within backbone.link_timeout_ms",
+            m.backbone_links_timed_out.clone(),
         );
         registry.register(
             "egress_active",

@@ -38,6 +38,7 @@ use crate::hub::{
     SubscriptionEnd, Upstream,
 };
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
+use crate::media::splice::Splicer;
 use crate::media::{StreamConfig, StreamKey, TrackKind};
 use group::GroupSequencer;
 use session::{ControlSession, PeerInfo, SessionError, SessionEvent};
@@ -74,19 +75,77 @@ pub enum LinkError {
     ControlClosed,
     #[error("peer went away: {0}")]
     GoAway(String),
+    #[error("peer presumed dead: {0}")]
+    Silent(String),
+}
+
+/// How often a link's liveness is checked.
+const LIVENESS_TICK: Duration = Duration::from_millis(50);
+/// How often a pull that lost its upstream looks for another.
+const REHOME_RETRY: Duration = Duration::from_millis(100);
+
+/// Watches that datagrams keep arriving on a connection. QUIC keep-alives
+/// ([`tls::KEEP_ALIVE`]) make a live peer answer several times per timeout even when no
+/// media flows, so silence means the peer or the path is gone: a dead origin is noticed
+/// in `timeout`, not the QUIC idle timeout.
+struct Silence {
+    datagrams: u64,
+    since: Instant,
+    timeout: Duration,
+}
+
+impl Silence {
+    fn new(conn: &quinn::Connection, timeout: Duration) -> Silence {
+        Silence {
+            datagrams: conn.stats().udp_rx.datagrams,
+            since: Instant::now(),
+            timeout,
+        }
+    }
+
+    /// How long the link has been silent, once that exceeds the timeout.
+    fn check(&mut self, conn: &quinn::Connection, now: Instant) -> Option<Duration> {
+        self.observe(conn.stats().udp_rx.datagrams, now)
+    }
+
+    fn observe(&mut self, datagrams: u64, now: Instant) -> Option<Duration> {
+        if datagrams != self.datagrams {
+            self.datagrams = datagrams;
+            self.since = now;
+            return None;
+        }
+        let silent = now.saturating_duration_since(self.since);
+        (silent >= self.timeout).then_some(silent)
+    }
 }
 
 /// What flows from group readers to a pull.
 enum FeedItem {
-    Media { group: u64, item: MediaItem },
-    GroupEnd { group: u64 },
-    Done(String),
+    Media {
+        group: u64,
+        item: MediaItem,
+    },
+    GroupEnd {
+        group: u64,
+    },
+    /// The upstream ended the subscription (`code` from [`wire::code`]).
+    Done {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// An accepted upstream subscription: its id, timeline and media.
+struct Accepted {
+    id: u64,
+    session: u64,
+    feed: mpsc::Receiver<FeedItem>,
 }
 
 enum LinkCommand {
     Subscribe {
         stream: StreamKey,
-        reply: oneshot::Sender<Result<(u64, mpsc::Receiver<FeedItem>), String>>,
+        reply: oneshot::Sender<Result<Accepted, String>>,
     },
     Unsubscribe(u64),
     KeyframeRequest(u64),
@@ -131,6 +190,8 @@ pub struct Backbone {
     /// Which origin publishes each stream (from announces).
     directory: Mutex<HashMap<StreamKey, String>>,
     idle_grace: Duration,
+    link_timeout: Duration,
+    rehome_window: Duration,
     write_timeout: Duration,
     shutdown: CancellationToken,
 }
@@ -175,6 +236,8 @@ impl Backbone {
             inbound: Mutex::new(HashMap::new()),
             directory: Mutex::new(HashMap::new()),
             idle_grace: bb.idle_grace,
+            link_timeout: bb.link_timeout,
+            rehome_window: bb.rehome_window,
             write_timeout: config.limits.viewer_write_timeout,
             shutdown,
         });
@@ -335,6 +398,8 @@ impl Backbone {
                 self.on_dialer_event(&peer, ev, &feeds, &mut pending)?;
             }
             let mut buf = vec![0u8; 16 * 1024];
+            let mut watchdog = Silence::new(&conn, self.link_timeout);
+            let mut tick = tokio::time::interval(LIVENESS_TICK);
             loop {
                 tokio::select! {
                     n = recv.read(&mut buf) => {
@@ -342,6 +407,15 @@ impl Backbone {
                         for ev in session.handle_input(&buf[..n])? {
                             self.on_dialer_event(&peer, ev, &feeds, &mut pending)?;
                         }
+                    }
+                    _ = tick.tick() => {
+                        if let Some(silent) = watchdog.check(&conn, Instant::now()) {
+                            self.hub.metrics().backbone_links_timed_out.inc();
+                            let reason = format!("nothing heard for {} ms", silent.as_millis());
+                            conn.close(2u32.into(), reason.as_bytes());
+                            return Err(LinkError::Silent(reason));
+                        }
+                        continue;
                     }
                     cmd = cmd_rx.recv() => match cmd {
                         Some(LinkCommand::Subscribe { stream, reply }) => {
@@ -400,9 +474,13 @@ impl Backbone {
                     dir.remove(&stream);
                 }
             }
-            SessionEvent::SubscribeAccepted(id) => {
+            SessionEvent::SubscribeAccepted { id, session } => {
                 if let Some(p) = pending.remove(&id) {
-                    let _ = p.reply.send(Ok((id, p.feed)));
+                    let _ = p.reply.send(Ok(Accepted {
+                        id,
+                        session,
+                        feed: p.feed,
+                    }));
                 }
             }
             SessionEvent::SubscribeRejected { id, code, reason } => {
@@ -411,9 +489,9 @@ impl Backbone {
                     let _ = p.reply.send(Err(format!("{code} {reason}")));
                 }
             }
-            SessionEvent::SubscriptionDone { id, reason, .. } => {
+            SessionEvent::SubscriptionDone { id, code, reason } => {
                 if let Some(tx) = feeds.lock().remove(&id) {
-                    let _ = tx.try_send(FeedItem::Done(reason));
+                    let _ = tx.try_send(FeedItem::Done { code, reason });
                 }
                 pending.remove(&id);
             }
@@ -508,7 +586,7 @@ impl Backbone {
                     }
                     msg = internal_rx.recv() => match msg {
                         Some(Internal::Subscribed { id, stream, result: Ok(sub) }) => {
-                            if session.accept(id)? {
+                            if session.accept(id, sub.session())? {
                                 let token = self.shutdown.child_token();
                                 senders.insert(id, (token.clone(), sub.keyframe_requester()));
                                 let span = tracing::info_span!("send", sub = id, %stream);
@@ -590,44 +668,127 @@ impl Backbone {
         }
     }
 
-    /// Feeds `relay` from upstream until upstream ends it or it goes idle.
-    async fn run_pull(self: Arc<Self>, mut relay: Publisher) {
-        let key = relay.key().clone();
-        let Some((node, commands)) = self.choose_link(&key) else {
-            info!(stream = %key, "no upstream has this stream");
-            return;
-        };
+    /// Subscribes to `stream` on the link [`Self::choose_link`] picks.
+    async fn subscribe_upstream(
+        &self,
+        stream: &StreamKey,
+    ) -> Result<(String, mpsc::Sender<LinkCommand>, Accepted), String> {
+        let (node, commands) = self
+            .choose_link(stream)
+            .ok_or_else(|| "no upstream has this stream".to_string())?;
         let (reply_tx, reply_rx) = oneshot::channel();
-        if commands
+        commands
             .send(LinkCommand::Subscribe {
-                stream: key.clone(),
+                stream: stream.clone(),
                 reply: reply_tx,
             })
             .await
-            .is_err()
-        {
-            return;
+            .map_err(|_| format!("link to {node} closed"))?;
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, reply_rx).await {
+            Ok(Ok(Ok(accepted))) => Ok((node, commands, accepted)),
+            Ok(Ok(Err(reason))) => Err(format!("{node} refused: {reason}")),
+            Ok(Err(_)) => Err(format!("link to {node} closed")),
+            Err(_) => Err(format!("{node} did not answer the subscribe")),
         }
-        let (id, mut feed) = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, reply_rx).await {
-            Ok(Ok(Ok(x))) => x,
-            Ok(Ok(Err(reason))) => {
-                info!(stream = %key, %node, "upstream refused: {reason}");
-                return;
+    }
+
+    /// Feeds `relay` from upstream until the stream ends or goes idle.
+    ///
+    /// When the upstream is lost (its link died, or it stopped serving without the stream
+    /// ending), the pull subscribes again through the next upstream that can serve it, for
+    /// up to `rehome_window`. The relay, and with it every viewer's connection, lives on;
+    /// the [`Splicer`] keeps the viewers' timeline continuous.
+    async fn run_pull(self: Arc<Self>, mut relay: Publisher) {
+        let key = relay.key().clone();
+        let idle = relay.idle_waiter(self.idle_grace);
+        tokio::pin!(idle);
+        let mut splice = Splicer::new();
+        let mut lost: Option<Instant> = None;
+        loop {
+            let attempt = tokio::select! {
+                a = self.subscribe_upstream(&key) => a,
+                _ = &mut idle => {
+                    info!(stream = %key, "no consumers for {:?}; releasing", self.idle_grace);
+                    return;
+                }
+            };
+            let (node, commands, accepted) = match attempt {
+                Ok(a) => a,
+                Err(e) => {
+                    let Some(since) = lost else {
+                        info!(stream = %key, "cannot pull: {e}");
+                        return;
+                    };
+                    if since.elapsed() >= self.rehome_window {
+                        warn!(stream = %key, "no upstream within {:?}: {e}", self.rehome_window);
+                        return;
+                    }
+                    debug!(stream = %key, "looking for another upstream: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(REHOME_RETRY) => continue,
+                        _ = &mut idle => return,
+                    }
+                }
+            };
+            let has_video = relay.config().video.is_some();
+            let join = splice.begin(accepted.session, has_video);
+            if let Some(since) = lost.take() {
+                self.hub.metrics().backbone_rehomes.inc();
+                info!(stream = %key, %node, ?join, "re-homed after {:?}", since.elapsed());
+            } else {
+                info!(stream = %key, %node, sub = accepted.id, "pulling from upstream");
             }
-            _ => {
-                warn!(stream = %key, %node, "upstream did not answer the subscribe");
-                return;
+            relay.set_session(accepted.session);
+            let id = accepted.id;
+            let end = self
+                .pump_feed(
+                    &mut relay,
+                    &node,
+                    &commands,
+                    accepted,
+                    &mut splice,
+                    &mut idle,
+                )
+                .await;
+            match end {
+                PullEnd::Ended(reason) => {
+                    info!(stream = %key, "upstream ended the stream: {reason}");
+                    return;
+                }
+                PullEnd::Idle => {
+                    info!(stream = %key, "no consumers for {:?}; releasing", self.idle_grace);
+                    let _ = commands.send(LinkCommand::Unsubscribe(id)).await;
+                    return;
+                }
+                PullEnd::Lost(reason) => {
+                    let _ = commands.try_send(LinkCommand::Unsubscribe(id));
+                    info!(stream = %key, %node, "upstream lost ({reason}); re-homing");
+                    lost = Some(Instant::now());
+                }
             }
-        };
-        info!(stream = %key, %node, sub = id, "pulling from upstream");
+        }
+    }
+
+    /// Pushes one upstream subscription's media into `relay` until it ends.
+    async fn pump_feed(
+        &self,
+        relay: &mut Publisher,
+        node: &str,
+        commands: &mpsc::Sender<LinkCommand>,
+        accepted: Accepted,
+        splice: &mut Splicer,
+        idle: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> PullEnd {
+        let Accepted { id, mut feed, .. } = accepted;
         let metrics = self.hub.metrics().clone();
         let (frames_in, bytes_in) = metrics.ingest(crate::api::metrics::Proto::Backbone);
         let mut seq = GroupSequencer::new(GROUP_STALL);
-        let idle = relay.idle_waiter(self.idle_grace);
-        tokio::pin!(idle);
         let keyframe_signal = relay.keyframe_signal();
         let mut gate = KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL);
-        let mut live = false;
+        if splice.waiting_for_keyframe() && gate.request(Instant::now()) {
+            let _ = commands.send(LinkCommand::KeyframeRequest(id)).await;
+        }
+        let mut configured = false;
         let mut dropped = 0;
         loop {
             let deadline = seq.poll_timeout();
@@ -648,21 +809,14 @@ impl Backbone {
                 item = feed.recv() => match item {
                     Some(FeedItem::Media { group, item }) => seq.push(group, item, Instant::now()),
                     Some(FeedItem::GroupEnd { group }) => seq.end(group, Instant::now()),
-                    Some(FeedItem::Done(reason)) => {
-                        info!(stream = %key, "upstream ended the stream: {reason}");
-                        break;
+                    Some(FeedItem::Done { code, reason }) if code == code::ENDED => {
+                        return PullEnd::Ended(reason);
                     }
-                    None => {
-                        info!(stream = %key, "upstream link lost");
-                        break;
-                    }
+                    Some(FeedItem::Done { reason, .. }) => return PullEnd::Lost(reason),
+                    None => return PullEnd::Lost("link lost".into()),
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => seq.handle_timeout(Instant::now()),
-                _ = &mut idle => {
-                    info!(stream = %key, "no consumers for {:?}; releasing", self.idle_grace);
-                    let _ = commands.send(LinkCommand::Unsubscribe(id)).await;
-                    break;
-                }
+                _ = idle.as_mut() => return PullEnd::Idle,
             };
             if seq.dropped_groups() > dropped {
                 metrics
@@ -674,12 +828,13 @@ impl Backbone {
                 match item {
                     MediaItem::Config(c) => {
                         relay.set_config(c);
-                        if !live {
-                            relay.set_live(&node);
-                            live = true;
+                        if !configured {
+                            relay.set_live(node);
+                            configured = true;
                         }
                     }
-                    MediaItem::Frame(f) if live => {
+                    MediaItem::Frame(f) if configured => {
+                        let Some(f) = splice.frame(f) else { continue };
                         if f.is_video_keyframe() {
                             gate.keyframe_seen();
                         }
@@ -694,6 +849,16 @@ impl Backbone {
     }
 }
 
+/// Why one upstream subscription of a pull ended.
+enum PullEnd {
+    /// The publisher ended the stream.
+    Ended(String),
+    /// No consumer is left.
+    Idle,
+    /// The upstream went away with the stream still live (maybe elsewhere).
+    Lost(String),
+}
+
 impl Upstream for Backbone {
     fn can_pull(&self, stream: &StreamKey) -> bool {
         self.choose_link(stream).is_some()
@@ -706,7 +871,7 @@ impl Upstream for Backbone {
 }
 
 struct PendingSubscribe {
-    reply: oneshot::Sender<Result<(u64, mpsc::Receiver<FeedItem>), String>>,
+    reply: oneshot::Sender<Result<Accepted, String>>,
     feed: mpsc::Receiver<FeedItem>,
 }
 
@@ -965,4 +1130,25 @@ async fn send_media(
     counters.viewers.dec();
     debug!("subscription over: {reason}");
     let _ = done.send(Internal::SenderDone { id, code, reason }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_is_measured_from_the_last_datagram() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut s = Silence {
+            datagrams: 10,
+            since: t0,
+            timeout: Duration::from_millis(700),
+        };
+        assert_eq!(s.observe(10, ms(500)), None);
+        // A keep-alive answer arrives: the clock restarts.
+        assert_eq!(s.observe(11, ms(600)), None);
+        assert_eq!(s.observe(11, ms(1250)), None);
+        assert_eq!(s.observe(11, ms(1300)), Some(Duration::from_millis(700)));
+    }
 }

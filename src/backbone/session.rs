@@ -53,7 +53,11 @@ pub enum SessionEvent {
     // Dialer side.
     Announced(StreamKey),
     Withdrawn(StreamKey),
-    SubscribeAccepted(u64),
+    /// Subscription `id` accepted; its media is on timeline `session`.
+    SubscribeAccepted {
+        id: u64,
+        session: u64,
+    },
     SubscribeRejected {
         id: u64,
         code: u16,
@@ -251,12 +255,12 @@ impl ControlSession {
             (_, M::GoAway { reason }) => SessionEvent::GoAway(reason),
             (Side::Dialer, M::Announce { stream }) => SessionEvent::Announced(stream),
             (Side::Dialer, M::Withdraw { stream }) => SessionEvent::Withdrawn(stream),
-            (Side::Dialer, M::SubscribeOk { id }) => {
+            (Side::Dialer, M::SubscribeOk { id, session }) => {
                 let Some(stream) = self.take_requested(id)? else {
                     return Err(unknown(id));
                 };
                 self.active.insert(id, stream);
-                SessionEvent::SubscribeAccepted(id)
+                SessionEvent::SubscribeAccepted { id, session }
             }
             (Side::Dialer, M::SubscribeError { id, code, reason }) => {
                 if self.take_requested(id)?.is_none() {
@@ -378,11 +382,12 @@ impl ControlSession {
         Ok(())
     }
 
-    /// Accepts subscription `id`; `false` if it was unsubscribed meanwhile.
-    pub fn accept(&mut self, id: u64) -> Result<bool, SessionError> {
+    /// Accepts subscription `id`, served on timeline `session`; `false` if it was
+    /// unsubscribed meanwhile.
+    pub fn accept(&mut self, id: u64, session: u64) -> Result<bool, SessionError> {
         self.require(Side::Acceptor)?;
         if self.active.contains_key(&id) {
-            self.send(ControlMessage::SubscribeOk { id });
+            self.send(ControlMessage::SubscribeOk { id, session });
             return Ok(true);
         }
         Ok(false)
@@ -493,7 +498,7 @@ mod tests {
         let bytes = d.poll_transmit().unwrap();
         assert_eq!(
             &bytes[..],
-            &[0, 0, 0, 14, 1, 0, 1, 0, 1, b'a', 1, 0, 2, b'e', b'u', 0, 1, b'k']
+            &[0, 0, 0, 14, 1, 0, 2, 0, 1, b'a', 1, 0, 2, b'e', b'u', 0, 1, b'k']
         );
     }
 
@@ -505,10 +510,10 @@ mod tests {
             pump(&mut edge, &mut origin),
             vec![SessionEvent::SubscribeRequested { id, stream: key() }]
         );
-        origin.accept(id).unwrap();
+        origin.accept(id, 5).unwrap();
         assert_eq!(
             pump(&mut origin, &mut edge),
-            vec![SessionEvent::SubscribeAccepted(id)]
+            vec![SessionEvent::SubscribeAccepted { id, session: 5 }]
         );
         origin.done(id, 200, "ended").unwrap();
         assert_eq!(
@@ -547,7 +552,7 @@ mod tests {
         let (mut edge, mut origin) = pair();
         let id = edge.subscribe(key()).unwrap();
         pump(&mut edge, &mut origin);
-        origin.accept(id).unwrap();
+        origin.accept(id, 5).unwrap();
         pump(&mut origin, &mut edge);
         edge.unsubscribe(id).unwrap();
         origin.done(id, 200, "ended").unwrap();
@@ -625,7 +630,7 @@ mod tests {
     fn answer_for_unknown_subscription_is_an_error() {
         let (mut edge, _origin) = pair();
         let mut buf = BytesMut::new();
-        ControlMessage::SubscribeOk { id: 42 }.encode(&mut buf);
+        ControlMessage::SubscribeOk { id: 42, session: 1 }.encode(&mut buf);
         assert!(matches!(
             edge.handle_input(&buf),
             Err(SessionError::Protocol(_))

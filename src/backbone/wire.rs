@@ -18,9 +18,9 @@ use crate::media::{
 };
 
 /// Protocol version carried in the hello; peers with another major version are refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The TLS ALPN token of the backbone.
-pub const ALPN: &[u8] = b"meshcast/1";
+pub const ALPN: &[u8] = b"meshcast/2";
 /// Largest control message or media item accepted (a 4K keyframe fits comfortably).
 pub const MAX_MESSAGE: usize = 16 << 20;
 /// Largest string field.
@@ -110,8 +110,10 @@ pub enum ControlMessage {
     Withdraw { stream: StreamKey },
     /// Dialer → acceptor: send me this stream as subscription `id`.
     Subscribe { id: u64, stream: StreamKey },
-    /// Acceptor → dialer: media for `id` follows on group streams.
-    SubscribeOk { id: u64 },
+    /// Acceptor → dialer: media for `id` follows on group streams, on the timeline
+    /// `session` (one publish, as the acceptor serves it: a subscriber that moves to another
+    /// upstream keeps its timestamps when the session is the same).
+    SubscribeOk { id: u64, session: u64 },
     /// Acceptor → dialer: subscription `id` refused.
     SubscribeError { id: u64, code: u16, reason: String },
     /// Dialer → acceptor: stop sending `id`.
@@ -189,8 +191,9 @@ impl ControlMessage {
                 put_str(&mut body, &stream.to_string());
                 T_SUBSCRIBE
             }
-            ControlMessage::SubscribeOk { id } => {
+            ControlMessage::SubscribeOk { id, session } => {
                 body.put_u64(*id);
+                body.put_u64(*session);
                 T_SUBSCRIBE_OK
             }
             ControlMessage::SubscribeError { id, code, reason } => {
@@ -248,7 +251,10 @@ impl ControlMessage {
                 id: r.u64()?,
                 stream: r.stream_key()?,
             },
-            T_SUBSCRIBE_OK => ControlMessage::SubscribeOk { id: r.u64()? },
+            T_SUBSCRIBE_OK => ControlMessage::SubscribeOk {
+                id: r.u64()?,
+                session: r.u64()?,
+            },
             T_SUBSCRIBE_ERROR => ControlMessage::SubscribeError {
                 id: r.u64()?,
                 code: r.u16()?,
@@ -643,7 +649,7 @@ mod tests {
                 id: 7,
                 stream: key(),
             },
-            ControlMessage::SubscribeOk { id: 7 },
+            ControlMessage::SubscribeOk { id: 7, session: 9 },
             ControlMessage::SubscribeError {
                 id: 7,
                 code: code::NOT_FOUND,
@@ -680,6 +686,36 @@ mod tests {
             m.encode(&mut buf);
         }
         assert_eq!(decode_all(&buf).unwrap(), msgs);
+    }
+
+    #[test]
+    fn subscribe_ok_carries_the_session_after_the_id() {
+        let mut buf = BytesMut::new();
+        ControlMessage::SubscribeOk { id: 1, session: 2 }.encode(&mut buf);
+        let expected = [
+            0,
+            0,
+            0,
+            17,
+            T_SUBSCRIBE_OK,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            2,
+        ];
+        assert_eq!(&buf[..], &expected[..]);
     }
 
     #[test]

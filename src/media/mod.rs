@@ -10,6 +10,7 @@ pub mod avc;
 pub mod flv;
 pub mod gop;
 pub mod keyframe;
+pub mod splice;
 
 use std::fmt;
 

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod flv_watch;
 pub mod http;
 pub mod impair;
 pub mod nginx;

@@ -1,0 +1,266 @@
+//! Joins the timelines of successive upstreams into one for a relay's consumers.
+//!
+//! A relay that loses its upstream (an origin dies) subscribes again elsewhere while its
+//! viewers stay connected. What the new upstream sends must continue what they already
+//! have: no frame twice, no jump back in time, and a decodable picture.
+//!
+//! * **Same session** (the new upstream serves the same publish): timestamps are kept.
+//!   The new upstream starts with its cached group, which usually begins before the last
+//!   frame sent, so frames at or before it are dropped per track. Video resumes at the
+//!   frame after the last one sent if that frame came through (proof the two runs touch),
+//!   else at the next keyframe.
+//! * **New session** (the publisher itself reconnected): video resumes at a keyframe and
+//!   every track is shifted so the new timeline starts one frame interval after the last
+//!   frame sent; audio before that keyframe is dropped so both tracks keep one offset (A/V
+//!   sync as the publisher sent it).
+//!
+//! Sans-IO: frames in, frames (or nothing) out.
+
+use super::{Frame, Timebase, TrackKind};
+
+const NANOS: Timebase = Timebase(1_000_000_000);
+/// Gap left between the old and a new timeline: one frame at 30 fps.
+const SESSION_GAP_NS: i64 = 33_333_333;
+
+#[derive(Debug, Default)]
+pub struct Splicer {
+    session: Option<u64>,
+    /// Added to input timestamps, in ns.
+    offset_ns: i64,
+    /// The last output dts per track (video, audio), in ns.
+    last: [Option<i64>; 2],
+    /// Whether this stream has video (only video needs a decodable resume point).
+    has_video: bool,
+    /// After a new upstream: video waits for a keyframe or a proven-contiguous frame.
+    rejoining: Option<Rejoin>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rejoin {
+    /// Same timeline: `true` once the last video frame sent was seen again.
+    Same { touching: bool },
+    /// New timeline: the offset is fixed at its first video keyframe.
+    New,
+}
+
+/// What [`Splicer::begin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    First,
+    SameSession,
+    NewSession,
+}
+
+impl Splicer {
+    pub fn new() -> Splicer {
+        Splicer::default()
+    }
+
+    /// A new upstream starts serving timeline `session`.
+    pub fn begin(&mut self, session: u64, has_video: bool) -> Join {
+        self.has_video = has_video;
+        let join = match self.session {
+            None => Join::First,
+            Some(s) if s == session => Join::SameSession,
+            Some(_) => Join::NewSession,
+        };
+        self.session = Some(session);
+        self.rejoining = match join {
+            Join::First => None,
+            Join::SameSession => Some(Rejoin::Same { touching: false }),
+            Join::NewSession => Some(Rejoin::New),
+        };
+        join
+    }
+
+    /// Whether video is held back until a keyframe comes (worth asking upstream for one).
+    pub fn waiting_for_keyframe(&self) -> bool {
+        self.has_video && self.rejoining.is_some()
+    }
+
+    /// The frame to pass on, retimed, or `None` to drop it.
+    pub fn frame(&mut self, mut f: Frame) -> Option<Frame> {
+        let t = match f.track() {
+            TrackKind::Video => 0,
+            TrackKind::Audio => 1,
+        };
+        let video = t == 0;
+        if let Some(Rejoin::New) = self.rejoining {
+            let starts = if self.has_video {
+                video && f.keyframe
+            } else {
+                true
+            };
+            if !starts {
+                return None;
+            }
+            let newest = self.last.iter().flatten().max().copied();
+            let dts_ns = f.timebase.rescale(f.dts, NANOS);
+            self.offset_ns = newest.map_or(0, |n| n + SESSION_GAP_NS - dts_ns);
+            self.rejoining = None;
+        }
+        let shift = NANOS.rescale(self.offset_ns, f.timebase);
+        f.dts += shift;
+        f.pts += shift;
+        let out = f.timebase.rescale(f.dts, NANOS);
+        if let Some(Rejoin::Same { touching }) = &mut self.rejoining {
+            if video || !self.has_video {
+                match self.last[t] {
+                    Some(last) if out < last => return None,
+                    Some(last) if out == last => {
+                        *touching = true;
+                        return None;
+                    }
+                    _ if *touching || f.keyframe => self.rejoining = None,
+                    _ => return None,
+                }
+            }
+        }
+        if self.last[t].is_some_and(|last| out <= last) {
+            return None;
+        }
+        self.last[t] = Some(out);
+        Some(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::Codec;
+    use bytes::Bytes;
+
+    fn v(ms: i64, key: bool) -> Frame {
+        Frame {
+            codec: Codec::H264,
+            dts: ms * 90,
+            pts: ms * 90,
+            timebase: Timebase(90_000),
+            keyframe: key,
+            payload: Bytes::new(),
+        }
+    }
+
+    fn a(ms: i64) -> Frame {
+        Frame {
+            codec: Codec::Aac,
+            dts: ms * 48,
+            pts: ms * 48,
+            timebase: Timebase(48_000),
+            keyframe: true,
+            payload: Bytes::new(),
+        }
+    }
+
+    fn ms(f: &Frame) -> i64 {
+        f.dts_ms()
+    }
+
+    /// Runs frames through and returns what came out, as (kind, ms).
+    fn run(s: &mut Splicer, frames: Vec<Frame>) -> Vec<(char, i64)> {
+        frames
+            .into_iter()
+            .filter_map(|f| s.frame(f))
+            .map(|f| {
+                let k = match f.track() {
+                    TrackKind::Video if f.keyframe => 'K',
+                    TrackKind::Video => 'v',
+                    TrackKind::Audio => 'a',
+                };
+                (k, ms(&f))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_upstream_passes_everything_unchanged() {
+        let mut s = Splicer::new();
+        assert_eq!(s.begin(1, true), Join::First);
+        let out = run(&mut s, vec![v(0, true), a(10), v(33, false), a(31)]);
+        assert_eq!(out, vec![('K', 0), ('a', 10), ('v', 33), ('a', 31)]);
+    }
+
+    #[test]
+    fn same_session_drops_what_was_sent_and_resumes_after_it() {
+        let mut s = Splicer::new();
+        s.begin(1, true);
+        run(
+            &mut s,
+            vec![v(0, true), a(5), v(33, false), a(26), v(66, false)],
+        );
+        // The new upstream replays its group from the keyframe, then goes on.
+        assert_eq!(s.begin(1, true), Join::SameSession);
+        assert!(s.waiting_for_keyframe());
+        let out = run(
+            &mut s,
+            vec![
+                v(0, true),
+                a(5),
+                v(33, false),
+                a(26),
+                v(66, false),
+                a(47),
+                v(100, false),
+            ],
+        );
+        assert_eq!(out, vec![('a', 47), ('v', 100)]);
+        assert!(!s.waiting_for_keyframe());
+    }
+
+    #[test]
+    fn same_session_with_a_hole_waits_for_the_next_keyframe() {
+        let mut s = Splicer::new();
+        s.begin(1, true);
+        run(&mut s, vec![v(0, true), v(33, false)]);
+        s.begin(1, true);
+        // The new upstream's group starts later: 66 is missing, so 100 cannot decode.
+        let out = run(
+            &mut s,
+            vec![
+                v(100, false),
+                a(110),
+                v(133, false),
+                v(166, true),
+                v(200, false),
+            ],
+        );
+        assert_eq!(out, vec![('a', 110), ('K', 166), ('v', 200)]);
+    }
+
+    #[test]
+    fn new_session_continues_time_from_a_keyframe_with_both_tracks_shifted_alike() {
+        let mut s = Splicer::new();
+        s.begin(1, true);
+        run(&mut s, vec![v(5000, true), a(5010), v(5033, false)]);
+        assert_eq!(s.begin(2, true), Join::NewSession);
+        // The reconnected publisher starts near zero; audio before its keyframe is dropped.
+        let out = run(
+            &mut s,
+            vec![a(0), v(40, false), v(80, true), a(90), v(113, false)],
+        );
+        // Offset: 5033 + 33.3 - 80 → the keyframe lands at 5066.
+        assert_eq!(out, vec![('K', 5066), ('a', 5076), ('v', 5099)]);
+    }
+
+    #[test]
+    fn audio_only_streams_rejoin_on_any_frame() {
+        let mut s = Splicer::new();
+        s.begin(1, false);
+        run(&mut s, vec![a(0), a(21), a(42)]);
+        s.begin(1, false);
+        assert_eq!(run(&mut s, vec![a(21), a(42), a(64)]), vec![('a', 64)]);
+        s.begin(7, false);
+        assert_eq!(run(&mut s, vec![a(0), a(21)]), vec![('a', 97), ('a', 118)]);
+    }
+
+    #[test]
+    fn output_never_goes_back_on_a_track() {
+        let mut s = Splicer::new();
+        s.begin(1, true);
+        let out = run(
+            &mut s,
+            vec![v(0, true), v(33, false), v(20, false), a(10), a(5)],
+        );
+        assert_eq!(out, vec![('K', 0), ('v', 33), ('a', 10)]);
+    }
+}

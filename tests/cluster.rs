@@ -1,0 +1,132 @@
+//! The cluster under failure: real meshcast processes on loopback, real ffmpeg publishers,
+//! viewers that keep one connection for the whole test.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::flv_watch::{longest_gap, timestamp_faults, FlvWatcher};
+use common::*;
+
+/// These tests kill nodes and measure freezes: one at a time keeps 2 cores honest.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Origins meshed with each other (every origin lists all the others), links up.
+fn mesh(ids: &[&str]) -> Vec<NodeProc> {
+    let addrs: Vec<SocketAddr> = ids
+        .iter()
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let nodes: Vec<NodeProc> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut spec = NodeSpec::origin(id);
+            spec.upstreams = addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, a)| *a)
+                .collect();
+            NodeProc::start_at(spec, addrs[i])
+        })
+        .collect();
+    for n in &nodes {
+        // One link each way with every other origin.
+        n.wait_for_link_count(2 * (ids.len() - 1));
+    }
+    nodes
+}
+
+fn source_node(node: &NodeProc, name: &str) -> Option<String> {
+    node.stream(name)
+        .and_then(|s| s["source"]["node"].as_str().map(str::to_string))
+}
+
+fn outbound_to(node: &NodeProc, peer: &str) -> bool {
+    node.links()
+        .iter()
+        .any(|l| l["node"] == peer && l["direction"] == "outbound")
+}
+
+#[test]
+fn edge_keeps_its_viewers_when_its_origin_is_killed() {
+    let _serial = one_at_a_time();
+    let origins = mesh(&["origin-a", "origin-b", "origin-c"]);
+    let (a, b, c) = (&origins[0], &origins[1], &origins[2]);
+    // The edge prefers B, then C.
+    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![b.quic, c.quic]));
+    edge.wait_for_link_count(2);
+
+    let _publisher = publish_and_wait(
+        &a.rtmp_url("fo"),
+        a,
+        "fo",
+        PublishOpts {
+            seconds: 60,
+            gop: 30,
+            ..Default::default()
+        },
+    );
+    let watcher = FlvWatcher::start(edge.http, "/live/fo.flv");
+    wait_until(Duration::from_secs(10), "edge viewer gets video", || {
+        watcher.media(9).len() >= 60
+    });
+    assert_eq!(source_node(&edge, "fo").as_deref(), Some("origin-b"));
+
+    let killed = Instant::now();
+    b.signal("KILL");
+
+    // The edge moves to C within the link timeout and a re-subscribe.
+    wait_until(Duration::from_secs(5), "edge re-homed to origin-c", || {
+        source_node(&edge, "fo").as_deref() == Some("origin-c")
+    });
+    let rehomed = killed.elapsed();
+    // Origins notice B's death by silence, not the QUIC idle timeout.
+    wait_until(
+        Duration::from_secs(3),
+        "A and C close their links to B",
+        || !outbound_to(a, "origin-b") && !outbound_to(c, "origin-b"),
+    );
+    let noticed = killed.elapsed();
+    // Let media flow from C for a while.
+    let resumed_at = Instant::now();
+    wait_until(Duration::from_secs(5), "video flows again", || {
+        watcher.video_after(resumed_at) >= 60
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    assert_eq!(
+        watcher.ended(),
+        None,
+        "the viewer's connection must stay open"
+    );
+    let video = watcher.media(9);
+    let audio = watcher.media(8);
+    let (gap, after) = longest_gap(&video, killed - Duration::from_millis(100));
+    eprintln!(
+        "re-homed after {rehomed:?}, links to B closed after {noticed:?}; longest video gap \
+         {gap:?}, resumed with {after:?}; {} video / {} audio tags",
+        video.len(),
+        audio.len()
+    );
+    assert!(
+        gap <= Duration::from_millis(1500),
+        "video froze for {gap:?} (target ~1 s)"
+    );
+    // Same publish, so timestamps run on: nothing twice, nothing back, no big jump.
+    let vf = timestamp_faults(&video, 0, 1000);
+    assert!(vf.is_empty(), "video timestamps broke at {vf:?}");
+    let af = timestamp_faults(&audio, 0, 1000);
+    assert!(af.is_empty(), "audio timestamps broke at {af:?}");
+    let strictly = video.windows(2).all(|w| w[1].ts_ms > w[0].ts_ms);
+    assert!(strictly, "a video frame came twice");
+    assert!(edge.metric("meshcast_backbone_rehomes_total") >= 1.0);
+    assert!(a.metric("meshcast_backbone_links_timed_out_total") >= 1.0);
+}
