@@ -47,6 +47,12 @@ pub struct WhepStats {
     pub first_video: Option<Duration>,
     /// H.264 picture sizes from the SPS the server sent, each change once, in order.
     pub video_sizes: Vec<(u32, u32)>,
+    /// The longest wait between two video packets (after the first).
+    pub max_video_gap: Duration,
+    /// Video packets whose RTP timestamp was before the previous packet's.
+    pub video_time_backwards: u64,
+    /// The largest step forward of the video RTP timestamp between packets, in ms.
+    pub max_video_time_step_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -142,6 +148,7 @@ impl Viewer {
         // The server's address as str0m knows it, when talking through `opts.via`.
         let mut server = None;
         let mut stats = WhepStats::default();
+        let mut last_video: Option<(Instant, u32)> = None;
         let deadline = Instant::now() + opts.duration;
         let mut buf = vec![0u8; 2048];
         loop {
@@ -161,6 +168,20 @@ impl Viewer {
                         stats.bytes += p.payload.len() as u64;
                         // Video uses the 90 kHz clock, audio 48 kHz.
                         if p.time.frequency().get() == 90_000 {
+                            let now = Instant::now();
+                            let ts = p.header.timestamp;
+                            if let Some((at, last)) = last_video {
+                                stats.max_video_gap = stats.max_video_gap.max(now - at);
+                                let step = ts.wrapping_sub(last) as i32;
+                                if step < 0 {
+                                    stats.video_time_backwards += 1;
+                                } else {
+                                    let ms = step as u64 / 90;
+                                    stats.max_video_time_step_ms =
+                                        stats.max_video_time_step_ms.max(ms);
+                                }
+                            }
+                            last_video = Some((now, ts));
                             stats.video_packets += 1;
                             stats.first_video.get_or_insert(self.started.elapsed());
                             if let Some(size) = sps_size(&p.payload) {
