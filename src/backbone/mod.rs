@@ -707,10 +707,7 @@ impl Backbone {
         loop {
             let attempt = tokio::select! {
                 a = self.subscribe_upstream(&key) => a,
-                _ = &mut idle => {
-                    info!(stream = %key, "no consumers for {:?}; releasing", self.idle_grace);
-                    return;
-                }
+                _ = &mut idle => return self.released(&key),
             };
             let (node, commands, accepted) = match attempt {
                 Ok(a) => a,
@@ -726,7 +723,7 @@ impl Backbone {
                     debug!(stream = %key, "looking for another upstream: {e}");
                     tokio::select! {
                         _ = tokio::time::sleep(REHOME_RETRY) => continue,
-                        _ = &mut idle => return,
+                        _ = &mut idle => return self.released(&key),
                     }
                 }
             };
@@ -738,7 +735,6 @@ impl Backbone {
             } else {
                 info!(stream = %key, %node, sub = accepted.id, "pulling from upstream");
             }
-            relay.set_session(accepted.session);
             let id = accepted.id;
             let end = self
                 .pump_feed(
@@ -756,9 +752,8 @@ impl Backbone {
                     return;
                 }
                 PullEnd::Idle => {
-                    info!(stream = %key, "no consumers for {:?}; releasing", self.idle_grace);
                     let _ = commands.send(LinkCommand::Unsubscribe(id)).await;
-                    return;
+                    return self.released(&key);
                 }
                 PullEnd::Lost(reason) => {
                     let _ = commands.try_send(LinkCommand::Unsubscribe(id));
@@ -767,6 +762,10 @@ impl Backbone {
                 }
             }
         }
+    }
+
+    fn released(&self, key: &StreamKey) {
+        info!(stream = %key, "no consumers for {:?}; releasing", self.idle_grace);
     }
 
     /// Pushes one upstream subscription's media into `relay` until it ends.
@@ -789,6 +788,8 @@ impl Backbone {
             let _ = commands.send(LinkCommand::KeyframeRequest(id)).await;
         }
         let mut configured = false;
+        // The timeline the relay serves (see `Splicer::timeline`).
+        let mut served = None;
         let mut dropped = 0;
         loop {
             let deadline = seq.poll_timeout();
@@ -829,12 +830,20 @@ impl Backbone {
                     MediaItem::Config(c) => {
                         relay.set_config(c);
                         if !configured {
+                            // Named before consumers can subscribe (they wait for live).
+                            served = splice.timeline();
+                            relay.set_session(served.unwrap_or_default());
                             relay.set_live(node);
                             configured = true;
                         }
                     }
                     MediaItem::Frame(f) if configured => {
                         let Some(f) = splice.frame(f) else { continue };
+                        if splice.timeline() != served {
+                            // A new session's shift is fixed at its first keyframe.
+                            served = splice.timeline();
+                            relay.set_session(served.unwrap_or_default());
+                        }
                         if f.is_video_keyframe() {
                             gate.keyframe_seen();
                         }

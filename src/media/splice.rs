@@ -73,6 +73,15 @@ impl Splicer {
         join
     }
 
+    /// The timeline the output is on, for consumers that may later join another upstream
+    /// (a relay's `SubscribeOk.session`): the input's session while timestamps pass
+    /// unchanged; once they are shifted, another timeline, named by the session and the
+    /// shift (two relays that shift one session alike serve the same timestamps).
+    pub fn timeline(&self) -> Option<u64> {
+        let session = self.session?;
+        Some(session.wrapping_add(self.offset_ns as u64))
+    }
+
     /// Whether video is held back until a keyframe comes (worth asking upstream for one).
     pub fn waiting_for_keyframe(&self) -> bool {
         self.has_video && self.rejoining.is_some()
@@ -175,7 +184,9 @@ mod tests {
     #[test]
     fn first_upstream_passes_everything_unchanged() {
         let mut s = Splicer::new();
+        assert_eq!(s.timeline(), None);
         assert_eq!(s.begin(1, true), Join::First);
+        assert_eq!(s.timeline(), Some(1));
         let out = run(&mut s, vec![v(0, true), a(10), v(33, false), a(31)]);
         assert_eq!(out, vec![('K', 0), ('a', 10), ('v', 33), ('a', 31)]);
     }
@@ -240,6 +251,8 @@ mod tests {
         );
         // Offset: 5033 + 33.3 - 80 → the keyframe lands at 5066.
         assert_eq!(out, vec![('K', 5066), ('a', 5076), ('v', 5099)]);
+        // Shifted timestamps are a timeline of their own.
+        assert_ne!(s.timeline(), Some(2));
     }
 
     #[test]

@@ -136,7 +136,12 @@ pub async fn answer(offer: &str, ip: IpAddr) -> Result<(String, Viewer), WhepCli
 /// A viewer's `Rtc` (RTP mode, str0m's default codecs and extensions) with a host
 /// candidate on `local`.
 fn viewer_rtc(local: SocketAddr) -> Result<Rtc, WhepClientError> {
-    let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
+    host_rtc(Rtc::builder(), local)
+}
+
+/// An RTP-mode `Rtc` from `builder` with a host candidate on `local`.
+fn host_rtc(builder: str0m::RtcConfig, local: SocketAddr) -> Result<Rtc, WhepClientError> {
+    let mut rtc = builder.set_rtp_mode(true).build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
     Ok(rtc)
 }
@@ -241,13 +246,11 @@ pub async fn publish_rtp(
     duration: Duration,
 ) -> Result<PublishStats, WhepClientError> {
     let (socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
-    let mut rtc = Rtc::builder()
-        .set_rtp_mode(true)
+    let builder = Rtc::builder()
         .clear_codecs()
         .enable_h264(true)
-        .enable_opus(true, false)
-        .build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
+        .enable_opus(true, false);
+    let mut rtc = host_rtc(builder, local)?;
     let mut api = rtc.sdp_api();
     let video_mid = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
     let audio_mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);

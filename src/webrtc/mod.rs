@@ -692,9 +692,23 @@ impl RtpState {
 }
 
 /// A negotiated outgoing track.
+#[derive(Clone, Copy)]
 struct TrackOut {
     mid: Mid,
-    pt: str0m::format::PayloadParams,
+    pt: str0m::media::Pt,
+    /// Whether the viewer NACKs this payload (video; browsers and str0m do not NACK Opus):
+    /// only then are its packets kept for resending.
+    nack: bool,
+}
+
+impl TrackOut {
+    fn new(mid: Mid, params: &str0m::format::PayloadParams) -> TrackOut {
+        TrackOut {
+            mid,
+            pt: params.pt(),
+            nack: params.fb_nack(),
+        }
+    }
 }
 
 /// One simulcast layer a viewer is subscribed to.
@@ -944,6 +958,14 @@ impl WhepPeer {
     /// Sends what str0m has to send (in GSO batches) and handles its events; returns its
     /// next timeout.
     fn drain(&mut self) -> Result<Instant, str0m::RtcError> {
+        let next = self.poll();
+        self.io.flush();
+        next
+    }
+
+    /// Hands str0m's output to the send batch and handles its events until str0m waits;
+    /// returns when it wants to be woken.
+    fn poll(&mut self) -> Result<Instant, str0m::RtcError> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
@@ -951,22 +973,17 @@ impl WhepPeer {
         // fresh look right after media was written): handling it here rather than through
         // the runtime's timer saves a wake-up per frame. A few rounds at most.
         let mut due_rounds = 0;
-        let next = loop {
-            match self.rtc.poll_output() {
-                Ok(Output::Timeout(t)) if due_rounds < 4 && t <= Instant::now() => {
+        loop {
+            match self.rtc.poll_output()? {
+                Output::Timeout(t) if due_rounds < 4 && t <= Instant::now() => {
                     due_rounds += 1;
-                    if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) {
-                        break Err(e);
-                    }
+                    self.rtc.handle_input(Input::Timeout(Instant::now()))?;
                 }
-                Ok(Output::Timeout(t)) => break Ok(t),
-                Ok(Output::Transmit(t)) => self.io.transmit(&t),
-                Ok(Output::Event(ev)) => self.on_event(ev),
-                Err(e) => break Err(e),
+                Output::Timeout(t) => return Ok(t),
+                Output::Transmit(t) => self.io.transmit(&t),
+                Output::Event(ev) => self.on_event(ev),
             }
-        };
-        self.io.flush();
-        next
+        }
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -985,14 +1002,14 @@ impl WhepPeer {
                     _ => RtcCodec::H264,
                 };
                 match negotiated(&self.rtc, m.mid, codec) {
-                    Some(pt) => self.video = Some(TrackOut { mid: m.mid, pt }),
+                    Some(pt) => self.video = Some(TrackOut::new(m.mid, &pt)),
                     None => warn!("viewer offered no {codec:?} for the stream's video"),
                 }
                 bound_rtx_cache(&mut self.rtc, m.mid);
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio && self.audio.is_none() => {
                 self.audio = negotiated(&self.rtc, m.mid, RtcCodec::Opus)
-                    .map(|pt| TrackOut { mid: m.mid, pt });
+                    .map(|pt| TrackOut::new(m.mid, &pt));
                 bound_rtx_cache(&mut self.rtc, m.mid);
             }
             Event::KeyframeRequest(r) => {
@@ -1014,24 +1031,21 @@ impl WhepPeer {
 
     /// Sends one frame; returns the payload bytes sent.
     fn send_frame(&mut self, p: &Arc<Packet>, config: &StreamConfig) -> usize {
-        let video = match p.frame.codec {
-            Codec::H264 | Codec::Vp8 => true,
-            Codec::Opus => false,
+        let (track, rtp, clock) = match p.frame.codec {
+            Codec::H264 | Codec::Vp8 => (self.video, &mut self.video_rtp, VIDEO_CLOCK),
+            Codec::Opus => (self.audio, &mut self.audio_rtp, OPUS_CLOCK),
             // AAC reaches WebRTC viewers bridged to Opus (crate::bridge).
             Codec::Aac => return 0,
         };
+        let Some(track) = track else { return 0 };
         let payloads = p.rtp_payloads(|p| packetize(p, config));
+        let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
+        let first_seq = rtp.seq;
+        rtp.seq += payloads.len() as u64;
         let last = payloads.len().saturating_sub(1);
-        let mut time = None;
         for (i, payload) in payloads.iter().enumerate() {
-            let (track, rtp, clock) = match video {
-                true => (&self.video, &mut self.video_rtp, VIDEO_CLOCK),
-                false => (&self.audio, &mut self.audio_rtp, OPUS_CLOCK),
-            };
-            let Some(track) = track else { return 0 };
-            let time = *time
-                .get_or_insert_with(|| rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock)));
-            write_packet(&mut self.rtc, track, rtp, time, payload, i == last);
+            let seq = SeqNo::from(first_seq + i as u64);
+            write_packet(&mut self.rtc, track, seq, time, payload, i == last);
             if i % SEND_CHUNK == SEND_CHUNK - 1 && i != last {
                 self.send_queued();
             }
@@ -1042,19 +1056,11 @@ impl WhepPeer {
     /// Moves the packets written so far into the send batch, so that str0m's send queue
     /// holds [`SEND_CHUNK`] packets at most instead of a keyframe's worth: each queued
     /// packet is ~400 bytes of str0m state, and the queue keeps its largest size for the
-    /// viewer's lifetime. (str0m releases written packets after a timeout input.) The rest
-    /// of the frame goes out in [`Self::drain`]; an error is kept for it to return.
+    /// viewer's lifetime. The rest of the frame goes out in [`Self::drain`], which also
+    /// returns an error met here.
     fn send_queued(&mut self) {
-        if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) {
+        if let Err(e) = self.poll() {
             self.failed = Some(e);
-        }
-        while self.failed.is_none() {
-            match self.rtc.poll_output() {
-                Ok(Output::Transmit(t)) => self.io.transmit(&t),
-                Ok(Output::Event(ev)) => self.on_event(ev),
-                Ok(Output::Timeout(_)) => break,
-                Err(e) => self.failed = Some(e),
-            }
         }
     }
 }
@@ -1093,13 +1099,11 @@ fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) {
     }
 }
 
-/// Writes one RTP payload of a frame on `track`, numbered from `rtp`. Packets are kept for
-/// resending only where the viewer negotiated NACK (video; browsers and str0m do not NACK
-/// Opus).
+/// Writes one RTP payload of a frame on `track`.
 fn write_packet(
     rtc: &mut Rtc,
-    track: &TrackOut,
-    rtp: &mut RtpState,
+    track: TrackOut,
+    seq: SeqNo,
     time: u32,
     payload: &Arc<[u8]>,
     marker: bool,
@@ -1108,12 +1112,10 @@ fn write_packet(
     let Some(tx) = api.stream_tx_by_mid(track.mid, None) else {
         return;
     };
-    let seq = SeqNo::from(rtp.seq);
-    rtp.seq += 1;
     tx.write_rtp(
-        RtpWrite::new(track.pt.pt(), seq, time, Instant::now(), payload.clone())
+        RtpWrite::new(track.pt, seq, time, Instant::now(), payload.clone())
             .marker(marker)
-            .nackable(track.pt.fb_nack()),
+            .nackable(track.nack),
     );
 }
 

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use meshcast::media::flv::{self, AudioTag, VideoTag};
+
 #[derive(Clone, Copy, Debug)]
 pub struct Tag {
     pub at: Instant,
@@ -16,7 +19,7 @@ pub struct Tag {
     pub kind: u8,
     pub ts_ms: u32,
     pub keyframe: bool,
-    /// AVC/AAC sequence headers (configuration, not media).
+    /// Not media: AVC/AAC sequence headers, end of sequence, script data.
     pub header: bool,
 }
 
@@ -166,13 +169,16 @@ fn read_loop(mut conn: TcpStream, tags: &Mutex<Vec<Tag>>, stop: &AtomicBool) -> 
                 break;
             }
             let ts = u32::from_be_bytes([h[7], h[4], h[5], h[6]]);
-            let body = &buf[pos + 11..pos + 11 + size];
+            let body = Bytes::copy_from_slice(&buf[pos + 11..pos + 11 + size]);
             let (keyframe, header) = match h[0] {
-                9 => (
-                    body.first().is_some_and(|b| b >> 4 == 1),
-                    body.get(1) == Some(&0),
+                9 => match flv::parse_video_tag(&body) {
+                    Ok(VideoTag::Frame { keyframe, .. }) => (keyframe, false),
+                    _ => (false, true),
+                },
+                8 => (
+                    true,
+                    !matches!(flv::parse_audio_tag(&body), Ok(AudioTag::Frame(_))),
                 ),
-                8 => (true, body.get(1) == Some(&0)),
                 _ => (false, true),
             };
             got.push(Tag {
