@@ -810,4 +810,11 @@ fn simulcast_from_chromium_gives_each_whep_viewer_the_layer_its_bandwidth_fits()
     let relayed = edge.stream("sim~sim.q").expect("q relayed to the edge");
     assert_eq!(relayed["source"]["kind"], "relay");
     assert!(edge.log().contains("simulcast layer switch"));
+    // The layers were put on one timeline by the publisher's sender reports, which is what
+    // lets a viewer join a layer at the first keyframe it asks for.
+    assert!(
+        a.log()
+            .contains("simulcast layer clock aligned by sender reports"),
+        "no layer alignment in the origin's log"
+    );
 }

@@ -68,6 +68,11 @@ const SEND_CHUNK: usize = 8;
 const INITIAL_ESTIMATE_BPS: u64 = 1_000_000;
 /// How soon a viewer tries again to join a simulcast layer it could not subscribe to.
 const LAYER_RETRY: Duration = Duration::from_secs(1);
+/// How far (90 kHz ticks, 5 ms) a layer's keyframe may be behind the last frame sent and
+/// still be joined, as a picture of the same capture instant.
+const SAME_CAPTURE_TICKS: i64 = 450;
+/// How often a layer being joined is asked again for the keyframe the join waits for.
+const LAYER_KEYFRAME_REPEAT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebRtcError {
@@ -716,6 +721,8 @@ struct LayerSub {
     rid: String,
     sub: Subscription,
     config: Option<Arc<StreamConfig>>,
+    /// When a keyframe was last asked of this layer (joining it waits for one).
+    asked: Instant,
 }
 
 /// A WHEP viewer's simulcast state: the layer it is sent, and the one it switches to at that
@@ -849,7 +856,8 @@ impl WhepPeer {
                         if self.layers.current.is_some() {
                             sub.request_keyframe();
                         }
-                        self.layers.next = Some(LayerSub { rid, sub, config: None });
+                        let asked = Instant::now();
+                        self.layers.next = Some(LayerSub { rid, sub, config: None, asked });
                     }
                 }
                 _ = tokio::time::sleep_until(timeout.into()) => {
@@ -877,6 +885,14 @@ impl WhepPeer {
                 .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
         }
         let l = &mut self.layers;
+        // A join waits for the layer's next keyframe: ask again while it has not come (a
+        // request can be lost on the way; every hop's gate merges the repeats).
+        if let (Some(next), Some(_)) = (&mut l.next, &l.current) {
+            if next.asked.elapsed() >= LAYER_KEYFRAME_REPEAT {
+                next.sub.request_keyframe();
+                next.asked = Instant::now();
+            }
+        }
         let Some(chooser) = &l.chooser else { return };
         let target = chooser.target().rid.as_str();
         let have = |s: &Option<LayerSub>| s.as_ref().is_some_and(|s| s.rid == target);
@@ -924,8 +940,20 @@ impl WhepPeer {
             Ok(StreamEvent::Config(c)) => next.config = Some(c),
             Ok(StreamEvent::Frame(p)) => {
                 let pts = p.frame.timebase.rescale(p.frame.pts, VIDEO_CLOCK);
-                let after = l.last_video_pts.is_none_or(|last| pts > last);
-                if p.frame.is_video_keyframe() && after && next.config.is_some() {
+                // Layers share one timeline (aligned at ingest), so a requested keyframe is
+                // often the same capture as the frame just sent from the current layer:
+                // it replaces that picture, one tick later for the decoder.
+                let step = l.last_video_pts.map_or(0, |last| last + 1 - pts);
+                let joinable = step <= SAME_CAPTURE_TICKS;
+                if p.frame.is_video_keyframe() {
+                    debug!(rid = %next.rid, pts, last = ?l.last_video_pts, configured = next.config.is_some(), "keyframe on the layer being joined");
+                }
+                if p.frame.is_video_keyframe() && joinable && next.config.is_some() {
+                    if step > 0 {
+                        self.video_rtp.ts_offset =
+                            self.video_rtp.ts_offset.wrapping_add(step as u32);
+                    }
+                    let l = &mut self.layers;
                     let next = l.next.take().expect("next layer");
                     info!(from = ?l.current.as_ref().map(|c| &c.rid), to = %next.rid, "simulcast layer switch");
                     if let Some(chooser) = &mut l.chooser {

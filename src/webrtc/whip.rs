@@ -18,12 +18,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use str0m::format::Codec as RtcCodec;
 use str0m::media::Pt;
 use str0m::media::{KeyframeRequestKind, MediaKind};
+use str0m::rtp::rtcp::SenderInfo;
 use str0m::rtp::{RtpPacket, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::mpsc;
@@ -50,6 +51,9 @@ pub const LAYER_WAIT: Duration = Duration::from_millis(1500);
 /// Encodings taken from one publisher; more are ignored.
 const MAX_ENCODINGS: usize = 4;
 
+/// The largest correction sender reports may make to a layer's clock (90 kHz ticks, 5 s).
+const MAX_LAYER_SHIFT: i64 = 5 * 90_000;
+
 /// Maps one track's RTP timestamps onto the session timeline.
 struct TrackClock {
     rate: u32,
@@ -68,19 +72,71 @@ impl TrackClock {
         }
     }
 
-    /// The presentation time, in `rate` ticks since the session's first packet.
+    /// The presentation time, in `rate` ticks since the session's first packet. The first
+    /// packet is placed at its arrival time on the shared timeline.
     fn pts(&mut self, rtp: u32, arrival: Instant, t0: Instant) -> i64 {
-        match self.last {
-            None => {
-                self.value = 0;
-                // The first packet is placed at its arrival time on the shared timeline.
-                let since = arrival.saturating_duration_since(t0);
-                self.offset = (since.as_secs_f64() * self.rate as f64) as i64;
-            }
-            Some(last) => self.value += rtp.wrapping_sub(last) as i32 as i64,
+        if self.last.is_none() {
+            let at = self.arrival_pts(arrival, t0);
+            self.start(rtp, at);
+        }
+        self.advance(rtp)
+    }
+
+    fn arrival_pts(&self, arrival: Instant, t0: Instant) -> i64 {
+        let since = arrival.saturating_duration_since(t0);
+        (since.as_secs_f64() * self.rate as f64) as i64
+    }
+
+    fn started(&self) -> bool {
+        self.last.is_some()
+    }
+
+    /// Starts the clock with `rtp` at `pts`.
+    fn start(&mut self, rtp: u32, pts: i64) {
+        self.last = Some(rtp);
+        self.value = 0;
+        self.offset = pts;
+    }
+
+    fn advance(&mut self, rtp: u32) -> i64 {
+        if let Some(last) = self.last {
+            self.value += rtp.wrapping_sub(last) as i32 as i64;
         }
         self.last = Some(rtp);
         self.value + self.offset
+    }
+
+    /// Where this clock would place `rtp` (of the same RTP clock), once started.
+    fn project(&self, rtp: u32) -> Option<i64> {
+        let last = self.last?;
+        Some(self.value + self.offset + rtp.wrapping_sub(last) as i32 as i64)
+    }
+
+    /// How far this layer's timeline must move to agree with `reference`'s, from one
+    /// RTCP sender report of each (`(NTP time, RTP timestamp)`), in ticks.
+    ///
+    /// Each simulcast layer's clock starts where its first frame arrived, so the layers
+    /// are offset by however late each first frame was read (a starved task: hundreds of
+    /// ms). A viewer switching layers waits until the new layer's time passes the old
+    /// one's, so a layer that runs behind blocks switching to it (seen under CPU load:
+    /// 20 s on h with q wanted). A browser gives each layer its own random RTP base, but
+    /// its sender reports tie all of them to one NTP clock.
+    fn shift_to(
+        &self,
+        sr: (SystemTime, u32),
+        reference: &TrackClock,
+        ref_sr: (SystemTime, u32),
+    ) -> Option<i64> {
+        let last = self.last?;
+        let ntp_gap = match sr.0.duration_since(ref_sr.0) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        // `last` expressed on the reference's RTP clock.
+        let since_sr = last.wrapping_sub(sr.1) as i32 as i64;
+        let gap = (ntp_gap * self.rate as f64).round() as i64;
+        let on_reference = ref_sr.1.wrapping_add((gap + since_sr) as i32 as u32);
+        Some(reference.project(on_reference)? - self.project(last)?)
     }
 }
 
@@ -106,6 +162,10 @@ struct VideoIn {
     /// Viewers' requests, periodic requests and loss recovery, merged and spaced.
     gate: KeyframeRequestGate,
     last_keyframe_request: Option<Instant>,
+    /// The publisher's last sender report for this encoding: (NTP time, RTP timestamp).
+    sender_report: Option<(SystemTime, u32)>,
+    /// Whether this layer's clock was aligned with the first layer's by sender reports.
+    aligned: bool,
 }
 
 impl VideoIn {
@@ -198,6 +258,7 @@ impl WhipPeer {
                         Event::RtpPacket(p) => {
                             self.on_rtp(&mut ingest, p);
                         }
+                        Event::SenderFeedback(f) => on_sender_report(&mut ingest, &f.sender_info),
                         _ => {}
                     },
                 }
@@ -269,6 +330,7 @@ impl WhipPeer {
         for f in frames {
             let video = &mut ingest.videos[idx];
             if f.keyframe {
+                debug!(rid = ?video.rid, "keyframe from the publisher");
                 video.gate.keyframe_seen();
             }
             let mut changed = false;
@@ -369,6 +431,8 @@ impl WhipPeer {
             layer,
             gate: KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL),
             last_keyframe_request: None,
+            sender_report: None,
+            aligned: false,
         });
         if ingest.rids.is_empty() {
             ingest.primary = Some(idx);
@@ -481,9 +545,44 @@ impl WhipPeer {
             return;
         }
         if let Some(rx) = self.rtc.direct_api().stream_rx(&video.ssrc) {
+            debug!(rid = ?video.rid, viewer_asked, due, lost, "PLI to the publisher");
             rx.request_keyframe(KeyframeRequestKind::Pli);
             video.last_keyframe_request = Some(now);
         }
+    }
+}
+
+/// Keeps an encoding's sender report, and aligns the simulcast layers' clocks with the
+/// first layer's once both have reports (once per layer; see [`TrackClock::shift_to`]).
+fn on_sender_report(ingest: &mut Ingest, info: &SenderInfo) {
+    let Some(video) = ingest.videos.iter_mut().find(|v| v.ssrc == info.ssrc) else {
+        return;
+    };
+    video.sender_report = Some((info.ntp_time, info.rtp_time.numer() as u32));
+    // The reference: the first layer whose clock runs.
+    let Some(r) = ingest.videos.iter().position(|v| v.clock.started()) else {
+        return;
+    };
+    let Some(ref_sr) = ingest.videos[r].sender_report else {
+        return;
+    };
+    for i in 0..ingest.videos.len() {
+        let v = &ingest.videos[i];
+        if i == r || v.aligned || !v.clock.started() {
+            continue;
+        }
+        let Some(sr) = v.sender_report else { continue };
+        let Some(shift) = v.clock.shift_to(sr, &ingest.videos[r].clock, ref_sr) else {
+            continue;
+        };
+        let v = &mut ingest.videos[i];
+        v.aligned = true;
+        if shift.abs() > MAX_LAYER_SHIFT {
+            warn!(rid = ?v.rid, shift_ms = shift / 90, "sender reports disagree with arrival times; layer clock left as it is");
+            continue;
+        }
+        v.clock.offset += shift;
+        info!(rid = ?v.rid, shift_ms = shift / 90, "simulcast layer clock aligned by sender reports");
     }
 }
 
@@ -524,4 +623,62 @@ fn configure_vp8(video: &mut VideoIn, width: u32, height: u32) -> bool {
         height,
     });
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: i64 = 90;
+
+    /// A clock started `late_ms` after t0 at `rtp`, having run `frames` frames of 30 fps.
+    fn clock(rtp: u32, late_ms: u64, frames: u32) -> TrackClock {
+        let t0 = Instant::now();
+        let mut c = TrackClock::new(90_000);
+        c.pts(rtp, t0 + Duration::from_millis(late_ms), t0);
+        for i in 1..=frames {
+            c.advance(rtp.wrapping_add(i * 3_000));
+        }
+        c
+    }
+
+    #[test]
+    fn sender_reports_put_a_late_read_layer_on_the_first_layers_timeline() {
+        let ntp = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // q's first frame was captured at NTP `ntp` with RTP 1000 and read at once (pts 0);
+        // h's first frame, the same capture with its own RTP base 7_000_000, was read
+        // 300 ms late, so its clock starts 300 ms ahead.
+        let q = clock(1_000, 0, 30);
+        let mut h = clock(7_000_000, 300, 30);
+        assert_eq!(
+            h.project(7_000_000 + 90_000).unwrap() - q.project(1_000 + 90_000).unwrap(),
+            300 * MS
+        );
+        // Reports taken at different instants, each on its own RTP base.
+        let q_sr = (ntp + Duration::from_millis(500), 1_000 + 45_000);
+        let h_sr = (ntp + Duration::from_millis(800), 7_000_000 + 72_000);
+        let shift = h.shift_to(h_sr, &q, q_sr).unwrap();
+        assert_eq!(shift, -300 * MS);
+        h.offset += shift;
+        assert_eq!(h.project(7_000_000 + 90_000), q.project(1_000 + 90_000));
+    }
+
+    #[test]
+    fn sender_report_alignment_works_across_the_rtp_wrap_and_in_either_order() {
+        let ntp = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let q = clock(u32::MAX - 20_000, 0, 30);
+        let h = clock(5, 120, 30);
+        let q_sr = (
+            ntp + Duration::from_secs(1),
+            (u32::MAX - 20_000).wrapping_add(90_000),
+        );
+        let h_sr = (ntp, 5);
+        assert_eq!(h.shift_to(h_sr, &q, q_sr), Some(-120 * MS));
+        assert_eq!(q.shift_to(q_sr, &h, h_sr), Some(120 * MS));
+        assert_eq!(
+            TrackClock::new(90_000).shift_to(h_sr, &q, q_sr),
+            None,
+            "not started"
+        );
+    }
 }

@@ -25,6 +25,24 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_meshcast");
 
 pub use ports::free_port;
 
+thread_local! {
+    /// The panic of this test thread, if it has panicked.
+    static FAILURE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps each test thread's panic message, so the node logs dumped while unwinding can end
+/// with it (the default hook prints it before them).
+fn remember_failures() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            FAILURE.with(|f| *f.borrow_mut() = Some(info.to_string()));
+            default(info);
+        }));
+    });
+}
+
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "meshcast-test-{name}-{}-{}",
@@ -105,6 +123,7 @@ impl NodeProc {
     }
 
     pub fn start_at(spec: NodeSpec, quic: SocketAddr) -> NodeProc {
+        remember_failures();
         let rtmp = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let webrtc = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -235,6 +254,10 @@ impl Drop for NodeProc {
         }
         if std::thread::panicking() {
             eprintln!("---- log of {} ----\n{}", self.name, self.log());
+            // CI shows the tail of a failure's output: repeat the failure after each log.
+            if let Some(failure) = FAILURE.with(|f| f.borrow().clone()) {
+                eprintln!("---- the failure, again: {failure}");
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
