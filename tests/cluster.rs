@@ -55,6 +55,47 @@ fn outbound_to(node: &NodeProc, peer: &str) -> bool {
         .any(|l| l["node"] == peer && l["direction"] == "outbound")
 }
 
+/// As WebRTC publishers send (no B-frames: RTP time runs forward packet by packet), long
+/// enough to outlast the test.
+fn failover_publish() -> PublishOpts {
+    PublishOpts {
+        seconds: 60,
+        gop: 30,
+        bframes: 0,
+        ..Default::default()
+    }
+}
+
+type WhepViewer = std::thread::JoinHandle<
+    Result<meshcast::webrtc::client::WhepStats, meshcast::webrtc::client::WhepClientError>,
+>;
+
+/// An HTTP-FLV viewer and a WHEP viewer of `live/{name}` on `edge`, each one connection
+/// for the whole test, both playing when this returns.
+fn watch(edge: &NodeProc, name: &str, whep_for: Duration) -> (FlvWatcher, WhepViewer) {
+    let watcher = FlvWatcher::start(edge.http, &format!("/live/{name}.flv"));
+    let (http, path) = (edge.http, format!("/whep/live/{name}"));
+    let whep = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(meshcast::webrtc::client::play(http, &path, whep_for))
+    });
+    wait_until(Duration::from_secs(10), "edge viewer gets video", || {
+        watcher.media(9).len() >= 60
+    });
+    // Let the WebRTC viewer connect and play a little first.
+    std::thread::sleep(Duration::from_millis(1500));
+    (watcher, whep)
+}
+
+/// The largest step forward between consecutive tags' timestamps, in ms.
+fn largest_step(tags: &[common::flv_watch::Tag]) -> u32 {
+    tags.windows(2)
+        .map(|w| w[1].ts_ms.saturating_sub(w[0].ts_ms))
+        .max()
+        .unwrap_or(0)
+}
+
 #[test]
 fn edge_keeps_its_viewers_when_its_origin_is_killed() {
     let _serial = one_at_a_time();
@@ -64,38 +105,9 @@ fn edge_keeps_its_viewers_when_its_origin_is_killed() {
     let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![b.quic, c.quic]));
     edge.wait_for_link_count(2);
 
-    let _publisher = publish_and_wait(
-        &a.rtmp_url("fo"),
-        a,
-        "fo",
-        PublishOpts {
-            seconds: 60,
-            gop: 30,
-            // As WebRTC publishers send: RTP time then runs forward packet by packet.
-            bframes: 0,
-            ..Default::default()
-        },
-    );
-    let watcher = FlvWatcher::start(edge.http, "/live/fo.flv");
-    // A WebRTC viewer too: one PeerConnection for the whole test.
-    let whep = {
-        let http = edge.http;
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(meshcast::webrtc::client::play(
-                    http,
-                    "/whep/live/fo",
-                    Duration::from_secs(9),
-                ))
-        })
-    };
-    wait_until(Duration::from_secs(10), "edge viewer gets video", || {
-        watcher.media(9).len() >= 60
-    });
+    let _publisher = publish_and_wait(&a.rtmp_url("fo"), a, "fo", failover_publish());
+    let (watcher, whep) = watch(&edge, "fo", Duration::from_secs(9));
     assert_eq!(source_node(&edge, "fo").as_deref(), Some("origin-b"));
-    // Let the WebRTC viewer connect and play a little first.
-    std::thread::sleep(Duration::from_millis(1500));
 
     let killed = Instant::now();
     b.signal("KILL");
@@ -133,11 +145,7 @@ fn edge_keeps_its_viewers_when_its_origin_is_killed() {
         video.len(),
         audio.len()
     );
-    let step = video
-        .windows(2)
-        .map(|w| w[1].ts_ms.saturating_sub(w[0].ts_ms))
-        .max()
-        .unwrap_or(0);
+    let step = largest_step(&video);
     eprintln!("largest video timestamp step over HTTP-FLV: {step} ms");
     // Frames made while the edge was cut off are skipped (it resumes at the live keyframe
     // when the new origin no longer caches them), so time may step forward, but by no more
@@ -170,4 +178,74 @@ fn edge_keeps_its_viewers_when_its_origin_is_killed() {
     assert_eq!(w.video_time_backwards, 0, "WHEP video time went back");
     assert!(w.max_video_time_step_ms <= 1000, "WHEP video time jumped");
     assert!(a.metric("meshcast_backbone_links_timed_out_total") >= 1.0);
+}
+
+#[test]
+fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
+    let _serial = one_at_a_time();
+    let origins = mesh(&["origin-a", "origin-b", "origin-c"]);
+    let (a, b, c) = (&origins[0], &origins[1], &origins[2]);
+    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![b.quic, c.quic]));
+    edge.wait_for_link_count(2);
+    let first = publish_and_wait(&a.rtmp_url("pf"), a, "pf", failover_publish());
+    let (watcher, whep) = watch(&edge, "pf", Duration::from_secs(10));
+
+    // The publisher's origin dies; the publisher (as OBS does with a backup server, or
+    // after asking the route API) publishes again to origin C.
+    let killed = Instant::now();
+    a.signal("KILL");
+    drop(first);
+    let second = Publisher::start(&c.rtmp_url("pf"), failover_publish());
+    let resumed_at = Instant::now();
+    wait_until(Duration::from_secs(10), "video flows again", || {
+        watcher.video_after(resumed_at) >= 60
+    });
+    let republished = killed.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+
+    assert_eq!(
+        watcher.ended(),
+        None,
+        "the viewer's connection must stay open"
+    );
+    // B, which serves the edge, found the stream on C: the edge never saw a change.
+    assert_eq!(source_node(b, "pf").as_deref(), Some("origin-c"));
+    assert_eq!(source_node(&edge, "pf").as_deref(), Some("origin-b"));
+    let video = watcher.media(9);
+    let audio = watcher.media(8);
+    let (gap, _) = longest_gap(&video, killed - Duration::from_millis(100));
+    let step = largest_step(&video);
+    eprintln!(
+        "video again {republished:?} after the kill; longest video gap {gap:?}; largest \
+         timestamp step {step} ms; {} video / {} audio tags",
+        video.len(),
+        audio.len()
+    );
+    // The freeze is the origin's death being noticed plus a new ffmpeg starting.
+    assert!(gap <= Duration::from_secs(4), "video froze for {gap:?}");
+    // A new publish session is spliced on: time never goes back, and moves forward by no
+    // more than the freeze.
+    assert!(
+        video.windows(2).all(|w| w[1].ts_ms > w[0].ts_ms),
+        "video time went back or repeated"
+    );
+    assert!(
+        audio.windows(2).all(|w| w[1].ts_ms >= w[0].ts_ms),
+        "audio time went back"
+    );
+    assert!(
+        Duration::from_millis(step as u64) <= gap + Duration::from_millis(200),
+        "video time stepped {step} ms over a {gap:?} freeze"
+    );
+    assert!(b.metric("meshcast_backbone_rehomes_total") >= 1.0);
+
+    let w = whep.join().unwrap().expect("WHEP viewer ran");
+    eprintln!("WHEP viewer: {w:?}");
+    assert!(w.connected && w.audio_packets > 0);
+    assert!(w.max_video_gap <= Duration::from_secs(4), "{w:?}");
+    assert_eq!(
+        w.video_time_backwards, 0,
+        "WHEP video time went back: {w:?}"
+    );
+    drop(second);
 }
