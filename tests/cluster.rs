@@ -88,6 +88,65 @@ fn watch(edge: &NodeProc, name: &str, whep_for: Duration) -> (FlvWatcher, WhepVi
     (watcher, whep)
 }
 
+fn cluster_view(node: &NodeProc) -> serde_json::Value {
+    let (status, body) = http_get(node.http, "/api/v1/cluster").expect("cluster API");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("cluster JSON")
+}
+
+/// What `/api/v1/cluster` and the per-link metrics show with `live/fo` published on A and
+/// watched on the edge through B.
+fn check_cluster_view(a: &NodeProc, b: &NodeProc, edge: &NodeProc) {
+    let on_edge = cluster_view(edge);
+    assert_eq!(on_edge["node"]["role"], "edge", "{on_edge}");
+    // Which origin serves the edge, per stream.
+    let pulls = on_edge["pulls"].as_array().unwrap();
+    assert!(
+        pulls
+            .iter()
+            .any(|p| p["stream"] == "live/fo" && p["upstream"] == "origin-b"),
+        "{on_edge}"
+    );
+    // Links carry measured RTT and transport counters.
+    let links = on_edge["links"].as_array().unwrap();
+    let to_b = links
+        .iter()
+        .find(|l| l["node"] == "origin-b")
+        .unwrap_or_else(|| panic!("no link to origin-b: {on_edge}"));
+    assert!(to_b["rtt_ms"].as_f64().unwrap() > 0.0, "{to_b}");
+    assert!(to_b["sent_packets"].as_u64().unwrap() > 0, "{to_b}");
+    assert!(
+        to_b["received_bytes"].as_u64().unwrap() > 100_000,
+        "media came over it: {to_b}"
+    );
+    assert!(to_b["loss"].as_f64().unwrap() < 0.5, "{to_b}");
+    // B's directory knows A publishes it; A lists it as published there.
+    let on_b = cluster_view(b);
+    let dir = on_b["directory"].as_array().unwrap();
+    assert!(
+        dir.iter()
+            .any(|d| d["stream"] == "live/fo" && d["origin"] == "origin-a"),
+        "{on_b}"
+    );
+    let on_a = cluster_view(a);
+    assert!(
+        on_a["published"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "live/fo"),
+        "{on_a}"
+    );
+    // The same figures per link in Prometheus.
+    let label = r#"{peer="origin-b",direction="outbound"}"#;
+    assert!(edge.metric(&format!("meshcast_backbone_link_rtt_seconds{label}")) > 0.0);
+    assert!(
+        edge.metric(&format!(
+            "meshcast_backbone_link_received_bytes_total{label}"
+        )) > 100_000.0
+    );
+}
+
 /// The largest step forward between consecutive tags' timestamps, in ms.
 fn largest_step(tags: &[common::flv_watch::Tag]) -> u32 {
     tags.windows(2)
@@ -108,6 +167,7 @@ fn edge_keeps_its_viewers_when_its_origin_is_killed() {
     let _publisher = publish_and_wait(&a.rtmp_url("fo"), a, "fo", failover_publish());
     let (watcher, whep) = watch(&edge, "fo", Duration::from_secs(9));
     assert_eq!(source_node(&edge, "fo").as_deref(), Some("origin-b"));
+    check_cluster_view(a, b, &edge);
 
     let killed = Instant::now();
     b.signal("KILL");

@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/node", get(node))
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/links", get(links))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/egress", get(egress_list).post(egress_create))
         .route("/api/v1/egress/{id}", get(egress_get).delete(egress_delete))
         .route(
@@ -109,6 +110,38 @@ async fn streams(State(s): State<AppState>) -> impl IntoResponse {
 async fn links(State(s): State<AppState>) -> impl IntoResponse {
     let links = s.backbone.as_ref().map(|b| b.links()).unwrap_or_default();
     Json(serde_json::json!({ "links": links }))
+}
+
+/// `GET /api/v1/cluster`: this node's view of the cluster: its links (RTT, loss, bytes),
+/// the stream directory (which origin announced what), the streams it pulls and from whom
+/// (on an edge: which origin serves it), and the streams published here.
+async fn cluster(State(s): State<AppState>) -> impl IntoResponse {
+    let (links, directory) = match &s.backbone {
+        Some(b) => (b.links(), b.directory()),
+        None => (Vec::new(), Vec::new()),
+    };
+    let directory: Vec<_> = directory
+        .into_iter()
+        .map(|(stream, origin)| serde_json::json!({ "stream": stream, "origin": origin }))
+        .collect();
+    let mut pulls = Vec::new();
+    let mut published = Vec::new();
+    for st in s.hub.list() {
+        match st.source {
+            crate::hub::Source::Relay { node } => {
+                pulls.push(serde_json::json!({ "stream": st.stream, "upstream": node }))
+            }
+            crate::hub::Source::Local => published.push(st.stream),
+            crate::hub::Source::Bridge { .. } => {}
+        }
+    }
+    Json(serde_json::json!({
+        "node": s.node,
+        "links": links,
+        "directory": directory,
+        "pulls": pulls,
+        "published": published,
+    }))
 }
 
 async fn egress_list(State(s): State<AppState>) -> impl IntoResponse {

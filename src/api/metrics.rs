@@ -4,10 +4,15 @@
 //! Hot paths clone the counter handles they need once (per connection) and increment the
 //! shared atomics directly; nothing here takes a lock per frame.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -71,6 +76,94 @@ pub struct Metrics {
     pub egress_bytes: Counter,
     pub egress_reconnects: Counter,
     pub egress_dropped_frames: Counter,
+    /// Per-link transport figures, read from the backbone at each scrape.
+    pub links: LinkCollector,
+}
+
+type LinkValue = fn(&crate::backbone::LinkInfo) -> u64;
+type LinkReader = Box<dyn Fn() -> Vec<crate::backbone::LinkInfo> + Send + Sync>;
+
+/// The backbone's links as metric families labelled by peer node and direction. The
+/// values are the QUIC connections' own counters, taken when Prometheus scrapes, so a
+/// closed link's series simply disappear.
+#[derive(Clone, Default)]
+pub struct LinkCollector(Arc<parking_lot::RwLock<Option<LinkReader>>>);
+
+impl LinkCollector {
+    /// Where the links are read from (the backbone, once it runs).
+    pub fn set_reader(
+        &self,
+        read: impl Fn() -> Vec<crate::backbone::LinkInfo> + Send + Sync + 'static,
+    ) {
+        *self.0.write() = Some(Box::new(read));
+    }
+}
+
+impl std::fmt::Debug for LinkCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkCollector")
+    }
+}
+
+impl Collector for LinkCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let links = match &*self.0.read() {
+            Some(read) => read(),
+            None => return Ok(()),
+        };
+        if links.is_empty() {
+            return Ok(());
+        }
+        let labels = |l: &crate::backbone::LinkInfo| {
+            [
+                ("peer", l.node.clone()),
+                ("direction", l.direction.to_string()),
+            ]
+        };
+        let mut family = encoder.encode_descriptor(
+            "backbone_link_rtt_seconds",
+            "Smoothed round-trip time of a backbone link (QUIC)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for l in &links {
+            ConstGauge::new(l.rtt_ms / 1000.0).encode(family.encode_family(&labels(l))?)?;
+        }
+        let counters: [(&str, &str, LinkValue); 4] = [
+            (
+                "backbone_link_sent_packets",
+                "QUIC packets sent on a backbone link",
+                |l| l.sent_packets,
+            ),
+            (
+                "backbone_link_lost_packets",
+                "QUIC packets a backbone link declared lost",
+                |l| l.lost_packets,
+            ),
+            (
+                "backbone_link_sent_bytes",
+                "UDP bytes sent on a backbone link",
+                |l| l.sent_bytes,
+            ),
+            (
+                "backbone_link_received_bytes",
+                "UDP bytes received on a backbone link",
+                |l| l.received_bytes,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for l in &links {
+                ConstCounter::new(value(l)).encode(family.encode_family(&labels(l))?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Metrics {
@@ -104,8 +197,10 @@ impl Metrics {
             egress_bytes: Counter::default(),
             egress_reconnects: Counter::default(),
             egress_dropped_frames: Counter::default(),
+            links: LinkCollector::default(),
             registry: Registry::default(),
         };
+        registry.register_collector(Box::new(m.links.clone()));
         registry.register(
             "frames_in",
             "Frames received from publishers or upstream",

@@ -173,6 +173,14 @@ pub struct LinkInfo {
     pub address: String,
     pub direction: &'static str,
     pub rtt_ms: f64,
+    /// QUIC packets sent, and those declared lost, since the link came up.
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    /// `lost_packets / sent_packets`.
+    pub loss: f64,
+    /// UDP bytes each way since the link came up.
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
 }
 
 pub struct Backbone {
@@ -241,6 +249,12 @@ impl Backbone {
             write_timeout: config.limits.viewer_write_timeout,
             shutdown,
         });
+        let me = Arc::downgrade(&backbone);
+        backbone
+            .hub
+            .metrics()
+            .links
+            .set_reader(move || me.upgrade().map(|b| b.links()).unwrap_or_default());
         if bb.listen.is_some() {
             tokio::spawn(backbone.clone().accept_loop());
         }
@@ -274,6 +288,18 @@ impl Backbone {
                 .map(|l| link_info(&l.peer, &l.conn, "inbound")),
         );
         out.sort_by(|a, b| (a.direction, &a.node).cmp(&(b.direction, &b.node)));
+        out
+    }
+
+    /// Which origin announced each stream, as this node's directory has it (by stream).
+    pub fn directory(&self) -> Vec<(StreamKey, String)> {
+        let mut out: Vec<(StreamKey, String)> = self
+            .directory
+            .lock()
+            .iter()
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect();
+        out.sort_by_key(|(k, _)| k.to_string());
         out
     }
 
@@ -898,6 +924,8 @@ enum Internal {
 }
 
 fn link_info(peer: &PeerInfo, conn: &quinn::Connection, direction: &'static str) -> LinkInfo {
+    let stats = conn.stats();
+    let (sent, lost) = (stats.path.sent_packets, stats.path.lost_packets);
     LinkInfo {
         node: peer.node_id.clone(),
         role: peer.role,
@@ -905,6 +933,15 @@ fn link_info(peer: &PeerInfo, conn: &quinn::Connection, direction: &'static str)
         address: conn.remote_address().to_string(),
         direction,
         rtt_ms: conn.rtt().as_secs_f64() * 1000.0,
+        sent_packets: sent,
+        lost_packets: lost,
+        loss: if sent == 0 {
+            0.0
+        } else {
+            lost as f64 / sent as f64
+        },
+        sent_bytes: stats.udp_tx.bytes,
+        received_bytes: stats.udp_rx.bytes,
     }
 }
 

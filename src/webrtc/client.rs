@@ -49,7 +49,8 @@ pub struct WhepStats {
     pub video_sizes: Vec<(u32, u32)>,
     /// The longest wait between two video packets (after the first).
     pub max_video_gap: Duration,
-    /// Video packets whose RTP timestamp was before the previous packet's.
+    /// Video packets whose RTP timestamp was before that of the packet before them in
+    /// sequence order (resent and reordered packets are not counted).
     pub video_time_backwards: u64,
     /// The largest step forward of the video RTP timestamp between packets, in ms.
     pub max_video_time_step_ms: u64,
@@ -153,7 +154,7 @@ impl Viewer {
         // The server's address as str0m knows it, when talking through `opts.via`.
         let mut server = None;
         let mut stats = WhepStats::default();
-        let mut last_video: Option<(Instant, u32)> = None;
+        let mut last_video: Option<(Instant, u32, u64)> = None;
         let deadline = Instant::now() + opts.duration;
         let mut buf = vec![0u8; 2048];
         loop {
@@ -174,8 +175,11 @@ impl Viewer {
                         // Video uses the 90 kHz clock, audio 48 kHz.
                         if p.time.frequency().get() == 90_000 {
                             let now = Instant::now();
-                            let ts = p.header.timestamp;
-                            if let Some((at, last)) = last_video {
+                            let (ts, seq) = (p.header.timestamp, *p.seq_no);
+                            // Time is checked in sequence order: a resent or reordered
+                            // packet (older than the newest) is not a step back.
+                            let newest = last_video.is_none_or(|(_, _, s)| seq > s);
+                            if let (Some((at, last, _)), true) = (last_video, newest) {
                                 stats.max_video_gap = stats.max_video_gap.max(now - at);
                                 let step = ts.wrapping_sub(last) as i32;
                                 if step < 0 {
@@ -186,7 +190,9 @@ impl Viewer {
                                         stats.max_video_time_step_ms.max(ms);
                                 }
                             }
-                            last_video = Some((now, ts));
+                            if newest {
+                                last_video = Some((now, ts, seq));
+                            }
                             stats.video_packets += 1;
                             stats.first_video.get_or_insert(self.started.elapsed());
                             if let Some(size) = sps_size(&p.payload) {

@@ -166,6 +166,12 @@ struct VideoIn {
     sender_report: Option<(SystemTime, u32)>,
     /// Whether this layer's clock was aligned with the first layer's by sender reports.
     aligned: bool,
+    /// The last frame's time pushed, and whether frames are held back until a keyframe
+    /// after it (an alignment moved the clock back: time must not run backwards).
+    last_pts: Option<i64>,
+    resync: bool,
+    /// A keyframe is wanted for a reason of our own (`resync`).
+    keyframe_wanted: bool,
 }
 
 impl VideoIn {
@@ -354,6 +360,18 @@ impl WhipPeer {
                 continue; // no decoder configuration yet
             };
             let pts = video.clock.pts(f.rtp_time, p.timestamp, t0);
+            // Time runs forward only: after a clock alignment moved it back, frames wait
+            // until they pass the last one sent and a keyframe restarts the pictures.
+            if video.last_pts.is_some_and(|last| pts <= last) {
+                video.resync = true;
+                video.keyframe_wanted = true;
+                continue;
+            }
+            if video.resync && !f.keyframe {
+                continue;
+            }
+            video.resync = false;
+            video.last_pts = Some(pts);
             let packet = Packet::new(Frame {
                 codec,
                 dts: pts,
@@ -433,6 +451,9 @@ impl WhipPeer {
             last_keyframe_request: None,
             sender_report: None,
             aligned: false,
+            last_pts: None,
+            resync: false,
+            keyframe_wanted: false,
         });
         if ingest.rids.is_empty() {
             ingest.primary = Some(idx);
@@ -535,7 +556,9 @@ impl WhipPeer {
         let due = video
             .last_keyframe_request
             .is_none_or(|t| now.duration_since(t) >= KEYFRAME_INTERVAL);
-        let lost = video.assembler.take_keyframe_wanted() | video.vp8.take_keyframe_wanted();
+        let lost = video.assembler.take_keyframe_wanted()
+            | video.vp8.take_keyframe_wanted()
+            | std::mem::take(&mut video.keyframe_wanted);
         let send = if viewer_asked || due || lost {
             video.gate.request(now)
         } else {
