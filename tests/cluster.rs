@@ -309,3 +309,76 @@ fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
     );
     drop(second);
 }
+
+#[test]
+fn a_stream_crosses_a_lossy_long_link_between_origins_without_a_gap_longer_than_a_gop() {
+    let _serial = one_at_a_time();
+    // Origin C reaches origin A only through a user-space impaired link: 75 ms each way
+    // (150 ms RTT), 10 ms jitter (which reorders), 2% loss each way.
+    let a_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let a = NodeProc::start_at(NodeSpec::origin("origin-a"), a_quic);
+    let lossy = common::impair::Impairment {
+        delay: Duration::from_millis(75),
+        jitter: Duration::from_millis(10),
+        loss: 0.02,
+        ..Default::default()
+    };
+    let link = common::impair::Relay::start(a_quic, lossy, lossy);
+    let mut spec_c = NodeSpec::origin("origin-c");
+    spec_c.upstreams = vec![link.addr];
+    let c = NodeProc::start_at(spec_c, SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let edge = NodeProc::start(NodeSpec::edge("edge-c1", vec![c.quic]));
+    a.wait_for_link_count(1);
+    c.wait_for_link_count(2);
+    edge.wait_for_link_count(1);
+
+    // One GOP is 1 s (30 frames at 30 fps).
+    let _publisher = publish_and_wait(&a.rtmp_url("far"), &a, "far", failover_publish());
+    let watcher = FlvWatcher::start(edge.http, "/live/far.flv");
+    wait_until(Duration::from_secs(15), "edge viewer gets video", || {
+        watcher.media(9).len() >= 30
+    });
+    let watching = Instant::now();
+    std::thread::sleep(Duration::from_secs(12));
+
+    assert_eq!(watcher.ended(), None);
+    let video = watcher.media(9);
+    let (gap, _) = longest_gap(&video, watching);
+    let played = video.iter().filter(|t| t.at > watching).count();
+    let view = cluster_view(&c);
+    let to_a = view["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["node"] == "origin-a")
+        .cloned()
+        .unwrap_or_else(|| panic!("no link to origin-a: {view}"));
+    let passed = link.up.passed.load(std::sync::atomic::Ordering::Relaxed)
+        + link.down.passed.load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = link.up.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        + link.down.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "lossy link: {passed} datagrams passed, {dropped} dropped; C's view of it: {to_a}; \
+         {played} video frames in 12 s, longest gap {gap:?}; groups dropped by A: {}",
+        a.metric("meshcast_backbone_groups_dropped_total")
+    );
+    assert!(
+        gap <= Duration::from_secs(1),
+        "video froze for {gap:?}, longer than a GOP"
+    );
+    assert!(played >= 300, "{played} video frames in 12 s (30 fps sent)");
+    assert!(
+        video.windows(2).all(|w| w[1].ts_ms > w[0].ts_ms),
+        "video time went back or repeated"
+    );
+    // The link's RTT is measured, not configured; its losses are seen.
+    let rtt = to_a["rtt_ms"].as_f64().unwrap();
+    assert!(
+        (120.0..=250.0).contains(&rtt),
+        "RTT {rtt} ms over a 150 ms link"
+    );
+    assert!(to_a["lost_packets"].as_u64().unwrap() > 0, "{to_a}");
+    assert!(dropped > 0);
+    // Loss and delay are not death: the link stayed up the whole time.
+    assert_eq!(c.metric("meshcast_backbone_links_timed_out_total"), 0.0);
+}

@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::wire::ALPN;
-use crate::config::BackboneConfig;
+use crate::config::{BackboneConfig, Congestion};
 
 /// The TLS server name every node certificate carries.
 pub const SERVER_NAME: &str = "meshcast";
@@ -35,9 +35,10 @@ fn provider() -> Arc<CryptoProvider> {
 /// within `backbone.link_timeout_ms` (the liveness check in the backbone driver).
 pub const KEEP_ALIVE: Duration = Duration::from_millis(150);
 
-/// QUIC transport tuned for the backbone: fast liveness (keep-alive 150 ms, idle 5 s), enough
+/// QUIC transport tuned for the backbone: fast liveness (keep-alive 150 ms, idle 5 s), BBR
+/// unless configured otherwise (random loss does not cut its rate), enough
 /// concurrent group streams, 1500-byte initial MTU (see FIELD-NOTES).
-fn transport() -> Arc<quinn::TransportConfig> {
+fn transport(congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // 5 s fits in a VarInt: the conversion cannot fail.
@@ -50,6 +51,14 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
     t.initial_mtu(1452);
+    match congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+    };
     Arc::new(t)
 }
 
@@ -83,7 +92,7 @@ pub fn server_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ServerConfig
         .with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    server.transport_config(transport());
+    server.transport_config(transport(cfg.congestion));
     Ok(server)
 }
 
@@ -112,7 +121,7 @@ pub fn client_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ClientConfig
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    client.transport_config(transport());
+    client.transport_config(transport(cfg.congestion));
     Ok(client)
 }
 
