@@ -382,3 +382,67 @@ fn a_stream_crosses_a_lossy_long_link_between_origins_without_a_gap_longer_than_
     // Loss and delay are not death: the link stayed up the whole time.
     assert_eq!(c.metric("meshcast_backbone_links_timed_out_total"), 0.0);
 }
+
+/// `configs/cluster-3region/run.sh`, stopped with SIGTERM (its trap stops every node).
+struct ThreeRegions(std::process::Child);
+
+impl Drop for ThreeRegions {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_three_region_example_cluster_runs_from_its_script() {
+    let _serial = one_at_a_time();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/cluster-3region/run.sh"
+    );
+    let _cluster = ThreeRegions(
+        std::process::Command::new("bash")
+            .args([script, BIN])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run.sh"),
+    );
+    let http = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    // Each origin links to the two others both ways and to its own and the other edges.
+    wait_until(
+        Duration::from_secs(20),
+        "the mesh and the edges are up",
+        || {
+            [9080, 9081, 9082].iter().all(|&p| {
+                http_get(http(p), "/api/v1/links")
+                    .ok()
+                    .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+                    .is_some_and(|v| v["links"].as_array().is_some_and(|l| l.len() >= 7))
+            })
+        },
+    );
+    // Publish in us, watch in ap: ap's edge pulls through its own region's origin.
+    let _publisher = Publisher::start("rtmp://127.0.0.1:2935/live/world", PublishOpts::default());
+    wait_until(Duration::from_secs(15), "published in us", || {
+        http_get(http(9080), "/api/v1/streams").is_ok_and(|(_, b)| b.contains("live/world"))
+    });
+    wait_until(Duration::from_secs(5), "ap's origin knows it", || {
+        http_get(http(9082), "/api/v1/cluster").is_ok_and(|(_, b)| b.contains("live/world"))
+    });
+    let probe = ffprobe("http://127.0.0.1:9092/live/world.flv", 3);
+    assert_synthetic_stream(&probe, 3);
+    let (_, body) = http_get(http(9092), "/api/v1/cluster").unwrap();
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["node"]["region"], "ap", "{view}");
+    assert!(
+        view["pulls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["stream"] == "live/world" && p["upstream"] == "origin-ap"),
+        "the ap edge is served by the ap origin: {view}"
+    );
+}

@@ -166,11 +166,13 @@ struct VideoIn {
     sender_report: Option<(SystemTime, u32)>,
     /// Whether this layer's clock was aligned with the first layer's by sender reports.
     aligned: bool,
-    /// The last frame's time pushed, and whether frames are held back until a keyframe
-    /// after it (an alignment moved the clock back: time must not run backwards).
+    /// The last frame's time pushed.
     last_pts: Option<i64>,
-    resync: bool,
-    /// A keyframe is wanted for a reason of our own (`resync`).
+    /// After an alignment moved this layer's clock back: frames wait until they pass this
+    /// time (so time never runs backwards), then, if any was held back, for a keyframe to
+    /// restart the pictures (whether one was held back is the flag).
+    resync_after: Option<(i64, bool)>,
+    /// A keyframe is wanted for a reason of our own (`resync_after`).
     keyframe_wanted: bool,
 }
 
@@ -360,17 +362,20 @@ impl WhipPeer {
                 continue; // no decoder configuration yet
             };
             let pts = video.clock.pts(f.rtp_time, p.timestamp, t0);
-            // Time runs forward only: after a clock alignment moved it back, frames wait
-            // until they pass the last one sent and a keyframe restarts the pictures.
-            if video.last_pts.is_some_and(|last| pts <= last) {
-                video.resync = true;
-                video.keyframe_wanted = true;
-                continue;
+            if let Some((floor, dropped)) = video.resync_after {
+                if pts <= floor {
+                    if !dropped {
+                        video.keyframe_wanted = true;
+                    }
+                    video.resync_after = Some((floor, true));
+                    continue;
+                }
+                if dropped && !f.keyframe {
+                    continue;
+                }
+                debug!(rid = ?video.rid, dropped, "layer time runs on after its clock moved back");
+                video.resync_after = None;
             }
-            if video.resync && !f.keyframe {
-                continue;
-            }
-            video.resync = false;
             video.last_pts = Some(pts);
             let packet = Packet::new(Frame {
                 codec,
@@ -452,7 +457,7 @@ impl WhipPeer {
             sender_report: None,
             aligned: false,
             last_pts: None,
-            resync: false,
+            resync_after: None,
             keyframe_wanted: false,
         });
         if ingest.rids.is_empty() {
@@ -605,6 +610,10 @@ fn on_sender_report(ingest: &mut Ingest, info: &SenderInfo) {
             continue;
         }
         v.clock.offset += shift;
+        if shift < 0 {
+            // Time must not run backwards on this layer's stream.
+            v.resync_after = v.last_pts.map(|last| (last, false));
+        }
         info!(rid = ?v.rid, shift_ms = shift / 90, "simulcast layer clock aligned by sender reports");
     }
 }
