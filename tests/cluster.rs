@@ -44,6 +44,17 @@ fn mesh(ids: &[&str]) -> Vec<NodeProc> {
     nodes
 }
 
+/// Origins A, B, C meshed, and an edge that prefers B, then C; links up.
+fn three_origins_and_an_edge() -> (Vec<NodeProc>, NodeProc) {
+    let origins = mesh(&["origin-a", "origin-b", "origin-c"]);
+    let edge = NodeProc::start(NodeSpec::edge(
+        "edge-1",
+        vec![origins[1].quic, origins[2].quic],
+    ));
+    edge.wait_for_link_count(2);
+    (origins, edge)
+}
+
 fn source_node(node: &NodeProc, name: &str) -> Option<String> {
     node.stream(name)
         .and_then(|s| s["source"]["node"].as_str().map(str::to_string))
@@ -94,6 +105,16 @@ fn cluster_view(node: &NodeProc) -> serde_json::Value {
     serde_json::from_str(&body).expect("cluster JSON")
 }
 
+/// The link to `node` in a `/api/v1/cluster` view.
+fn link_to<'a>(view: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    view["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["node"] == node)
+        .unwrap_or_else(|| panic!("no link to {node}: {view}"))
+}
+
 /// What `/api/v1/cluster` and the per-link metrics show with `live/fo` published on A and
 /// watched on the edge through B.
 fn check_cluster_view(a: &NodeProc, b: &NodeProc, edge: &NodeProc) {
@@ -108,11 +129,7 @@ fn check_cluster_view(a: &NodeProc, b: &NodeProc, edge: &NodeProc) {
         "{on_edge}"
     );
     // Links carry measured RTT and transport counters.
-    let links = on_edge["links"].as_array().unwrap();
-    let to_b = links
-        .iter()
-        .find(|l| l["node"] == "origin-b")
-        .unwrap_or_else(|| panic!("no link to origin-b: {on_edge}"));
+    let to_b = link_to(&on_edge, "origin-b");
     assert!(to_b["rtt_ms"].as_f64().unwrap() > 0.0, "{to_b}");
     assert!(to_b["sent_packets"].as_u64().unwrap() > 0, "{to_b}");
     assert!(
@@ -158,11 +175,8 @@ fn largest_step(tags: &[common::flv_watch::Tag]) -> u32 {
 #[test]
 fn edge_keeps_its_viewers_when_its_origin_is_killed() {
     let _serial = one_at_a_time();
-    let origins = mesh(&["origin-a", "origin-b", "origin-c"]);
+    let (origins, edge) = three_origins_and_an_edge();
     let (a, b, c) = (&origins[0], &origins[1], &origins[2]);
-    // The edge prefers B, then C.
-    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![b.quic, c.quic]));
-    edge.wait_for_link_count(2);
 
     let _publisher = publish_and_wait(&a.rtmp_url("fo"), a, "fo", failover_publish());
     let (watcher, whep) = watch(&edge, "fo", Duration::from_secs(9));
@@ -243,10 +257,8 @@ fn edge_keeps_its_viewers_when_its_origin_is_killed() {
 #[test]
 fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
     let _serial = one_at_a_time();
-    let origins = mesh(&["origin-a", "origin-b", "origin-c"]);
+    let (origins, edge) = three_origins_and_an_edge();
     let (a, b, c) = (&origins[0], &origins[1], &origins[2]);
-    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![b.quic, c.quic]));
-    edge.wait_for_link_count(2);
     let first = publish_and_wait(&a.rtmp_url("pf"), a, "pf", failover_publish());
     let (watcher, whep) = watch(&edge, "pf", Duration::from_secs(10));
 
@@ -346,17 +358,10 @@ fn a_stream_crosses_a_lossy_long_link_between_origins_without_a_gap_longer_than_
     let (gap, _) = longest_gap(&video, watching);
     let played = video.iter().filter(|t| t.at > watching).count();
     let view = cluster_view(&c);
-    let to_a = view["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["node"] == "origin-a")
-        .cloned()
-        .unwrap_or_else(|| panic!("no link to origin-a: {view}"));
-    let passed = link.up.passed.load(std::sync::atomic::Ordering::Relaxed)
-        + link.down.passed.load(std::sync::atomic::Ordering::Relaxed);
-    let dropped = link.up.dropped.load(std::sync::atomic::Ordering::Relaxed)
-        + link.down.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    let to_a = link_to(&view, "origin-a");
+    let ((up_passed, up_dropped), (down_passed, down_dropped)) =
+        (link.up.counts(), link.down.counts());
+    let (passed, dropped) = (up_passed + down_passed, up_dropped + down_dropped);
     eprintln!(
         "lossy link: {passed} datagrams passed, {dropped} dropped; C's view of it: {to_a}; \
          {played} video frames in 12 s, longest gap {gap:?}; groups dropped by A: {}",

@@ -782,14 +782,8 @@ fn simulcast_from_chromium_gives_each_whep_viewer_the_layer_its_bandwidth_fits()
     });
     let (wide, narrow) = (wide.unwrap(), narrow.unwrap());
     eprintln!("wide viewer: {wide:?}\nnarrow viewer: {narrow:?}");
-    eprintln!(
-        "relay: {} passed, {} dropped",
-        relay.down.passed.load(std::sync::atomic::Ordering::Relaxed),
-        relay
-            .down
-            .dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
+    let (passed, dropped) = relay.down.counts();
+    eprintln!("relay: {passed} passed, {dropped} dropped");
     assert!(
         wide.video_packets > 300 && wide.audio_packets > 300,
         "{wide:?}"

@@ -87,15 +87,15 @@ type LinkReader = Box<dyn Fn() -> Vec<crate::backbone::LinkInfo> + Send + Sync>;
 /// values are the QUIC connections' own counters, taken when Prometheus scrapes, so a
 /// closed link's series simply disappear.
 #[derive(Clone, Default)]
-pub struct LinkCollector(Arc<parking_lot::RwLock<Option<LinkReader>>>);
+pub struct LinkCollector(Arc<std::sync::OnceLock<LinkReader>>);
 
 impl LinkCollector {
-    /// Where the links are read from (the backbone, once it runs).
+    /// Where the links are read from (the backbone, once it runs; set once).
     pub fn set_reader(
         &self,
         read: impl Fn() -> Vec<crate::backbone::LinkInfo> + Send + Sync + 'static,
     ) {
-        *self.0.write() = Some(Box::new(read));
+        let _ = self.0.set(Box::new(read));
     }
 }
 
@@ -107,10 +107,7 @@ impl std::fmt::Debug for LinkCollector {
 
 impl Collector for LinkCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let links = match &*self.0.read() {
-            Some(read) => read(),
-            None => return Ok(()),
-        };
+        let links = self.0.get().map(|read| read()).unwrap_or_default();
         if links.is_empty() {
             return Ok(());
         }

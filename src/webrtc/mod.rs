@@ -1068,13 +1068,14 @@ impl WhepPeer {
         let Some(track) = track else { return 0 };
         let payloads = p.rtp_payloads(|p| packetize(p, config));
         let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
-        let first_seq = rtp.seq;
+        let mut seq = rtp.seq;
         rtp.seq += payloads.len() as u64;
-        let last = payloads.len().saturating_sub(1);
-        for (i, payload) in payloads.iter().enumerate() {
-            let seq = SeqNo::from(first_seq + i as u64);
-            write_packet(&mut self.rtc, track, seq, time, payload, i == last);
-            if i % SEND_CHUNK == SEND_CHUNK - 1 && i != last {
+        let mut chunks = payloads.chunks(SEND_CHUNK).peekable();
+        while let Some(chunk) = chunks.next() {
+            let last_chunk = chunks.peek().is_none();
+            write_packets(&mut self.rtc, track, seq, time, chunk, last_chunk);
+            seq += chunk.len() as u64;
+            if !last_chunk {
                 self.send_queued();
             }
         }
@@ -1127,24 +1128,35 @@ fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) {
     }
 }
 
-/// Writes one RTP payload of a frame on `track`.
-fn write_packet(
+/// Writes consecutive RTP payloads of a frame on `track`, numbered from `seq`; the marker
+/// goes on the last one if `ends_frame`.
+fn write_packets(
     rtc: &mut Rtc,
     track: TrackOut,
-    seq: SeqNo,
+    seq: u64,
     time: u32,
-    payload: &Arc<[u8]>,
-    marker: bool,
+    payloads: &[Arc<[u8]>],
+    ends_frame: bool,
 ) {
     let mut api = rtc.direct_api();
     let Some(tx) = api.stream_tx_by_mid(track.mid, None) else {
         return;
     };
-    tx.write_rtp(
-        RtpWrite::new(track.pt, seq, time, Instant::now(), payload.clone())
-            .marker(marker)
+    let now = Instant::now();
+    let last = payloads.len().saturating_sub(1);
+    for (i, payload) in payloads.iter().enumerate() {
+        tx.write_rtp(
+            RtpWrite::new(
+                track.pt,
+                SeqNo::from(seq + i as u64),
+                time,
+                now,
+                payload.clone(),
+            )
+            .marker(ends_frame && i == last)
             .nackable(track.nack),
-    );
+        );
+    }
 }
 
 /// The negotiated payload of `codec` on an m-line (H.264 only with packetization-mode 1).

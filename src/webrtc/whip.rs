@@ -57,59 +57,46 @@ const MAX_LAYER_SHIFT: i64 = 5 * 90_000;
 /// Maps one track's RTP timestamps onto the session timeline.
 struct TrackClock {
     rate: u32,
-    last: Option<u32>,
-    value: i64,
-    offset: i64,
+    /// The last RTP timestamp and the presentation time it was given.
+    last: Option<(u32, i64)>,
 }
 
 impl TrackClock {
     fn new(rate: u32) -> Self {
-        TrackClock {
-            rate,
-            last: None,
-            value: 0,
-            offset: 0,
-        }
+        TrackClock { rate, last: None }
     }
 
     /// The presentation time, in `rate` ticks since the session's first packet. The first
     /// packet is placed at its arrival time on the shared timeline.
     fn pts(&mut self, rtp: u32, arrival: Instant, t0: Instant) -> i64 {
-        if self.last.is_none() {
-            let at = self.arrival_pts(arrival, t0);
-            self.start(rtp, at);
-        }
-        self.advance(rtp)
-    }
-
-    fn arrival_pts(&self, arrival: Instant, t0: Instant) -> i64 {
-        let since = arrival.saturating_duration_since(t0);
-        (since.as_secs_f64() * self.rate as f64) as i64
+        let pts = self.project(rtp).unwrap_or_else(|| {
+            let since = arrival.saturating_duration_since(t0);
+            (since.as_secs_f64() * self.rate as f64) as i64
+        });
+        self.last = Some((rtp, pts));
+        pts
     }
 
     fn started(&self) -> bool {
         self.last.is_some()
     }
 
-    /// Starts the clock with `rtp` at `pts`.
-    fn start(&mut self, rtp: u32, pts: i64) {
-        self.last = Some(rtp);
-        self.value = 0;
-        self.offset = pts;
-    }
-
-    fn advance(&mut self, rtp: u32) -> i64 {
-        if let Some(last) = self.last {
-            self.value += rtp.wrapping_sub(last) as i32 as i64;
-        }
-        self.last = Some(rtp);
-        self.value + self.offset
+    /// The presentation time of the last packet, once started.
+    fn last_pts(&self) -> Option<i64> {
+        self.last.map(|(_, pts)| pts)
     }
 
     /// Where this clock would place `rtp` (of the same RTP clock), once started.
     fn project(&self, rtp: u32) -> Option<i64> {
-        let last = self.last?;
-        Some(self.value + self.offset + rtp.wrapping_sub(last) as i32 as i64)
+        let (last, pts) = self.last?;
+        Some(pts + rtp.wrapping_sub(last) as i32 as i64)
+    }
+
+    /// Moves the timeline by `ticks`.
+    fn shift(&mut self, ticks: i64) {
+        if let Some((_, pts)) = &mut self.last {
+            *pts += ticks;
+        }
     }
 
     /// How far this layer's timeline must move to agree with `reference`'s, from one
@@ -127,12 +114,12 @@ impl TrackClock {
         reference: &TrackClock,
         ref_sr: (SystemTime, u32),
     ) -> Option<i64> {
-        let last = self.last?;
         let ntp_gap = match sr.0.duration_since(ref_sr.0) {
             Ok(d) => d.as_secs_f64(),
             Err(e) => -e.duration().as_secs_f64(),
         };
         // `last` expressed on the reference's RTP clock.
+        let (last, _) = self.last?;
         let since_sr = last.wrapping_sub(sr.1) as i32 as i64;
         let gap = (ntp_gap * self.rate as f64).round() as i64;
         let on_reference = ref_sr.1.wrapping_add((gap + since_sr) as i32 as u32);
@@ -166,14 +153,10 @@ struct VideoIn {
     sender_report: Option<(SystemTime, u32)>,
     /// Whether this layer's clock was aligned with the first layer's by sender reports.
     aligned: bool,
-    /// The last frame's time pushed.
-    last_pts: Option<i64>,
     /// After an alignment moved this layer's clock back: frames wait until they pass this
     /// time (so time never runs backwards), then, if any was held back, for a keyframe to
     /// restart the pictures (whether one was held back is the flag).
     resync_after: Option<(i64, bool)>,
-    /// A keyframe is wanted for a reason of our own (`resync_after`).
-    keyframe_wanted: bool,
 }
 
 impl VideoIn {
@@ -364,10 +347,10 @@ impl WhipPeer {
             let pts = video.clock.pts(f.rtp_time, p.timestamp, t0);
             if let Some((floor, dropped)) = video.resync_after {
                 if pts <= floor {
-                    if !dropped {
-                        video.keyframe_wanted = true;
-                    }
                     video.resync_after = Some((floor, true));
+                    if !dropped {
+                        self.maybe_request_keyframe(ingest, idx, true);
+                    }
                     continue;
                 }
                 if dropped && !f.keyframe {
@@ -376,7 +359,6 @@ impl WhipPeer {
                 debug!(rid = ?video.rid, dropped, "layer time runs on after its clock moved back");
                 video.resync_after = None;
             }
-            video.last_pts = Some(pts);
             let packet = Packet::new(Frame {
                 codec,
                 dts: pts,
@@ -456,9 +438,7 @@ impl WhipPeer {
             last_keyframe_request: None,
             sender_report: None,
             aligned: false,
-            last_pts: None,
             resync_after: None,
-            keyframe_wanted: false,
         });
         if ingest.rids.is_empty() {
             ingest.primary = Some(idx);
@@ -553,7 +533,8 @@ impl WhipPeer {
 
     /// PLI for viewers who asked, on unrepaired loss, and periodically to keep GOPs short;
     /// all through the encoding's gate, so it gets at most one PLI per interval.
-    fn maybe_request_keyframe(&mut self, ingest: &mut Ingest, idx: usize, viewer_asked: bool) {
+    /// `asked`: a consumer asked, or the ingest needs one (see `VideoIn::resync_after`).
+    fn maybe_request_keyframe(&mut self, ingest: &mut Ingest, idx: usize, asked: bool) {
         let Some(video) = ingest.videos.get_mut(idx) else {
             return;
         };
@@ -561,10 +542,8 @@ impl WhipPeer {
         let due = video
             .last_keyframe_request
             .is_none_or(|t| now.duration_since(t) >= KEYFRAME_INTERVAL);
-        let lost = video.assembler.take_keyframe_wanted()
-            | video.vp8.take_keyframe_wanted()
-            | std::mem::take(&mut video.keyframe_wanted);
-        let send = if viewer_asked || due || lost {
+        let lost = video.assembler.take_keyframe_wanted() | video.vp8.take_keyframe_wanted();
+        let send = if asked || due || lost {
             video.gate.request(now)
         } else {
             video.gate.poll(now)
@@ -573,7 +552,7 @@ impl WhipPeer {
             return;
         }
         if let Some(rx) = self.rtc.direct_api().stream_rx(&video.ssrc) {
-            debug!(rid = ?video.rid, viewer_asked, due, lost, "PLI to the publisher");
+            debug!(rid = ?video.rid, asked, due, lost, "PLI to the publisher");
             rx.request_keyframe(KeyframeRequestKind::Pli);
             video.last_keyframe_request = Some(now);
         }
@@ -609,11 +588,11 @@ fn on_sender_report(ingest: &mut Ingest, info: &SenderInfo) {
             warn!(rid = ?v.rid, shift_ms = shift / 90, "sender reports disagree with arrival times; layer clock left as it is");
             continue;
         }
-        v.clock.offset += shift;
         if shift < 0 {
             // Time must not run backwards on this layer's stream.
-            v.resync_after = v.last_pts.map(|last| (last, false));
+            v.resync_after = v.clock.last_pts().map(|last| (last, false));
         }
+        v.clock.shift(shift);
         info!(rid = ?v.rid, shift_ms = shift / 90, "simulcast layer clock aligned by sender reports");
     }
 }
@@ -669,7 +648,7 @@ mod tests {
         let mut c = TrackClock::new(90_000);
         c.pts(rtp, t0 + Duration::from_millis(late_ms), t0);
         for i in 1..=frames {
-            c.advance(rtp.wrapping_add(i * 3_000));
+            c.pts(rtp.wrapping_add(i * 3_000), t0, t0);
         }
         c
     }
@@ -691,7 +670,7 @@ mod tests {
         let h_sr = (ntp + Duration::from_millis(800), 7_000_000 + 72_000);
         let shift = h.shift_to(h_sr, &q, q_sr).unwrap();
         assert_eq!(shift, -300 * MS);
-        h.offset += shift;
+        h.shift(shift);
         assert_eq!(h.project(7_000_000 + 90_000), q.project(1_000 + 90_000));
     }
 

@@ -48,6 +48,16 @@ pub struct DirectionStats {
     pub bytes: AtomicU64,
 }
 
+impl DirectionStats {
+    /// Datagrams passed and dropped so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.passed.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
 pub struct Relay {
     pub addr: SocketAddr,
     /// Client → server.
