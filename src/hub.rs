@@ -127,6 +127,8 @@ pub enum SubscriptionEnd {
 pub enum PublishError {
     #[error("stream {0} is already being published")]
     AlreadyLive(StreamKey),
+    #[error("stream {key} is already published on {node}")]
+    PublishedElsewhere { key: StreamKey, node: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -181,6 +183,11 @@ pub trait Upstream: Send + Sync {
     /// keeps it fed, and drops it when upstream ends or when it has been idle long enough
     /// ([`Publisher::wait_idle`]).
     fn pull(&self, relay: Publisher);
+    /// The node that publishes `key`, when it is another one (a new local publisher of the
+    /// name is then refused).
+    fn published_elsewhere(&self, _key: &StreamKey) -> Option<String> {
+        None
+    }
 }
 
 struct StreamState {
@@ -202,6 +209,11 @@ pub struct Stream {
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
     started: Instant,
+    /// When the stream started, in unix milliseconds (ranks rival publishers of one name).
+    started_ms: u64,
+    /// Set when a local publisher is told to stop because the name belongs to another
+    /// node: why.
+    evicted: watch::Sender<Option<String>>,
     /// Identity of the timeline consumers get: random per local publish; a relay serves its
     /// upstream's (see `media::splice`).
     session: AtomicU64,
@@ -226,6 +238,16 @@ impl Stream {
 
     pub fn subscribers(&self) -> usize {
         self.subscribers.load(Ordering::Acquire)
+    }
+
+    /// When the stream started, in unix milliseconds.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    /// Why the stream's publisher was evicted, if it was.
+    pub fn evicted(&self) -> Option<String> {
+        self.evicted.borrow().clone()
     }
 }
 
@@ -312,12 +334,24 @@ impl Hub {
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             started: Instant::now(),
+            started_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            evicted: watch::channel(None).0,
             session: AtomicU64::new(rand::random()),
         })
     }
 
-    /// Claims `key` for a local publisher. Refused while the name is live on this node.
+    /// Claims `key` for a local publisher. Refused while the name is live on this node, or
+    /// published on another origin as far as the backbone knows.
     pub fn publish(self: &Arc<Self>, key: StreamKey) -> Result<Publisher, PublishError> {
+        if let Some(node) = self
+            .upstream
+            .get()
+            .and_then(|u| u.published_elsewhere(&key))
+        {
+            return Err(PublishError::PublishedElsewhere { key, node });
+        }
         let stream = {
             let mut map = self.streams.lock();
             if map.contains_key(&key) {
@@ -423,6 +457,17 @@ impl Hub {
 
     pub fn get(&self, key: &StreamKey) -> Option<Arc<Stream>> {
         self.streams.lock().get(key).cloned()
+    }
+
+    /// Tells the local publisher of `key` to stop (the name belongs to another node); its
+    /// ingest ends the session with `reason`. `false` if `key` has no local publisher.
+    pub fn evict(&self, key: &StreamKey, reason: &str) -> bool {
+        let Some(stream) = self.get(key).filter(|s| s.is_local()) else {
+            return false;
+        };
+        stream.evicted.send_replace(Some(reason.to_string()));
+        self.metrics.publishers_evicted.inc();
+        true
     }
 
     /// Streams published on this node.
@@ -604,6 +649,22 @@ impl Publisher {
         }
     }
 
+    /// Completes with the reason when this publisher is evicted ([`Hub::evict`]); the
+    /// ingest then ends its session.
+    pub fn evicted(&self) -> impl std::future::Future<Output = String> + 'static {
+        let mut rx = self.stream.evicted.subscribe();
+        async move {
+            loop {
+                if let Some(reason) = rx.borrow_and_update().clone() {
+                    return reason;
+                }
+                if rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
     /// Marks a relay live (upstream answered with its configuration), naming its source.
     pub fn set_live(&self, upstream_node: &str) {
         *self.stream.source.lock() = Source::Relay {
@@ -689,6 +750,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// Why the stream's publisher was evicted, if it was: the stream lives on elsewhere.
+    pub fn evicted(&self) -> Option<String> {
+        self._guard.0.evicted()
+    }
+
     /// The timeline this subscription's frames are on (see [`Stream::session`]).
     pub fn session(&self) -> u64 {
         self._guard.0.session()

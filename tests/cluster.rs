@@ -451,3 +451,130 @@ fn the_three_region_example_cluster_runs_from_its_script() {
         "the ap edge is served by the ap origin: {view}"
     );
 }
+
+/// Whether `node`'s directory names `owner` as the publisher of `live/{name}`.
+fn directory_names(node: &NodeProc, name: &str, owner: &str) -> bool {
+    cluster_view(node)["directory"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["stream"] == format!("live/{name}") && d["origin"] == owner)
+}
+
+#[test]
+fn two_publishers_racing_for_one_name_on_two_origins_leave_exactly_one_winner() {
+    let _serial = one_at_a_time();
+    // Origins A and B reach each other only through 150 ms (one way) links, so two
+    // publishers that start together both get in before either origin hears of the other.
+    let a_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let b_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let far = common::impair::Impairment {
+        delay: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let to_b = common::impair::Relay::start(b_quic, far, far);
+    let to_a = common::impair::Relay::start(a_quic, far, far);
+    let mut spec_a = NodeSpec::origin("origin-a");
+    spec_a.upstreams = vec![to_b.addr];
+    let mut spec_b = NodeSpec::origin("origin-b");
+    spec_b.upstreams = vec![to_a.addr];
+    let a = NodeProc::start_at(spec_a, a_quic);
+    let b = NodeProc::start_at(spec_b, b_quic);
+    a.wait_for_link_count(2);
+    b.wait_for_link_count(2);
+    let origins = [&a, &b];
+
+    let opts = || PublishOpts {
+        seconds: 30,
+        ..Default::default()
+    };
+    let mut raced = 0;
+    for round in 0..3 {
+        let name = format!("race-{round}");
+        let mut publishers = [
+            Publisher::start(&a.rtmp_url(&name), opts()),
+            Publisher::start(&b.rtmp_url(&name), opts()),
+        ];
+        std::thread::sleep(Duration::from_secs(3));
+        let running: Vec<bool> = publishers
+            .iter_mut()
+            .map(|p| p.child.try_wait().unwrap().is_none())
+            .collect();
+        assert_eq!(
+            running.iter().filter(|r| **r).count(),
+            1,
+            "round {round}: exactly one publisher keeps the name ({running:?})"
+        );
+        let winner = running.iter().position(|r| *r).unwrap();
+        let (won, lost) = (origins[winner], origins[1 - winner]);
+        let [p0, p1] = publishers;
+        let (keep, loser) = if winner == 0 { (p0, p1) } else { (p1, p0) };
+        let (ok, stderr) = loser.wait(Duration::from_secs(1));
+        assert!(!ok, "the losing ffmpeg fails");
+        // The loser is told why, in FFmpeg's own words ("Server error: ...").
+        let told = if stderr.contains(&format!(
+            "lost the publish race for live/{name} to {}",
+            won.name
+        )) {
+            raced += 1;
+            true
+        } else {
+            stderr.contains(&format!("live/{name} is already published on {}", won.name))
+        };
+        assert!(told, "round {round}: the loser's ffmpeg says why: {stderr}");
+        // Both origins agree: the winner holds it, the other names the winner.
+        assert_eq!(
+            won.stream(&name).map(|s| s["source"]["kind"].clone()),
+            Some(serde_json::json!("local"))
+        );
+        wait_until(
+            Duration::from_secs(2),
+            "the loser's origin names the winner",
+            || directory_names(lost, &name, &won.name),
+        );
+        eprintln!(
+            "round {round}: {} won ({})",
+            won.name,
+            if told && stderr.contains("race") {
+                "race"
+            } else {
+                "refused at once"
+            }
+        );
+        if round == 0 {
+            // Viewers of the name on the loser's origin get the winner's stream.
+            let p = ffprobe(&lost.flv_url(&name), 2);
+            assert!(
+                p.packets_of("video").len() >= 30,
+                "video plays on the other origin"
+            );
+            assert_eq!(source_node(lost, &name).as_deref(), Some(won.name.as_str()));
+            // Later publishers of a held name are refused at once, over RTMP and WHIP.
+            let late = Publisher::start(&lost.rtmp_url(&name), opts());
+            let (ok, stderr) = late.wait(Duration::from_secs(5));
+            assert!(!ok);
+            assert!(stderr.contains("is already published on"), "{stderr}");
+            let (status, body) = whip_offer(lost, &name);
+            assert_eq!(status, 409, "{body}");
+            assert!(
+                body.contains(&format!("already published on {}", won.name)),
+                "{body}"
+            );
+        }
+        drop(keep);
+    }
+    // With 150 ms between the origins, most rounds are real races; at least one must be.
+    assert!(raced >= 1, "no round raced");
+    let evicted: f64 = origins
+        .iter()
+        .map(|o| o.metric("meshcast_publishers_evicted_total"))
+        .sum();
+    assert_eq!(evicted, raced as f64);
+}
+
+/// A WHIP POST with a minimal offer: (status, body).
+fn whip_offer(node: &NodeProc, name: &str) -> (u16, String) {
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
+    let path = format!("/whip/live/{name}");
+    common::http::http_send(node.http, "POST", &path, "application/sdp", sdp).expect("WHIP POST")
+}

@@ -72,6 +72,7 @@ pub struct Metrics {
     pub backbone_groups_dropped: Counter,
     pub backbone_rehomes: Counter,
     pub backbone_links_timed_out: Counter,
+    pub publishers_evicted: Counter,
     pub egress_active: Gauge,
     pub egress_bytes: Counter,
     pub egress_reconnects: Counter,
@@ -190,6 +191,7 @@ impl Metrics {
             backbone_groups_dropped: Counter::default(),
             backbone_rehomes: Counter::default(),
             backbone_links_timed_out: Counter::default(),
+            publishers_evicted: Counter::default(),
             egress_active: Gauge::default(),
             egress_bytes: Counter::default(),
             egress_reconnects: Counter::default(),
@@ -274,6 +276,11 @@ impl Metrics {
             "backbone_links_timed_out",
             "Links closed because nothing arrived within backbone.link_timeout_ms",
             m.backbone_links_timed_out.clone(),
+        );
+        registry.register(
+            "publishers_evicted",
+            "Local publishers stopped because another origin holds the name (publish races)",
+            m.publishers_evicted.clone(),
         );
         registry.register(
             "egress_active",

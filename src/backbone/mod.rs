@@ -42,7 +42,7 @@ use crate::media::splice::Splicer;
 use crate::media::{StreamConfig, StreamKey, TrackKind};
 use group::GroupSequencer;
 use session::{ControlSession, PeerInfo, SessionError, SessionEvent};
-use wire::{code, GroupHeader, MediaItem, PeerRole, GROUP_HEADER_LEN};
+use wire::{code, Announcement, GroupHeader, MediaItem, PeerRole, GROUP_HEADER_LEN};
 
 /// Time for a peer to complete the hello exchange.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -164,6 +164,19 @@ struct InboundLink {
     conn: quinn::Connection,
 }
 
+/// A stream's publisher in the directory: the node and its announce.
+#[derive(Clone, Debug)]
+struct Owner {
+    node: String,
+    announcement: Announcement,
+}
+
+impl Owner {
+    fn rank(&self) -> (u64, &str) {
+        self.announcement.rank(&self.node)
+    }
+}
+
 /// A link as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkInfo {
@@ -196,7 +209,7 @@ pub struct Backbone {
     outbound: Mutex<HashMap<SocketAddr, OutboundLink>>,
     inbound: Mutex<HashMap<usize, InboundLink>>,
     /// Which origin publishes each stream (from announces).
-    directory: Mutex<HashMap<StreamKey, String>>,
+    directory: Mutex<HashMap<StreamKey, Owner>>,
     idle_grace: Duration,
     link_timeout: Duration,
     rehome_window: Duration,
@@ -297,7 +310,7 @@ impl Backbone {
             .directory
             .lock()
             .iter()
-            .map(|(k, n)| (k.clone(), n.clone()))
+            .map(|(k, o)| (k.clone(), o.node.clone()))
             .collect();
         out.sort_by_key(|(k, _)| k.to_string());
         out
@@ -475,7 +488,7 @@ impl Backbone {
         self.hub.metrics().backbone_links.dec();
         self.directory
             .lock()
-            .retain(|_, node| *node != peer.node_id);
+            .retain(|_, owner| owner.node != peer.node_id);
         // Dropping the feeds ends every pull over this link.
         feeds.lock().clear();
         result
@@ -489,14 +502,11 @@ impl Backbone {
         pending: &mut HashMap<u64, PendingSubscribe>,
     ) -> Result<(), LinkError> {
         match ev {
-            SessionEvent::Announced(stream) => {
-                debug!(%stream, "announced");
-                self.directory.lock().insert(stream, peer.node_id.clone());
-            }
+            SessionEvent::Announced(a) => self.on_announce(peer, a),
             SessionEvent::Withdrawn(stream) => {
                 debug!(%stream, "withdrawn");
                 let mut dir = self.directory.lock();
-                if dir.get(&stream) == Some(&peer.node_id) {
+                if dir.get(&stream).is_some_and(|o| o.node == peer.node_id) {
                     dir.remove(&stream);
                 }
             }
@@ -530,6 +540,67 @@ impl Backbone {
         Ok(())
     }
 
+    /// Records an origin's announce. A name published on two origins (two publishers raced,
+    /// or a partition healed) goes to the publish that ranks first
+    /// ([`Announcement::rank`]): every node computes the same winner, the directory keeps
+    /// it, and the origin holding the loser evicts its publisher, telling it why. Viewers
+    /// pulling the loser's copy re-home to the winner ([`code::MOVED`]).
+    fn on_announce(&self, peer: &PeerInfo, a: Announcement) {
+        debug!(stream = %a.stream, session = a.session, "announced");
+        let owner = Owner {
+            node: peer.node_id.clone(),
+            announcement: a,
+        };
+        let key = owner.announcement.stream.clone();
+        {
+            let mut dir = self.directory.lock();
+            match dir.get(&key) {
+                Some(cur) if cur.node != owner.node && cur.rank() < owner.rank() => {
+                    info!(stream = %key, loser = %owner.node, winner = %cur.node,
+                        "two origins publish one name; keeping the earlier");
+                }
+                _ => {
+                    dir.insert(key.clone(), owner.clone());
+                }
+            }
+        }
+        let Some(local) = self.hub.get(&key).filter(|s| s.is_local()) else {
+            return;
+        };
+        let mine = (local.started_ms(), self.local.node_id.as_str());
+        if owner.rank() < mine {
+            let reason = format!(
+                "lost the publish race for {key} to {} (published {} ms earlier)",
+                owner.node,
+                mine.0.saturating_sub(owner.announcement.started_ms)
+            );
+            warn!("{reason}");
+            self.hub.evict(&key, &reason);
+        } else {
+            info!(stream = %key, rival = %owner.node,
+                "{key} is also published on {}; this node's publish came first and stays",
+                owner.node);
+        }
+    }
+
+    fn local_announcements(&self) -> Vec<Announcement> {
+        self.hub
+            .local_streams()
+            .into_iter()
+            .filter_map(|k| self.announcement(k))
+            .collect()
+    }
+
+    /// This node's announce of a local stream, if it is still published here.
+    fn announcement(&self, key: StreamKey) -> Option<Announcement> {
+        let stream = self.hub.get(&key).filter(|s| s.is_local())?;
+        Some(Announcement {
+            session: stream.session(),
+            started_ms: stream.started_ms(),
+            stream: key,
+        })
+    }
+
     /// Drives a link a peer dialed: hello, announces out, subscriptions in, media out.
     async fn run_inbound(self: Arc<Self>, conn: quinn::Connection) -> Result<(), LinkError> {
         let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
@@ -556,8 +627,8 @@ impl Backbone {
         let announce = peer.role.is_origin();
         let mut hub_events = self.hub.events();
         if announce {
-            for stream in self.hub.local_streams() {
-                session.announce(stream)?;
+            for a in self.local_announcements() {
+                session.announce(a)?;
             }
         }
         let scope = if peer.role.is_origin() {
@@ -646,11 +717,15 @@ impl Backbone {
                         None => return Ok(()),
                     },
                     ev = hub_events.recv(), if announce => match ev {
-                        Ok(HubEvent::Published(s)) => session.announce(s)?,
+                        Ok(HubEvent::Published(s)) => {
+                            if let Some(a) = self.announcement(s) {
+                                session.announce(a)?;
+                            }
+                        }
                         Ok(HubEvent::Unpublished(s)) => session.withdraw(s)?,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            for s in self.hub.local_streams() {
-                                session.announce(s)?;
+                            for a in self.local_announcements() {
+                                session.announce(a)?;
                             }
                         }
                         Err(_) => {}
@@ -685,7 +760,7 @@ impl Backbone {
                 .find_map(|a| outbound.get(a))
                 .map(|l| (l.peer.node_id.clone(), l.commands.clone())),
             Role::Origin | Role::Standalone => {
-                let node = self.directory.lock().get(stream).cloned()?;
+                let node = self.directory.lock().get(stream)?.node.clone();
                 outbound
                     .values()
                     .find(|l| l.peer.node_id == node)
@@ -903,6 +978,10 @@ impl Upstream for Backbone {
         let span = tracing::info_span!("pull", stream = %relay.key());
         tokio::spawn(self.arc().run_pull(relay).instrument(span));
     }
+
+    fn published_elsewhere(&self, key: &StreamKey) -> Option<String> {
+        self.directory.lock().get(key).map(|o| o.node.clone())
+    }
 }
 
 struct PendingSubscribe {
@@ -1090,7 +1169,10 @@ async fn send_media(
         };
         let ev = match ev {
             Ok(ev) => ev,
-            Err(SubscriptionEnd::Ended) => break (code::ENDED, "stream ended".into()),
+            Err(SubscriptionEnd::Ended) => match sub.evicted() {
+                Some(why) => break (code::MOVED, why),
+                None => break (code::ENDED, "stream ended".into()),
+            },
             Err(SubscriptionEnd::TooSlow) => {
                 counters.slow_disconnects.inc();
                 break (code::TOO_SLOW, "subscriber too far behind".into());

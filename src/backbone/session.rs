@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::{Bytes, BytesMut};
 
-use super::wire::{ControlMessage, FrameDecoder, PeerRole, WireError, VERSION};
+use super::wire::{Announcement, ControlMessage, FrameDecoder, PeerRole, WireError, VERSION};
 use crate::media::StreamKey;
 
 /// Who a node is, as said in the hello.
@@ -51,7 +51,7 @@ pub enum SessionEvent {
     /// Hello/welcome exchanged; the peer is known.
     Ready(PeerInfo),
     // Dialer side.
-    Announced(StreamKey),
+    Announced(Announcement),
     Withdrawn(StreamKey),
     /// Subscription `id` accepted; its media is on timeline `session`.
     SubscribeAccepted {
@@ -253,7 +253,7 @@ impl ControlSession {
         }
         let ev = match (self.side, msg) {
             (_, M::GoAway { reason }) => SessionEvent::GoAway(reason),
-            (Side::Dialer, M::Announce { stream }) => SessionEvent::Announced(stream),
+            (Side::Dialer, M::Announce(a)) => SessionEvent::Announced(a),
             (Side::Dialer, M::Withdraw { stream }) => SessionEvent::Withdrawn(stream),
             (Side::Dialer, M::SubscribeOk { id, session }) => {
                 let Some(stream) = self.take_requested(id)? else {
@@ -370,9 +370,9 @@ impl ControlSession {
 
     // ---- acceptor calls ----
 
-    pub fn announce(&mut self, stream: StreamKey) -> Result<(), SessionError> {
+    pub fn announce(&mut self, announcement: Announcement) -> Result<(), SessionError> {
         self.require(Side::Acceptor)?;
-        self.send(ControlMessage::Announce { stream });
+        self.send(ControlMessage::Announce(announcement));
         Ok(())
     }
 
@@ -434,7 +434,7 @@ fn name(m: &ControlMessage) -> &'static str {
     match m {
         ControlMessage::Hello { .. } => "Hello",
         ControlMessage::Welcome { .. } => "Welcome",
-        ControlMessage::Announce { .. } => "Announce",
+        ControlMessage::Announce(_) => "Announce",
         ControlMessage::Withdraw { .. } => "Withdraw",
         ControlMessage::Subscribe { .. } => "Subscribe",
         ControlMessage::SubscribeOk { .. } => "SubscribeOk",
@@ -498,7 +498,7 @@ mod tests {
         let bytes = d.poll_transmit().unwrap();
         assert_eq!(
             &bytes[..],
-            &[0, 0, 0, 14, 1, 0, 2, 0, 1, b'a', 1, 0, 2, b'e', b'u', 0, 1, b'k']
+            &[0, 0, 0, 14, 1, 0, 3, 0, 1, b'a', 1, 0, 2, b'e', b'u', 0, 1, b'k']
         );
     }
 
@@ -529,10 +529,15 @@ mod tests {
     #[test]
     fn reject_and_announce_flow() {
         let (mut edge, mut origin) = pair();
-        origin.announce(key()).unwrap();
+        let a = Announcement {
+            stream: key(),
+            session: 5,
+            started_ms: 6,
+        };
+        origin.announce(a.clone()).unwrap();
         assert_eq!(
             pump(&mut origin, &mut edge),
-            vec![SessionEvent::Announced(key())]
+            vec![SessionEvent::Announced(a)]
         );
         let id = edge.subscribe(key()).unwrap();
         pump(&mut edge, &mut origin);

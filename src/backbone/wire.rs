@@ -1,4 +1,4 @@
-//! The backbone wire format, version 1 (documented in `docs/backbone-protocol.md`).
+//! The backbone wire format, version 3 (documented in `docs/backbone-protocol.md`).
 //!
 //! Sans-IO: encoding appends to a `BytesMut`; decoding takes bytes and returns values or a
 //! [`WireError`]. Every read is bounds-checked; no input can make this code panic or
@@ -18,9 +18,9 @@ use crate::media::{
 };
 
 /// Protocol version carried in the hello; peers with another major version are refused.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The TLS ALPN token of the backbone.
-pub const ALPN: &[u8] = b"meshcast/2";
+pub const ALPN: &[u8] = b"meshcast/3";
 /// Largest control message or media item accepted (a 4K keyframe fits comfortably).
 pub const MAX_MESSAGE: usize = 16 << 20;
 /// Largest string field.
@@ -86,6 +86,25 @@ impl PeerRole {
     }
 }
 
+/// A stream published on the announcing node: which publish (`session`) and since when.
+/// Two origins that both hold a publisher of one name keep the one that ranks first
+/// ([`Announcement::rank`]); both sides compute the same answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    pub stream: StreamKey,
+    pub session: u64,
+    /// When the publish started, in unix milliseconds (of the announcing node's clock).
+    pub started_ms: u64,
+}
+
+impl Announcement {
+    /// The order that settles a name published on two origins: the earlier publish wins,
+    /// then the lower node id. Lower is better.
+    pub fn rank<'a>(&self, node: &'a str) -> (u64, &'a str) {
+        (self.started_ms, node)
+    }
+}
+
 /// Control-stream messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -105,7 +124,7 @@ pub enum ControlMessage {
         region: String,
     },
     /// Acceptor → dialer: a stream is published on the acceptor.
-    Announce { stream: StreamKey },
+    Announce(Announcement),
     /// Acceptor → dialer: the stream is no longer published there.
     Withdraw { stream: StreamKey },
     /// Dialer → acceptor: send me this stream as subscription `id`.
@@ -133,6 +152,9 @@ pub mod code {
     pub const TIMEOUT: u16 = 504;
     pub const ENDED: u16 = 200;
     pub const TOO_SLOW: u16 = 429;
+    /// The stream lives on, published elsewhere (its publisher here lost the name to
+    /// another origin): look it up again.
+    pub const MOVED: u16 = 409;
 }
 
 const T_HELLO: u8 = 0x01;
@@ -178,8 +200,10 @@ impl ControlMessage {
                 put_str(&mut body, region);
                 T_WELCOME
             }
-            ControlMessage::Announce { stream } => {
-                put_str(&mut body, &stream.to_string());
+            ControlMessage::Announce(a) => {
+                put_str(&mut body, &a.stream.to_string());
+                body.put_u64(a.session);
+                body.put_u64(a.started_ms);
                 T_ANNOUNCE
             }
             ControlMessage::Withdraw { stream } => {
@@ -241,9 +265,11 @@ impl ControlMessage {
                 role: PeerRole::from_u8(r.u8()?)?,
                 region: r.string()?,
             },
-            T_ANNOUNCE => ControlMessage::Announce {
+            T_ANNOUNCE => ControlMessage::Announce(Announcement {
                 stream: r.stream_key()?,
-            },
+                session: r.u64()?,
+                started_ms: r.u64()?,
+            }),
             T_WITHDRAW => ControlMessage::Withdraw {
                 stream: r.stream_key()?,
             },
@@ -628,6 +654,14 @@ mod tests {
         StreamKey::new("live", "demo").unwrap()
     }
 
+    fn announcement() -> Announcement {
+        Announcement {
+            stream: key(),
+            session: 0x0102,
+            started_ms: 1_700_000_000_000,
+        }
+    }
+
     fn all_messages() -> Vec<ControlMessage> {
         vec![
             ControlMessage::Hello {
@@ -643,7 +677,7 @@ mod tests {
                 role: PeerRole::Edge,
                 region: "us".into(),
             },
-            ControlMessage::Announce { stream: key() },
+            ControlMessage::Announce(announcement()),
             ControlMessage::Withdraw { stream: key() },
             ControlMessage::Subscribe {
                 id: 7,
@@ -732,9 +766,31 @@ mod tests {
     }
 
     #[test]
+    fn announce_has_exact_bytes() {
+        let mut buf = BytesMut::new();
+        ControlMessage::Announce(announcement()).encode(&mut buf);
+        let mut expected = vec![0, 0, 0, 28, T_ANNOUNCE, 0, 9];
+        expected.extend_from_slice(b"live/demo");
+        expected.extend_from_slice(&0x0102u64.to_be_bytes());
+        expected.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+        assert_eq!(&buf[..], &expected[..]);
+    }
+
+    #[test]
+    fn the_earlier_publish_ranks_first_then_the_lower_node_id() {
+        let a = announcement();
+        let later = Announcement {
+            started_ms: a.started_ms + 1,
+            ..a.clone()
+        };
+        assert!(a.rank("origin-z") < later.rank("origin-a"));
+        assert!(a.rank("origin-a") < a.rank("origin-b"));
+    }
+
+    #[test]
     fn decoder_waits_for_whole_frames_byte_by_byte() {
         let mut buf = BytesMut::new();
-        ControlMessage::Announce { stream: key() }.encode(&mut buf);
+        ControlMessage::Announce(announcement()).encode(&mut buf);
         let mut d = FrameDecoder::default();
         for (i, b) in buf.iter().enumerate() {
             d.push(&[*b]);

@@ -9,8 +9,10 @@
 pub mod chunk;
 pub mod client;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +42,15 @@ const CANONICAL_STREAM_ID: u32 = 1;
 const READ_BUFFER: usize = 16 * 1024;
 /// The chunk stream rml_rtmp uses for AMF data messages.
 const RML_DATA_CSID: u8 = 3;
+/// A chunk stream rml_rtmp never uses, for status messages we build ourselves (full header,
+/// so rml_rtmp's header compression state is not disturbed).
+const STATUS_CSID: u8 = 10;
+/// The message stream a publisher publishes on: the first `createStream` (rml_rtmp counts
+/// from 1; FFmpeg and OBS create one stream).
+const PUBLISH_STREAM_ID: u32 = 1;
+/// How long a refused or evicted client's connection stays open after the status, for it to
+/// read it.
+const LINGER: Duration = Duration::from_secs(2);
 /// Events gathered into one vectored write when a viewer is behind.
 const MAX_BATCH: usize = 256;
 
@@ -145,6 +156,8 @@ struct Connection {
     out: Vec<Bytes>,
     /// Merged write: players write when this node-wide clock ticks.
     flush_clock: Option<watch::Receiver<()>>,
+    /// A publisher's eviction ([`Publisher::evicted`]).
+    evicted: Option<Pin<Box<dyn Future<Output = String> + Send>>>,
 }
 
 impl Connection {
@@ -163,6 +176,7 @@ impl Connection {
             state: State::Idle,
             out: Vec::new(),
             flush_clock,
+            evicted: None,
         }
     }
 
@@ -192,7 +206,12 @@ impl Connection {
                     }
                     let results = handle_input(&mut session, &buf)?;
                     buf.clear();
-                    self.handle_results(&mut session, results).await?;
+                    if let Err(e) = self.handle_results(&mut session, results).await {
+                        // A refusal is written before the connection closes.
+                        self.flush().await?;
+                        self.linger().await;
+                        return Err(e);
+                    }
                     self.flush().await?;
                 }
                 ev = next_event(&mut self.state, self.flush_clock.as_mut()), if playing => {
@@ -201,12 +220,64 @@ impl Connection {
                         Err(end) => return self.end_playback(&mut session, end).await,
                     }
                 }
+                reason = wait_evicted(&mut self.evicted) => return self.end_publish(&reason).await,
                 _ = shutdown.cancelled() => return Ok(()),
             }
             if buf.capacity() < 4096 {
                 buf.reserve(READ_BUFFER);
             }
         }
+    }
+
+    /// Ends an evicted publisher's session: an `onStatus` error the client prints (FFmpeg:
+    /// "Server error: ..."), then the connection closes.
+    async fn end_publish(&mut self, reason: &str) -> Result<(), RtmpError> {
+        warn!("publisher evicted: {reason}");
+        self.state = State::Idle;
+        self.evicted = None;
+        let status = rml_rtmp::messages::RtmpMessage::Amf0Command {
+            command_name: "onStatus".into(),
+            transaction_id: 0.0,
+            command_object: rml_amf0::Amf0Value::Null,
+            additional_arguments: vec![rml_amf0::Amf0Value::Object(
+                [
+                    ("level", "error"),
+                    ("code", "NetStream.Publish.BadName"),
+                    ("description", reason),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), rml_amf0::Amf0Value::Utf8String(v.into())))
+                .collect(),
+            )],
+        };
+        let payload = status
+            .into_message_payload(rml_rtmp::time::RtmpTimestamp::new(0), PUBLISH_STREAM_ID)
+            .map_err(|e| RtmpError::Session(e.to_string()))?;
+        self.out.push(chunk::encode_message(
+            STATUS_CSID,
+            payload.type_id,
+            0,
+            PUBLISH_STREAM_ID,
+            &payload.data,
+            self.settings.chunk_size as usize,
+        ));
+        self.flush().await?;
+        self.linger().await;
+        Err(RtmpError::PublishRefused(
+            "publish".into(),
+            reason.to_string(),
+        ))
+    }
+
+    /// Before closing on a client with an error status: publishers read server messages
+    /// between writes (FFmpeg on each write), so give it time to read the status and hang up
+    /// itself, rather than see a bare broken pipe (or a reset that loses the status).
+    async fn linger(&mut self) {
+        let mut sink = vec![0u8; READ_BUFFER];
+        let _ = tokio::time::timeout(LINGER, async {
+            while matches!(self.socket.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 
     async fn handshake(&mut self) -> Result<Vec<u8>, RtmpError> {
@@ -267,6 +338,7 @@ impl Connection {
                 if matches!(self.state, State::Publishing(_)) {
                     info!("publisher finished");
                     self.state = State::Idle;
+                    self.evicted = None;
                 }
             }
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
@@ -360,6 +432,7 @@ impl Connection {
         let results = session_call(session.accept_request(request_id))?;
         self.handle_plain_results(results);
         let (frames_in, bytes_in) = self.hub.metrics().ingest(Proto::Rtmp);
+        self.evicted = Some(Box::pin(publisher.evicted()));
         self.state = State::Publishing(Box::new(Ingest {
             key,
             publisher,
@@ -537,6 +610,15 @@ async fn next_event(
             p.sub.next().await
         }
         _ => std::future::pending().await,
+    }
+}
+
+async fn wait_evicted(
+    evicted: &mut Option<Pin<Box<dyn Future<Output = String> + Send>>>,
+) -> String {
+    match evicted {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -208,6 +208,8 @@ impl WhipPeer {
             forwarders: JoinSet::new(),
         };
         let keyframe_signal = self.publisher.keyframe_signal();
+        let evicted = self.publisher.evicted();
+        tokio::pin!(evicted);
         for p in self.rtc.codec_config().params() {
             ingest.codecs.insert(p.pt(), p.spec().codec);
         }
@@ -287,6 +289,11 @@ impl WhipPeer {
                 _ = cancel.cancelled() => {
                     self.rtc.disconnect();
                     return Ok("deleted");
+                }
+                reason = &mut evicted => {
+                    warn!("publisher evicted: {reason}");
+                    self.rtc.disconnect();
+                    return Ok("evicted: the stream name belongs to another origin");
                 }
             }
         }
