@@ -94,6 +94,7 @@ pub struct HttpConfig {
 
 const DEFAULT_LINK_TIMEOUT_MS: u64 = 700;
 const DEFAULT_REHOME_WINDOW_MS: u64 = 5000;
+const DEFAULT_RETURN_AFTER_MS: u64 = 3000;
 
 #[derive(Clone, Debug)]
 pub struct BackboneConfig {
@@ -118,6 +119,9 @@ pub struct BackboneConfig {
     /// How long a pull that lost its upstream keeps looking for another before it ends the
     /// stream for its viewers.
     pub rehome_window: Duration,
+    /// An edge pulling from a less preferred origin moves back to a more preferred one once
+    /// that has been linked this long (hold-down against flapping); zero: never.
+    pub return_after: Duration,
     /// The links' QUIC congestion controller.
     pub congestion: Congestion,
 }
@@ -193,6 +197,7 @@ impl Config {
                 idle_grace: Duration::from_secs(5),
                 link_timeout: Duration::from_millis(DEFAULT_LINK_TIMEOUT_MS),
                 rehome_window: Duration::from_millis(DEFAULT_REHOME_WINDOW_MS),
+                return_after: Duration::from_millis(DEFAULT_RETURN_AFTER_MS),
                 congestion: Congestion::default(),
             },
             webrtc: WebRtcConfig {
@@ -420,6 +425,13 @@ impl Config {
                 "must be at most ten minutes",
             ));
         }
+        let return_after_ms = backbone.return_after_ms.unwrap_or(DEFAULT_RETURN_AFTER_MS);
+        if return_after_ms > 3_600_000 {
+            problems.push(Problem::new(
+                "backbone.return_after_ms",
+                "must be at most an hour (0 turns returning off)",
+            ));
+        }
 
         let webrtc_listen = addr_or_off(
             webrtc.listen,
@@ -535,6 +547,7 @@ impl Config {
                 idle_grace: Duration::from_millis(idle_grace_ms),
                 link_timeout: Duration::from_millis(link_timeout_ms),
                 rehome_window: Duration::from_millis(rehome_window_ms),
+                return_after: Duration::from_millis(return_after_ms),
                 congestion,
             },
             webrtc: WebRtcConfig {
@@ -702,6 +715,7 @@ struct RawBackbone {
     idle_grace_ms: Option<u64>,
     link_timeout_ms: Option<u64>,
     rehome_window_ms: Option<u64>,
+    return_after_ms: Option<u64>,
     congestion: Option<String>,
 }
 

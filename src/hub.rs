@@ -183,12 +183,14 @@ pub trait Upstream: Send + Sync {
     /// keeps it fed, and drops it when upstream ends or when it has been idle long enough
     /// ([`Publisher::wait_idle`]).
     fn pull(&self, relay: Publisher);
-    /// The node that publishes `key`, when it is another one (a new local publisher of the
-    /// name is then refused).
-    fn published_elsewhere(&self, _key: &StreamKey) -> Option<String> {
-        None
+    /// The live node that publishes `key`, when it is another one (a new local publisher of
+    /// the name is then refused). May take up to a link timeout to tell a dead node.
+    fn published_elsewhere(&self, _key: &StreamKey) -> BoxFuture<Option<String>> {
+        Box::pin(std::future::ready(None))
     }
 }
+
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 struct StreamState {
     config: Arc<StreamConfig>,
@@ -342,16 +344,22 @@ impl Hub {
         })
     }
 
-    /// Claims `key` for a local publisher. Refused while the name is live on this node, or
-    /// published on another origin as far as the backbone knows.
-    pub fn publish(self: &Arc<Self>, key: StreamKey) -> Result<Publisher, PublishError> {
-        if let Some(node) = self
-            .upstream
-            .get()
-            .and_then(|u| u.published_elsewhere(&key))
-        {
-            return Err(PublishError::PublishedElsewhere { key, node });
+    /// Claims `key` for a local publisher, as [`Hub::publish`], after asking the backbone
+    /// whether another live origin publishes it: then it is refused.
+    pub async fn publish_checked(
+        self: &Arc<Self>,
+        key: StreamKey,
+    ) -> Result<Publisher, PublishError> {
+        if let Some(up) = self.upstream.get() {
+            if let Some(node) = up.published_elsewhere(&key).await {
+                return Err(PublishError::PublishedElsewhere { key, node });
+            }
         }
+        self.publish(key)
+    }
+
+    /// Claims `key` for a local publisher. Refused while the name is live on this node.
+    pub fn publish(self: &Arc<Self>, key: StreamKey) -> Result<Publisher, PublishError> {
         let stream = {
             let mut map = self.streams.lock();
             if map.contains_key(&key) {
@@ -457,6 +465,13 @@ impl Hub {
 
     pub fn get(&self, key: &StreamKey) -> Option<Arc<Stream>> {
         self.streams.lock().get(key).cloned()
+    }
+
+    /// Announces local stream `key` again (to origins that may not know it won a rivalry).
+    pub fn reannounce(&self, key: &StreamKey) {
+        if self.get(key).is_some_and(|s| s.is_local()) {
+            let _ = self.events.send(HubEvent::Published(key.clone()));
+        }
     }
 
     /// Tells the local publisher of `key` to stop (the name belongs to another node); its

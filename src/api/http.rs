@@ -361,7 +361,7 @@ async fn whip_post(
             "this node is an edge: publish to an origin".into(),
         ));
     }
-    let publisher = match s.hub.publish(key.clone()) {
+    let publisher = match s.hub.publish_checked(key.clone()).await {
         Ok(p) => p,
         Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),
     };

@@ -71,6 +71,7 @@ pub struct Metrics {
     pub backbone_groups_received: Counter,
     pub backbone_groups_dropped: Counter,
     pub backbone_rehomes: Counter,
+    pub backbone_returns: Counter,
     pub backbone_links_timed_out: Counter,
     pub publishers_evicted: Counter,
     pub egress_active: Gauge,
@@ -190,6 +191,7 @@ impl Metrics {
             backbone_groups_received: Counter::default(),
             backbone_groups_dropped: Counter::default(),
             backbone_rehomes: Counter::default(),
+            backbone_returns: Counter::default(),
             backbone_links_timed_out: Counter::default(),
             publishers_evicted: Counter::default(),
             egress_active: Gauge::default(),
@@ -271,6 +273,11 @@ impl Metrics {
             "backbone_rehomes",
             "Pulls that lost their upstream and resumed from another one",
             m.backbone_rehomes.clone(),
+        );
+        registry.register(
+            "backbone_returns",
+            "Edge pulls moved back to a more preferred origin (make-before-break)",
+            m.backbone_returns.clone(),
         );
         registry.register(
             "backbone_links_timed_out",

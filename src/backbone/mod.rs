@@ -15,6 +15,7 @@
 //! its groups; one task per received group stream reads it. Queues are bounded: a served
 //! subscription that cannot keep up skips to the next keyframe via the hub's ring.
 
+pub mod directory;
 pub mod group;
 pub mod session;
 pub mod tls;
@@ -34,12 +35,13 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, Role};
 use crate::hub::{
-    Hub, HubEvent, KeyframeRequester, Packet, Publisher, Scope, StreamEvent, Subscription,
-    SubscriptionEnd, Upstream,
+    BoxFuture, Hub, HubEvent, KeyframeRequester, Packet, Publisher, Scope, StreamEvent,
+    Subscription, SubscriptionEnd, Upstream,
 };
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
 use crate::media::splice::Splicer;
 use crate::media::{StreamConfig, StreamKey, TrackKind};
+use directory::Directory;
 use group::GroupSequencer;
 use session::{ControlSession, PeerInfo, SessionError, SessionEvent};
 use wire::{code, Announcement, GroupHeader, MediaItem, PeerRole, GROUP_HEADER_LEN};
@@ -78,6 +80,10 @@ pub enum LinkError {
     #[error("peer presumed dead: {0}")]
     Silent(String),
 }
+
+/// Rival publishes of one name started this close together count as a race (the message
+/// to the loser says so); farther apart, the later one was simply late.
+const RACE_WINDOW_MS: u64 = 1000;
 
 /// How often a link's liveness is checked.
 const LIVENESS_TICK: Duration = Duration::from_millis(50);
@@ -156,25 +162,14 @@ struct OutboundLink {
     peer: PeerInfo,
     conn: quinn::Connection,
     commands: mpsc::Sender<LinkCommand>,
+    /// When the link came up.
+    since: Instant,
 }
 
 /// An established link a peer dialed.
 struct InboundLink {
     peer: PeerInfo,
     conn: quinn::Connection,
-}
-
-/// A stream's publisher in the directory: the node and its announce.
-#[derive(Clone, Debug)]
-struct Owner {
-    node: String,
-    announcement: Announcement,
-}
-
-impl Owner {
-    fn rank(&self) -> (u64, &str) {
-        self.announcement.rank(&self.node)
-    }
 }
 
 /// A link as the API shows it.
@@ -209,10 +204,11 @@ pub struct Backbone {
     outbound: Mutex<HashMap<SocketAddr, OutboundLink>>,
     inbound: Mutex<HashMap<usize, InboundLink>>,
     /// Which origin publishes each stream (from announces).
-    directory: Mutex<HashMap<StreamKey, Owner>>,
+    directory: Mutex<Directory>,
     idle_grace: Duration,
     link_timeout: Duration,
     rehome_window: Duration,
+    return_after: Duration,
     write_timeout: Duration,
     shutdown: CancellationToken,
 }
@@ -255,10 +251,11 @@ impl Backbone {
             upstreams,
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
-            directory: Mutex::new(HashMap::new()),
+            directory: Mutex::new(Directory::default()),
             idle_grace: bb.idle_grace,
             link_timeout: bb.link_timeout,
             rehome_window: bb.rehome_window,
+            return_after: bb.return_after,
             write_timeout: config.limits.viewer_write_timeout,
             shutdown,
         });
@@ -306,14 +303,7 @@ impl Backbone {
 
     /// Which origin announced each stream, as this node's directory has it (by stream).
     pub fn directory(&self) -> Vec<(StreamKey, String)> {
-        let mut out: Vec<(StreamKey, String)> = self
-            .directory
-            .lock()
-            .iter()
-            .map(|(k, o)| (k.clone(), o.node.clone()))
-            .collect();
-        out.sort_by_key(|(k, _)| k.to_string());
-        out
+        self.directory.lock().list()
     }
 
     /// Closes every link and the endpoint.
@@ -422,6 +412,7 @@ impl Backbone {
                 peer: peer.clone(),
                 conn: conn.clone(),
                 commands: cmd_tx,
+                since: Instant::now(),
             },
         );
         self.hub.metrics().backbone_links.inc();
@@ -486,9 +477,7 @@ impl Backbone {
         uni.abort();
         self.outbound.lock().remove(&addr);
         self.hub.metrics().backbone_links.dec();
-        self.directory
-            .lock()
-            .retain(|_, owner| owner.node != peer.node_id);
+        self.directory.lock().drop_node(&peer.node_id);
         // Dropping the feeds ends every pull over this link.
         feeds.lock().clear();
         result
@@ -505,10 +494,7 @@ impl Backbone {
             SessionEvent::Announced(a) => self.on_announce(peer, a),
             SessionEvent::Withdrawn(stream) => {
                 debug!(%stream, "withdrawn");
-                let mut dir = self.directory.lock();
-                if dir.get(&stream).is_some_and(|o| o.node == peer.node_id) {
-                    dir.remove(&stream);
-                }
+                self.directory.lock().withdraw(&peer.node_id, &stream);
             }
             SessionEvent::SubscribeAccepted { id, session } => {
                 if let Some(p) = pending.remove(&id) {
@@ -541,46 +527,62 @@ impl Backbone {
     }
 
     /// Records an origin's announce. A name published on two origins (two publishers raced,
-    /// or a partition healed) goes to the publish that ranks first
-    /// ([`Announcement::rank`]): every node computes the same winner, the directory keeps
-    /// it, and the origin holding the loser evicts its publisher, telling it why. Viewers
-    /// pulling the loser's copy re-home to the winner ([`code::MOVED`]).
+    /// or a publisher started on one origin while another holds the name) goes to the
+    /// publish that ranks first ([`Announcement::rank`]): every node computes the same
+    /// winner. The origin holding the loser evicts its publisher, telling it why; viewers
+    /// pulling the loser's copy re-home to the winner ([`code::MOVED`]). The winner answers
+    /// a rival's announce by announcing again, so the rival learns it lost even when the
+    /// winner's first announce reached it before its own publish began.
     fn on_announce(&self, peer: &PeerInfo, a: Announcement) {
         debug!(stream = %a.stream, session = a.session, "announced");
-        let owner = Owner {
-            node: peer.node_id.clone(),
-            announcement: a,
-        };
-        let key = owner.announcement.stream.clone();
-        {
-            let mut dir = self.directory.lock();
-            match dir.get(&key) {
-                Some(cur) if cur.node != owner.node && cur.rank() < owner.rank() => {
-                    info!(stream = %key, loser = %owner.node, winner = %cur.node,
-                        "two origins publish one name; keeping the earlier");
-                }
-                _ => {
-                    dir.insert(key.clone(), owner.clone());
-                }
-            }
-        }
+        let key = a.stream.clone();
+        let theirs = (a.started_ms, peer.node_id.clone());
+        self.directory.lock().announce(&peer.node_id, a);
         let Some(local) = self.hub.get(&key).filter(|s| s.is_local()) else {
             return;
         };
-        let mine = (local.started_ms(), self.local.node_id.as_str());
-        if owner.rank() < mine {
-            let reason = format!(
-                "lost the publish race for {key} to {} (published {} ms earlier)",
-                owner.node,
-                mine.0.saturating_sub(owner.announcement.started_ms)
-            );
+        let mine = (local.started_ms(), self.local.node_id.clone());
+        if theirs < mine {
+            let earlier = mine.0.saturating_sub(theirs.0);
+            let reason = if earlier < RACE_WINDOW_MS {
+                format!(
+                    "lost the publish race for {key} to {} (published {earlier} ms earlier)",
+                    theirs.1
+                )
+            } else {
+                format!("{key} is already published on {}", theirs.1)
+            };
             warn!("{reason}");
             self.hub.evict(&key, &reason);
         } else {
-            info!(stream = %key, rival = %owner.node,
-                "{key} is also published on {}; this node's publish came first and stays",
-                owner.node);
+            info!(stream = %key, rival = %theirs.1,
+                "{key} is also published on {}; this node's publish came first and keeps it",
+                theirs.1);
+            self.hub.reannounce(&key);
         }
+    }
+
+    /// Whether the best-ranked announcer of `key` is alive: it answers within the link
+    /// timeout (its QUIC keep-alives arrive several times a second). A node that just died
+    /// still has its announces here until its link times out; a publisher that moved to
+    /// another origin at once must not be refused for them.
+    async fn owner_alive(&self, key: &StreamKey) -> Option<String> {
+        let node = self.directory.lock().owner(key)?.node.clone();
+        let conn = self
+            .outbound
+            .lock()
+            .values()
+            .find(|l| l.peer.node_id == node)
+            .map(|l| l.conn.clone())?;
+        let heard = conn.stats().udp_rx.datagrams;
+        let deadline = Instant::now() + self.link_timeout;
+        while Instant::now() < deadline && conn.close_reason().is_none() {
+            if conn.stats().udp_rx.datagrams > heard {
+                return Some(node);
+            }
+            tokio::time::sleep(LIVENESS_TICK / 2).await;
+        }
+        None
     }
 
     fn local_announcements(&self) -> Vec<Announcement> {
@@ -760,7 +762,7 @@ impl Backbone {
                 .find_map(|a| outbound.get(a))
                 .map(|l| (l.peer.node_id.clone(), l.commands.clone())),
             Role::Origin | Role::Standalone => {
-                let node = self.directory.lock().get(stream)?.node.clone();
+                let node = self.directory.lock().owner(stream)?.node.clone();
                 outbound
                     .values()
                     .find(|l| l.peer.node_id == node)
@@ -777,22 +779,55 @@ impl Backbone {
         let (node, commands) = self
             .choose_link(stream)
             .ok_or_else(|| "no upstream has this stream".to_string())?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        commands
-            .send(LinkCommand::Subscribe {
-                stream: stream.clone(),
-                reply: reply_tx,
-            })
-            .await
-            .map_err(|_| format!("link to {node} closed"))?;
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, reply_rx).await {
-            Ok(Ok(Ok(accepted))) => Ok((node, commands, accepted)),
-            Ok(Ok(Err(reason))) => Err(format!("{node} refused: {reason}")),
-            Ok(Err(_)) => Err(format!("link to {node} closed")),
-            Err(_) => Err(format!("{node} did not answer the subscribe")),
-        }
+        let accepted = subscribe_on(&node, &commands, stream).await?;
+        Ok((node, commands, accepted))
     }
 
+    /// For an edge pulling from `current`: a more preferred origin (earlier in its list) that
+    /// has been linked for `return_after`, to move back to.
+    fn preferred_over(&self, current: &str) -> Option<(String, mpsc::Sender<LinkCommand>)> {
+        if self.role != Role::Edge || self.return_after.is_zero() {
+            return None;
+        }
+        let outbound = self.outbound.lock();
+        for addr in &self.upstreams {
+            let Some(link) = outbound.get(addr) else {
+                continue;
+            };
+            if link.peer.node_id == current {
+                return None;
+            }
+            if link.since.elapsed() >= self.return_after {
+                return Some((link.peer.node_id.clone(), link.commands.clone()));
+            }
+        }
+        None
+    }
+}
+
+/// Subscribes to `stream` over one link and waits for the answer.
+async fn subscribe_on(
+    node: &str,
+    commands: &mpsc::Sender<LinkCommand>,
+    stream: &StreamKey,
+) -> Result<Accepted, String> {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    commands
+        .send(LinkCommand::Subscribe {
+            stream: stream.clone(),
+            reply: reply_tx,
+        })
+        .await
+        .map_err(|_| format!("link to {node} closed"))?;
+    match tokio::time::timeout(SUBSCRIBE_TIMEOUT, reply_rx).await {
+        Ok(Ok(Ok(accepted))) => Ok(accepted),
+        Ok(Ok(Err(reason))) => Err(format!("{node} refused: {reason}")),
+        Ok(Err(_)) => Err(format!("link to {node} closed")),
+        Err(_) => Err(format!("{node} did not answer the subscribe")),
+    }
+}
+
+impl Backbone {
     /// Feeds `relay` from upstream until the stream ends or goes idle.
     ///
     /// When the upstream is lost (its link died, or it stopped serving without the stream
@@ -836,17 +871,18 @@ impl Backbone {
             } else {
                 info!(stream = %key, %node, sub = accepted.id, "pulling from upstream");
             }
-            let id = accepted.id;
+            let mut up = Feed {
+                node,
+                commands,
+                id: accepted.id,
+                feed: accepted.feed,
+            };
             let end = self
-                .pump_feed(
-                    &mut relay,
-                    &node,
-                    &commands,
-                    accepted,
-                    &mut splice,
-                    &mut idle,
-                )
+                .pump_feed(&mut relay, &mut up, &mut splice, &mut idle)
                 .await;
+            let Feed {
+                node, commands, id, ..
+            } = up;
             match end {
                 PullEnd::Ended(reason) => {
                     info!(stream = %key, "upstream ended the stream: {reason}");
@@ -869,56 +905,120 @@ impl Backbone {
         info!(stream = %key, "no consumers for {:?}; releasing", self.idle_grace);
     }
 
-    /// Pushes one upstream subscription's media into `relay` until it ends.
+    /// Pushes upstream media into `relay` until the subscription ends.
+    ///
+    /// An edge pulling from a less preferred origin meanwhile returns to a more preferred
+    /// one that has been linked for `return_after` (make-before-break): it subscribes there
+    /// as well, and moves over once that feed provably continues what was sent
+    /// ([`Splicer::touches`]); then it drops the old subscription. Viewers see no gap.
     async fn pump_feed(
         &self,
         relay: &mut Publisher,
-        node: &str,
-        commands: &mpsc::Sender<LinkCommand>,
-        accepted: Accepted,
+        up: &mut Feed,
         splice: &mut Splicer,
         idle: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> PullEnd {
-        let Accepted { id, mut feed, .. } = accepted;
         let metrics = self.hub.metrics().clone();
         let (frames_in, bytes_in) = metrics.ingest(crate::api::metrics::Proto::Backbone);
         let mut seq = GroupSequencer::new(GROUP_STALL);
         let keyframe_signal = relay.keyframe_signal();
         let mut gate = KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL);
         if splice.waiting_for_keyframe() && gate.request(Instant::now()) {
-            let _ = commands.send(LinkCommand::KeyframeRequest(id)).await;
+            let _ = up.commands.send(LinkCommand::KeyframeRequest(up.id)).await;
         }
         let mut configured = false;
         // The timeline the relay serves (see `Splicer::timeline`).
         let mut served = None;
         let mut dropped = 0;
+        let returns = self.role == Role::Edge && !self.return_after.is_zero();
+        let mut ret = Return::default();
+        let mut return_tick = tokio::time::interval(RETURN_CHECK);
         loop {
             let deadline = seq.poll_timeout();
             let gate_deadline = gate.poll_timeout();
-            let items = tokio::select! {
+            let cand_deadline = ret.candidate.as_ref().and_then(|c| c.seq.poll_timeout());
+            let got = tokio::select! {
                 _ = keyframe_signal.wanted() => {
                     if gate.request(Instant::now()) {
-                        let _ = commands.send(LinkCommand::KeyframeRequest(id)).await;
+                        let _ = up.commands.send(LinkCommand::KeyframeRequest(up.id)).await;
                     }
                     continue;
                 }
                 _ = sleep_until(gate_deadline), if gate_deadline.is_some() => {
                     if gate.poll(Instant::now()) {
-                        let _ = commands.send(LinkCommand::KeyframeRequest(id)).await;
+                        let _ = up.commands.send(LinkCommand::KeyframeRequest(up.id)).await;
                     }
                     continue;
                 }
-                item = feed.recv() => match item {
-                    Some(FeedItem::Media { group, item }) => seq.push(group, item, Instant::now()),
-                    Some(FeedItem::GroupEnd { group }) => seq.end(group, Instant::now()),
-                    Some(FeedItem::Done { code, reason }) if code == code::ENDED => {
-                        return PullEnd::Ended(reason);
-                    }
-                    Some(FeedItem::Done { reason, .. }) => return PullEnd::Lost(reason),
-                    None => return PullEnd::Lost("link lost".into()),
+                item = up.feed.recv() => match sequence(&mut seq, item) {
+                    Ok(items) => Got::Current(items),
+                    Err(end) => return end,
                 },
-                _ = sleep_until(deadline), if deadline.is_some() => seq.handle_timeout(Instant::now()),
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    Got::Current(seq.handle_timeout(Instant::now()))
+                }
+                _ = return_tick.tick(), if returns && configured => {
+                    self.maybe_return(&mut ret, &up.node, relay.key());
+                    continue;
+                }
+                r = recv_pending(&mut ret.pending) => {
+                    ret.pending = None;
+                    match r {
+                        Ok(f) if Some(f.1.session) == splice.session() => {
+                            let (feed, accepted) = f;
+                            info!(node = %feed.node, "returning: subscribed to the preferred origin");
+                            ret.candidate = Some(Candidate::new(feed, accepted.feed));
+                        }
+                        Ok((feed, accepted)) => {
+                            // Another publish there: not the same stream to splice into.
+                            let _ = feed.commands.try_send(LinkCommand::Unsubscribe(accepted.id));
+                            ret.later(self.return_after);
+                        }
+                        Err(e) => {
+                            debug!("cannot return to the preferred origin yet: {e}");
+                            ret.later(self.return_after);
+                        }
+                    }
+                    continue;
+                }
+                item = recv_candidate(&mut ret.candidate) => {
+                    let c = ret.candidate.as_mut().expect("branch runs with a candidate");
+                    match sequence(&mut c.seq, item) {
+                        Ok(items) => Got::Candidate(items),
+                        Err(_) => {
+                            debug!("the preferred origin's feed ended before the move");
+                            ret.candidate = None;
+                            ret.later(self.return_after);
+                            continue;
+                        }
+                    }
+                }
+                _ = sleep_until(cand_deadline), if cand_deadline.is_some() => {
+                    let c = ret.candidate.as_mut().expect("deadline comes from a candidate");
+                    Got::Candidate(c.seq.handle_timeout(Instant::now()))
+                }
                 _ = idle.as_mut() => return PullEnd::Idle,
+            };
+            let items = match got {
+                Got::Current(items) => items,
+                Got::Candidate(items) => {
+                    let c = ret.candidate.as_mut().expect("candidate items");
+                    if !c.offer(items, splice) {
+                        continue;
+                    }
+                    // It touches: move over, then let the old subscription go.
+                    let c = ret.candidate.take().expect("candidate");
+                    let (feed, cseq, held) = c.into_parts();
+                    let _ = up.commands.try_send(LinkCommand::Unsubscribe(up.id));
+                    info!(from = %up.node, to = %feed.node, "returned to the preferred origin");
+                    metrics.backbone_returns.inc();
+                    relay.set_live(&feed.node);
+                    splice.switch();
+                    *up = feed;
+                    seq = cseq;
+                    dropped = seq.dropped_groups();
+                    held
+                }
             };
             if seq.dropped_groups() > dropped {
                 metrics
@@ -934,7 +1034,7 @@ impl Backbone {
                             // Named before consumers can subscribe (they wait for live).
                             served = splice.timeline();
                             relay.set_session(served.unwrap_or_default());
-                            relay.set_live(node);
+                            relay.set_live(&up.node);
                             configured = true;
                         }
                     }
@@ -956,6 +1056,166 @@ impl Backbone {
                 }
             }
         }
+    }
+
+    /// Starts subscribing on a more preferred origin, when one is ready and no attempt is
+    /// under way. The answer arrives in `ret.pending`.
+    fn maybe_return(&self, ret: &mut Return, current: &str, key: &StreamKey) {
+        if ret.pending.is_some()
+            || ret.candidate.is_some()
+            || ret.not_before.is_some_and(|t| Instant::now() < t)
+        {
+            return;
+        }
+        let Some((node, commands)) = self.preferred_over(current) else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        ret.pending = Some(rx);
+        let key = key.clone();
+        tokio::spawn(
+            async move {
+                let r = subscribe_on(&node, &commands, &key).await;
+                let feed_of = |a: &Accepted| Feed {
+                    node: node.clone(),
+                    commands: commands.clone(),
+                    id: a.id,
+                    feed: mpsc::channel(1).1,
+                };
+                let r = r.map(|a| (feed_of(&a), a));
+                if let Err(Ok((feed, a))) = tx.send(r) {
+                    // The pull ended meanwhile: nobody takes this subscription.
+                    let _ = feed.commands.send(LinkCommand::Unsubscribe(a.id)).await;
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+/// How often an edge on a less preferred origin looks for a better one.
+const RETURN_CHECK: Duration = Duration::from_millis(250);
+/// Candidate audio frames kept for the move (newer ones than sent are replayed).
+const HELD_AUDIO: usize = 64;
+
+/// One upstream subscription feeding a pull.
+struct Feed {
+    node: String,
+    commands: mpsc::Sender<LinkCommand>,
+    id: u64,
+    feed: mpsc::Receiver<FeedItem>,
+}
+
+/// What one wait of a pull produced.
+enum Got {
+    Current(Vec<MediaItem>),
+    Candidate(Vec<MediaItem>),
+}
+
+/// An edge's move back to its preferred origin.
+#[derive(Default)]
+struct Return {
+    pending: Option<oneshot::Receiver<Result<(Feed, Accepted), String>>>,
+    candidate: Option<Candidate>,
+    /// No new attempt before this (after a failed one).
+    not_before: Option<Instant>,
+}
+
+impl Return {
+    fn later(&mut self, after: Duration) {
+        self.not_before = Some(Instant::now() + after);
+    }
+}
+
+/// The preferred origin's feed, read alongside the current one until it touches.
+struct Candidate {
+    feed: Option<Feed>,
+    seq: GroupSequencer,
+    /// Its latest audio frames, and its configuration.
+    held: std::collections::VecDeque<MediaItem>,
+    /// From the touching frame on, everything is kept.
+    from_touch: Vec<MediaItem>,
+}
+
+impl Candidate {
+    fn new(mut feed: Feed, rx: mpsc::Receiver<FeedItem>) -> Candidate {
+        feed.feed = rx;
+        Candidate {
+            feed: Some(feed),
+            seq: GroupSequencer::new(GROUP_STALL),
+            held: Default::default(),
+            from_touch: Vec::new(),
+        }
+    }
+
+    /// Takes the candidate's items; `true` once it touches what was sent.
+    fn offer(&mut self, items: Vec<MediaItem>, splice: &Splicer) -> bool {
+        for item in items {
+            if !self.from_touch.is_empty() {
+                self.from_touch.push(item);
+                continue;
+            }
+            match &item {
+                MediaItem::Frame(f) if splice.touches(f) => self.from_touch.push(item),
+                MediaItem::Frame(f) if f.track() == TrackKind::Audio => {
+                    if self.held.len() == HELD_AUDIO {
+                        self.held.pop_front();
+                    }
+                    self.held.push_back(item);
+                }
+                MediaItem::Config(_) => self.held.push_back(item),
+                MediaItem::Frame(_) => {}
+            }
+        }
+        !self.from_touch.is_empty()
+    }
+
+    /// The feed, its sequencer, and the items to replay (held audio, then from the touch).
+    fn into_parts(mut self) -> (Feed, GroupSequencer, Vec<MediaItem>) {
+        let feed = self.feed.take().expect("candidate feed");
+        let mut items: Vec<MediaItem> = self.held.drain(..).collect();
+        items.append(&mut self.from_touch);
+        let seq = std::mem::replace(&mut self.seq, GroupSequencer::new(GROUP_STALL));
+        (feed, seq, items)
+    }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        if let Some(f) = &self.feed {
+            let _ = f.commands.try_send(LinkCommand::Unsubscribe(f.id));
+        }
+    }
+}
+
+/// Puts one feed item in order; the end of the subscription as an error.
+fn sequence(seq: &mut GroupSequencer, item: Option<FeedItem>) -> Result<Vec<MediaItem>, PullEnd> {
+    Ok(match item {
+        Some(FeedItem::Media { group, item }) => seq.push(group, item, Instant::now()),
+        Some(FeedItem::GroupEnd { group }) => seq.end(group, Instant::now()),
+        Some(FeedItem::Done { code, reason }) if code == code::ENDED => {
+            return Err(PullEnd::Ended(reason))
+        }
+        Some(FeedItem::Done { reason, .. }) => return Err(PullEnd::Lost(reason)),
+        None => return Err(PullEnd::Lost("link lost".into())),
+    })
+}
+
+async fn recv_pending(
+    pending: &mut Option<oneshot::Receiver<Result<(Feed, Accepted), String>>>,
+) -> Result<(Feed, Accepted), String> {
+    match pending {
+        Some(rx) => rx
+            .await
+            .unwrap_or_else(|_| Err("subscribe abandoned".into())),
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_candidate(candidate: &mut Option<Candidate>) -> Option<FeedItem> {
+    match candidate.as_mut().and_then(|c| c.feed.as_mut()) {
+        Some(f) => f.feed.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -979,8 +1239,10 @@ impl Upstream for Backbone {
         tokio::spawn(self.arc().run_pull(relay).instrument(span));
     }
 
-    fn published_elsewhere(&self, key: &StreamKey) -> Option<String> {
-        self.directory.lock().get(key).map(|o| o.node.clone())
+    fn published_elsewhere(&self, key: &StreamKey) -> BoxFuture<Option<String>> {
+        let me = self.arc();
+        let key = key.clone();
+        Box::pin(async move { me.owner_alive(&key).await })
     }
 }
 

@@ -33,7 +33,13 @@ pub struct Splicer {
     has_video: bool,
     /// After a new upstream: video waits for a keyframe or a proven-contiguous frame.
     rejoining: Option<Rejoin>,
+    /// The last output dts (ns) of the primary track (video, else audio), newest last, for
+    /// proving that a second upstream's feed touches what was sent ([`Self::touches`]).
+    recent: std::collections::VecDeque<i64>,
 }
+
+/// Primary-track frames remembered for [`Splicer::touches`]: a few seconds.
+const RECENT: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rejoin {
@@ -82,6 +88,46 @@ impl Splicer {
         Some(session.wrapping_add(self.offset_ns as u64))
     }
 
+    /// The session of the current upstream's input.
+    pub fn session(&self) -> Option<u64> {
+        self.session
+    }
+
+    /// For make-before-break (a second upstream of the same session fed in parallel):
+    /// whether the second feed, from frame `f` on, continues what was output without a
+    /// gap: `f` is a primary-track frame already output (so every later frame of that feed
+    /// follows it), or a keyframe newer than anything output.
+    pub fn touches(&self, f: &Frame) -> bool {
+        if self.rejoining.is_some() || f.track() != self.primary() {
+            return false;
+        }
+        let shift = NANOS.rescale(self.offset_ns, f.timebase);
+        let out = f.timebase.rescale(f.dts + shift, NANOS);
+        let newer = self.last[self.index(f.track())].is_none_or(|l| out > l);
+        (newer && (f.keyframe || !self.has_video)) || self.recent.contains(&out)
+    }
+
+    /// Moves to the second upstream [`Self::touches`] accepted: its frames already output
+    /// are dropped, the rest pass.
+    pub fn switch(&mut self) {
+        self.rejoining = Some(Rejoin::Same { touching: true });
+    }
+
+    fn primary(&self) -> TrackKind {
+        if self.has_video {
+            TrackKind::Video
+        } else {
+            TrackKind::Audio
+        }
+    }
+
+    fn index(&self, track: TrackKind) -> usize {
+        match track {
+            TrackKind::Video => 0,
+            TrackKind::Audio => 1,
+        }
+    }
+
     /// Whether video is held back until a keyframe comes (worth asking upstream for one).
     pub fn waiting_for_keyframe(&self) -> bool {
         self.has_video && self.rejoining.is_some()
@@ -89,10 +135,7 @@ impl Splicer {
 
     /// The frame to pass on, retimed, or `None` to drop it.
     pub fn frame(&mut self, mut f: Frame) -> Option<Frame> {
-        let t = match f.track() {
-            TrackKind::Video => 0,
-            TrackKind::Audio => 1,
-        };
+        let t = self.index(f.track());
         let video = t == 0;
         if let Some(Rejoin::New) = self.rejoining {
             let starts = if self.has_video {
@@ -129,6 +172,12 @@ impl Splicer {
             return None;
         }
         self.last[t] = Some(out);
+        if f.track() == self.primary() {
+            if self.recent.len() == RECENT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(out);
+        }
         Some(f)
     }
 }
@@ -179,6 +228,39 @@ mod tests {
                 (k, ms(&f))
             })
             .collect()
+    }
+
+    #[test]
+    fn a_second_feed_takes_over_where_it_touches_what_was_sent() {
+        let mut s = Splicer::new();
+        s.begin(1, true);
+        run(
+            &mut s,
+            vec![v(0, true), a(5), v(33, false), a(26), v(66, false)],
+        );
+        // The second upstream's frames: sent ones touch; a newer delta frame proves nothing;
+        // a newer keyframe can start anywhere.
+        assert!(s.touches(&v(0, true)));
+        assert!(s.touches(&v(33, false)));
+        assert!(!s.touches(&v(100, false)));
+        assert!(s.touches(&v(133, true)));
+        assert!(!s.touches(&a(26)), "audio does not prove video continuity");
+        // It touched at 33: from there on its frames are taken, without repeats.
+        s.switch();
+        let out = run(&mut s, vec![v(66, false), a(47), v(100, false), a(68)]);
+        assert_eq!(out, vec![('a', 47), ('v', 100), ('a', 68)]);
+        assert_eq!(s.timeline(), Some(1), "same timeline, no shift");
+    }
+
+    #[test]
+    fn an_audio_only_second_feed_touches_on_audio() {
+        let mut s = Splicer::new();
+        s.begin(1, false);
+        run(&mut s, vec![a(0), a(21), a(42)]);
+        assert!(s.touches(&a(21)));
+        assert!(s.touches(&a(64)), "every audio frame starts cleanly");
+        s.switch();
+        assert_eq!(run(&mut s, vec![a(21), a(42), a(64)]), vec![('a', 64)]);
     }
 
     #[test]

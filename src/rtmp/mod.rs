@@ -333,7 +333,10 @@ impl Connection {
                 app_name,
                 stream_key,
                 ..
-            } => self.on_publish(session, request_id, &app_name, &stream_key)?,
+            } => {
+                self.on_publish(session, request_id, &app_name, &stream_key)
+                    .await?
+            }
             ServerSessionEvent::PublishStreamFinished { .. } => {
                 if matches!(self.state, State::Publishing(_)) {
                     info!("publisher finished");
@@ -389,7 +392,7 @@ impl Connection {
         }
     }
 
-    fn on_publish(
+    async fn on_publish(
         &mut self,
         session: &mut ServerSession,
         request_id: u32,
@@ -423,7 +426,7 @@ impl Connection {
             Ok(k) => k,
             Err(e) => return reject(self, session, "NetStream.Publish.BadName", e.to_string()),
         };
-        let publisher = match self.hub.publish(key.clone()) {
+        let publisher = match self.hub.publish_checked(key.clone()).await {
             Ok(p) => p,
             Err(e) => return reject(self, session, "NetStream.Publish.BadName", e.to_string()),
         };
