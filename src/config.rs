@@ -74,6 +74,8 @@ pub struct NodeConfig {
     pub id: String,
     pub region: String,
     pub role: Role,
+    /// Viewers this node is sized for: routing counts a node this full as fully loaded.
+    pub max_viewers: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -85,11 +87,40 @@ pub struct RtmpConfig {
     /// Merged write interval for players (SRS's `mw_latency`): fewer, larger writes per
     /// viewer at the cost of up to this much added latency. Zero writes every frame at once.
     pub merged_write: Duration,
+    /// Base URL publishers and players are sent to (route API), e.g. `rtmp://eu1.example.com:1935`.
+    pub public_url: Option<String>,
 }
 
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
+    /// Base URL other nodes redirect clients to (route API, 307s), e.g. `https://eu1.example.com`.
+    pub public_url: Option<String>,
+}
+
+impl Config {
+    /// This node's HTTP base URL as the route API hands it out.
+    pub fn public_http_url(&self) -> String {
+        public_url(self.http.public_url.as_ref(), self.http.listen, "http")
+    }
+
+    /// This node's RTMP base URL as the route API hands it out.
+    pub fn public_rtmp_url(&self) -> String {
+        public_url(self.rtmp.public_url.as_ref(), self.rtmp.listen, "rtmp")
+    }
+}
+
+/// The configured public URL, else one made from the listen address (a wildcard address
+/// becomes loopback: set `public_url` on multi-host clusters).
+fn public_url(configured: Option<&String>, listen: Option<SocketAddr>, scheme: &str) -> String {
+    if let Some(u) = configured {
+        return u.trim_end_matches('/').to_string();
+    }
+    match listen {
+        Some(a) if a.ip().is_unspecified() => format!("{scheme}://127.0.0.1:{}", a.port()),
+        Some(a) => format!("{scheme}://{a}"),
+        None => String::new(),
+    }
 }
 
 const DEFAULT_LINK_TIMEOUT_MS: u64 = 700;
@@ -177,14 +208,17 @@ impl Config {
                 id: "standalone".into(),
                 region: "local".into(),
                 role: Role::Standalone,
+                max_viewers: 1000,
             },
             rtmp: RtmpConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 1935))),
                 chunk_size: 4096,
                 merged_write: Duration::from_millis(200),
+                public_url: None,
             },
             http: HttpConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+                public_url: None,
             },
             backbone: BackboneConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 4433))),
@@ -281,6 +315,28 @@ impl Config {
                 "node.region",
                 "must be 1-64 characters of A-Z a-z 0-9 _ - .",
             ));
+        }
+
+        let max_viewers = node.max_viewers.unwrap_or(1000);
+        if max_viewers == 0 {
+            problems.push(Problem::new("node.max_viewers", "must be at least 1"));
+        }
+        for (field, url, schemes) in [
+            (
+                "http.public_url",
+                &http.public_url,
+                &["http://", "https://"][..],
+            ),
+            ("rtmp.public_url", &rtmp.public_url, &["rtmp://"][..]),
+        ] {
+            if let Some(u) = url {
+                if !schemes.iter().any(|s| u.starts_with(s)) || u.contains(char::is_whitespace) {
+                    problems.push(Problem::new(
+                        field,
+                        format!("must be a URL starting with {}", schemes.join(" or ")),
+                    ));
+                }
+            }
         }
 
         let rtmp_listen = addr_or_off(
@@ -527,14 +583,21 @@ impl Config {
             });
         }
         Ok(Config {
-            node: NodeConfig { id, region, role },
+            node: NodeConfig {
+                id,
+                region,
+                role,
+                max_viewers,
+            },
             rtmp: RtmpConfig {
                 listen: rtmp_listen,
                 chunk_size,
                 merged_write: Duration::from_millis(merged_write_ms),
+                public_url: rtmp.public_url,
             },
             http: HttpConfig {
                 listen: http_listen,
+                public_url: http.public_url,
             },
             backbone: BackboneConfig {
                 listen: bb_listen,
@@ -684,6 +747,7 @@ struct RawNode {
     id: Option<String>,
     region: Option<String>,
     role: Option<Role>,
+    max_viewers: Option<u32>,
 }
 
 #[derive(Default, Deserialize)]
@@ -692,12 +756,14 @@ struct RawRtmp {
     listen: Option<String>,
     chunk_size: Option<u32>,
     merged_write_ms: Option<u64>,
+    public_url: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Option<String>,
+    public_url: Option<String>,
 }
 
 #[derive(Default, Deserialize)]

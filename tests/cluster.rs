@@ -653,3 +653,150 @@ fn edges_return_to_a_restarted_origin_without_interrupting_their_viewers() {
     assert_eq!(w.video_time_backwards, 0, "WHEP video time went back");
     assert!(w.max_video_time_step_ms <= 1000, "WHEP video time jumped");
 }
+
+/// `/api/v1/route` on `node` for `live/{name}` from a client in `region`.
+fn route(node: &NodeProc, name: &str, region: &str, action: &str) -> serde_json::Value {
+    let path = format!("/api/v1/route?stream=live/{name}&region={region}&action={action}");
+    let (status, body) = http_get(node.http, &path).expect("route API");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("route JSON")
+}
+
+fn candidates(route: &serde_json::Value) -> Vec<String> {
+    route["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_route_api_sends_clients_to_the_nearest_then_least_loaded_edge_by_measured_rtt() {
+    let _serial = one_at_a_time();
+    // Origins us, eu, ap. us reaches eu at 30 ms and ap at 75 ms each way (user-space
+    // relays, both directions); eu and ap are next to each other. Nobody configures these
+    // distances: routing measures them.
+    let quic: Vec<SocketAddr> = (0..3)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let delay = |ms| common::impair::Impairment {
+        delay: Duration::from_millis(ms),
+        ..Default::default()
+    };
+    let us_eu = common::impair::Relay::start(quic[1], delay(30), delay(30));
+    let eu_us = common::impair::Relay::start(quic[0], delay(30), delay(30));
+    let us_ap = common::impair::Relay::start(quic[2], delay(75), delay(75));
+    let ap_us = common::impair::Relay::start(quic[0], delay(75), delay(75));
+    let peers = [
+        vec![us_eu.addr, us_ap.addr],
+        vec![eu_us.addr, quic[2]],
+        vec![ap_us.addr, quic[1]],
+    ];
+    let origins: Vec<NodeProc> = ["us", "eu", "ap"]
+        .iter()
+        .enumerate()
+        .map(|(i, region)| {
+            let mut spec = NodeSpec::origin(&format!("origin-{region}"));
+            spec.region = region.to_string();
+            spec.upstreams = peers[i].clone();
+            NodeProc::start_at(spec, quic[i])
+        })
+        .collect();
+    for o in &origins {
+        o.wait_for_link_count(4);
+    }
+    let edge = |id: &str, region: &str, origin: usize| {
+        let mut spec = NodeSpec::edge(id, vec![quic[origin]]);
+        spec.region = region.into();
+        spec.node_extra = "max_viewers = 10".into();
+        let e = NodeProc::start(spec);
+        e.wait_for_link_count(1);
+        e
+    };
+    let us1 = edge("edge-us1", "us", 0);
+    let us2 = edge("edge-us2", "us", 0);
+    let eu1 = edge("edge-eu1", "eu", 1);
+    let ap1 = edge("edge-ap1", "ap", 2);
+    // Every node learns every other (edges through their origin).
+    wait_until(
+        Duration::from_secs(10),
+        "all 7 nodes known everywhere",
+        || {
+            [&us1, &ap1, &origins[1]]
+                .iter()
+                .all(|n| cluster_view(n)["nodes"].as_array().unwrap().len() == 7)
+        },
+    );
+
+    // Where to publish, asked of an edge: an origin of the publisher's region.
+    let to_publish = route(&ap1, "rt", "eu", "publish");
+    assert_eq!(to_publish["node"]["node"], "origin-eu", "{to_publish}");
+    let rtmp = to_publish["urls"]["rtmp"].as_str().unwrap().to_string();
+    assert_eq!(rtmp, origins[1].rtmp_url("rt"));
+    let _publisher = publish_and_wait(&rtmp, &origins[1], "rt", failover_publish());
+
+    // Five viewers on us1 make it half full (max_viewers = 10): us2 is the better edge.
+    let watchers: Vec<FlvWatcher> = (0..5)
+        .map(|_| FlvWatcher::start(us1.http, "/live/rt.flv"))
+        .collect();
+    wait_until(Duration::from_secs(10), "us1 reports its load", || {
+        let r = route(&ap1, "rt", "us", "play");
+        candidates(&r).first().map(String::as_str) == Some("edge-us2")
+    });
+    let r = route(&ap1, "rt", "us", "play");
+    eprintln!("route for us: {r}");
+    assert_eq!(
+        candidates(&r),
+        ["edge-us2", "edge-us1", "edge-eu1", "edge-ap1"],
+        "same region by load, then eu (60 ms) before ap (150 ms)"
+    );
+    let cands = r["candidates"].as_array().unwrap();
+    let eu_ms = cands[2]["dist_ms"].as_f64().unwrap();
+    let ap_ms = cands[3]["dist_ms"].as_f64().unwrap();
+    assert!((50.0..120.0).contains(&eu_ms), "us-eu measured {eu_ms} ms");
+    assert!((130.0..250.0).contains(&ap_ms), "us-ap measured {ap_ms} ms");
+    assert!(cands[1]["load"].as_f64().unwrap() >= 0.5);
+    assert!(cands[1]["warm"].as_bool().unwrap(), "us1 has the stream");
+
+    // Any node redirects a player to that edge, and FFmpeg follows the 307.
+    let (status, head, _) = common::http::http_exchange(
+        origins[2].http,
+        "GET",
+        "/route/live/rt.flv?region=us",
+        "text/plain",
+        "",
+    )
+    .unwrap();
+    assert_eq!(status, 307, "{head}");
+    let location = common::http::header_value(&head, "location").unwrap();
+    assert_eq!(location, format!("http://{}/live/rt.flv", us2.http));
+    let probe = ffprobe(
+        &format!("http://{}/route/live/rt.flv?region=us", origins[2].http),
+        2,
+    );
+    assert!(
+        probe.packets_of("video").len() >= 30,
+        "played through the redirect"
+    );
+    // WHIP to an edge: 307 to an origin, offer and all.
+    let sdp = "v=0\r\n";
+    let (status, head, _) =
+        common::http::http_exchange(eu1.http, "POST", "/whip/live/new", "application/sdp", sdp)
+            .unwrap();
+    assert_eq!(status, 307, "{head}");
+    assert_eq!(
+        common::http::header_value(&head, "location").unwrap(),
+        format!("http://{}/whip/live/new", origins[1].http)
+    );
+
+    // Both us edges die: players from us go to the nearest region by RTT, eu.
+    drop(watchers);
+    us1.signal("KILL");
+    us2.signal("KILL");
+    wait_until(
+        Duration::from_secs(8),
+        "dead edges leave the routes",
+        || candidates(&route(&ap1, "rt", "us", "play")) == ["edge-eu1", "edge-ap1"],
+    );
+}

@@ -48,6 +48,16 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/links", get(links))
         .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/route", get(route))
+        .route("/route/{namespace}/{file}", get(route_flv))
+        .route(
+            "/route/whep/{namespace}/{stream}",
+            post(route_whep).options(preflight),
+        )
+        .route(
+            "/route/whip/{namespace}/{stream}",
+            post(route_whip).options(preflight),
+        )
         .route("/api/v1/egress", get(egress_list).post(egress_create))
         .route("/api/v1/egress/{id}", get(egress_get).delete(egress_delete))
         .route(
@@ -135,13 +145,233 @@ async fn cluster(State(s): State<AppState>) -> impl IntoResponse {
             crate::hub::Source::Bridge { .. } => {}
         }
     }
+    let nodes = s
+        .backbone
+        .as_ref()
+        .map(|b| b.node_records())
+        .unwrap_or_default();
+    let regions: Vec<_> = crate::backbone::nodes::region_rtts(&nodes)
+        .into_iter()
+        .map(|((a, b), rtt)| serde_json::json!({ "regions": [a, b], "rtt_ms": rtt }))
+        .collect();
     Json(serde_json::json!({
         "node": s.node,
+        "nodes": nodes,
+        "regions": regions,
         "links": links,
         "directory": directory,
         "pulls": pulls,
         "published": published,
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct RouteQuery {
+    stream: Option<String>,
+    region: Option<String>,
+    action: Option<String>,
+}
+
+/// Where a client should go: `ns/name`, its region, play or publish.
+struct RouteAsk {
+    key: StreamKey,
+    region: String,
+    action: Action,
+}
+
+use crate::backbone::nodes::{Action, Choice};
+
+impl RouteAsk {
+    /// The client's region: `?region=`, else `X-Meshcast-Region`, else this node's. A
+    /// region no node is in counts as this node's.
+    fn new(
+        s: &AppState,
+        key: StreamKey,
+        region: Option<String>,
+        headers: &HeaderMap,
+        action: Action,
+    ) -> RouteAsk {
+        let region = region
+            .or_else(|| {
+                headers
+                    .get("x-meshcast-region")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| s.node.region.clone());
+        RouteAsk {
+            key,
+            region,
+            action,
+        }
+    }
+
+    /// The ranked choices, best first (empty: nowhere to go).
+    fn choices(&self, s: &AppState) -> Vec<Choice> {
+        let records = s
+            .backbone
+            .as_ref()
+            .map(|b| b.node_records())
+            .unwrap_or_default();
+        let region = if records.iter().any(|r| r.region == self.region) {
+            self.region.as_str()
+        } else {
+            s.node.region.as_str()
+        };
+        crate::backbone::nodes::rank(&records, &self.key, region, self.action)
+    }
+}
+
+/// `GET /api/v1/route?stream=ns/name&region=r[&action=play|publish]`: the best node for a
+/// client in region `r` (nearest region by measured RTT, then least loaded, then one that
+/// already has the stream) with its URLs, and the other candidates in order.
+async fn route(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<RouteQuery>,
+) -> Response {
+    let Some(key) = q
+        .stream
+        .as_deref()
+        .and_then(|st| st.split_once('/'))
+        .and_then(|(ns, name)| StreamKey::new(ns, name).ok())
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "stream=namespace/name is required".into(),
+        );
+    };
+    let action = match q.action.as_deref() {
+        None | Some("play") => Action::Play,
+        Some("publish") => Action::Publish,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("action must be play or publish, not {other}"),
+            )
+        }
+    };
+    let ask = RouteAsk::new(&s, key, q.region, &headers, action);
+    let choices = ask.choices(&s);
+    let Some(best) = choices.first() else {
+        return with_cors(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no node can take this client now".into(),
+        ));
+    };
+    let (ns, name) = (ask.key.namespace(), ask.key.name());
+    let urls = match action {
+        Action::Play => serde_json::json!({
+            "flv": format!("{}/{ns}/{name}.flv", best.http_url),
+            "whep": format!("{}/whep/{ns}/{name}", best.http_url),
+            "rtmp": format!("{}/{ns}/{name}", best.rtmp_url),
+        }),
+        Action::Publish => serde_json::json!({
+            "whip": format!("{}/whip/{ns}/{name}", best.http_url),
+            "rtmp": format!("{}/{ns}/{name}", best.rtmp_url),
+        }),
+    };
+    with_cors(
+        Json(serde_json::json!({
+            "stream": ask.key,
+            "region": ask.region,
+            "action": action,
+            "node": best,
+            "urls": urls,
+            "candidates": choices,
+        }))
+        .into_response(),
+    )
+}
+
+/// A 307 to `path` on the best node for the ask (307 keeps the method and body, so a
+/// WHIP/WHEP POST with its SDP offer follows it).
+fn redirect(s: &AppState, ask: &RouteAsk, path: &str) -> Response {
+    match ask.choices(s).first() {
+        Some(best) => with_cors(
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, format!("{}{path}", best.http_url))],
+            )
+                .into_response(),
+        ),
+        None => with_cors(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no node can take this client now".into(),
+        )),
+    }
+}
+
+/// A 307 for `ns/name` to `path` on the best node for `action`.
+fn route_to(
+    s: &AppState,
+    (namespace, name): (&str, &str),
+    headers: &HeaderMap,
+    region: Option<String>,
+    action: Action,
+    path: String,
+) -> Response {
+    match StreamKey::new(namespace, name) {
+        Ok(key) => redirect(s, &RouteAsk::new(s, key, region, headers, action), &path),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// `GET /route/{ns}/{name}.flv[?region=]`: 307 to the best edge's HTTP-FLV URL.
+async fn route_flv(
+    State(s): State<AppState>,
+    Path((namespace, file)): Path<(String, String)>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<RouteQuery>,
+) -> Response {
+    let Some(name) = file.strip_suffix(".flv") else {
+        return error(StatusCode::NOT_FOUND, "expected {name}.flv".into());
+    };
+    let path = format!("/{namespace}/{name}.flv");
+    route_to(
+        &s,
+        (&namespace, name),
+        &headers,
+        q.region,
+        Action::Play,
+        path,
+    )
+}
+
+/// `POST /route/whep/{ns}/{name}[?region=]`: 307 to the best edge's WHEP endpoint.
+async fn route_whep(
+    State(s): State<AppState>,
+    Path((namespace, stream)): Path<(String, String)>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<RouteQuery>,
+) -> Response {
+    let path = format!("/whep/{namespace}/{stream}");
+    route_to(
+        &s,
+        (&namespace, &stream),
+        &headers,
+        q.region,
+        Action::Play,
+        path,
+    )
+}
+
+/// `POST /route/whip/{ns}/{name}[?region=]`: 307 to the best origin's WHIP endpoint.
+async fn route_whip(
+    State(s): State<AppState>,
+    Path((namespace, stream)): Path<(String, String)>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<RouteQuery>,
+) -> Response {
+    let path = format!("/whip/{namespace}/{stream}");
+    route_to(
+        &s,
+        (&namespace, &stream),
+        &headers,
+        q.region,
+        Action::Publish,
+        path,
+    )
 }
 
 async fn egress_list(State(s): State<AppState>) -> impl IntoResponse {
@@ -356,10 +586,9 @@ async fn whip_post(
         Err(r) => return *r,
     };
     if s.node.role == "edge" {
-        return with_cors(error(
-            StatusCode::FORBIDDEN,
-            "this node is an edge: publish to an origin".into(),
-        ));
+        // Edges take no publishers: send it to the best origin (307 keeps the offer).
+        let ask = RouteAsk::new(&s, key, None, &headers, Action::Publish);
+        return redirect(&s, &ask, &format!("/whip/{namespace}/{stream}"));
     }
     let publisher = match s.hub.publish_checked(key.clone()).await {
         Ok(p) => p,

@@ -332,6 +332,11 @@ impl Metrics {
         )
     }
 
+    /// Consumers of `proto` attached now.
+    pub fn viewers_of(&self, proto: Proto) -> i64 {
+        self.viewers.get_or_create(&ProtoLabel { proto }).get()
+    }
+
     pub fn count_connection(&self, proto: Proto) {
         self.connections.get_or_create(&ProtoLabel { proto }).inc();
     }

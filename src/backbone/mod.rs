@@ -17,6 +17,7 @@
 
 pub mod directory;
 pub mod group;
+pub mod nodes;
 pub mod session;
 pub mod tls;
 pub mod wire;
@@ -43,8 +44,9 @@ use crate::media::splice::Splicer;
 use crate::media::{StreamConfig, StreamKey, TrackKind};
 use directory::Directory;
 use group::GroupSequencer;
+use nodes::{NodeTable, NODE_STATE_INTERVAL};
 use session::{ControlSession, PeerInfo, SessionError, SessionEvent};
-use wire::{code, Announcement, GroupHeader, MediaItem, PeerRole, GROUP_HEADER_LEN};
+use wire::{code, Announcement, GroupHeader, MediaItem, NodeRecord, PeerRole, GROUP_HEADER_LEN};
 
 /// Time for a peer to complete the hello exchange.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -205,6 +207,10 @@ pub struct Backbone {
     inbound: Mutex<HashMap<usize, InboundLink>>,
     /// Which origin publishes each stream (from announces).
     directory: Mutex<Directory>,
+    /// The other nodes' records; this node's own.
+    nodes: Mutex<NodeTable>,
+    me_record: Mutex<NodeRecord>,
+    max_viewers: u32,
     idle_grace: Duration,
     link_timeout: Duration,
     rehome_window: Duration,
@@ -252,6 +258,21 @@ impl Backbone {
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             directory: Mutex::new(Directory::default()),
+            nodes: Mutex::new(NodeTable::new(&config.node.id)),
+            me_record: Mutex::new(NodeRecord {
+                node: config.node.id.clone(),
+                role: peer_role,
+                region: config.node.region.clone(),
+                http_url: config.public_http_url(),
+                rtmp_url: config.public_rtmp_url(),
+                incarnation: unix_ms(),
+                age_ms: 0,
+                viewers: 0,
+                load_permille: 0,
+                links: vec![],
+                streams: vec![],
+            }),
+            max_viewers: config.node.max_viewers,
             idle_grace: bb.idle_grace,
             link_timeout: bb.link_timeout,
             rehome_window: bb.rehome_window,
@@ -268,6 +289,7 @@ impl Backbone {
         if bb.listen.is_some() {
             tokio::spawn(backbone.clone().accept_loop());
         }
+        tokio::spawn(backbone.clone().state_loop());
         for (i, addr) in backbone.upstreams.clone().into_iter().enumerate() {
             tokio::spawn(backbone.clone().dial_loop(addr, i));
         }
@@ -430,8 +452,10 @@ impl Backbone {
             let mut buf = vec![0u8; 16 * 1024];
             let mut watchdog = Silence::new(&conn, self.link_timeout);
             let mut tick = tokio::time::interval(LIVENESS_TICK);
+            let mut state_tick = tokio::time::interval(NODE_STATE_INTERVAL);
             loop {
                 tokio::select! {
+                    _ = state_tick.tick() => session.node_state(self.records_for(peer.role)),
                     n = recv.read(&mut buf) => {
                         let n = n?.ok_or(LinkError::ControlClosed)?;
                         for ev in session.handle_input(&buf[..n])? {
@@ -492,6 +516,7 @@ impl Backbone {
     ) -> Result<(), LinkError> {
         match ev {
             SessionEvent::Announced(a) => self.on_announce(peer, a),
+            SessionEvent::NodeState(records) => self.on_node_state(peer, records),
             SessionEvent::Withdrawn(stream) => {
                 debug!(%stream, "withdrawn");
                 self.directory.lock().withdraw(&peer.node_id, &stream);
@@ -559,6 +584,69 @@ impl Backbone {
                 "{key} is also published on {}; this node's publish came first and keeps it",
                 theirs.1);
             self.hub.reannounce(&key);
+        }
+    }
+
+    fn on_node_state(&self, peer: &PeerInfo, records: Vec<NodeRecord>) {
+        self.nodes
+            .lock()
+            .update(records, &peer.node_id, Instant::now());
+    }
+
+    /// The node records to send to a peer of `role`: this node's, then (origins only)
+    /// what it passes on ([`NodeTable::to_pass_on`]).
+    fn records_for(&self, role: PeerRole) -> Vec<NodeRecord> {
+        let mut out = vec![self.me_record.lock().clone()];
+        if self.local.role.is_origin() {
+            out.extend(self.nodes.lock().to_pass_on(role, Instant::now()));
+        }
+        out
+    }
+
+    /// Every live node record this node knows, its own included.
+    pub fn node_records(&self) -> Vec<NodeRecord> {
+        let mut out = vec![self.me_record.lock().clone()];
+        out.extend(self.nodes.lock().fresh(Instant::now()));
+        out
+    }
+
+    /// Refreshes this node's own record every [`NODE_STATE_INTERVAL`]: viewers, load
+    /// (viewers against `node.max_viewers`, and CPU), measured link RTTs, streams held.
+    async fn state_loop(self: Arc<Self>) {
+        let mut cpu = CpuSampler::new();
+        let mut tick = tokio::time::interval(NODE_STATE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let streams = self.hub.list();
+            let attached: i64 = streams.iter().map(|s| s.subscribers as i64).sum();
+            let relays = self
+                .hub
+                .metrics()
+                .viewers_of(crate::api::metrics::Proto::Backbone);
+            let viewers = (attached - relays).max(0) as u32;
+            let by_viewers = (viewers as f64 / self.max_viewers as f64).min(1.0);
+            let load = by_viewers.max(cpu.sample());
+            let mut links: Vec<(String, u32)> = self
+                .links()
+                .into_iter()
+                .map(|l| (l.node, (l.rtt_ms * 1000.0) as u32))
+                .collect();
+            links.sort();
+            links.dedup_by(|a, b| a.0 == b.0);
+            let mut me = self.me_record.lock();
+            me.viewers = viewers;
+            me.load_permille = (load * 1000.0).round() as u16;
+            me.links = links;
+            me.streams = streams
+                .into_iter()
+                // Derived streams (audio bridges) are local views, not names on the wire.
+                .filter(|s| !matches!(s.source, crate::hub::Source::Bridge { .. }))
+                .map(|s| s.stream)
+                .take(wire::MAX_RECORD_ITEMS)
+                .collect();
         }
     }
 
@@ -639,6 +727,7 @@ impl Backbone {
             Scope::Any
         };
         let (internal_tx, mut internal_rx) = mpsc::channel::<Internal>(256);
+        let mut state_tick = tokio::time::interval(NODE_STATE_INTERVAL);
         let mut senders: HashMap<u64, (CancellationToken, KeyframeRequester)> = HashMap::new();
 
         let result = async {
@@ -674,6 +763,7 @@ impl Backbone {
                             }
                         }
                         SessionEvent::GoAway(reason) => return Err(LinkError::GoAway(reason)),
+                        SessionEvent::NodeState(records) => self.on_node_state(&peer, records),
                         _ => {}
                     }
                 }
@@ -683,6 +773,7 @@ impl Backbone {
                         let n = n?.ok_or(LinkError::ControlClosed)?;
                         events = session.handle_input(&buf[..n])?;
                     }
+                    _ = state_tick.tick() => session.node_state(self.records_for(peer.role)),
                     msg = internal_rx.recv() => match msg {
                         Some(Internal::Subscribed { id, stream, result: Ok(sub) }) => {
                             if session.accept(id, sub.session())? {
@@ -1284,6 +1375,55 @@ fn link_info(peer: &PeerInfo, conn: &quinn::Connection, direction: &'static str)
         sent_bytes: stats.udp_tx.bytes,
         received_bytes: stats.udp_rx.bytes,
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This process's CPU use, 0-1 of all cores, from `/proc/self/stat` between samples.
+struct CpuSampler {
+    last: Option<(u64, Instant)>,
+    cores: f64,
+}
+
+impl CpuSampler {
+    fn new() -> CpuSampler {
+        CpuSampler {
+            last: None,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+        }
+    }
+
+    fn sample(&mut self) -> f64 {
+        let Some(ticks) = process_cpu_ticks() else {
+            return 0.0;
+        };
+        let now = Instant::now();
+        let used = match self.last {
+            Some((t, at)) => {
+                let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                // Linux counts CPU time in USER_HZ ticks, 100 per second.
+                ticks.saturating_sub(t) as f64 / 100.0 / secs / self.cores
+            }
+            None => 0.0,
+        };
+        self.last = Some((ticks, now));
+        used.clamp(0.0, 1.0)
+    }
+}
+
+/// utime + stime of this process, in clock ticks.
+fn process_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

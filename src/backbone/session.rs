@@ -14,7 +14,9 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::{Bytes, BytesMut};
 
-use super::wire::{Announcement, ControlMessage, FrameDecoder, PeerRole, WireError, VERSION};
+use super::wire::{
+    Announcement, ControlMessage, FrameDecoder, NodeRecord, PeerRole, WireError, VERSION,
+};
 use crate::media::StreamKey;
 
 /// Who a node is, as said in the hello.
@@ -50,6 +52,8 @@ pub enum SessionError {
 pub enum SessionEvent {
     /// Hello/welcome exchanged; the peer is known.
     Ready(PeerInfo),
+    /// Either side: the peer's node states.
+    NodeState(Vec<NodeRecord>),
     // Dialer side.
     Announced(Announcement),
     Withdrawn(StreamKey),
@@ -253,6 +257,7 @@ impl ControlSession {
         }
         let ev = match (self.side, msg) {
             (_, M::GoAway { reason }) => SessionEvent::GoAway(reason),
+            (_, M::NodeState(records)) => SessionEvent::NodeState(records),
             (Side::Dialer, M::Announce(a)) => SessionEvent::Announced(a),
             (Side::Dialer, M::Withdraw { stream }) => SessionEvent::Withdrawn(stream),
             (Side::Dialer, M::SubscribeOk { id, session }) => {
@@ -418,6 +423,13 @@ impl ControlSession {
         Ok(())
     }
 
+    /// Sends node states (either side, once the session is up).
+    pub fn node_state(&mut self, records: Vec<NodeRecord>) {
+        if self.state == State::Ready {
+            self.send(ControlMessage::NodeState(records));
+        }
+    }
+
     pub fn go_away(&mut self, reason: &str) {
         self.send(ControlMessage::GoAway {
             reason: reason.into(),
@@ -443,6 +455,7 @@ fn name(m: &ControlMessage) -> &'static str {
         ControlMessage::SubscribeDone { .. } => "SubscribeDone",
         ControlMessage::KeyframeRequest { .. } => "KeyframeRequest",
         ControlMessage::GoAway { .. } => "GoAway",
+        ControlMessage::NodeState(_) => "NodeState",
     }
 }
 

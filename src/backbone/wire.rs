@@ -105,6 +105,34 @@ impl Announcement {
     }
 }
 
+/// What a node tells the cluster about itself, for routing: sent every second in
+/// [`ControlMessage::NodeState`], passed on at most once by an origin.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRecord {
+    pub node: String,
+    pub role: PeerRole,
+    pub region: String,
+    /// Base URLs clients are sent to.
+    pub http_url: String,
+    pub rtmp_url: String,
+    /// The node process's start (unix ms): a restarted node is a new incarnation.
+    pub incarnation: u64,
+    /// Milliseconds since the record was made (0 from its own node; a relaying origin adds
+    /// how long it held it), so a relayed record ages like a direct one.
+    pub age_ms: u32,
+    /// Viewers (players of every protocol) attached now.
+    pub viewers: u32,
+    /// Load, 0-1000: the larger of viewers / max_viewers and CPU use.
+    pub load_permille: u16,
+    /// Measured round-trip times to the nodes it links to: (node, µs).
+    pub links: Vec<(String, u32)>,
+    /// Streams it has now (published, or pulled for viewers): "warm" for routing.
+    pub streams: Vec<StreamKey>,
+}
+
+/// At most this many links and streams go in one record.
+pub const MAX_RECORD_ITEMS: usize = 1024;
+
 /// Control-stream messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -144,6 +172,8 @@ pub enum ControlMessage {
     KeyframeRequest { id: u64 },
     /// Either side: closing; `reason` is for logs.
     GoAway { reason: String },
+    /// Either side: node states (its own first, then any it passes on).
+    NodeState(Vec<NodeRecord>),
 }
 
 /// Error and completion codes in SubscribeError / SubscribeDone.
@@ -168,6 +198,7 @@ const T_UNSUBSCRIBE: u8 = 0x08;
 const T_SUBSCRIBE_DONE: u8 = 0x09;
 const T_KEYFRAME_REQUEST: u8 = 0x0a;
 const T_GOAWAY: u8 = 0x0b;
+const T_NODE_STATE: u8 = 0x0c;
 
 impl ControlMessage {
     /// Appends the framed message.
@@ -244,6 +275,13 @@ impl ControlMessage {
                 put_str(&mut body, reason);
                 T_GOAWAY
             }
+            ControlMessage::NodeState(records) => {
+                body.put_u16(records.len().min(MAX_RECORD_ITEMS) as u16);
+                for r in records.iter().take(MAX_RECORD_ITEMS) {
+                    put_record(&mut body, r);
+                }
+                T_NODE_STATE
+            }
         };
         put_frame(out, t, &body);
     }
@@ -296,6 +334,14 @@ impl ControlMessage {
             T_GOAWAY => ControlMessage::GoAway {
                 reason: r.string()?,
             },
+            T_NODE_STATE => {
+                let n = r.count()?;
+                let mut records = Vec::new();
+                for _ in 0..n {
+                    records.push(r.record()?);
+                }
+                ControlMessage::NodeState(records)
+            }
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -552,6 +598,29 @@ fn put_frame(out: &mut BytesMut, t: u8, body: &[u8]) {
     out.put_slice(body);
 }
 
+fn put_record(out: &mut BytesMut, r: &NodeRecord) {
+    put_str(out, &r.node);
+    out.put_u8(r.role.to_u8());
+    put_str(out, &r.region);
+    put_str(out, &r.http_url);
+    put_str(out, &r.rtmp_url);
+    out.put_u64(r.incarnation);
+    out.put_u32(r.age_ms);
+    out.put_u32(r.viewers);
+    out.put_u16(r.load_permille);
+    let links = &r.links[..r.links.len().min(MAX_RECORD_ITEMS)];
+    out.put_u16(links.len() as u16);
+    for (node, rtt_us) in links {
+        put_str(out, node);
+        out.put_u32(*rtt_us);
+    }
+    let streams = &r.streams[..r.streams.len().min(MAX_RECORD_ITEMS)];
+    out.put_u16(streams.len() as u16);
+    for k in streams {
+        put_str(out, &k.to_string());
+    }
+}
+
 fn put_str(out: &mut BytesMut, s: &str) {
     let s = truncate_utf8(s, MAX_STRING);
     out.put_u16(s.len() as u16);
@@ -578,6 +647,48 @@ fn put_bytes(out: &mut BytesMut, b: &[u8]) {
 struct Reader(Bytes);
 
 impl Reader {
+    /// A u16 item count, at most [`MAX_RECORD_ITEMS`].
+    fn count(&mut self) -> Result<usize, WireError> {
+        let n = self.u16()? as usize;
+        if n > MAX_RECORD_ITEMS {
+            return Err(WireError::Invalid("too many items"));
+        }
+        Ok(n)
+    }
+
+    fn record(&mut self) -> Result<NodeRecord, WireError> {
+        let node = self.string()?;
+        let role = PeerRole::from_u8(self.u8()?)?;
+        let region = self.string()?;
+        let http_url = self.string()?;
+        let rtmp_url = self.string()?;
+        let incarnation = self.u64()?;
+        let age_ms = self.u32()?;
+        let viewers = self.u32()?;
+        let load_permille = self.u16()?;
+        let mut links = Vec::new();
+        for _ in 0..self.count()? {
+            links.push((self.string()?, self.u32()?));
+        }
+        let mut streams = Vec::new();
+        for _ in 0..self.count()? {
+            streams.push(self.stream_key()?);
+        }
+        Ok(NodeRecord {
+            node,
+            role,
+            region,
+            http_url,
+            rtmp_url,
+            incarnation,
+            age_ms,
+            viewers,
+            load_permille,
+            links,
+            streams,
+        })
+    }
+
     fn need(&self, n: usize) -> Result<(), WireError> {
         if self.0.remaining() < n {
             Err(WireError::Truncated)
@@ -678,6 +789,19 @@ mod tests {
                 region: "us".into(),
             },
             ControlMessage::Announce(announcement()),
+            ControlMessage::NodeState(vec![NodeRecord {
+                node: "edge-1".into(),
+                role: PeerRole::Edge,
+                region: "eu".into(),
+                http_url: "http://10.0.0.1:8080".into(),
+                rtmp_url: "rtmp://10.0.0.1:1935".into(),
+                incarnation: 1_700_000_000_000,
+                age_ms: 250,
+                viewers: 12,
+                load_permille: 120,
+                links: vec![("origin-a".into(), 31_000)],
+                streams: vec![key()],
+            }]),
             ControlMessage::Withdraw { stream: key() },
             ControlMessage::Subscribe {
                 id: 7,

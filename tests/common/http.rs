@@ -27,6 +27,17 @@ pub fn http_send(
     content_type: &str,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
+    http_exchange(addr, method, path, content_type, body).map(|(status, _, body)| (status, body))
+}
+
+/// A tiny HTTP/1.1 request: (status, response head, body).
+pub fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
@@ -42,19 +53,26 @@ pub fn http_send(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    let body = if text
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
-        dechunk(&body)
+        dechunk(body)
     } else {
-        body
+        body.to_string()
     };
-    Ok((status, body))
+    Ok((status, head.to_string(), body))
+}
+
+/// A header's value in a response head.
+pub fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
 }
 
 fn dechunk(body: &str) -> String {

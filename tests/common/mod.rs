@@ -78,6 +78,8 @@ pub struct NodeSpec {
     /// Origins: other origins' QUIC addresses. Edges: upstream origins.
     pub upstreams: Vec<SocketAddr>,
     pub extra: String,
+    /// Appended to the `[node]` section.
+    pub node_extra: String,
     /// Replaces the `[webrtc]` section's keys (default: listen on a free loopback port).
     pub webrtc_extra: String,
 }
@@ -90,6 +92,7 @@ impl NodeSpec {
             region: "local".into(),
             upstreams: vec![],
             extra: String::new(),
+            node_extra: String::new(),
             webrtc_extra: String::new(),
         }
     }
@@ -100,6 +103,7 @@ impl NodeSpec {
             region: "r".into(),
             upstreams: vec![],
             extra: String::new(),
+            node_extra: String::new(),
             webrtc_extra: String::new(),
         }
     }
@@ -110,6 +114,7 @@ impl NodeSpec {
             region: "r".into(),
             upstreams: origins,
             extra: String::new(),
+            node_extra: String::new(),
             webrtc_extra: String::new(),
         }
     }
@@ -147,8 +152,8 @@ impl NodeProc {
             spec.webrtc_extra.clone()
         };
         let config = format!(
-            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
-            spec.id, spec.region, spec.role, spec.extra
+            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n{}\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
+            spec.id, spec.region, spec.role, spec.node_extra, spec.extra
         );
         let path = dir.join("node.toml");
         std::fs::write(&path, config).unwrap();
