@@ -208,6 +208,8 @@ pub struct Stream {
     idle: Notify,
     /// Consumers asking for a keyframe; merged (one permit) until the owner looks.
     keyframe_wanted: Notify,
+    /// Counts those requests (`meshcast_keyframe_requests_received_total`).
+    keyframe_requests: prometheus_client::metrics::counter::Counter,
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
     started: Instant,
@@ -240,6 +242,11 @@ impl Stream {
 
     pub fn subscribers(&self) -> usize {
         self.subscribers.load(Ordering::Acquire)
+    }
+
+    fn want_keyframe(&self) {
+        self.keyframe_requests.inc();
+        self.keyframe_wanted.notify_one();
     }
 
     /// When the stream started, in unix milliseconds.
@@ -333,6 +340,7 @@ impl Hub {
             subscribers: AtomicUsize::new(0),
             idle: Notify::new(),
             keyframe_wanted: Notify::new(),
+            keyframe_requests: self.metrics.keyframe_requests_received.clone(),
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             started: Instant::now(),
@@ -587,7 +595,7 @@ pub struct KeyframeRequester(Arc<Stream>);
 
 impl KeyframeRequester {
     pub fn request(&self) {
-        self.0.keyframe_wanted.notify_one();
+        self.0.want_keyframe();
     }
 }
 
@@ -662,6 +670,11 @@ impl Publisher {
             // No receivers is fine: the GOP cache still serves the next joiner.
             let _ = tx.send(StreamEvent::Frame(packet));
         }
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.hub.metrics
     }
 
     /// Completes with the reason when this publisher is evicted ([`Hub::evict`]); the
@@ -807,7 +820,7 @@ impl Subscription {
 
     /// Asks the stream's owner for a keyframe (merged with other requests).
     pub fn request_keyframe(&self) {
-        self._guard.0.keyframe_wanted.notify_one();
+        self._guard.0.want_keyframe();
     }
 
     /// A handle that can ask for keyframes for this subscription from another task.

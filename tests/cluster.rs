@@ -800,3 +800,182 @@ fn the_route_api_sends_clients_to_the_nearest_then_least_loaded_edge_by_measured
         || candidates(&route(&ap1, "rt", "us", "play")) == ["edge-eu1", "edge-ap1"],
     );
 }
+
+/// FFmpeg sending a live H.264 (no B-frames, a keyframe every 20 s unless asked) + Opus
+/// encode as RTP to two local ports, for a WHIP publisher to relay.
+fn rtp_feeder(video: u16, audio: u16) -> Publisher {
+    let child = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=15"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args([
+            "-t",
+            "40",
+            "-map",
+            "0:v",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+        ])
+        .args([
+            "-tune",
+            "zerolatency",
+            "-profile:v",
+            "baseline",
+            "-g",
+            "300",
+            "-bf",
+            "0",
+        ])
+        .args([
+            "-b:v",
+            "150k",
+            "-f",
+            "rtp",
+            "-payload_type",
+            "96",
+            "-pkt_size",
+            "1100",
+        ])
+        .arg(format!("rtp://127.0.0.1:{video}"))
+        .args(["-map", "1:a", "-c:a", "libopus", "-b:a", "32k", "-f", "rtp"])
+        .args(["-payload_type", "111"])
+        .arg(format!("rtp://127.0.0.1:{audio}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ffmpeg is installed");
+    Publisher { child }
+}
+
+#[test]
+fn a_hundred_edges_asking_for_a_keyframe_at_once_reach_the_publisher_once_per_interval() {
+    let _serial = one_at_a_time();
+    let origin = NodeProc::start(NodeSpec::origin("origin-a"));
+    // A WHIP publisher (it can be asked for keyframes, unlike RTMP), relaying a live encode.
+    let video = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let audio = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let feeder = rtp_feeder(
+        video.local_addr().unwrap().port(),
+        audio.local_addr().unwrap().port(),
+    );
+    let http = origin.http;
+    let publisher = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            video.set_nonblocking(true).unwrap();
+            audio.set_nonblocking(true).unwrap();
+            meshcast::webrtc::client::publish_rtp(
+                http,
+                "/whip/live/kf",
+                tokio::net::UdpSocket::from_std(video).unwrap(),
+                tokio::net::UdpSocket::from_std(audio).unwrap(),
+                Duration::from_secs(14),
+            )
+            .await
+        })
+    });
+    wait_until(Duration::from_secs(15), "WHIP stream live", || {
+        origin.stream("kf").is_some_and(|s| !s["video"].is_null())
+    });
+
+    // A hundred edges in this process, each a real backbone node with its own hub and QUIC
+    // link to the origin, each pulling the stream.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = meshcast::media::StreamKey::new("live", "kf").unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let edges: Vec<_> = rt.block_on(async {
+        let mut edges = Vec::new();
+        for i in 0..100 {
+            let text = format!(
+                "[node]\nid = \"edge-{i}\"\nrole = \"edge\"\n[backbone]\ntoken = \"test-token\"\norigins = [\"{}\"]\n",
+                origin.quic
+            );
+            let config =
+                meshcast::config::Config::parse(&text, "edge", std::path::Path::new(".")).unwrap();
+            let metrics = std::sync::Arc::new(meshcast::api::metrics::Metrics::new());
+            let hub = meshcast::hub::Hub::new(config.limits.clone(), metrics);
+            let bb = meshcast::backbone::Backbone::start(&config, hub.clone(), shutdown.clone())
+                .unwrap();
+            hub.set_upstream(bb.clone());
+            edges.push((hub, bb));
+        }
+        edges
+    });
+    wait_until(Duration::from_secs(15), "100 edges linked", || {
+        origin.links().len() >= 100
+    });
+    let subs: Vec<_> = rt.block_on(async {
+        let mut subs = Vec::new();
+        for (hub, _) in &edges {
+            let sub = hub
+                .subscribe(&key, meshcast::hub::Scope::Any)
+                .await
+                .expect("edge pulls the stream");
+            subs.push(sub);
+        }
+        subs
+    });
+    // Let the pulls settle (their own start-up requests pass), then everyone asks at once.
+    std::thread::sleep(Duration::from_secs(2));
+    let received = |o: &NodeProc| o.metric("meshcast_keyframe_requests_received_total");
+    let to_publisher =
+        |o: &NodeProc| o.metric("meshcast_keyframe_requests_forwarded_total{to=\"publisher\"}");
+    let (r0, p0) = (received(&origin), to_publisher(&origin));
+    let burst = Instant::now();
+    for sub in &subs {
+        sub.request_keyframe();
+    }
+    let window = Duration::from_secs(3);
+    std::thread::sleep(window);
+    let (r1, p1) = (received(&origin), to_publisher(&origin));
+    let sent_up: f64 = edges
+        .iter()
+        .map(|(hub, _)| hub.metrics().keyframe_requests_to_upstream.get() as f64)
+        .sum();
+    eprintln!(
+        "in {:?}: the origin got {} keyframe requests and sent {} to the publisher; the edges \
+         sent {sent_up} upstream in all",
+        burst.elapsed(),
+        r1 - r0,
+        p1 - p0
+    );
+    assert!(r1 - r0 >= 100.0, "every edge's request reached the origin");
+    // At most one per 500 ms interval reaches the publisher (the WHIP ingest also asks on
+    // its own every 2 s, through the same gate).
+    let bound = (window.as_secs_f64() / 0.5).floor() + 1.0;
+    assert!(
+        p1 - p0 <= bound,
+        "{} requests to the publisher in {window:?}",
+        p1 - p0
+    );
+    assert!(p1 - p0 >= 1.0, "the publisher was asked");
+
+    drop(subs);
+    shutdown.cancel();
+    rt.block_on(async {
+        for (_, bb) in &edges {
+            bb.close().await;
+        }
+    });
+    drop(edges);
+    let stats = publisher.join().unwrap().expect("WHIP publisher ran");
+    eprintln!("WHIP publisher: {stats:?}");
+    assert!(stats.connected && stats.video_packets > 0);
+    // The publisher's own count agrees: over its whole 14 s run, no more than one request
+    // per interval.
+    assert!(
+        stats.keyframe_requests as f64 <= 14.0 / 0.5 + 1.0,
+        "{} PLIs in 14 s",
+        stats.keyframe_requests
+    );
+    drop(feeder);
+}

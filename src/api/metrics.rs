@@ -38,6 +38,12 @@ impl EncodeLabelValue for Proto {
     }
 }
 
+/// Where a keyframe request goes: the next node upstream, or the publisher itself.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyframeTo {
+    pub to: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtoLabel {
     pub proto: Proto,
@@ -74,6 +80,11 @@ pub struct Metrics {
     pub backbone_returns: Counter,
     pub backbone_links_timed_out: Counter,
     pub publishers_evicted: Counter,
+    /// Keyframe requests from this node's consumers (viewers, downstream nodes, egress).
+    pub keyframe_requests_received: Counter,
+    /// Keyframe requests this node sent on, after merging and rate-limiting.
+    pub keyframe_requests_to_upstream: Counter,
+    pub keyframe_requests_to_publisher: Counter,
     pub egress_active: Gauge,
     pub egress_bytes: Counter,
     pub egress_reconnects: Counter,
@@ -174,6 +185,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("meshcast");
+        let keyframes_forwarded = Family::<KeyframeTo, Counter>::default();
+        let forwarded_to = |to| {
+            keyframes_forwarded
+                .get_or_create(&KeyframeTo { to })
+                .clone()
+        };
         let m = Metrics {
             frames_in: Family::default(),
             bytes_in: Family::default(),
@@ -194,6 +211,9 @@ impl Metrics {
             backbone_returns: Counter::default(),
             backbone_links_timed_out: Counter::default(),
             publishers_evicted: Counter::default(),
+            keyframe_requests_received: Counter::default(),
+            keyframe_requests_to_upstream: forwarded_to("upstream"),
+            keyframe_requests_to_publisher: forwarded_to("publisher"),
             egress_active: Gauge::default(),
             egress_bytes: Counter::default(),
             egress_reconnects: Counter::default(),
@@ -288,6 +308,16 @@ impl Metrics {
             "publishers_evicted",
             "Local publishers stopped because another origin holds the name (publish races)",
             m.publishers_evicted.clone(),
+        );
+        registry.register(
+            "keyframe_requests_received",
+            "Keyframe requests from consumers of this node's streams (viewers, downstream nodes)",
+            m.keyframe_requests_received.clone(),
+        );
+        registry.register(
+            "keyframe_requests_forwarded",
+            "Keyframe requests sent on after merging and rate-limiting: to the upstream node or the publisher",
+            keyframes_forwarded,
         );
         registry.register(
             "egress_active",

@@ -1015,6 +1015,7 @@ impl Backbone {
         let keyframe_signal = relay.keyframe_signal();
         let mut gate = KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL);
         if splice.waiting_for_keyframe() && gate.request(Instant::now()) {
+            metrics.keyframe_requests_to_upstream.inc();
             let _ = up.commands.send(LinkCommand::KeyframeRequest(up.id)).await;
         }
         let mut configured = false;
@@ -1031,12 +1032,14 @@ impl Backbone {
             let got = tokio::select! {
                 _ = keyframe_signal.wanted() => {
                     if gate.request(Instant::now()) {
+                        metrics.keyframe_requests_to_upstream.inc();
                         let _ = up.commands.send(LinkCommand::KeyframeRequest(up.id)).await;
                     }
                     continue;
                 }
                 _ = sleep_until(gate_deadline), if gate_deadline.is_some() => {
                     if gate.poll(Instant::now()) {
+                        metrics.keyframe_requests_to_upstream.inc();
                         let _ = up.commands.send(LinkCommand::KeyframeRequest(up.id)).await;
                     }
                     continue;

@@ -238,6 +238,8 @@ pub struct PublishStats {
     pub connected: bool,
     pub video_packets: u64,
     pub audio_packets: u64,
+    /// Keyframe requests (PLI/FIR) the server sent this publisher.
+    pub keyframe_requests: u64,
 }
 
 /// Publishes over WHIP to `path` (e.g. `/whip/live/demo`) the RTP arriving on `video`
@@ -288,6 +290,7 @@ pub async fn publish_rtp(
                     let _ = socket.send_to(&t.contents, t.destination).await;
                 }
                 Output::Event(Event::Connected) => stats.connected = true,
+                Output::Event(Event::KeyframeRequest(_)) => stats.keyframe_requests += 1,
                 Output::Event(_) => {}
             }
         };

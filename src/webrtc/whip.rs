@@ -562,6 +562,10 @@ impl WhipPeer {
             debug!(rid = ?video.rid, asked, due, lost, "PLI to the publisher");
             rx.request_keyframe(KeyframeRequestKind::Pli);
             video.last_keyframe_request = Some(now);
+            self.publisher
+                .metrics()
+                .keyframe_requests_to_publisher
+                .inc();
         }
     }
 }
