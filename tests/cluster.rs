@@ -273,6 +273,26 @@ fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
     drop(first);
     let second = Publisher::start(&c.rtmp_url("pf"), failover_publish());
     let resumed_at = Instant::now();
+    // The dead origin's announce is gone from every directory within the bound (3 s).
+    wait_until(
+        Duration::from_secs(3),
+        "origin-a's streams leave the directories",
+        || {
+            [b, c].iter().all(|n| {
+                let view = cluster_view(n);
+                view["directory"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|d| d["origin"] != "origin-a")
+            })
+        },
+    );
+    let gone = killed.elapsed();
+    assert!(
+        gone <= Duration::from_millis(3200),
+        "directories kept origin-a for {gone:?}"
+    );
     wait_until(Duration::from_secs(10), "video flows again", || {
         watcher.video_after(resumed_at) >= 60
     });
@@ -292,8 +312,9 @@ fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
     let (gap, _) = longest_gap(&video, killed - Duration::from_millis(100));
     let step = largest_step(&video);
     eprintln!(
-        "video again {republished:?} after the kill; longest video gap {gap:?}; largest \
-         timestamp step {step} ms; {} video / {} audio tags",
+        "video again {republished:?} after the kill; origin-a out of the directories after \
+         {gone:?}; longest video gap {gap:?}; largest timestamp step {step} ms; {} video / {} \
+         audio tags",
         video.len(),
         audio.len()
     );
@@ -758,6 +779,22 @@ fn the_route_api_sends_clients_to_the_nearest_then_least_loaded_edge_by_measured
     assert!((130.0..250.0).contains(&ap_ms), "us-ap measured {ap_ms} ms");
     assert!(cands[1]["load"].as_f64().unwrap() >= 0.5);
     assert!(cands[1]["warm"].as_bool().unwrap(), "us1 has the stream");
+    // Any node's /cluster shows which origin serves which edge, and each node's load.
+    let view = cluster_view(&origins[2]);
+    let us1_rec = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "edge-us1")
+        .unwrap_or_else(|| panic!("{view}"));
+    assert_eq!(
+        us1_rec["pulls"],
+        serde_json::json!([["origin-us", 1]]),
+        "{us1_rec}"
+    );
+    assert_eq!(us1_rec["viewers"], 5, "{us1_rec}");
+    assert!(us1_rec["out_bps"].as_u64().unwrap() > 100_000, "{us1_rec}");
+    assert_eq!(view["regions"].as_array().unwrap().len(), 3, "{view}");
 
     // Any node redirects a player to that edge, and FFmpeg follows the 307.
     let (status, head, _) = common::http::http_exchange(

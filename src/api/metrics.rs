@@ -362,6 +362,15 @@ impl Metrics {
         )
     }
 
+    /// Bytes sent to consumers and egress destinations so far, all protocols.
+    pub fn bytes_out_total(&self) -> u64 {
+        [Proto::Rtmp, Proto::Flv, Proto::Backbone]
+            .into_iter()
+            .map(|proto| self.bytes_out.get_or_create(&ProtoLabel { proto }).get())
+            .sum::<u64>()
+            + self.egress_bytes.get()
+    }
+
     /// Consumers of `proto` attached now.
     pub fn viewers_of(&self, proto: Proto) -> i64 {
         self.viewers.get_or_create(&ProtoLabel { proto }).get()

@@ -269,8 +269,11 @@ impl Backbone {
                 age_ms: 0,
                 viewers: 0,
                 load_permille: 0,
+                egress: 0,
+                out_bps: 0,
                 links: vec![],
                 streams: vec![],
+                pulls: vec![],
             }),
             max_viewers: config.node.max_viewers,
             idle_grace: bb.idle_grace,
@@ -614,6 +617,7 @@ impl Backbone {
     /// (viewers against `node.max_viewers`, and CPU), measured link RTTs, streams held.
     async fn state_loop(self: Arc<Self>) {
         let mut cpu = CpuSampler::new();
+        let mut sent = (self.hub.metrics().bytes_out_total(), Instant::now());
         let mut tick = tokio::time::interval(NODE_STATE_INTERVAL);
         loop {
             tokio::select! {
@@ -636,8 +640,24 @@ impl Backbone {
                 .collect();
             links.sort();
             links.dedup_by(|a, b| a.0 == b.0);
+            let metrics = self.hub.metrics();
+            let now = (metrics.bytes_out_total(), Instant::now());
+            let secs = now.1.duration_since(sent.1).as_secs_f64().max(1e-3);
+            let out_bps = (now.0.saturating_sub(sent.0) as f64 * 8.0 / secs) as u64;
+            sent = now;
+            let mut pulls: HashMap<String, u32> = HashMap::new();
+            for s in &streams {
+                if let crate::hub::Source::Relay { node } = &s.source {
+                    *pulls.entry(node.clone()).or_default() += 1;
+                }
+            }
+            let mut pulls: Vec<(String, u32)> = pulls.into_iter().collect();
+            pulls.sort();
             let mut me = self.me_record.lock();
             me.viewers = viewers;
+            me.egress = metrics.egress_active.get().max(0) as u32;
+            me.out_bps = out_bps;
+            me.pulls = pulls;
             me.load_permille = (load * 1000.0).round() as u16;
             me.links = links;
             me.streams = streams

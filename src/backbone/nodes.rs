@@ -257,8 +257,11 @@ mod tests {
             age_ms: 0,
             viewers: 0,
             load_permille: 0,
+            egress: 0,
+            out_bps: 0,
             links: vec![],
             streams: vec![],
+            pulls: vec![],
         }
     }
 

@@ -124,10 +124,16 @@ pub struct NodeRecord {
     pub viewers: u32,
     /// Load, 0-1000: the larger of viewers / max_viewers and CPU use.
     pub load_permille: u16,
+    /// Egresses (RTMP pushes, recordings) running.
+    pub egress: u32,
+    /// Bits per second sent to viewers, downstream nodes and egress.
+    pub out_bps: u64,
     /// Measured round-trip times to the nodes it links to: (node, µs).
     pub links: Vec<(String, u32)>,
     /// Streams it has now (published, or pulled for viewers): "warm" for routing.
     pub streams: Vec<StreamKey>,
+    /// Which upstream serves how many of its pulled streams: (node, streams).
+    pub pulls: Vec<(String, u32)>,
 }
 
 /// At most this many links and streams go in one record.
@@ -608,6 +614,8 @@ fn put_record(out: &mut BytesMut, r: &NodeRecord) {
     out.put_u32(r.age_ms);
     out.put_u32(r.viewers);
     out.put_u16(r.load_permille);
+    out.put_u32(r.egress);
+    out.put_u64(r.out_bps);
     let links = &r.links[..r.links.len().min(MAX_RECORD_ITEMS)];
     out.put_u16(links.len() as u16);
     for (node, rtt_us) in links {
@@ -618,6 +626,12 @@ fn put_record(out: &mut BytesMut, r: &NodeRecord) {
     out.put_u16(streams.len() as u16);
     for k in streams {
         put_str(out, &k.to_string());
+    }
+    let pulls = &r.pulls[..r.pulls.len().min(MAX_RECORD_ITEMS)];
+    out.put_u16(pulls.len() as u16);
+    for (node, n) in pulls {
+        put_str(out, node);
+        out.put_u32(*n);
     }
 }
 
@@ -666,6 +680,8 @@ impl Reader {
         let age_ms = self.u32()?;
         let viewers = self.u32()?;
         let load_permille = self.u16()?;
+        let egress = self.u32()?;
+        let out_bps = self.u64()?;
         let mut links = Vec::new();
         for _ in 0..self.count()? {
             links.push((self.string()?, self.u32()?));
@@ -673,6 +689,10 @@ impl Reader {
         let mut streams = Vec::new();
         for _ in 0..self.count()? {
             streams.push(self.stream_key()?);
+        }
+        let mut pulls = Vec::new();
+        for _ in 0..self.count()? {
+            pulls.push((self.string()?, self.u32()?));
         }
         Ok(NodeRecord {
             node,
@@ -684,8 +704,11 @@ impl Reader {
             age_ms,
             viewers,
             load_permille,
+            egress,
+            out_bps,
             links,
             streams,
+            pulls,
         })
     }
 
@@ -799,8 +822,11 @@ mod tests {
                 age_ms: 250,
                 viewers: 12,
                 load_permille: 120,
+                egress: 1,
+                out_bps: 2_500_000,
                 links: vec![("origin-a".into(), 31_000)],
                 streams: vec![key()],
+                pulls: vec![("origin-a".into(), 1)],
             }]),
             ControlMessage::Withdraw { stream: key() },
             ControlMessage::Subscribe {
