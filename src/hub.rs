@@ -366,11 +366,17 @@ impl Hub {
         self.publish(key)
     }
 
-    /// Claims `key` for a local publisher. Refused while the name is live on this node.
+    /// Claims `key` for a local publisher. Refused while the name is published on this
+    /// node. A relay of the name (pulled from an origin that is gone, or the caller would
+    /// have been refused by [`Hub::publish_checked`]) gives the name up: its pull feeds its
+    /// viewers from this publish from then on (see `Backbone::run_pull`).
     pub fn publish(self: &Arc<Self>, key: StreamKey) -> Result<Publisher, PublishError> {
         let stream = {
             let mut map = self.streams.lock();
-            if map.contains_key(&key) {
+            if map
+                .get(&key)
+                .is_some_and(|s| !matches!(*s.source.lock(), Source::Relay { .. }))
+            {
                 return Err(PublishError::AlreadyLive(key));
             }
             let stream = self.new_stream(key.clone(), Source::Local, Status::Live);

@@ -265,6 +265,14 @@ fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
     let (a, b, c) = (&origins[0], &origins[1], &origins[2]);
     let first = publish_and_wait(&a.rtmp_url("pf"), a, "pf", failover_publish());
     let (watcher, whep) = watch(&edge, "pf", Duration::from_secs(10));
+    // A second edge hangs off C, so C relays the stream when the publisher comes to it.
+    let edge_c = NodeProc::start(NodeSpec::edge("edge-c", vec![c.quic]));
+    edge_c.wait_for_link_count(1);
+    let watcher_c = FlvWatcher::start(edge_c.http, "/live/pf.flv");
+    wait_until(Duration::from_secs(10), "edge-c viewer gets video", || {
+        watcher_c.media(9).len() >= 30
+    });
+    assert_eq!(source_node(c, "pf").as_deref(), Some("origin-a"));
 
     // The publisher's origin dies; the publisher (as OBS does with a backup server, or
     // after asking the route API) publishes again to origin C.
@@ -335,6 +343,23 @@ fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
         "video time stepped {step} ms over a {gap:?} freeze"
     );
     assert!(b.metric("meshcast_backbone_rehomes_total") >= 1.0);
+
+    // C took the publish although it relayed the name, and its relay's viewers (edge-c)
+    // carried on from the new publish.
+    assert_eq!(
+        c.stream("pf").map(|s| s["source"]["kind"].clone()),
+        Some(serde_json::json!("local"))
+    );
+    assert_eq!(watcher_c.ended(), None, "edge-c's viewer stays connected");
+    let video_c = watcher_c.media(9);
+    let (gap_c, _) = longest_gap(&video_c, killed - Duration::from_millis(100));
+    eprintln!("edge-c (via C's relay, then C's own publish): longest video gap {gap_c:?}");
+    assert!(
+        gap_c <= Duration::from_secs(4),
+        "edge-c froze for {gap_c:?}"
+    );
+    assert!(video_c.windows(2).all(|w| w[1].ts_ms > w[0].ts_ms));
+    assert!(watcher_c.video_after(resumed_at) >= 30);
 
     let w = whep.join().unwrap().expect("WHEP viewer ran");
     eprintln!("WHEP viewer: {w:?}");

@@ -952,6 +952,13 @@ impl Backbone {
         let mut splice = Splicer::new();
         let mut lost: Option<Instant> = None;
         loop {
+            if let Some(local) = self.local_takeover(&relay) {
+                // The publisher came back here: feed the relay's viewers from it.
+                let lost_for = lost.map(|t| t.elapsed()).unwrap_or_default();
+                self.hub.metrics().backbone_rehomes.inc();
+                info!(stream = %key, "re-homed to the local publisher after {lost_for:?}");
+                return self.pump_local(relay, local, splice, idle).await;
+            }
             let attempt = tokio::select! {
                 a = self.subscribe_upstream(&key) => a,
                 _ = &mut idle => return self.released(&key),
@@ -1007,6 +1014,58 @@ impl Backbone {
                     let _ = commands.try_send(LinkCommand::Unsubscribe(id));
                     info!(stream = %key, %node, "upstream lost ({reason}); re-homing");
                     lost = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// A local publish of the relay's name that replaced it in the hub ([`Hub::publish`]).
+    fn local_takeover(&self, relay: &Publisher) -> Option<Arc<crate::hub::Stream>> {
+        self.hub
+            .get(relay.key())
+            .filter(|s| s.is_local() && !Arc::ptr_eq(s, relay.stream()))
+    }
+
+    /// Feeds `relay` from this node's own publish of the name, through the splicer (a new
+    /// session: it resumes at a keyframe, timestamps continuing), until that publish ends
+    /// or the relay goes idle.
+    async fn pump_local(
+        &self,
+        mut relay: Publisher,
+        local: Arc<crate::hub::Stream>,
+        mut splice: Splicer,
+        mut idle: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) {
+        let key = relay.key().clone();
+        let Ok(mut sub) = self.hub.subscribe(&key, Scope::LocalOnly).await else {
+            return;
+        };
+        let has_video = relay.config().video.is_some();
+        splice.begin(local.session(), has_video);
+        relay.set_live(&self.local.node_id);
+        sub.request_keyframe();
+        let keyframe_signal = relay.keyframe_signal();
+        loop {
+            let ev = tokio::select! {
+                ev = sub.next() => ev,
+                _ = keyframe_signal.wanted() => {
+                    sub.request_keyframe();
+                    continue;
+                }
+                _ = idle.as_mut() => return self.released(&key),
+            };
+            match ev {
+                Ok(StreamEvent::Config(c)) => relay.set_config((*c).clone()),
+                Ok(StreamEvent::Frame(p)) => {
+                    if let Some(f) = splice.frame(p.frame.clone()) {
+                        relay.set_session(splice.timeline().unwrap_or_default());
+                        relay.push(Packet::new(f));
+                    }
+                }
+                Ok(StreamEvent::Discontinuity) => {}
+                Err(_) => {
+                    info!(stream = %key, "the local publisher ended the stream");
+                    return;
                 }
             }
         }

@@ -251,7 +251,7 @@ impl ControlSession {
                 ))),
                 (_, other) => Err(SessionError::Protocol(format!(
                     "expected hello, got {}",
-                    name(&other)
+                    other.name()
                 ))),
             };
         }
@@ -305,7 +305,7 @@ impl ControlSession {
             (side, other) => {
                 return Err(SessionError::Protocol(format!(
                     "{} is not allowed toward the {:?}",
-                    name(&other),
+                    other.name(),
                     side
                 )))
             }
@@ -440,23 +440,6 @@ impl ControlSession {
 
 fn unknown(id: u64) -> SessionError {
     SessionError::Protocol(format!("answer for unknown subscription {id}"))
-}
-
-fn name(m: &ControlMessage) -> &'static str {
-    match m {
-        ControlMessage::Hello { .. } => "Hello",
-        ControlMessage::Welcome { .. } => "Welcome",
-        ControlMessage::Announce(_) => "Announce",
-        ControlMessage::Withdraw { .. } => "Withdraw",
-        ControlMessage::Subscribe { .. } => "Subscribe",
-        ControlMessage::SubscribeOk { .. } => "SubscribeOk",
-        ControlMessage::SubscribeError { .. } => "SubscribeError",
-        ControlMessage::Unsubscribe { .. } => "Unsubscribe",
-        ControlMessage::SubscribeDone { .. } => "SubscribeDone",
-        ControlMessage::KeyframeRequest { .. } => "KeyframeRequest",
-        ControlMessage::GoAway { .. } => "GoAway",
-        ControlMessage::NodeState(_) => "NodeState",
-    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

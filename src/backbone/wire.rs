@@ -207,6 +207,24 @@ const T_GOAWAY: u8 = 0x0b;
 const T_NODE_STATE: u8 = 0x0c;
 
 impl ControlMessage {
+    /// The message's name, for logs and counts.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ControlMessage::Hello { .. } => "Hello",
+            ControlMessage::Welcome { .. } => "Welcome",
+            ControlMessage::Announce(_) => "Announce",
+            ControlMessage::Withdraw { .. } => "Withdraw",
+            ControlMessage::Subscribe { .. } => "Subscribe",
+            ControlMessage::SubscribeOk { .. } => "SubscribeOk",
+            ControlMessage::SubscribeError { .. } => "SubscribeError",
+            ControlMessage::Unsubscribe { .. } => "Unsubscribe",
+            ControlMessage::SubscribeDone { .. } => "SubscribeDone",
+            ControlMessage::KeyframeRequest { .. } => "KeyframeRequest",
+            ControlMessage::GoAway { .. } => "GoAway",
+            ControlMessage::NodeState(_) => "NodeState",
+        }
+    }
+
     /// Appends the framed message.
     pub fn encode(&self, out: &mut BytesMut) {
         let mut body = BytesMut::new();
