@@ -64,6 +64,18 @@ impl Node {
             shutdown.clone(),
         );
 
+        if config.node.role == Role::Edge {
+            if let Some(bb) = &backbone {
+                tasks.spawn(crate::egress::forward::run(
+                    hub.clone(),
+                    bb.clone(),
+                    egress.clone(),
+                    config.node.region.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+
         let mut rtmp_addr = None;
         if let Some(addr) = config.rtmp.listen {
             let listener = TcpListener::bind(addr)
@@ -72,7 +84,6 @@ impl Node {
             rtmp_addr = Some(listener.local_addr()?);
             let settings = RtmpSettings {
                 chunk_size: config.rtmp.chunk_size,
-                accept_publish: config.node.role != Role::Edge,
                 write_timeout: config.limits.viewer_write_timeout,
                 max_connections: config.limits.max_rtmp_connections,
                 send_buffer: config.limits.viewer_send_buffer_bytes,

@@ -1041,3 +1041,72 @@ fn a_hundred_edges_asking_for_a_keyframe_at_once_reach_the_publisher_once_per_in
     );
     drop(feeder);
 }
+
+fn local_on(node: &NodeProc, name: &str) -> bool {
+    node.stream(name)
+        .is_some_and(|s| s["source"]["kind"] == "local")
+}
+
+#[test]
+fn a_publish_to_an_edge_is_forwarded_to_an_origin_and_moves_when_that_origin_dies() {
+    let _serial = one_at_a_time();
+    let mut origins = mesh(&["origin-a", "origin-b"]);
+    let e1 = NodeProc::start(NodeSpec::edge(
+        "edge-1",
+        vec![origins[0].quic, origins[1].quic],
+    ));
+    let e2 = NodeProc::start(NodeSpec::edge(
+        "edge-2",
+        vec![origins[0].quic, origins[1].quic],
+    ));
+    e1.wait_for_link_count(2);
+    e2.wait_for_link_count(2);
+    wait_until(Duration::from_secs(10), "edge-1 knows both origins", || {
+        cluster_view(&e1)["nodes"].as_array().unwrap().len() == 4
+    });
+
+    // ffmpeg publishes to the edge, which forwards it to an origin (RTMP cannot follow a
+    // redirect, so the edge takes the publish itself).
+    let _publisher = publish_and_wait(&e1.rtmp_url("fw"), &e1, "fw", failover_publish());
+    wait_until(Duration::from_secs(10), "an origin publishes it", || {
+        origins.iter().any(|o| local_on(o, "fw"))
+    });
+    let target = origins.iter().position(|o| local_on(o, "fw")).unwrap();
+    let other = 1 - target;
+    // It plays from the other edge (through the mesh) and from the edge it came in on.
+    let p = ffprobe(&e2.flv_url("fw"), 2);
+    assert!(p.packets_of("video").len() >= 45, "edge-2 plays it");
+    assert!(p.stream_of("audio").is_some());
+    let p = ffprobe(&e1.flv_url("fw"), 2);
+    assert!(p.packets_of("video").len() >= 45, "edge-1 plays it");
+
+    // The origin it went to dies: the forward moves to the other origin, and viewers of the
+    // other edge get it again.
+    let killed = Instant::now();
+    origins[target].signal("KILL");
+    let survivor = &origins[other];
+    wait_until(Duration::from_secs(10), "the other origin takes it", || {
+        local_on(survivor, "fw")
+    });
+    let moved = killed.elapsed();
+    let p = ffprobe(&e2.flv_url("fw"), 2);
+    eprintln!(
+        "forward moved to {} {moved:?} after {} died",
+        survivor.name, origins[target].name
+    );
+    assert!(p.packets_of("video").len() >= 45, "edge-2 plays it again");
+    assert!(
+        moved <= Duration::from_secs(6),
+        "forward moved after {moved:?}"
+    );
+
+    // A second publisher of the name on the other edge: the origin refuses the forward, and
+    // that publisher is told why.
+    let late = Publisher::start(&e2.rtmp_url("fw"), failover_publish());
+    let (ok, stderr) = late.wait(Duration::from_secs(10));
+    assert!(!ok, "the second publisher is stopped");
+    eprintln!("the second publisher was told: {}", stderr.trim());
+    assert!(stderr.contains("already"), "it is told why: {stderr}");
+    assert!(local_on(survivor, "fw"), "the first publish carries on");
+    origins.remove(target);
+}

@@ -17,6 +17,7 @@
 //! `transcode_video` and the destination cannot carry the codec (VP8 → H.264, shared the
 //! same way through a `~h264` bridge).
 
+pub mod forward;
 pub mod record;
 pub mod rtmp_push;
 pub mod spec;

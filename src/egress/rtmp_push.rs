@@ -135,13 +135,34 @@ async fn wait_publish(conn: &mut ClientConn) -> Result<(), PlayError> {
             additional_values,
             ..
         } if command_name == "onStatus" || command_name == "_error" => {
-            let text = format!("{additional_values:?}");
-            text.contains("error")
-                .then_some(Err(PlayError::Refused(text)))
+            refusal(additional_values).map(|why| Err(PlayError::Refused(why)))
         }
+        // rml_rtmp servers answer a refused publish with an `_error` on transaction 0.
+        ClientSessionEvent::UnknownTransactionResultReceived {
+            additional_values, ..
+        } => refusal(additional_values).map(|why| Err(PlayError::Refused(why))),
         _ => None,
     })
     .await
+}
+
+/// The reason in an error status object (`level` error), if it is one.
+fn refusal(values: &[rml_amf0::Amf0Value]) -> Option<String> {
+    let field = |name: &str| {
+        values.iter().find_map(|v| match v {
+            rml_amf0::Amf0Value::Object(o) => match o.get(name) {
+                Some(rml_amf0::Amf0Value::Utf8String(s)) => Some(s.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+    };
+    let level = field("level")?;
+    (level == "error" || level == "_error").then(|| {
+        field("description")
+            .or_else(|| field("code"))
+            .unwrap_or_else(|| format!("{values:?}"))
+    })
 }
 
 /// Ends the current publish and starts another on the same connection (a new segment).

@@ -36,7 +36,7 @@ pub enum PlayError {
     Io(#[from] std::io::Error),
     #[error("rtmp: {0}")]
     Rtmp(String),
-    #[error("server refused playback: {0}")]
+    #[error("server refused: {0}")]
     Refused(String),
     #[error("timed out before playback started")]
     Timeout,

@@ -57,8 +57,6 @@ const MAX_BATCH: usize = 256;
 #[derive(Clone, Debug)]
 pub struct RtmpSettings {
     pub chunk_size: u32,
-    /// Edges don't take publishers (yet): they would have to forward them to an origin.
-    pub accept_publish: bool,
     pub write_timeout: Duration,
     pub max_connections: usize,
     /// SO_SNDBUF for player sockets (0: kernel default).
@@ -412,14 +410,6 @@ impl Connection {
                 session,
                 "NetStream.Publish.BadConnection",
                 "connection is already publishing or playing".into(),
-            );
-        }
-        if !self.settings.accept_publish {
-            return reject(
-                self,
-                session,
-                "NetStream.Publish.Denied",
-                "this node is an edge: publish to an origin".into(),
             );
         }
         let key = match StreamKey::new(app, name) {
