@@ -374,15 +374,26 @@ fn viewers_stay_when_the_publishers_origin_dies_and_it_republishes_elsewhere() {
 
 #[test]
 fn a_stream_crosses_a_lossy_long_link_between_origins_without_a_gap_longer_than_a_gop() {
+    // 75 ms each way (150 ms RTT), 10 ms jitter (which reorders), 2% loss each way.
+    crosses_an_impaired_link(75, 10, 0.02, (120.0, 250.0));
+}
+
+#[test]
+fn a_stream_crosses_a_short_link_losing_five_percent_each_way_without_a_gap_longer_than_a_gop() {
+    // 30 ms each way, 5 ms jitter, 5% loss each way.
+    crosses_an_impaired_link(30, 5, 0.05, (45.0, 150.0));
+}
+
+/// Origin C reaches origin A only through a user-space impaired link (`delay_ms` each
+/// way, `jitter_ms`, `loss` each way); an edge on C plays A's stream for 12 s.
+fn crosses_an_impaired_link(delay_ms: u64, jitter_ms: u64, loss: f64, rtt_ms: (f64, f64)) {
     let _serial = one_at_a_time();
-    // Origin C reaches origin A only through a user-space impaired link: 75 ms each way
-    // (150 ms RTT), 10 ms jitter (which reorders), 2% loss each way.
     let a_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let a = NodeProc::start_at(NodeSpec::origin("origin-a"), a_quic);
     let lossy = common::impair::Impairment {
-        delay: Duration::from_millis(75),
-        jitter: Duration::from_millis(10),
-        loss: 0.02,
+        delay: Duration::from_millis(delay_ms),
+        jitter: Duration::from_millis(jitter_ms),
+        loss,
         ..Default::default()
     };
     let link = common::impair::Relay::start(a_quic, lossy, lossy);
@@ -429,8 +440,9 @@ fn a_stream_crosses_a_lossy_long_link_between_origins_without_a_gap_longer_than_
     // The link's RTT is measured, not configured; its losses are seen.
     let rtt = to_a["rtt_ms"].as_f64().unwrap();
     assert!(
-        (120.0..=250.0).contains(&rtt),
-        "RTT {rtt} ms over a 150 ms link"
+        (rtt_ms.0..=rtt_ms.1).contains(&rtt),
+        "RTT {rtt} ms over a {} ms RTT link",
+        2 * delay_ms
     );
     assert!(to_a["lost_packets"].as_u64().unwrap() > 0, "{to_a}");
     assert!(dropped > 0);
