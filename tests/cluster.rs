@@ -379,9 +379,9 @@ fn a_stream_crosses_a_lossy_long_link_between_origins_without_a_gap_longer_than_
 }
 
 #[test]
-fn a_stream_crosses_a_short_link_losing_five_percent_each_way_without_a_gap_longer_than_a_gop() {
-    // 30 ms each way, 5 ms jitter, 5% loss each way.
-    crosses_an_impaired_link(30, 5, 0.05, (45.0, 150.0));
+fn a_stream_crosses_a_long_link_losing_five_percent_each_way_without_a_gap_longer_than_a_gop() {
+    // 75 ms each way, 10 ms jitter, 5% loss each way: the worst the issue names.
+    crosses_an_impaired_link(75, 10, 0.05, (120.0, 260.0));
 }
 
 /// Origin C reaches origin A only through a user-space impaired link (`delay_ms` each
@@ -407,6 +407,11 @@ fn crosses_an_impaired_link(delay_ms: u64, jitter_ms: u64, loss: f64, rtt_ms: (f
 
     // One GOP is 1 s (30 frames at 30 fps).
     let _publisher = publish_and_wait(&a.rtmp_url("far"), &a, "far", failover_publish());
+    // The announce crosses the impaired link too: a viewer asking C before it arrives would
+    // get a 404.
+    wait_until(Duration::from_secs(5), "C learns of the stream", || {
+        directory_names(&c, "far", "origin-a")
+    });
     let watcher = FlvWatcher::start(edge.http, "/live/far.flv");
     wait_until(Duration::from_secs(15), "edge viewer gets video", || {
         watcher.media(9).len() >= 30
