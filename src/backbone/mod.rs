@@ -675,7 +675,16 @@ impl Backbone {
     /// still has its announces here until its link times out; a publisher that moved to
     /// another origin at once must not be refused for them.
     async fn owner_alive(&self, key: &StreamKey) -> Option<String> {
-        let node = self.directory.lock().owner(key)?.node.clone();
+        // An edge has no directory: a name it relays from a linked origin is taken.
+        let relayed_from = self.hub.get(key).and_then(|s| match s.source() {
+            crate::hub::Source::Relay { node } => Some(node),
+            _ => None,
+        });
+        let owner = self.directory.lock().owner(key).map(|o| o.node.clone());
+        let node = match (self.role, relayed_from) {
+            (Role::Edge, Some(node)) => node,
+            _ => owner?,
+        };
         let conn = self
             .outbound
             .lock()
