@@ -381,10 +381,12 @@ impl Hub {
             }
             let stream = self.new_stream(key.clone(), Source::Local, Status::Live);
             map.insert(key.clone(), stream.clone());
+            // Sent under the map lock, as `Unpublished` is: listeners (announces to other
+            // origins, edge forwards) see a name's publishes and unpublishes in order.
+            let _ = self.events.send(HubEvent::Published(key));
             stream
         };
         self.metrics.local_streams.inc();
-        let _ = self.events.send(HubEvent::Published(key));
         Ok(Publisher::new(self.clone(), stream))
     }
 
@@ -483,7 +485,8 @@ impl Hub {
 
     /// Announces local stream `key` again (to origins that may not know it won a rivalry).
     pub fn reannounce(&self, key: &StreamKey) {
-        if self.get(key).is_some_and(|s| s.is_local()) {
+        let map = self.streams.lock();
+        if map.get(key).is_some_and(|s| s.is_local()) {
             let _ = self.events.send(HubEvent::Published(key.clone()));
         }
     }
@@ -547,10 +550,15 @@ impl Hub {
     }
 
     /// Removes `stream` if it is still the one registered under its key.
-    fn remove(&self, stream: &Arc<Stream>) {
+    /// Removes `stream` if it still holds its name, then sends `event` (under the map lock,
+    /// so a publish of the same name that follows is reported after it).
+    fn remove(&self, stream: &Arc<Stream>, event: Option<HubEvent>) {
         let mut map = self.streams.lock();
         if map.get(&stream.key).is_some_and(|s| Arc::ptr_eq(s, stream)) {
             map.remove(&stream.key);
+        }
+        if let Some(event) = event {
+            let _ = self.events.send(event);
         }
     }
 
@@ -753,16 +761,15 @@ impl Publisher {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        self.hub.remove(&self.stream);
+        let source = self.stream.source();
+        let event =
+            matches!(source, Source::Local).then(|| HubEvent::Unpublished(self.stream.key.clone()));
+        self.hub.remove(&self.stream, event);
         self.stream.state.lock().tx = None;
         self.stream.status.send_replace(Status::Ended);
-        match self.stream.source() {
+        match source {
             Source::Local => {
                 self.hub.metrics.local_streams.dec();
-                let _ = self
-                    .hub
-                    .events
-                    .send(HubEvent::Unpublished(self.stream.key.clone()));
             }
             Source::Relay { .. } => {
                 self.hub.metrics.relayed_streams.dec();

@@ -581,15 +581,18 @@ async fn whip_post(
     headers: HeaderMap,
     body: String,
 ) -> Response {
+    if s.node.role == "edge" && is_sdp(&headers) {
+        // Edges take no WebRTC publishers (whether or not they run WebRTC themselves): send
+        // it to the best origin (307 keeps the offer).
+        if let Ok(key) = StreamKey::new(&namespace, &stream) {
+            let ask = RouteAsk::new(&s, key, None, &headers, Action::Publish);
+            return redirect(&s, &ask, &format!("/whip/{namespace}/{stream}"));
+        }
+    }
     let (webrtc, key) = match webrtc_for_offer(&s, &headers, &namespace, &stream) {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if s.node.role == "edge" {
-        // Edges take no publishers: send it to the best origin (307 keeps the offer).
-        let ask = RouteAsk::new(&s, key, None, &headers, Action::Publish);
-        return redirect(&s, &ask, &format!("/whip/{namespace}/{stream}"));
-    }
     let publisher = match s.hub.publish_checked(key.clone()).await {
         Ok(p) => p,
         Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),

@@ -22,7 +22,7 @@ pub mod session;
 pub mod tls;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -603,6 +603,10 @@ impl Backbone {
         if self.local.role.is_origin() {
             out.extend(self.nodes.lock().to_pass_on(role, Instant::now()));
         }
+        let dropped = nodes::fit_streams(&mut out, nodes::STATE_STREAM_BYTES);
+        if dropped > 0 {
+            debug!(dropped, "node state: stream lists over budget left out");
+        }
         out
     }
 
@@ -745,8 +749,11 @@ impl Backbone {
         // Origins learn our streams; edges just ask.
         let announce = peer.role.is_origin();
         let mut hub_events = self.hub.events();
+        // What this link has been told is published here (to withdraw what a lag hid).
+        let mut announced: HashSet<StreamKey> = HashSet::new();
         if announce {
             for a in self.local_announcements() {
+                announced.insert(a.stream.clone());
                 session.announce(a)?;
             }
         }
@@ -841,14 +848,27 @@ impl Backbone {
                     ev = hub_events.recv(), if announce => match ev {
                         Ok(HubEvent::Published(s)) => {
                             if let Some(a) = self.announcement(s) {
+                                announced.insert(a.stream.clone());
                                 session.announce(a)?;
                             }
                         }
-                        Ok(HubEvent::Unpublished(s)) => session.withdraw(s)?,
+                        Ok(HubEvent::Unpublished(s)) => {
+                            announced.remove(&s);
+                            session.withdraw(s)?;
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            for a in self.local_announcements() {
+                            // Events were missed: announce what is published now and
+                            // withdraw what was announced and has ended since.
+                            let now = self.local_announcements();
+                            let current: HashSet<StreamKey> =
+                                now.iter().map(|a| a.stream.clone()).collect();
+                            for gone in announced.difference(&current) {
+                                session.withdraw(gone.clone())?;
+                            }
+                            for a in now {
                                 session.announce(a)?;
                             }
+                            announced = current;
                         }
                         Err(_) => {}
                     },

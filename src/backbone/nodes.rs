@@ -114,6 +114,33 @@ impl NodeTable {
     }
 }
 
+/// Stream-name bytes one node-state message may carry (its records' `streams` lists).
+pub const STATE_STREAM_BYTES: usize = 256 << 10;
+
+/// Keeps a node-state message small whatever the cluster's size: once the records' stream
+/// lists pass `budget` bytes of names, the remaining records (the sender's own record comes
+/// first and is kept whole if it fits) go without theirs. Those lists only decide "warm"
+/// in [`rank`], the last tie-break before the hash, so a large cluster loses a preference,
+/// never a route. Returns how many records lost their list.
+pub fn fit_streams(records: &mut [NodeRecord], budget: usize) -> usize {
+    let mut used = 0;
+    let mut dropped = 0;
+    for r in records.iter_mut() {
+        let bytes: usize = r
+            .streams
+            .iter()
+            .map(|k| k.namespace().len() + k.name().len() + 4)
+            .sum();
+        if used + bytes <= budget {
+            used += bytes;
+        } else if !r.streams.is_empty() {
+            r.streams = Vec::new();
+            dropped += 1;
+        }
+    }
+    dropped
+}
+
 /// Play (WHEP, FLV, RTMP play) or publish (WHIP, RTMP publish).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -281,6 +308,27 @@ mod tests {
 
     fn names(c: &[Choice]) -> Vec<&str> {
         c.iter().map(|c| c.node.as_str()).collect()
+    }
+
+    #[test]
+    fn node_state_stream_lists_stay_within_their_budget() {
+        let many = |n: usize| -> Vec<StreamKey> {
+            (0..n)
+                .map(|i| StreamKey::new("live", &format!("s{i:04}")).unwrap())
+                .collect()
+        };
+        let mut records: Vec<NodeRecord> = (0..5)
+            .map(|i| {
+                let mut r = rec(&format!("n{i}"), PeerRole::Edge, "us");
+                r.streams = many(100);
+                r
+            })
+            .collect();
+        // Each list is 100 * (4 + 5 + 4) = 1300 bytes: three fit in 4000.
+        assert_eq!(fit_streams(&mut records, 4000), 2);
+        let kept: Vec<usize> = records.iter().map(|r| r.streams.len()).collect();
+        assert_eq!(kept, vec![100, 100, 100, 0, 0]);
+        assert_eq!(fit_streams(&mut records, 4000), 0, "already fits");
     }
 
     #[test]
