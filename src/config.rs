@@ -185,6 +185,8 @@ pub struct Limits {
     /// Kernel send buffer of each viewer socket (SO_SNDBUF). Bounds kernel memory per viewer
     /// and how long a stalled viewer takes to be noticed; 0 keeps the kernel's autotuning.
     pub viewer_send_buffer_bytes: usize,
+    /// How long a viewer of a name nobody publishes yet waits for it before "not found".
+    pub play_wait: Duration,
 }
 
 impl Default for Limits {
@@ -196,6 +198,7 @@ impl Default for Limits {
             gop_cache_max_bytes: 32 << 20,
             max_rtmp_connections: 20_000,
             viewer_send_buffer_bytes: 1 << 20,
+            play_wait: Duration::from_secs(1),
         }
     }
 }
@@ -538,7 +541,17 @@ impl Config {
             viewer_send_buffer_bytes: limits
                 .viewer_send_buffer_bytes
                 .unwrap_or(dl.viewer_send_buffer_bytes),
+            play_wait: limits
+                .play_wait_ms
+                .map(Duration::from_millis)
+                .unwrap_or(dl.play_wait),
         };
+        if limits_out.play_wait > Duration::from_secs(60) {
+            problems.push(Problem::new(
+                "limits.play_wait_ms",
+                "must be at most 60000 (0: answer at once)",
+            ));
+        }
         if !(16..=65536).contains(&limits_out.stream_buffer_frames) {
             problems.push(Problem::new(
                 "limits.stream_buffer_frames",
@@ -811,6 +824,7 @@ struct RawLimits {
     gop_cache_max_bytes: Option<usize>,
     max_rtmp_connections: Option<usize>,
     viewer_send_buffer_bytes: Option<usize>,
+    play_wait_ms: Option<u64>,
 }
 
 /// One problem in a config file.

@@ -31,6 +31,8 @@ use crate::media::{flv, Codec, Frame, SimulcastLayer, StreamConfig, StreamKey, T
 
 /// How long a consumer waits for an upstream pull to deliver the stream's configuration.
 const PULL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a consumer waiting for an unpublished name looks again (`limits.play_wait`).
+const PLAY_WAIT_POLL: Duration = Duration::from_millis(50);
 /// The window in which `max_lag_events` lag events disconnect a consumer.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
 
@@ -413,36 +415,75 @@ impl Hub {
             .await
     }
 
+    /// The stream `key` for a new consumer: the existing one, or one created to be derived
+    /// or pulled from upstream. `None` if there is no such stream and no way to get it.
+    #[allow(clippy::type_complexity)]
+    fn find_or_create(
+        self: &Arc<Self>,
+        key: &StreamKey,
+        scope: Scope,
+        derive: &mut Option<(Source, DeriveStart)>,
+    ) -> Result<
+        Option<(
+            Arc<Stream>,
+            SubscriberGuard,
+            Option<(Producer, Arc<Stream>)>,
+        )>,
+        SubscribeError,
+    > {
+        let mut map = self.streams.lock();
+        match map.get(key) {
+            Some(s) if scope == Scope::LocalOnly && !s.is_local() => {
+                Err(SubscribeError::NotFound(key.clone()))
+            }
+            Some(s) => Ok(Some((s.clone(), SubscriberGuard::new(s.clone()), None))),
+            None => {
+                let (source, producer) = match (derive.take(), scope, self.upstream.get()) {
+                    (Some((source, start)), _, _) => (source, Producer::Derived(start)),
+                    (None, Scope::Any, Some(u)) if u.can_pull(key) => (
+                        Source::Relay {
+                            node: String::new(),
+                        },
+                        Producer::Upstream(u.clone()),
+                    ),
+                    _ => return Ok(None),
+                };
+                let s = self.new_stream(key.clone(), source, Status::Pending);
+                map.insert(key.clone(), s.clone());
+                let guard = SubscriberGuard::new(s.clone());
+                Ok(Some((s.clone(), guard, Some((producer, s)))))
+            }
+        }
+    }
+
     async fn attach(
         self: &Arc<Self>,
         key: &StreamKey,
         scope: Scope,
         derive: Option<(Source, DeriveStart)>,
     ) -> Result<Subscription, SubscribeError> {
-        let mut created = None;
-        let (stream, guard) = {
-            let mut map = self.streams.lock();
-            match map.get(key) {
-                Some(s) if scope == Scope::LocalOnly && !s.is_local() => {
-                    return Err(SubscribeError::NotFound(key.clone()))
-                }
-                Some(s) => (s.clone(), SubscriberGuard::new(s.clone())),
-                None => {
-                    let (source, producer) = match (derive, scope, self.upstream.get()) {
-                        (Some((source, start)), _, _) => (source, Producer::Derived(start)),
-                        (None, Scope::Any, Some(u)) if u.can_pull(key) => (
-                            Source::Relay {
-                                node: String::new(),
-                            },
-                            Producer::Upstream(u.clone()),
-                        ),
-                        _ => return Err(SubscribeError::NotFound(key.clone())),
-                    };
-                    let s = self.new_stream(key.clone(), source, Status::Pending);
-                    map.insert(key.clone(), s.clone());
-                    created = Some((producer, s.clone()));
-                    (s.clone(), SubscriberGuard::new(s))
-                }
+        let mut derive = derive;
+        // A name nobody publishes yet is waited for a little (`limits.play_wait`): a player
+        // started just before its publisher, or a viewer whose node has not yet heard the
+        // origin's announce, then plays instead of getting a 404. Origins asking each other
+        // (`LocalOnly`) are answered at once: they chose from their directory and re-home
+        // on a refusal.
+        let deadline = tokio::time::Instant::now() + self.limits.play_wait;
+        let mut events: Option<broadcast::Receiver<HubEvent>> = None;
+        let (stream, guard, created) = loop {
+            if let Some(found) = self.find_or_create(key, scope, &mut derive)? {
+                break found;
+            }
+            let now = tokio::time::Instant::now();
+            if scope != Scope::Any || now >= deadline {
+                return Err(SubscribeError::NotFound(key.clone()));
+            }
+            let events = events.get_or_insert_with(|| self.events.subscribe());
+            // A local publish wakes it at once; an announce heard from another node is
+            // noticed by the next look.
+            tokio::select! {
+                _ = events.recv() => {}
+                _ = tokio::time::sleep_until(deadline.min(now + PLAY_WAIT_POLL)) => {}
             }
         };
         match created {
@@ -1071,12 +1112,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_stream_without_upstream_is_not_found() {
+    async fn unknown_stream_without_upstream_is_not_found_after_the_play_wait() {
         let hub = hub(16);
+        let asked = Instant::now();
         assert!(matches!(
             hub.subscribe(&key(), Scope::Any).await,
             Err(SubscribeError::NotFound(_))
         ));
+        let waited = asked.elapsed();
+        assert!(waited >= hub.limits().play_wait, "waited {waited:?}");
+        // Origins asking each other get their answer at once.
+        let asked = Instant::now();
+        assert!(matches!(
+            hub.subscribe(&key(), Scope::LocalOnly).await,
+            Err(SubscribeError::NotFound(_))
+        ));
+        assert!(asked.elapsed() < hub.limits().play_wait);
+    }
+
+    #[tokio::test]
+    async fn a_viewer_who_asks_just_before_the_publisher_arrives_plays() {
+        let hub = hub(16);
+        let viewer = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.subscribe(&key(), Scope::Any).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut p = hub.publish(key()).unwrap();
+        p.set_config(config());
+        p.push(video(0, true));
+        let mut sub = viewer.await.unwrap().expect("the parked viewer plays");
+        assert!(matches!(sub.next().await.unwrap(), StreamEvent::Config(_)));
+        assert_eq!(next_frame_dts(&mut sub).await.unwrap(), 0);
     }
 
     struct FakeUpstream(Mutex<Vec<Publisher>>);
