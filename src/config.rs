@@ -187,6 +187,9 @@ pub struct Limits {
     pub viewer_send_buffer_bytes: usize,
     /// How long a viewer of a name nobody publishes yet waits for it before "not found".
     pub play_wait: Duration,
+    /// How long a local stream whose publisher left is kept for it to come back (viewers,
+    /// egress and other nodes' pulls carry on); 0 ends it at once.
+    pub publisher_hold: Duration,
 }
 
 impl Default for Limits {
@@ -199,6 +202,7 @@ impl Default for Limits {
             max_rtmp_connections: 20_000,
             viewer_send_buffer_bytes: 1 << 20,
             play_wait: Duration::from_secs(1),
+            publisher_hold: Duration::from_secs(5),
         }
     }
 }
@@ -545,7 +549,17 @@ impl Config {
                 .play_wait_ms
                 .map(Duration::from_millis)
                 .unwrap_or(dl.play_wait),
+            publisher_hold: limits
+                .publisher_hold_ms
+                .map(Duration::from_millis)
+                .unwrap_or(dl.publisher_hold),
         };
+        if limits_out.publisher_hold > Duration::from_secs(300) {
+            problems.push(Problem::new(
+                "limits.publisher_hold_ms",
+                "must be at most 300000 (0: end a stream when its publisher leaves)",
+            ));
+        }
         if limits_out.play_wait > Duration::from_secs(60) {
             problems.push(Problem::new(
                 "limits.play_wait_ms",
@@ -825,6 +839,7 @@ struct RawLimits {
     max_rtmp_connections: Option<usize>,
     viewer_send_buffer_bytes: Option<usize>,
     play_wait_ms: Option<u64>,
+    publisher_hold_ms: Option<u64>,
 }
 
 /// One problem in a config file.

@@ -23,10 +23,12 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch, Notify};
+use tracing::info;
 
 use crate::api::metrics::Metrics;
 use crate::config::Limits;
 use crate::media::gop::{GopCache, HasFrame};
+use crate::media::splice::Splicer;
 use crate::media::{flv, Codec, Frame, SimulcastLayer, StreamConfig, StreamKey, TrackKind};
 
 /// How long a consumer waits for an upstream pull to deliver the stream's configuration.
@@ -56,6 +58,15 @@ impl Packet {
             rtmp_chunks: OnceLock::new(),
             rtp_payloads: OnceLock::new(),
         })
+    }
+
+    /// This packet's frame with other timestamps (`frame`), keeping a known FLV body (it
+    /// holds no absolute time).
+    fn retimed(&self, frame: Frame) -> Arc<Packet> {
+        match self.flv_body.get() {
+            Some(body) => Packet::with_flv_body(frame, body.clone()),
+            None => Packet::new(frame),
+        }
     }
 
     /// A packet whose FLV body is already known (RTMP ingest receives exactly that).
@@ -198,6 +209,12 @@ struct StreamState {
     config: Arc<StreamConfig>,
     gop: GopCache<Arc<Packet>>,
     tx: Option<broadcast::Sender<StreamEvent>>,
+    /// The newest dts sent per track (ns; video, audio): where a returning publisher's
+    /// timeline is spliced on.
+    last_ns: [Option<i64>; 2],
+    /// While the local publisher is gone and the stream is held for it
+    /// (`limits.publisher_hold`): the publish count when it left.
+    held: Option<u64>,
 }
 
 /// One live stream on this node.
@@ -221,8 +238,12 @@ pub struct Stream {
     /// node: why.
     evicted: watch::Sender<Option<String>>,
     /// Identity of the timeline consumers get: random per local publish; a relay serves its
-    /// upstream's (see `media::splice`).
+    /// upstream's (see `media::splice`). A publisher coming back to its held stream is
+    /// spliced onto it, so the timeline and its session stay.
     session: AtomicU64,
+    /// How many publishers this stream has had (more than one after a publisher came back
+    /// within the hold).
+    publishes: AtomicU64,
 }
 
 impl Stream {
@@ -260,6 +281,16 @@ impl Stream {
     pub fn evicted(&self) -> Option<String> {
         self.evicted.borrow().clone()
     }
+
+    /// How many publishers this stream has had.
+    pub fn publishes(&self) -> u64 {
+        self.publishes.load(Ordering::Acquire)
+    }
+
+    /// Whether its publisher left and it is held for it to come back.
+    pub fn held(&self) -> bool {
+        self.state.lock().held.is_some()
+    }
 }
 
 /// A snapshot of a stream for the API.
@@ -277,6 +308,11 @@ pub struct StreamInfo {
     /// Simulcast layers (each also listed as the stream `name~sim.RID`), smallest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub simulcast: Vec<SimulcastLayer>,
+    /// The publisher left and the stream is held for it (`limits.publisher_hold_ms`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_for_publisher: bool,
+    /// Publishers the stream has had: more than 1 when one came back within the hold.
+    pub publishes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -337,6 +373,8 @@ impl Hub {
                 config: Arc::new(StreamConfig::default()),
                 gop: GopCache::new(self.limits.gop_cache_max_bytes),
                 tx: Some(broadcast::channel(self.limits.stream_buffer_frames).0),
+                last_ns: [None; 2],
+                held: None,
             }),
             status: watch::channel(status).0,
             subscribers: AtomicUsize::new(0),
@@ -351,6 +389,7 @@ impl Hub {
                 .map_or(0, |d| d.as_millis() as u64),
             evicted: watch::channel(None).0,
             session: AtomicU64::new(rand::random()),
+            publishes: AtomicU64::new(1),
         })
     }
 
@@ -369,12 +408,28 @@ impl Hub {
     }
 
     /// Claims `key` for a local publisher. Refused while the name is published on this
-    /// node. A relay of the name (pulled from an origin that is gone, or the caller would
-    /// have been refused by [`Hub::publish_checked`]) gives the name up: its pull feeds its
-    /// viewers from this publish from then on (see `Backbone::run_pull`).
+    /// node. A stream held for its publisher ([`Limits::publisher_hold`]) is taken over:
+    /// its consumers carry on, the new publish spliced onto their timeline at its first
+    /// keyframe. A relay of the name (pulled from an origin that is gone, or the caller
+    /// would have been refused by [`Hub::publish_checked`]) gives the name up: its pull
+    /// feeds its viewers from this publish from then on (see `Backbone::run_pull`).
     pub fn publish(self: &Arc<Self>, key: StreamKey) -> Result<Publisher, PublishError> {
         let stream = {
             let mut map = self.streams.lock();
+            if let Some(held) = map.get(&key).filter(|s| s.is_local()) {
+                let mut st = held.state.lock();
+                if st.held.take().is_none() {
+                    return Err(PublishError::AlreadyLive(key));
+                }
+                // Joiners wait for the new publisher's first keyframe.
+                st.gop.clear();
+                let n = held.publishes.fetch_add(1, Ordering::AcqRel) + 1;
+                info!(stream = %key, publishes = n, "the publisher came back; its viewers carry on");
+                let mut p = Publisher::new(self.clone(), held.clone());
+                p.has_video = st.config.video.is_some();
+                p.splice = Some(Splicer::continuing(held.session(), st.last_ns));
+                return Ok(p);
+            }
             if map
                 .get(&key)
                 .is_some_and(|s| !matches!(*s.source.lock(), Source::Relay { .. }))
@@ -533,13 +588,18 @@ impl Hub {
     }
 
     /// Tells the local publisher of `key` to stop (the name belongs to another node); its
-    /// ingest ends the session with `reason`. `false` if `key` has no local publisher.
+    /// ingest ends the session with `reason`. A stream held for its publisher ends at
+    /// once. `false` if `key` has no local publisher.
     pub fn evict(&self, key: &StreamKey, reason: &str) -> bool {
         let Some(stream) = self.get(key).filter(|s| s.is_local()) else {
             return false;
         };
         stream.evicted.send_replace(Some(reason.to_string()));
         self.metrics.publishers_evicted.inc();
+        let held = stream.state.lock().held;
+        if let Some(generation) = held {
+            self.end(&stream, Some(generation));
+        }
         true
     }
 
@@ -583,6 +643,8 @@ impl Hub {
                     uptime_ms: s.started.elapsed().as_millis() as u64,
                     gop_cache_frames: st.gop.len(),
                     simulcast: st.config.simulcast.clone(),
+                    waiting_for_publisher: st.held.is_some(),
+                    publishes: s.publishes(),
                 }
             })
             .collect();
@@ -590,16 +652,76 @@ impl Hub {
         out
     }
 
-    /// Removes `stream` if it is still the one registered under its key.
-    /// Removes `stream` if it still holds its name, then sends `event` (under the map lock,
-    /// so a publish of the same name that follows is reported after it).
-    fn remove(&self, stream: &Arc<Stream>, event: Option<HubEvent>) {
-        let mut map = self.streams.lock();
-        if map.get(&stream.key).is_some_and(|s| Arc::ptr_eq(s, stream)) {
-            map.remove(&stream.key);
+    /// A local publisher left: keeps its stream (viewers, egress, other nodes' pulls) for
+    /// `limits.publisher_hold`, for it to come back ([`Hub::publish`]). `false` when it is
+    /// not held: no hold configured, nobody consuming, or the publisher was evicted.
+    fn hold(self: &Arc<Self>, stream: &Arc<Stream>) -> bool {
+        let hold = self.limits.publisher_hold;
+        if hold.is_zero()
+            || !stream.is_local()
+            || stream.subscribers() == 0
+            || stream.evicted().is_some()
+        {
+            return false;
         }
-        if let Some(event) = event {
-            let _ = self.events.send(event);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let generation = stream.publishes();
+        {
+            let map = self.streams.lock();
+            if !map.get(&stream.key).is_some_and(|s| Arc::ptr_eq(s, stream)) {
+                return false;
+            }
+            stream.state.lock().held = Some(generation);
+        }
+        info!(
+            stream = %stream.key,
+            "the publisher left; the stream is held {} ms for it to come back",
+            hold.as_millis()
+        );
+        let hub = self.clone();
+        let stream = stream.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(hold).await;
+            hub.end(&stream, Some(generation));
+        });
+        true
+    }
+
+    /// Ends `stream`: unregisters it (if it still holds its name; a local stream's end is
+    /// announced under the map lock, so a publish of the same name that follows is
+    /// reported after it) and tells its consumers. With `held`, only if the stream is still
+    /// held since that publish count (its publisher did not come back).
+    fn end(&self, stream: &Arc<Stream>, held: Option<u64>) {
+        let source = stream.source();
+        {
+            let mut map = self.streams.lock();
+            if let Some(generation) = held {
+                let mut st = stream.state.lock();
+                if st.held != Some(generation) {
+                    return;
+                }
+                st.held = None;
+                info!(stream = %stream.key, "the publisher did not come back; the stream ends");
+            }
+            if map.get(&stream.key).is_some_and(|s| Arc::ptr_eq(s, stream)) {
+                map.remove(&stream.key);
+            }
+            if source == Source::Local {
+                let _ = self.events.send(HubEvent::Unpublished(stream.key.clone()));
+            }
+        }
+        stream.state.lock().tx = None;
+        stream.status.send_replace(Status::Ended);
+        match source {
+            Source::Local => {
+                self.metrics.local_streams.dec();
+            }
+            Source::Relay { .. } => {
+                self.metrics.relayed_streams.dec();
+            }
+            Source::Bridge { .. } => {}
         }
     }
 
@@ -670,6 +792,10 @@ pub struct Publisher {
     hub: Arc<Hub>,
     stream: Arc<Stream>,
     has_video: bool,
+    /// A publisher that came back to its held stream: its frames are retimed onto the
+    /// stream's timeline (`bool`: whether the splice has begun).
+    splice: Option<Splicer>,
+    splice_begun: bool,
 }
 
 impl Publisher {
@@ -678,6 +804,8 @@ impl Publisher {
             hub,
             stream,
             has_video: false,
+            splice: None,
+            splice_begun: false,
         }
     }
 
@@ -702,10 +830,10 @@ impl Publisher {
     /// Replaces the stream configuration; consumers see it before any later frame.
     pub fn set_config(&mut self, config: StreamConfig) {
         let mut st = self.stream.state.lock();
+        self.has_video = config.video.is_some();
         if *st.config == config {
             return;
         }
-        self.has_video = config.video.is_some();
         let config = Arc::new(config);
         st.config = config.clone();
         if let Some(tx) = &st.tx {
@@ -714,12 +842,27 @@ impl Publisher {
     }
 
     /// Fans one frame out to every consumer and the GOP cache.
-    pub fn push(&mut self, packet: Arc<Packet>) {
+    pub fn push(&mut self, mut packet: Arc<Packet>) {
         self.stream.frames_in.fetch_add(1, Ordering::Relaxed);
         self.stream
             .bytes_in
             .fetch_add(packet.frame.payload.len() as u64, Ordering::Relaxed);
+        if let Some(splice) = &mut self.splice {
+            if !self.splice_begun {
+                // Any session other than the one `continuing` was given: a new timeline.
+                splice.begin(self.stream.session().wrapping_add(1), self.has_video);
+                self.splice_begun = true;
+            }
+            let Some(frame) = splice.frame(packet.frame.clone()) else {
+                return;
+            };
+            if frame.dts != packet.frame.dts {
+                packet = packet.retimed(frame);
+            }
+        }
+        let (track, dts_ns) = Splicer::position(&packet.frame);
         let mut st = self.stream.state.lock();
+        st.last_ns[track] = Some(st.last_ns[track].map_or(dts_ns, |l| l.max(dts_ns)));
         st.gop.push(packet.clone(), self.has_video);
         if let Some(tx) = &st.tx {
             // No receivers is fine: the GOP cache still serves the next joiner.
@@ -754,6 +897,12 @@ impl Publisher {
             node: upstream_node.to_string(),
         };
         self.stream.status.send_replace(Status::Live);
+    }
+
+    /// A relay: the number of publishers its upstream's stream has had (see
+    /// [`Subscription::publishes`]).
+    pub fn set_publishes(&self, n: u64) {
+        self.stream.publishes.store(n, Ordering::Release);
     }
 
     /// Names the timeline consumers get from now on (a relay: its upstream's session).
@@ -802,20 +951,8 @@ impl Publisher {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        let source = self.stream.source();
-        let event =
-            matches!(source, Source::Local).then(|| HubEvent::Unpublished(self.stream.key.clone()));
-        self.hub.remove(&self.stream, event);
-        self.stream.state.lock().tx = None;
-        self.stream.status.send_replace(Status::Ended);
-        match source {
-            Source::Local => {
-                self.hub.metrics.local_streams.dec();
-            }
-            Source::Relay { .. } => {
-                self.hub.metrics.relayed_streams.dec();
-            }
-            Source::Bridge { .. } => {}
+        if !self.hub.hold(&self.stream) {
+            self.hub.end(&self.stream, None);
         }
     }
 }
@@ -840,6 +977,12 @@ impl Subscription {
     /// The timeline this subscription's frames are on (see [`Stream::session`]).
     pub fn session(&self) -> u64 {
         self._guard.0.session()
+    }
+
+    /// How many publishers the stream has had: it grows when one comes back to the
+    /// stream held for it (the timeline goes on; an egress may start a new segment).
+    pub fn publishes(&self) -> u64 {
+        self._guard.0.publishes()
     }
 
     /// The stream's configuration as of subscribing (before any event is taken).
@@ -978,6 +1121,14 @@ mod tests {
         Hub::new(limits, Arc::new(Metrics::new()))
     }
 
+    fn hub_holding(publisher_hold: Duration) -> Arc<Hub> {
+        let limits = Limits {
+            publisher_hold,
+            ..Limits::default()
+        };
+        Hub::new(limits, Arc::new(Metrics::new()))
+    }
+
     fn key() -> StreamKey {
         StreamKey::new("live", "s").unwrap()
     }
@@ -1040,14 +1191,97 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publisher_drop_ends_subscribers_and_frees_the_name() {
-        let hub = hub(64);
+    async fn publisher_drop_ends_subscribers_and_frees_the_name_without_a_hold() {
+        let hub = hub_holding(Duration::ZERO);
         let p = hub.publish(key()).unwrap();
         let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
         drop(p);
         assert!(matches!(sub.next().await, Ok(StreamEvent::Config(_))));
         assert_eq!(sub.next().await.err(), Some(SubscriptionEnd::Ended));
         assert!(hub.publish(key()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_stream_nobody_consumes_or_whose_publisher_was_evicted_is_not_held() {
+        let hub = hub(64);
+        drop(hub.publish(key()).unwrap());
+        assert!(hub.get(&key()).is_none(), "no consumer: ended at once");
+        let p = hub.publish(key()).unwrap();
+        let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        assert!(hub.evict(&key(), "published elsewhere"));
+        drop(p);
+        assert!(matches!(sub.next().await, Ok(StreamEvent::Config(_))));
+        assert_eq!(sub.next().await.err(), Some(SubscriptionEnd::Ended));
+        // Evicting a stream already held ends it at once too.
+        let p = hub.publish(key()).unwrap();
+        let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        drop(p);
+        assert!(hub.get(&key()).unwrap().held());
+        assert!(hub.evict(&key(), "published elsewhere"));
+        assert!(matches!(sub.next().await, Ok(StreamEvent::Config(_))));
+        assert_eq!(sub.next().await.err(), Some(SubscriptionEnd::Ended));
+        assert!(hub.get(&key()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_publisher_that_comes_back_within_the_hold_keeps_its_viewers_on_one_timeline() {
+        let hub = hub(64);
+        let mut p = hub.publish(key()).unwrap();
+        p.set_config(config());
+        let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        for i in 0..10 {
+            p.push(video(i * 33, i == 0));
+        }
+        for i in 0..10 {
+            assert_eq!(next_frame_dts(&mut sub).await.unwrap(), i * 33);
+        }
+        drop(p);
+        let held = hub.get(&key()).unwrap();
+        assert!(held.held());
+        assert!(hub.list()[0].waiting_for_publisher);
+        // The publisher reconnects: its timestamps start again from its own zero.
+        let mut p = hub
+            .publish(key())
+            .expect("the publisher takes its held stream back");
+        assert!(!held.held());
+        p.set_config(config());
+        p.push(video(0, false)); // not decodable on its own: dropped
+        p.push(video(33, true));
+        p.push(video(66, false));
+        let first = next_frame_dts(&mut sub).await.unwrap();
+        assert!(
+            (297 + 30..=297 + 40).contains(&first),
+            "one frame interval after the last frame sent: {first}"
+        );
+        assert_eq!(next_frame_dts(&mut sub).await.unwrap(), first + 33);
+        assert_eq!(sub.publishes(), 2);
+        assert_eq!(hub.list()[0].publishes, 2);
+        // A viewer joining now starts at the new publisher's keyframe, on the same timeline.
+        let mut late = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        assert_eq!(next_frame_dts(&mut late).await.unwrap(), first);
+        // Another publisher is still refused while this one is live.
+        assert!(matches!(
+            hub.publish(key()),
+            Err(PublishError::AlreadyLive(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_ends_when_its_publisher_does_not_come_back() {
+        let hold = Duration::from_millis(300);
+        let hub = hub_holding(hold);
+        let mut events = hub.events();
+        let p = hub.publish(key()).unwrap();
+        let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
+        let left = Instant::now();
+        drop(p);
+        assert!(matches!(sub.next().await, Ok(StreamEvent::Config(_))));
+        assert_eq!(sub.next().await.err(), Some(SubscriptionEnd::Ended));
+        assert!(left.elapsed() >= hold, "ended after {:?}", left.elapsed());
+        assert!(hub.get(&key()).is_none());
+        assert_eq!(events.recv().await.unwrap(), HubEvent::Published(key()));
+        assert_eq!(events.recv().await.unwrap(), HubEvent::Unpublished(key()));
+        assert_eq!(hub.publish(key()).unwrap().stream().publishes(), 1);
     }
 
     #[tokio::test]

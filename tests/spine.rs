@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::flv_watch::{longest_gap, timestamp_faults, FlvWatcher};
 use common::*;
 
 #[test]
@@ -186,6 +187,86 @@ fn publisher_disconnect_ends_the_stream_everywhere() {
     });
     wait_until(Duration::from_secs(10), "stream gone everywhere", || {
         origin.stream("end").is_none() && edge.stream("end").is_none()
+    });
+}
+
+/// OBS or ffmpeg losing its connection and publishing again (`limits.publisher_hold_ms`,
+/// 5 s by default): viewers on the origin and on an edge keep their connections, and what
+/// they get goes on as one timeline.
+#[test]
+fn a_publisher_that_comes_back_within_the_hold_keeps_its_viewers() {
+    let origin = NodeProc::start(NodeSpec::origin("origin-a"));
+    let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![origin.quic]));
+    edge.wait_for_link_count(1);
+    let first = publish_and_wait(
+        &origin.rtmp_url("back"),
+        &origin,
+        "back",
+        PublishOpts::default(),
+    );
+    let watchers = [
+        FlvWatcher::start(origin.http, "/live/back.flv"),
+        FlvWatcher::start(edge.http, "/live/back.flv"),
+    ];
+    wait_until(Duration::from_secs(15), "both viewers play", || {
+        watchers.iter().all(|w| w.media(9).len() >= 60)
+    });
+    // The publisher's connection drops (SIGKILL: no unpublish), and it comes back a
+    // second later, its timestamps starting from zero again.
+    drop(first);
+    let left = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(3),
+        "the origin holds the stream",
+        || {
+            origin
+                .stream("back")
+                .is_some_and(|s| s["waiting_for_publisher"] == true)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let second = Publisher::start(&origin.rtmp_url("back"), PublishOpts::default());
+    wait_until(
+        Duration::from_secs(10),
+        "the publisher takes it back",
+        || origin.stream("back").is_some_and(|s| s["publishes"] == 2),
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "both viewers play the new publish",
+        || watchers.iter().all(|w| w.video_after(left) >= 90),
+    );
+    for (w, at) in watchers.iter().zip(["origin", "edge"]) {
+        assert_eq!(
+            w.ended(),
+            None,
+            "the viewer on the {at} kept its connection"
+        );
+        let video = w.media(9);
+        let audio = w.media(8);
+        // One timeline: never back, no jump larger than a frame interval or two.
+        assert_eq!(timestamp_faults(&video, 0, 100), vec![], "{at}: video");
+        assert_eq!(timestamp_faults(&audio, 0, 100), vec![], "{at}: audio");
+        let (gap, _) = longest_gap(&video, left - Duration::from_millis(500));
+        assert!(
+            gap < Duration::from_secs(4),
+            "{at}: longest video gap {gap:?}"
+        );
+        eprintln!(
+            "{at}: longest video gap {gap:?} across the reconnect, {} video frames",
+            video.len()
+        );
+    }
+    assert!(edge
+        .stream("back")
+        .is_some_and(|s| s["source"]["kind"] == "relay"));
+    // When the publisher leaves for good, the stream ends everywhere after the hold.
+    drop(second);
+    wait_until(Duration::from_secs(15), "the viewers saw the end", || {
+        watchers.iter().all(|w| w.ended().is_some())
+    });
+    wait_until(Duration::from_secs(10), "stream gone everywhere", || {
+        origin.stream("back").is_none() && edge.stream("back").is_none()
     });
 }
 

@@ -171,7 +171,7 @@ mod tests {
             .iter()
             .map(|i| match i {
                 MediaItem::Frame(f) => f.dts,
-                MediaItem::Config(_) => -1,
+                MediaItem::Config(_) | MediaItem::Publishes(_) => -1,
             })
             .collect()
     }

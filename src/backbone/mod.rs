@@ -1255,6 +1255,7 @@ impl Backbone {
                         relay.push(Packet::new(f));
                     }
                     MediaItem::Frame(_) => {}
+                    MediaItem::Publishes(n) => relay.set_publishes(n),
                 }
             }
         }
@@ -1365,7 +1366,7 @@ impl Candidate {
                     }
                     self.held.push_back(item);
                 }
-                MediaItem::Config(_) => self.held.push_back(item),
+                MediaItem::Config(_) | MediaItem::Publishes(_) => self.held.push_back(item),
                 MediaItem::Frame(_) => {}
             }
         }
@@ -1733,6 +1734,10 @@ async fn send_media(
                     next_sequence += 1;
                     audio_frames = 0;
                     metrics.backbone_groups_sent.inc();
+                    // In band, so a downstream egress sees a returning publisher where
+                    // its frames start (`egress` `on_reconnect`); first, so a relay knows
+                    // it before it goes live.
+                    MediaItem::Publishes(sub.publishes()).encode(&mut buf);
                     MediaItem::Config((*config).clone()).encode(&mut buf);
                     group = Some(s);
                 }

@@ -494,7 +494,7 @@ mod tests {
         let bytes = d.poll_transmit().unwrap();
         assert_eq!(
             &bytes[..],
-            &[0, 0, 0, 14, 1, 0, 3, 0, 1, b'a', 1, 0, 2, b'e', b'u', 0, 1, b'k']
+            &[0, 0, 0, 14, 1, 0, 4, 0, 1, b'a', 1, 0, 2, b'e', b'u', 0, 1, b'k']
         );
     }
 

@@ -18,7 +18,7 @@ use crate::media::{
 };
 
 /// Protocol version carried in the hello; peers with another major version are refused.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The TLS ALPN token of the backbone.
 pub const ALPN: &[u8] = b"meshcast/3";
 /// Largest control message or media item accepted (a 4K keyframe fits comfortably).
@@ -404,13 +404,17 @@ impl GroupHeader {
 /// Items on a media (group) stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MediaItem {
-    /// The stream's configuration; first item of every group, and again on change.
+    /// The stream's configuration; at the start of every group, and again on change.
     Config(StreamConfig),
     Frame(Frame),
+    /// How many publishers the stream has had (it grows when a publisher comes back to the
+    /// stream held for it); first item of every group.
+    Publishes(u64),
 }
 
 const K_CONFIG: u8 = 0x01;
 const K_FRAME: u8 = 0x02;
+const K_PUBLISHES: u8 = 0x03;
 
 const CF_VIDEO: u8 = 1;
 const CF_AUDIO: u8 = 2;
@@ -476,6 +480,11 @@ impl MediaItem {
                 out.put_i64(f.dts);
                 out.put_i32((f.pts - f.dts).clamp(0, i32::MAX as i64) as i32);
                 out.put_slice(&f.payload);
+            }
+            MediaItem::Publishes(n) => {
+                out.put_u32(1 + 8);
+                out.put_u8(K_PUBLISHES);
+                out.put_u64(*n);
             }
         }
     }
@@ -564,6 +573,11 @@ impl MediaItem {
                     keyframe: flags & 1 != 0,
                     payload: r.rest(),
                 }))
+            }
+            K_PUBLISHES => {
+                let n = r.u64()?;
+                r.finish()?;
+                Ok(MediaItem::Publishes(n))
             }
             other => Err(WireError::UnknownKind(other)),
         }
@@ -1055,7 +1069,11 @@ mod tests {
             keyframe: true,
             payload: Bytes::from_static(&[0, 0, 0, 1, 0x65]),
         };
-        let items = vec![MediaItem::Config(config), MediaItem::Frame(frame)];
+        let items = vec![
+            MediaItem::Config(config),
+            MediaItem::Publishes(2),
+            MediaItem::Frame(frame),
+        ];
         let mut buf = BytesMut::new();
         for i in &items {
             i.encode(&mut buf);

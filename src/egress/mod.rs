@@ -708,6 +708,7 @@ impl Task {
     ) -> Why {
         let mut skipping = false;
         let mut has_video = false;
+        let mut publishes = sub.publishes();
         loop {
             let ev = tokio::select! {
                 ev = sub.next() => ev,
@@ -728,6 +729,16 @@ impl Task {
                     Item::Config(c)
                 }
                 Ok(StreamEvent::Frame(p)) => {
+                    if sub.publishes() != publishes {
+                        // The publisher came back to the stream held for it: the timeline
+                        // goes on, so the subscription does too.
+                        publishes = sub.publishes();
+                        info!("the publisher came back");
+                        self.shared.status.lock().publisher_reconnects += 1;
+                        if self.spec.on_reconnect == spec::ReconnectPolicy::NewSegment {
+                            let _ = sink.tx.send(Item::NewSegment).await;
+                        }
+                    }
                     if skipping {
                         if !p.frame.resumes_at(has_video) {
                             self.dropped(1);

@@ -62,6 +62,26 @@ impl Splicer {
         Splicer::default()
     }
 
+    /// A splicer whose output continues a timeline that last output `last` (ns; video,
+    /// audio) from session `session`: the next [`Self::begin`] of another session is a new
+    /// session (a publisher coming back to a stream held for it).
+    pub fn continuing(session: u64, last: [Option<i64>; 2]) -> Splicer {
+        Splicer {
+            session: Some(session),
+            last,
+            ..Splicer::default()
+        }
+    }
+
+    /// A frame's dts in the unit [`Self::continuing`] takes (ns), and its track's index.
+    pub fn position(f: &Frame) -> (usize, i64) {
+        let t = match f.track() {
+            TrackKind::Video => 0,
+            TrackKind::Audio => 1,
+        };
+        (t, f.timebase.rescale(f.dts, NANOS))
+    }
+
     /// A new upstream starts serving timeline `session`.
     pub fn begin(&mut self, session: u64, has_video: bool) -> Join {
         self.has_video = has_video;
