@@ -59,10 +59,20 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
     wait_until_async(|| edge.links().len() == 1).await;
     let http = edge.http;
     let viewer = tokio::task::spawn_blocking(move || http_get(http, "/live/x.flv"));
+    // The subscribe may come in one read with other control messages (node state), and
+    // those keep coming: look through every event, for a bounded time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let id = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge subscribes upstream"
+        );
         let evs = read_events(&mut session, &mut recv, &mut send).await;
-        if let Some(SessionEvent::SubscribeRequested { id, .. }) = evs.first() {
-            break *id;
+        if let Some(id) = evs.iter().find_map(|e| match e {
+            SessionEvent::SubscribeRequested { id, .. } => Some(*id),
+            _ => None,
+        }) {
+            break id;
         }
     };
     session.accept(id, 1).unwrap();
