@@ -41,8 +41,16 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
     .await
     .unwrap();
 
-    let conn = endpoint.accept().await.unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let within = Duration::from_secs(15);
+    let conn = tokio::time::timeout(within, async {
+        endpoint.accept().await.unwrap().await.unwrap()
+    })
+    .await
+    .expect("the edge connects");
+    let (mut send, mut recv) = tokio::time::timeout(within, conn.accept_bi())
+        .await
+        .expect("the edge opens its control stream")
+        .unwrap();
     let mut session = ControlSession::acceptor(
         PeerInfo {
             node_id: "fake-origin".into(),
@@ -51,8 +59,17 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
         },
         "test-token",
     );
-    let events = read_events(&mut session, &mut recv, &mut send).await;
-    assert!(matches!(events[0], SessionEvent::Ready(_)));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session is ready"
+        );
+        let events = read_events(&mut session, &mut recv, &mut send).await;
+        if events.iter().any(|e| matches!(e, SessionEvent::Ready(_))) {
+            break;
+        }
+    }
 
     // Once the edge has taken the welcome, a viewer asks it for a stream: the edge
     // subscribes upstream.

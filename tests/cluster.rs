@@ -460,12 +460,26 @@ impl Drop for ThreeRegions {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
-        let _ = self.0.wait();
+        // The script's trap stops its nodes; if that does not end within 20 s, the script
+        // is killed (its nodes are its children, killed by its process group).
+        let start = std::time::Instant::now();
+        while self.0.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", self.0.id())])
+                    .status();
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
 #[test]
 fn the_three_region_example_cluster_runs_from_its_script() {
+    use std::os::unix::process::CommandExt;
     let _serial = one_at_a_time();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -476,6 +490,8 @@ fn the_three_region_example_cluster_runs_from_its_script() {
             .args([script, BIN])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            // Its own group, so a script that will not stop can be killed with its nodes.
+            .process_group(0)
             .spawn()
             .expect("run.sh"),
     );

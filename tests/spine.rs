@@ -339,19 +339,26 @@ async fn garbage_input_closes_only_that_session() {
     s.write_all(&hs.generate_outbound_p0_and_p1().unwrap())
         .await
         .unwrap();
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        match hs.process_bytes(&buf[..n]).unwrap() {
-            rml_rtmp::handshake::HandshakeProcessResult::InProgress { response_bytes } => {
-                s.write_all(&response_bytes).await.unwrap()
-            }
-            rml_rtmp::handshake::HandshakeProcessResult::Completed { response_bytes, .. } => {
-                s.write_all(&response_bytes).await.unwrap();
-                break;
+    let handshake = async {
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            match hs.process_bytes(&buf[..n]).unwrap() {
+                rml_rtmp::handshake::HandshakeProcessResult::InProgress { response_bytes } => {
+                    s.write_all(&response_bytes).await.unwrap()
+                }
+                rml_rtmp::handshake::HandshakeProcessResult::Completed {
+                    response_bytes, ..
+                } => {
+                    s.write_all(&response_bytes).await.unwrap();
+                    break;
+                }
             }
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(15), handshake)
+        .await
+        .expect("the RTMP handshake completes");
     // A type-0 header announcing a 16 MB command message, then a type-3 chunk on an
     // unknown chunk stream, then an AMF command that is not AMF.
     let mut bad = vec![3, 0, 0, 0, 0xff, 0xff, 0xff, 20, 0, 0, 0, 0, 1, 2, 3];
@@ -463,11 +470,12 @@ fn sample_configs_are_valid_and_bad_ones_report_every_problem() {
         );
     }
     // `run` refuses the same file with the same report.
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = common::bounded::output_within(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&bad),
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node.id"));
 }

@@ -35,13 +35,15 @@ fn in_private_network(test: &str) -> bool {
     }
     let _alone = one_at_a_time();
     let exe = std::env::current_exe().unwrap();
-    let status = Command::new("unshare")
-        .args(["-n", "--"])
-        .arg(exe)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env("MESHCAST_TEST_NETNS", "1")
-        .status()
-        .expect("unshare (util-linux) runs the test in a network namespace");
+    // Bounded: a hang inside must fail this test, not hold the lock the others queue on.
+    let status = common::bounded::status_within(
+        Command::new("unshare")
+            .args(["-n", "--"])
+            .arg(exe)
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env("MESHCAST_TEST_NETNS", "1"),
+        Duration::from_secs(600),
+    );
     assert!(
         status.success(),
         "{test} failed inside its network namespace"
@@ -57,6 +59,8 @@ fn serve_page(page: String) -> (u16, mpsc::Receiver<String>) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
+            // A connection that never sends its request must not block the next one.
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
             let mut reader = BufReader::new(conn.try_clone().unwrap());
             let mut request_line = String::new();
             if reader.read_line(&mut request_line).is_err() {
@@ -351,6 +355,7 @@ fn whep_rejects_bad_requests_clearly() {
     let _p = publish_and_wait(&node.rtmp_url("bad"), &node, "bad", PublishOpts::default());
     let post = |path: &str, ctype: &str, body: &str| -> (u16, String) {
         let mut s = std::net::TcpStream::connect(node.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         write!(
             s,
             "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -376,6 +381,7 @@ fn whep_rejects_bad_requests_clearly() {
     assert_eq!(status, 404, "unknown stream");
     // CORS preflight.
     let mut s = std::net::TcpStream::connect(node.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     write!(
         s,
         "OPTIONS /whep/live/bad HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -549,16 +555,16 @@ fn vp8_from_chromium_plays_over_whep_and_is_refused_over_rtmp_and_flv() {
     let (status, body) = http_get(node.http, "/live/vp8.flv").unwrap();
     assert_eq!(status, 406, "{body}");
     assert!(body.contains("H.264 only"), "{body}");
-    let out = Command::new("ffprobe")
-        .args([
+    let out = common::bounded::output_within(
+        Command::new("ffprobe").args([
             "-v",
             "error",
             "-rw_timeout",
             "10000000",
             &node.rtmp_url("vp8"),
-        ])
-        .output()
-        .unwrap();
+        ]),
+        Duration::from_secs(60),
+    );
     assert!(!out.status.success(), "RTMP play of VP8 must fail");
     assert!(node.log().contains("RTMP and HTTP-FLV carry H.264 only"));
 }
@@ -580,6 +586,7 @@ async fn announced_addresses_and_ice_servers_reach_the_client() {
     let _p = tokio::task::block_in_place(|| publish_for_webrtc(&node, "ann"));
     // The preflight lists the ICE servers as Link headers (RFC 9725 §4.6).
     let mut s = std::net::TcpStream::connect(node.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     write!(
         s,
         "OPTIONS /whep/live/ann HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -617,12 +624,13 @@ fn egress_status(node: &NodeProc, id: &str) -> serde_json::Value {
 
 /// Decodes `seconds` of `url`'s audio to PCM; returns the number of samples per channel.
 fn decoded_audio_samples(url: &str, seconds: u32) -> usize {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-rw_timeout", "15000000", "-i", url])
-        .args(["-t", &seconds.to_string(), "-map", "0:a"])
-        .args(["-ac", "1", "-ar", "48000", "-f", "s16le", "-"])
-        .output()
-        .unwrap();
+    let out = common::bounded::output_within(
+        Command::new("ffmpeg")
+            .args(["-v", "error", "-rw_timeout", "15000000", "-i", url])
+            .args(["-t", &seconds.to_string(), "-map", "0:a"])
+            .args(["-ac", "1", "-ar", "48000", "-f", "s16le", "-"]),
+        Duration::from_secs(seconds as u64 + 60),
+    );
     assert!(
         out.status.success(),
         "{}",

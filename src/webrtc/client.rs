@@ -418,16 +418,31 @@ fn sps_size(payload: &[u8]) -> Option<(u32, u32)> {
     crate::media::avc::sps_picture_size(sps).ok()
 }
 
+/// How long a WHEP/WHIP server may take to answer an offer.
+const SDP_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// POSTs an SDP offer over HTTP/1.1; returns the answer.
 async fn post_sdp(http: SocketAddr, path: &str, sdp: &str) -> Result<String, WhepClientError> {
-    let mut s = TcpStream::connect(http).await?;
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{sdp}",
         sdp.len()
     );
-    s.write_all(req.as_bytes()).await?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).await?;
+    // A server that never answers is an error, not a client waiting forever.
+    let exchange = async {
+        let mut s = TcpStream::connect(http).await?;
+        s.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        Ok::<_, std::io::Error>(resp)
+    };
+    let resp = tokio::time::timeout(SDP_EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer to the offer within {SDP_EXCHANGE_TIMEOUT:?}"),
+            )
+        })??;
     let text = String::from_utf8_lossy(&resp);
     let status: u16 = text
         .split_whitespace()

@@ -49,8 +49,20 @@ impl FlvWatcher {
         let thread = {
             let (tags, ended, stop) = (tags.clone(), ended.clone(), stop.clone());
             std::thread::spawn(move || {
-                let reason = read_loop(conn, &tags, &stop);
-                *ended.lock().unwrap() = Some(reason);
+                // A panic in the reader ends the watch too (with its message), so a test
+                // waiting for the end or asserting there was none is not misled.
+                let reason = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    read_loop(conn, &tags, &stop)
+                }))
+                .unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    format!("the watcher panicked: {msg}")
+                });
+                *ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
             })
         };
         FlvWatcher {
@@ -148,7 +160,9 @@ fn read_loop(mut conn: TcpStream, tags: &Mutex<Vec<Tag>>, stop: &AtomicBool) -> 
                 continue;
             };
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            if !(head.starts_with("HTTP/1.") && head[8..].starts_with(" 200")) {
+            if !(head.starts_with("HTTP/1.")
+                && head.get(8..).is_some_and(|h| h.starts_with(" 200")))
+            {
                 return format!("bad response: {head}");
             }
             assert!(

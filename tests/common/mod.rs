@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod bounded;
 pub mod flv_watch;
 pub mod http;
 pub mod impair;
@@ -443,18 +444,19 @@ impl Probe {
 
 /// Reads `seconds` of stream time from `url` with ffprobe.
 pub fn ffprobe(url: &str, seconds: u32) -> Probe {
-    let out = Command::new("ffprobe")
-        .args(["-v", "error", "-rw_timeout", "15000000"])
-        .args([
-            "-show_entries",
-            "stream=index,codec_name,codec_type,width,height,sample_rate,channels",
-        ])
-        .args(["-show_entries", "packet=stream_index,pts,dts,flags"])
-        .args(["-read_intervals", &format!("%+{seconds}")])
-        .args(["-of", "json", url])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ffprobe is installed");
+    let out = bounded::output_within(
+        Command::new("ffprobe")
+            .args(["-v", "error", "-rw_timeout", "15000000"])
+            .args([
+                "-show_entries",
+                "stream=index,codec_name,codec_type,width,height,sample_rate,channels",
+            ])
+            .args(["-show_entries", "packet=stream_index,pts,dts,flags"])
+            .args(["-read_intervals", &format!("%+{seconds}")])
+            .args(["-of", "json", url])
+            .stdin(Stdio::null()),
+        Duration::from_secs(seconds as u64 + 60),
+    );
     assert!(
         out.status.success(),
         "ffprobe {url} failed: {}",
@@ -507,22 +509,23 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 /// decoded pictures and samples (FFmpeg's `blackframe` on the negated video and
 /// `silencedetect`). Equal offsets in input and output mean A/V sync was kept.
 pub fn av_offsets(input: &str, seconds: u32) -> Vec<f64> {
-    let out = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-nostats",
-            "-rw_timeout",
-            "15000000",
-            "-i",
-            input,
-        ])
-        .args(["-t", &seconds.to_string()])
-        .args(["-vf", "negate,blackframe=amount=90:threshold=64"])
-        .args(["-af", "silencedetect=noise=-30dB:duration=0.3"])
-        .args(["-f", "null", "-"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ffmpeg is installed");
+    let out = bounded::output_within(
+        Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-nostats",
+                "-rw_timeout",
+                "15000000",
+                "-i",
+                input,
+            ])
+            .args(["-t", &seconds.to_string()])
+            .args(["-vf", "negate,blackframe=amount=90:threshold=64"])
+            .args(["-af", "silencedetect=noise=-30dB:duration=0.3"])
+            .args(["-f", "null", "-"])
+            .stdin(Stdio::null()),
+        Duration::from_secs(seconds as u64 + 60),
+    );
     let log = String::from_utf8_lossy(&out.stderr);
     let field = |line: &str, key: &str| -> Option<f64> {
         let rest = &line[line.find(key)? + key.len()..];
