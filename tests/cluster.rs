@@ -19,10 +19,7 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// Origins meshed with each other (every origin lists all the others), links up.
 fn mesh(ids: &[&str]) -> Vec<NodeProc> {
-    let addrs: Vec<SocketAddr> = ids
-        .iter()
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
-        .collect();
+    let addrs: Vec<SocketAddr> = ids.iter().map(|_| node_addr()).collect();
     let nodes: Vec<NodeProc> = ids
         .iter()
         .enumerate()
@@ -388,7 +385,7 @@ fn a_stream_crosses_a_long_link_losing_five_percent_each_way_without_a_gap_longe
 /// way, `jitter_ms`, `loss` each way); an edge on C plays A's stream for 12 s.
 fn crosses_an_impaired_link(delay_ms: u64, jitter_ms: u64, loss: f64, rtt_ms: (f64, f64)) {
     let _serial = one_at_a_time();
-    let a_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let a_quic = node_addr();
     let a = NodeProc::start_at(NodeSpec::origin("origin-a"), a_quic);
     let lossy = common::impair::Impairment {
         delay: Duration::from_millis(delay_ms),
@@ -399,7 +396,7 @@ fn crosses_an_impaired_link(delay_ms: u64, jitter_ms: u64, loss: f64, rtt_ms: (f
     let link = common::impair::Relay::start(a_quic, lossy, lossy);
     let mut spec_c = NodeSpec::origin("origin-c");
     spec_c.upstreams = vec![link.addr];
-    let c = NodeProc::start_at(spec_c, SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let c = NodeProc::start_at(spec_c, node_addr());
     let edge = NodeProc::start(NodeSpec::edge("edge-c1", vec![c.quic]));
     a.wait_for_link_count(1);
     c.wait_for_link_count(2);
@@ -546,8 +543,8 @@ fn two_publishers_racing_for_one_name_on_two_origins_leave_exactly_one_winner() 
     let _serial = one_at_a_time();
     // Origins A and B reach each other only through 150 ms (one way) links, so two
     // publishers that start together both get in before either origin hears of the other.
-    let a_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let b_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let a_quic = node_addr();
+    let b_quic = node_addr();
     let far = common::impair::Impairment {
         delay: Duration::from_millis(150),
         ..Default::default()
@@ -753,9 +750,7 @@ fn the_route_api_sends_clients_to_the_nearest_then_least_loaded_edge_by_measured
     // Origins us, eu, ap. us reaches eu at 30 ms and ap at 75 ms each way (user-space
     // relays, both directions); eu and ap are next to each other. Nobody configures these
     // distances: routing measures them.
-    let quic: Vec<SocketAddr> = (0..3)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
-        .collect();
+    let quic: Vec<SocketAddr> = (0..3).map(|_| node_addr()).collect();
     let delay = |ms| common::impair::Impairment {
         delay: Duration::from_millis(ms),
         ..Default::default()
@@ -1153,7 +1148,7 @@ fn a_publish_to_an_edge_is_forwarded_to_an_origin_and_moves_when_that_origin_die
 fn a_publish_to_an_edge_waits_for_an_origin_and_is_forwarded_when_one_comes_up() {
     let _serial = one_at_a_time();
     // The edge's only origin is not running yet.
-    let origin_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let origin_quic = node_addr();
     let edge = NodeProc::start(NodeSpec::edge("edge-1", vec![origin_quic]));
     let _publisher = publish_and_wait(&edge.rtmp_url("early"), &edge, "early", failover_publish());
     // Its local viewers are served meanwhile.

@@ -26,6 +26,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_meshcast");
 
 pub use ports::free_port;
 
+/// An address for the next node: a loopback IP of its own (127.10.x.y; Linux routes all of
+/// 127/8 to `lo`) and a port free on it. Each node of a multi-node test is then a distinct
+/// host, as it would be between regions, while tests stay on loopback.
+pub fn node_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % (254 * 254);
+    let ip = std::net::Ipv4Addr::new(127, 10, (n / 254) as u8, (n % 254 + 1) as u8);
+    SocketAddr::new(ip.into(), free_port())
+}
+
 thread_local! {
     /// The panic of this test thread, if it has panicked.
     static FAILURE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
@@ -122,17 +133,21 @@ impl NodeSpec {
 }
 
 impl NodeProc {
-    /// Starts a node on fresh loopback ports (QUIC port reserved even for edges, unused).
+    /// Starts a node on a loopback address of its own ([`node_addr`]; the QUIC port is
+    /// reserved even for edges, unused).
     pub fn start(spec: NodeSpec) -> NodeProc {
-        let quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::start_at(spec, quic)
+        Self::start_at(spec, node_addr())
     }
 
+    /// Starts a node whose QUIC address is `quic` (from [`node_addr`]); its other sockets
+    /// listen on the same IP.
     pub fn start_at(spec: NodeSpec, quic: SocketAddr) -> NodeProc {
         remember_failures();
-        let rtmp = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let webrtc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // The node is a host of its own: every socket it listens on is on its QUIC address.
+        let ip = quic.ip();
+        let rtmp = SocketAddr::new(ip, free_port());
+        let http = SocketAddr::new(ip, free_port());
+        let webrtc = SocketAddr::new(ip, free_port());
         let dir = temp_dir(&spec.id);
         let list = |v: &Vec<SocketAddr>| {
             v.iter()
@@ -271,8 +286,8 @@ impl Drop for NodeProc {
 
 /// Origins A and B meshed with each other and an edge of B (A → B → edge), links up.
 pub fn start_two_origins_and_edge() -> (NodeProc, NodeProc, NodeProc) {
-    let a_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let b_quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let a_quic = node_addr();
+    let b_quic = node_addr();
     let mut spec_a = NodeSpec::origin("origin-a");
     spec_a.upstreams = vec![b_quic];
     let mut spec_b = NodeSpec::origin("origin-b");
