@@ -7,7 +7,7 @@
 //! reading the file.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -135,6 +135,10 @@ pub struct BackboneConfig {
     pub peers: Vec<SocketAddr>,
     /// Upstream origins in preference order (edges only).
     pub origins: Vec<SocketAddr>,
+    /// Edges: the local IP their QUIC connections to origins are sent from (a host with
+    /// several addresses picks its interface). `None`: any address of the first origin's
+    /// family.
+    pub bind: Option<IpAddr>,
     /// Shared cluster secret presented in the backbone hello.
     pub token: String,
     /// PEM files. With `ca` set, peers' certificates are verified against it; without it
@@ -231,6 +235,7 @@ impl Config {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 4433))),
                 peers: vec![],
                 origins: vec![],
+                bind: None,
                 token: String::new(),
                 cert: None,
                 key: None,
@@ -386,6 +391,29 @@ impl Config {
         );
         let peers = addrs(backbone.peers, "backbone.peers", &mut problems);
         let origins = addrs(backbone.origins, "backbone.origins", &mut problems);
+        let bind = backbone.bind.as_deref().and_then(|v| match v.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                problems.push(Problem::new(
+                    "backbone.bind",
+                    format!("{v:?} is not an IP address (no port: the port is picked per connection)"),
+                ));
+                None
+            }
+        });
+        if let Some(ip) = bind {
+            if role != Role::Edge {
+                problems.push(Problem::new(
+                    "backbone.bind",
+                    "only edges bind their outgoing connections; an origin sends from backbone.listen",
+                ));
+            } else if origins.iter().any(|o| o.is_ipv4() != ip.is_ipv4()) {
+                problems.push(Problem::new(
+                    "backbone.bind",
+                    format!("{ip} cannot reach every origin: their address families differ"),
+                ));
+            }
+        }
         match role {
             Role::Edge => {
                 if origins.is_empty() {
@@ -630,6 +658,7 @@ impl Config {
                 listen: bb_listen,
                 peers,
                 origins,
+                bind,
                 token: backbone.token.unwrap_or_default(),
                 cert,
                 key,
@@ -801,6 +830,7 @@ struct RawBackbone {
     peers: Vec<String>,
     #[serde(default)]
     origins: Vec<String>,
+    bind: Option<String>,
     token: Option<String>,
     cert: Option<String>,
     key: Option<String>,
@@ -900,6 +930,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("congestion") && err.contains("bbr"), "{err}");
+    }
+
+    #[test]
+    fn an_edge_may_bind_its_outgoing_backbone_address() {
+        let edge = "[node]\nrole = \"edge\"\n[backbone]\norigins = [\"10.0.0.1:4433\"]\n";
+        let c = parse(&format!("{edge}bind = \"10.0.0.7\"\n")).unwrap();
+        assert_eq!(c.backbone.bind, Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(parse(edge).unwrap().backbone.bind, None);
+        for (bad, why) in [
+            ("bind = \"10.0.0.7:1\"\n", "not an IP address"),
+            ("bind = \"::1\"\n", "address families differ"),
+        ] {
+            let err = parse(&format!("{edge}{bad}")).unwrap_err().to_string();
+            assert!(err.contains("backbone.bind") && err.contains(why), "{err}");
+        }
+        let err = parse("[backbone]\nbind = \"127.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only edges bind"), "{err}");
     }
 
     #[test]

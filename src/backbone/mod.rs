@@ -23,7 +23,7 @@ pub mod tls;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -230,7 +230,13 @@ impl Backbone {
         let client_config = tls::client_config(bb)?;
         let endpoint = match bb.listen {
             Some(addr) => quinn::Endpoint::server(tls::server_config(bb)?, addr)?,
-            None => quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?,
+            None => {
+                let ip = bb.bind.unwrap_or(match bb.origins.first() {
+                    Some(SocketAddr::V6(_)) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+                    _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+                });
+                quinn::Endpoint::client(SocketAddr::new(ip, 0))?
+            }
         };
         let role = config.node.role;
         let upstreams = match role {

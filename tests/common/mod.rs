@@ -156,9 +156,11 @@ impl NodeProc {
                 .join(", ")
         };
         let backbone = match spec.role {
+            // An edge's connections to its origins leave from its own address too.
             "edge" => format!(
-                "origins = [{}]\nidle_grace_ms = 1000\n",
-                list(&spec.upstreams)
+                "origins = [{}]\nbind = \"{}\"\nidle_grace_ms = 1000\n",
+                list(&spec.upstreams),
+                quic.ip()
             ),
             _ => format!("listen = \"{quic}\"\npeers = [{}]\n", list(&spec.upstreams)),
         };
