@@ -391,16 +391,10 @@ impl Config {
         );
         let peers = addrs(backbone.peers, "backbone.peers", &mut problems);
         let origins = addrs(backbone.origins, "backbone.origins", &mut problems);
-        let bind = backbone.bind.as_deref().and_then(|v| match v.parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                problems.push(Problem::new(
-                    "backbone.bind",
-                    format!("{v:?} is not an IP address (no port: the port is picked per connection)"),
-                ));
-                None
-            }
-        });
+        let bind = backbone
+            .bind
+            .as_deref()
+            .and_then(|v| ip(v, "backbone.bind", &mut problems));
         if let Some(ip) = bind {
             if role != Role::Edge {
                 problems.push(Problem::new(
@@ -531,17 +525,15 @@ impl Config {
             &mut problems,
         );
         let mut announce_ips = Vec::new();
-        for (i, ip) in webrtc.announce_ips.iter().enumerate() {
-            match ip.parse::<std::net::IpAddr>() {
-                Ok(a) if a.is_unspecified() => problems.push(Problem::new(
-                    &format!("webrtc.announce_ips[{i}]"),
+        for (i, raw) in webrtc.announce_ips.iter().enumerate() {
+            let key = format!("webrtc.announce_ips[{i}]");
+            match ip(raw, &key, &mut problems) {
+                Some(a) if a.is_unspecified() => problems.push(Problem::new(
+                    &key,
                     "must be an address clients can reach, not 0.0.0.0 or ::",
                 )),
-                Ok(a) => announce_ips.push(a),
-                Err(_) => problems.push(Problem::new(
-                    &format!("webrtc.announce_ips[{i}]"),
-                    format!("`{ip}` is not an IP address"),
-                )),
+                Some(a) => announce_ips.push(a),
+                None => {}
             }
         }
         for (i, url) in webrtc.ice_servers.iter().enumerate() {
@@ -775,6 +767,15 @@ fn addr_or_off(
             }
         },
     }
+}
+
+/// An IP address (no port), or a problem under `key`.
+fn ip(raw: &str, key: &str, problems: &mut Vec<Problem>) -> Option<IpAddr> {
+    let parsed = raw.parse().ok();
+    if parsed.is_none() {
+        problems.push(Problem::new(key, format!("`{raw}` is not an IP address")));
+    }
+    parsed
 }
 
 fn addrs(raw: Vec<String>, key: &str, problems: &mut Vec<Problem>) -> Vec<SocketAddr> {

@@ -29,6 +29,26 @@ async fn read_events(
     events
 }
 
+/// The first event `pick` takes, within 20 s. Events come batched with others (node-state
+/// records arrive every second, and under load share a read with what is awaited), so
+/// every event of every read is looked at.
+async fn next_event<T>(
+    session: &mut ControlSession,
+    recv: &mut quinn::RecvStream,
+    send: &mut quinn::SendStream,
+    what: &str,
+    pick: impl Fn(&SessionEvent) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        let events = read_events(session, recv, send).await;
+        if let Some(found) = events.iter().find_map(&pick) {
+            return found;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
     let cfg = meshcast::config::Config::standalone_default();
@@ -59,39 +79,31 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
         },
         "test-token",
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the session is ready"
-        );
-        let events = read_events(&mut session, &mut recv, &mut send).await;
-        if events.iter().any(|e| matches!(e, SessionEvent::Ready(_))) {
-            break;
-        }
-    }
+    next_event(
+        &mut session,
+        &mut recv,
+        &mut send,
+        "the session is ready",
+        |e| matches!(e, SessionEvent::Ready(_)).then_some(()),
+    )
+    .await;
 
     // Once the edge has taken the welcome, a viewer asks it for a stream: the edge
     // subscribes upstream.
     wait_until_async(|| edge.links().len() == 1).await;
     let http = edge.http;
     let viewer = tokio::task::spawn_blocking(move || http_get(http, "/live/x.flv"));
-    // The subscribe may come in one read with other control messages (node state), and
-    // those keep coming: look through every event, for a bounded time.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let id = loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the edge subscribes upstream"
-        );
-        let evs = read_events(&mut session, &mut recv, &mut send).await;
-        if let Some(id) = evs.iter().find_map(|e| match e {
+    let id = next_event(
+        &mut session,
+        &mut recv,
+        &mut send,
+        "the edge subscribes upstream",
+        |e| match e {
             SessionEvent::SubscribeRequested { id, .. } => Some(*id),
             _ => None,
-        }) {
-            break id;
-        }
-    };
+        },
+    )
+    .await;
     session.accept(id, 1).unwrap();
     while let Some(b) = session.poll_transmit() {
         send.write_all(&b).await.unwrap();

@@ -458,19 +458,8 @@ impl Drop for ThreeRegions {
             .args(["-TERM", &self.0.id().to_string()])
             .status();
         // The script's trap stops its nodes; if that does not end within 20 s, the script
-        // is killed (its nodes are its children, killed by its process group).
-        let start = std::time::Instant::now();
-        while self.0.try_wait().ok().flatten().is_none() {
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{}", self.0.id())])
-                    .status();
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // is killed with its process group (its nodes).
+        let _ = common::bounded::wait_or_kill_group(&mut self.0, Duration::from_secs(20));
     }
 }
 

@@ -354,18 +354,7 @@ fn whep_rejects_bad_requests_clearly() {
     let node = webrtc_node();
     let _p = publish_and_wait(&node.rtmp_url("bad"), &node, "bad", PublishOpts::default());
     let post = |path: &str, ctype: &str, body: &str| -> (u16, String) {
-        let mut s = std::net::TcpStream::connect(node.http).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        write!(
-            s,
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, resp)
+        common::http::http_send(node.http, "POST", path, ctype, body).unwrap()
     };
     let (status, _) = post("/whep/live/bad", "text/plain", "v=0");
     assert_eq!(status, 415, "wrong content type");
@@ -380,15 +369,8 @@ fn whep_rejects_bad_requests_clearly() {
     let (status, _) = post("/whep/live/missing", "application/sdp", "v=0");
     assert_eq!(status, 404, "unknown stream");
     // CORS preflight.
-    let mut s = std::net::TcpStream::connect(node.http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    write!(
-        s,
-        "OPTIONS /whep/live/bad HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    let (_, resp, _) =
+        common::http::http_exchange(node.http, "OPTIONS", "/whep/live/bad", "", "").unwrap();
     assert!(resp.starts_with("HTTP/1.1 204"), "{resp}");
     assert!(resp
         .to_ascii_lowercase()
@@ -585,15 +567,8 @@ async fn announced_addresses_and_ice_servers_reach_the_client() {
         .unwrap();
     let _p = tokio::task::block_in_place(|| publish_for_webrtc(&node, "ann"));
     // The preflight lists the ICE servers as Link headers (RFC 9725 §4.6).
-    let mut s = std::net::TcpStream::connect(node.http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    write!(
-        s,
-        "OPTIONS /whep/live/ann HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    let (_, resp, _) =
+        common::http::http_exchange(node.http, "OPTIONS", "/whep/live/ann", "", "").unwrap();
     let lower = resp.to_ascii_lowercase();
     assert!(
         lower.contains("link: <stun:stun.example.net:3478>; rel=\"ice-server\""),

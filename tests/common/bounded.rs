@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// `cmd.output()`, but for at most `limit` (stdout and stderr are captured).
@@ -35,29 +35,37 @@ fn run(cmd: &mut Command, limit: Duration) -> Output {
     };
     let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
     let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for a child") {
-            break status;
-        }
-        if start.elapsed() > limit {
-            // The group: a child's own children (nodes, browsers) go with it.
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = stderr.join().unwrap_or_default();
-            panic!(
-                "{what} did not finish within {limit:?}; it was killed. Its stderr:\n{}",
-                String::from_utf8_lossy(&err)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = wait_or_kill_group(&mut child, limit) else {
+        let err = stderr.join().unwrap_or_default();
+        panic!(
+            "{what} did not finish within {limit:?}; it was killed. Its stderr:\n{}",
+            String::from_utf8_lossy(&err)
+        );
     };
     Output {
         status,
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// Waits up to `limit` for `child`, which leads its own process group; then kills the
+/// group (a child's own children, such as nodes and browsers, go with it) and reaps the
+/// child. `None` if it had to be killed.
+pub fn wait_or_kill_group(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child") {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
