@@ -52,8 +52,35 @@ pub struct Config {
     pub limits: Limits,
     /// Where recordings go (`[recording] root`).
     pub recording_root: PathBuf,
-    /// Static egress rules (`[[egress]]`).
+    /// Static egress rules (`[[egress]]` or `[[egress.rule]]`).
     pub egress: Vec<crate::egress::EgressSpec>,
+    /// Where egress may push (`[egress]` table).
+    pub egress_policy: EgressPolicy,
+    /// Tokens, the auth webhook, the metrics token (`[auth]`).
+    pub auth: crate::auth::AuthConfig,
+    /// Where publish/play events are POSTed (`[hooks] events`).
+    pub events_hook: Option<String>,
+}
+
+/// `[egress] destinations`, `allow_private_destinations`, `max_jobs`.
+#[derive(Clone, Debug)]
+pub struct EgressPolicy {
+    /// Allowed RTMP destinations (`rtmp://*.cdn.example/*`); empty: any public address.
+    pub destinations: Vec<String>,
+    /// Let egress push to loopback, private and link-local addresses under `[auth]`.
+    pub allow_private_destinations: bool,
+    /// API-created and rule egress jobs at most.
+    pub max_jobs: usize,
+}
+
+impl Default for EgressPolicy {
+    fn default() -> Self {
+        EgressPolicy {
+            destinations: vec![],
+            allow_private_destinations: false,
+            max_jobs: 64,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -89,6 +116,11 @@ pub struct RtmpConfig {
     pub merged_write: Duration,
     /// Base URL publishers and players are sent to (route API), e.g. `rtmp://eu1.example.com:1935`.
     pub public_url: Option<String>,
+    /// A connection that is not playing and sends nothing this long is closed (a silent
+    /// publisher frees its name).
+    pub idle_timeout: Duration,
+    /// Largest audio/video message a peer may announce.
+    pub max_message_bytes: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -96,6 +128,12 @@ pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
     /// Base URL other nodes redirect clients to (route API, 307s), e.g. `https://eu1.example.com`.
     pub public_url: Option<String>,
+    /// Concurrent HTTP connections (HTTP-FLV viewers included).
+    pub max_connections: usize,
+    /// A client must send a request's headers within this time (slowloris).
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this time.
+    pub idle_timeout: Duration,
 }
 
 impl Config {
@@ -124,6 +162,11 @@ fn public_url(configured: Option<&String>, listen: Option<SocketAddr>, scheme: &
 }
 
 const DEFAULT_LINK_TIMEOUT_MS: u64 = 700;
+const DEFAULT_RTMP_IDLE_MS: u64 = 10_000;
+const DEFAULT_HTTP_HEADER_MS: u64 = 10_000;
+const DEFAULT_HTTP_IDLE_MS: u64 = 60_000;
+/// Shortest HS256 secret accepted (bytes).
+const MIN_SECRET_BYTES: usize = 16;
 const DEFAULT_REHOME_WINDOW_MS: u64 = 5000;
 const DEFAULT_RETURN_AFTER_MS: u64 = 3000;
 
@@ -226,10 +269,15 @@ impl Config {
                 chunk_size: 4096,
                 merged_write: Duration::from_millis(200),
                 public_url: None,
+                idle_timeout: Duration::from_millis(DEFAULT_RTMP_IDLE_MS),
+                max_message_bytes: crate::rtmp::guard::GuardLimits::default().max_media_message,
             },
             http: HttpConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
                 public_url: None,
+                max_connections: 20_000,
+                header_timeout: Duration::from_millis(DEFAULT_HTTP_HEADER_MS),
+                idle_timeout: Duration::from_millis(DEFAULT_HTTP_IDLE_MS),
             },
             backbone: BackboneConfig {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 4433))),
@@ -255,6 +303,9 @@ impl Config {
             limits: Limits::default(),
             recording_root: PathBuf::from("recordings"),
             egress: vec![],
+            egress_policy: EgressPolicy::default(),
+            auth: crate::auth::AuthConfig::default(),
+            events_hook: None,
         }
     }
 
@@ -290,12 +341,14 @@ impl Config {
                 "limits",
                 "recording",
                 "egress",
+                "auth",
+                "hooks",
             ]
             .contains(&key.as_str())
             {
                 problems.push(Problem::new(
                     key,
-                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording or [[egress]])",
+                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording, auth, hooks or egress)",
                 ));
             }
         }
@@ -310,7 +363,15 @@ impl Config {
             .root
             .map(|r| base.join(r))
             .unwrap_or_else(|| PathBuf::from("recordings"));
-        let egress = egress_rules(&table, &mut problems);
+        let (egress, egress_policy) = egress_section(&table, &mut problems);
+        let raw_auth: RawAuth = section(&table, "auth", &mut problems);
+        let hooks: RawHooks = section(&table, "hooks", &mut problems);
+        let auth = auth_section(raw_auth, base, &mut problems);
+        if let Some(url) = &hooks.events {
+            if let Err(e) = crate::auth::webhook::HookUrl::parse(url) {
+                problems.push(Problem::new("hooks.events", e));
+            }
+        }
 
         let defaults = Config::standalone_default();
         let role = node.role.unwrap_or(Role::Standalone);
@@ -369,6 +430,42 @@ impl Config {
             problems.push(Problem::new(
                 "rtmp.merged_write_ms",
                 "must be at most 1000 (it adds that much latency)",
+            ));
+        }
+        let rtmp_idle_ms = rtmp.idle_timeout_ms.unwrap_or(DEFAULT_RTMP_IDLE_MS);
+        if !(1000..=600_000).contains(&rtmp_idle_ms) {
+            problems.push(Problem::new(
+                "rtmp.idle_timeout_ms",
+                "must be between 1000 and 600000",
+            ));
+        }
+        let max_message_bytes = rtmp
+            .max_message_bytes
+            .unwrap_or(defaults.rtmp.max_message_bytes);
+        if !(65_536..=0xFF_FFFF).contains(&max_message_bytes) {
+            problems.push(Problem::new(
+                "rtmp.max_message_bytes",
+                "must be between 65536 and 16777215",
+            ));
+        }
+        let http_max_connections = http
+            .max_connections
+            .unwrap_or(defaults.http.max_connections);
+        if http_max_connections == 0 {
+            problems.push(Problem::new("http.max_connections", "must be at least 1"));
+        }
+        let header_timeout_ms = http.header_timeout_ms.unwrap_or(DEFAULT_HTTP_HEADER_MS);
+        if !(100..=120_000).contains(&header_timeout_ms) {
+            problems.push(Problem::new(
+                "http.header_timeout_ms",
+                "must be between 100 and 120000",
+            ));
+        }
+        let http_idle_ms = http.idle_timeout_ms.unwrap_or(DEFAULT_HTTP_IDLE_MS);
+        if !(1000..=3_600_000).contains(&http_idle_ms) {
+            problems.push(Problem::new(
+                "http.idle_timeout_ms",
+                "must be between 1000 and 3600000",
             ));
         }
         let http_listen = addr_or_off(
@@ -641,10 +738,15 @@ impl Config {
                 chunk_size,
                 merged_write: Duration::from_millis(merged_write_ms),
                 public_url: rtmp.public_url,
+                idle_timeout: Duration::from_millis(rtmp_idle_ms),
+                max_message_bytes,
             },
             http: HttpConfig {
                 listen: http_listen,
                 public_url: http.public_url,
+                max_connections: http_max_connections,
+                header_timeout: Duration::from_millis(header_timeout_ms),
+                idle_timeout: Duration::from_millis(http_idle_ms),
             },
             backbone: BackboneConfig {
                 listen: bb_listen,
@@ -670,28 +772,136 @@ impl Config {
             limits: limits_out,
             recording_root,
             egress,
+            egress_policy,
+            auth,
+            events_hook: hooks.events,
         })
     }
 }
 
-/// `[[egress]]` rules: each validated like an API request, problems named `egress[i].field`.
-fn egress_rules(
+/// `[egress]`: either an array of rules (`[[egress]]`), or a table with the destination
+/// policy and its rules as `[[egress.rule]]`.
+fn egress_section(
     table: &toml::Table,
     problems: &mut Vec<Problem>,
-) -> Vec<crate::egress::EgressSpec> {
+) -> (Vec<crate::egress::EgressSpec>, EgressPolicy) {
+    let mut policy = EgressPolicy::default();
     let Some(value) = table.get("egress") else {
-        return vec![];
+        return (vec![], policy);
     };
-    let Some(items) = value.as_array() else {
+    if let Some(items) = value.as_array() {
+        return (egress_rules(items, "egress", problems), policy);
+    }
+    let Some(t) = value.as_table() else {
         problems.push(Problem::new(
             "egress",
-            "must be an array of tables ([[egress]])",
+            "must be a table ([egress]) or an array of rules ([[egress]])",
         ));
-        return vec![];
+        return (vec![], policy);
     };
+    let mut rules = vec![];
+    for (k, v) in t {
+        match (k.as_str(), v) {
+            ("rule", toml::Value::Array(items)) => {
+                rules = egress_rules(items, "egress.rule", problems)
+            }
+            ("destinations", toml::Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some(p) if p.starts_with("rtmp://") && !p.contains(char::is_whitespace) => {
+                            policy.destinations.push(p.to_string())
+                        }
+                        _ => problems.push(Problem::new(
+                            &format!("egress.destinations[{i}]"),
+                            "must be an rtmp:// URL pattern (`*` matches any run of characters)",
+                        )),
+                    }
+                }
+            }
+            ("allow_private_destinations", toml::Value::Boolean(b)) => {
+                policy.allow_private_destinations = *b
+            }
+            ("max_jobs", toml::Value::Integer(n)) if (1..=100_000).contains(n) => {
+                policy.max_jobs = *n as usize
+            }
+            ("max_jobs", _) => problems.push(Problem::new(
+                "egress.max_jobs",
+                "must be a number between 1 and 100000",
+            )),
+            ("rule" | "destinations" | "allow_private_destinations", _) => problems.push(
+                Problem::new(&format!("egress.{k}"), "has the wrong type"),
+            ),
+            _ => problems.push(Problem::new(
+                &format!("egress.{k}"),
+                "unknown key (expected destinations, allow_private_destinations, max_jobs or [[egress.rule]])",
+            )),
+        }
+    }
+    (rules, policy)
+}
+
+/// `[auth]`, validated (secrets long enough, public keys readable, webhook a URL).
+fn auth_section(raw: RawAuth, base: &Path, problems: &mut Vec<Problem>) -> crate::auth::AuthConfig {
+    for (i, s) in raw.secrets.iter().enumerate() {
+        if s.len() < MIN_SECRET_BYTES {
+            problems.push(Problem::new(
+                &format!("auth.secrets[{i}]"),
+                format!("is shorter than {MIN_SECRET_BYTES} bytes (use a long random string)"),
+            ));
+        }
+    }
+    let public_keys: Vec<PathBuf> = raw.public_keys.iter().map(|p| base.join(p)).collect();
+    if let Err(e) = crate::auth::Keys::new(&[], &public_keys) {
+        problems.push(Problem::new("auth.public_keys", e));
+    }
+    if let Some(url) = &raw.webhook {
+        if let Err(e) = crate::auth::webhook::HookUrl::parse(url) {
+            problems.push(Problem::new("auth.webhook", e));
+        }
+    }
+    let timeout_ms = raw.webhook_timeout_ms.unwrap_or(2000);
+    if !(50..=30_000).contains(&timeout_ms) {
+        problems.push(Problem::new(
+            "auth.webhook_timeout_ms",
+            "must be between 50 and 30000",
+        ));
+    }
+    let cache_ms = raw.webhook_cache_ms.unwrap_or(10_000);
+    if cache_ms > 600_000 {
+        problems.push(Problem::new(
+            "auth.webhook_cache_ms",
+            "must be at most 600000 (0: ask every time)",
+        ));
+    }
+    if raw
+        .metrics_token
+        .as_ref()
+        .is_some_and(|t| t.len() < MIN_SECRET_BYTES)
+    {
+        problems.push(Problem::new(
+            "auth.metrics_token",
+            format!("is shorter than {MIN_SECRET_BYTES} bytes"),
+        ));
+    }
+    crate::auth::AuthConfig {
+        secrets: raw.secrets,
+        public_keys,
+        webhook: raw.webhook,
+        webhook_timeout: Duration::from_millis(timeout_ms),
+        webhook_cache: Duration::from_millis(cache_ms),
+        metrics_token: raw.metrics_token,
+    }
+}
+
+/// Egress rules: each validated like an API request, problems named `{at}[i].field`.
+fn egress_rules(
+    items: &[toml::Value],
+    at: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<crate::egress::EgressSpec> {
     let mut rules = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let key = format!("egress[{i}]");
+        let key = format!("{at}[{i}]");
         let req: crate::egress::EgressRequest = match item.clone().try_into() {
             Ok(r) => r,
             Err(e) => {
@@ -814,6 +1024,8 @@ struct RawRtmp {
     chunk_size: Option<u32>,
     merged_write_ms: Option<u64>,
     public_url: Option<String>,
+    idle_timeout_ms: Option<u64>,
+    max_message_bytes: Option<usize>,
 }
 
 #[derive(Default, Deserialize)]
@@ -821,6 +1033,28 @@ struct RawRtmp {
 struct RawHttp {
     listen: Option<String>,
     public_url: Option<String>,
+    max_connections: Option<usize>,
+    header_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    secrets: Vec<String>,
+    #[serde(default)]
+    public_keys: Vec<String>,
+    webhook: Option<String>,
+    webhook_timeout_ms: Option<u64>,
+    webhook_cache_ms: Option<u64>,
+    metrics_token: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    events: Option<String>,
 }
 
 #[derive(Default, Deserialize)]

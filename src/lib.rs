@@ -5,6 +5,7 @@
 //! architecture notes for the design; each module starts with what it owns.
 
 pub mod api;
+pub mod auth;
 pub mod backbone;
 pub mod bridge;
 pub mod config;

@@ -19,6 +19,25 @@ use crate::egress::{Egress, EgressSettings};
 use crate::hub::Hub;
 use crate::rtmp::RtmpSettings;
 
+/// This node's own addresses as the config names them (listeners and announced IPs).
+fn own_addresses(config: &Config) -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<std::net::IpAddr> = [
+        config.rtmp.listen,
+        config.http.listen,
+        config.backbone.listen,
+        config.webrtc.listen,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|a| a.ip())
+    .chain(config.webrtc.announce_ips.iter().copied())
+    .filter(|ip| !ip.is_unspecified())
+    .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// A running node.
 pub struct Node {
     pub hub: Arc<Hub>,
@@ -38,6 +57,33 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(config.limits.clone(), metrics);
         let mut tasks = JoinSet::new();
+
+        let events = match &config.events_hook {
+            Some(url) => Some(
+                crate::auth::hooks::EventHook::start(
+                    url,
+                    &config.node.id,
+                    hub.metrics().hook_counters(),
+                    shutdown.clone(),
+                )
+                .map_err(anyhow::Error::msg)
+                .context("starting the event hook")?,
+            ),
+            None => None,
+        };
+        let auth = if config.auth.is_on() {
+            crate::auth::Auth::new(&config.auth, &config.node.id)
+                .map_err(anyhow::Error::msg)
+                .context("loading [auth] keys")?
+        } else {
+            crate::auth::Auth::open(&config.node.id)
+        };
+        let auth = Arc::new(auth.with_events(events));
+        if auth.is_on() {
+            info!("auth is on: publish and play need a token or the webhook's allow; the admin API needs an admin token");
+        } else {
+            tracing::warn!("no [auth]: anyone who reaches this node may publish and play; the admin API answers loopback clients only");
+        }
 
         let backbone = if config.backbone.listen.is_some()
             || !config.backbone.peers.is_empty()
@@ -60,6 +106,15 @@ impl Node {
             EgressSettings {
                 recording_root: config.recording_root.clone(),
                 rules: config.egress.clone(),
+                policy: Arc::new(crate::egress::policy::DestinationPolicy {
+                    patterns: config.egress_policy.destinations.clone(),
+                    public_only: config.auth.is_on()
+                        && config.egress_policy.destinations.is_empty()
+                        && !config.egress_policy.allow_private_destinations,
+                    own: own_addresses(&config),
+                }),
+                max_jobs: config.egress_policy.max_jobs,
+                auth: auth.clone(),
             },
             shutdown.clone(),
         );
@@ -88,6 +143,12 @@ impl Node {
                 max_connections: config.limits.max_rtmp_connections,
                 send_buffer: config.limits.viewer_send_buffer_bytes,
                 merged_write: config.rtmp.merged_write,
+                guard: crate::rtmp::guard::GuardLimits {
+                    max_media_message: config.rtmp.max_message_bytes,
+                    ..Default::default()
+                },
+                idle_timeout: config.rtmp.idle_timeout,
+                auth: auth.clone(),
             };
             tasks.spawn(crate::rtmp::serve(
                 listener,
@@ -138,8 +199,19 @@ impl Node {
                 backbone: backbone.clone(),
                 webrtc: webrtc.clone(),
                 egress: egress.clone(),
+                auth: auth.clone(),
             };
-            tasks.spawn(crate::api::http::serve(listener, state, shutdown.clone()));
+            let limits = crate::api::http::HttpLimits {
+                max_connections: config.http.max_connections,
+                header_timeout: config.http.header_timeout,
+                idle_timeout: config.http.idle_timeout,
+            };
+            tasks.spawn(crate::api::http::serve(
+                listener,
+                state,
+                limits,
+                shutdown.clone(),
+            ));
         }
 
         info!(

@@ -1,11 +1,22 @@
 //! The HTTP router (axum on hyper): `GET /{ns}/{stream}.flv`, `/api/v1/*`, `/metrics`,
 //! `/healthz` and the console at `/`.
+//!
+//! Who may call what: playback and ingest (HTTP-FLV, WHIP, WHEP) ask [`Auth`] with the
+//! request's token (`?token=` or `Authorization: Bearer`). The admin API (listing streams,
+//! links, the cluster and egress; creating and deleting egress; kicking publishers) sits
+//! behind [`admin_only`]: an admin token when `[auth]` has keys, else loopback clients only.
+//! It also refuses browser requests from foreign origins, and JSON bodies must say so
+//! (415), so no web page can drive it. The server itself ([`serve`]) bounds connections,
+//! the time to send headers (slowloris) and idle connections.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{Html, IntoResponse, Response};
@@ -17,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
 use crate::api::metrics::Proto;
+use crate::auth::{Action as AuthAction, Auth, Denied};
 use crate::backbone::Backbone;
 use crate::hub::{Hub, SubscribeError};
 use crate::media::{Codec, StreamKey};
@@ -37,17 +49,38 @@ pub struct AppState {
     pub backbone: Option<Arc<Backbone>>,
     pub webrtc: Option<Arc<crate::webrtc::WebRtc>>,
     pub egress: Arc<crate::egress::Egress>,
+    pub auth: Arc<Auth>,
+}
+
+/// Bounds on HTTP clients.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 pub fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/api/v1/streams", get(streams))
+        .route(
+            "/api/v1/streams/{namespace}/{stream}",
+            axum::routing::delete(stream_kick),
+        )
+        .route("/api/v1/links", get(links))
+        .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/egress", get(egress_list).post(egress_create))
+        .route("/api/v1/egress/{id}", get(egress_get).delete(egress_delete))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin_only,
+        ));
     Router::new()
+        .merge(admin)
         .route("/", get(console))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/node", get(node))
-        .route("/api/v1/streams", get(streams))
-        .route("/api/v1/links", get(links))
-        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/route", get(route))
         .route("/route/{namespace}/{file}", get(route_flv))
         .route(
@@ -58,8 +91,6 @@ pub fn router(state: AppState) -> Router {
             "/route/whip/{namespace}/{stream}",
             post(route_whip).options(preflight),
         )
-        .route("/api/v1/egress", get(egress_list).post(egress_create))
-        .route("/api/v1/egress/{id}", get(egress_get).delete(egress_delete))
         .route(
             "/whep/{namespace}/{stream}",
             post(whep_post).options(preflight),
@@ -84,22 +115,294 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves HTTP until `shutdown`.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) {
+/// Serves HTTP until `shutdown`: one task per connection, at most
+/// `limits.max_connections` at once; a client that does not finish its headers within
+/// `header_timeout`, or whose connection sees no byte either way for `idle_timeout`, is
+/// dropped.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
+    let metrics = state.hub.metrics().clone();
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!("http server failed: {e}");
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("http accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.count_refused("http", "limit");
+            tracing::warn!(%peer, "http connection refused: at http.max_connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, app, limits, &metrics, shutdown).await;
+            drop(permit);
+        });
     }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    limits: HttpLimits,
+    metrics: &crate::api::metrics::Metrics,
+    shutdown: CancellationToken,
+) {
+    use tower_service::Service;
+    let started = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let io = hyper_util::rt::TokioIo::new(ActivityIo {
+        inner: stream,
+        started,
+        last: activity.clone(),
+    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let mut app = app.clone();
+            async move { app.call(req.map(Body::new)).await }
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if e.is_timeout() {
+                        metrics.count_refused("http", "header_timeout");
+                        tracing::debug!(%peer, "http client did not send its headers in time");
+                    } else {
+                        tracing::debug!(%peer, "http connection ended: {e}");
+                    }
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick() => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if started.elapsed().saturating_sub(last) > limits.idle_timeout {
+                    metrics.count_refused("http", "idle");
+                    tracing::debug!(%peer, "closing an idle http connection");
+                    return;
+                }
+                if stopping && started.elapsed() > last + Duration::from_secs(3) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A socket that remembers when a byte last went either way (ms since `started`).
+struct ActivityIo {
+    inner: tokio::net::TcpStream,
+    started: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl ActivityIo {
+    fn touch(&self) {
+        self.last
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for ActivityIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for ActivityIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A refusal as HTTP: its status and a one-line JSON reason.
+fn denied(d: Denied) -> Response {
+    let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN);
+    let mut r = (status, Json(serde_json::json!({ "error": d.reason }))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"meshcast\""),
+        );
+    }
+    r
+}
+
+/// The request's token: `Authorization: Bearer T`, else `?token=T`.
+fn request_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string())
+        .or_else(|| query.and_then(crate::auth::token_from_query))
+}
+
+/// Whether `origin` (a browser's `Origin` header) is this server (`Host`).
+fn same_origin(origin: &str, headers: &HeaderMap) -> bool {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or("");
+    !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
+}
+
+/// In front of every admin endpoint (see the module doc).
+async fn admin_only(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = req.headers();
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        if !same_origin(origin, headers) {
+            s.hub.metrics().count_refused("api", "foreign_origin");
+            return denied(Denied {
+                status: 403,
+                reason: format!("requests from the web origin {origin} are refused"),
+            });
+        }
+    }
+    if s.auth.has_keys() {
+        let token = request_token(headers, req.uri().query());
+        if let Err(d) = s.auth.check_admin(token.as_deref()) {
+            s.hub.metrics().count_refused("api", "denied");
+            return denied(d);
+        }
+    } else if !peer.ip().to_canonical().is_loopback() {
+        s.hub.metrics().count_refused("api", "not_loopback");
+        return denied(Denied {
+            status: 403,
+            reason: "the admin API answers loopback clients only: configure [auth] secrets to use it from elsewhere".into(),
+        });
+    }
+    next.run(req).await
+}
+
+/// Asks [`Auth`] whether this HTTP client may publish or play `key`.
+async fn authorize(
+    s: &AppState,
+    action: AuthAction,
+    protocol: &'static str,
+    key: &StreamKey,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<(), Response> {
+    let token = request_token(headers, query);
+    let access = crate::auth::Access {
+        action,
+        protocol,
+        stream: key,
+        client: peer,
+        query: query.unwrap_or(""),
+        token: token.as_deref(),
+    };
+    s.auth.check(&access).await.map_err(|d| {
+        s.hub.metrics().count_refused(protocol, "denied");
+        tracing::info!(%peer, stream = %key, "{protocol} {} refused: {}", action.as_str(), d.reason);
+        denied(d)
+    })
 }
 
 async fn console() -> Html<&'static str> {
     Html(crate::api::console::PAGE)
 }
 
-async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+async fn metrics(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let token = request_token(&headers, query.as_deref());
+    if let Err(d) = s.auth.check_metrics(token.as_deref()) {
+        return denied(d);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -107,6 +410,28 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         )],
         s.hub.metrics().render(),
     )
+        .into_response()
+}
+
+/// `DELETE /api/v1/streams/{ns}/{name}`: ends a local publish (the publisher is told why
+/// and disconnected).
+async fn stream_kick(
+    State(s): State<AppState>,
+    Path((namespace, stream)): Path<(String, String)>,
+) -> Response {
+    let key = match StreamKey::new(&namespace, &stream) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if s.hub.evict(&key, "stopped by the operator") {
+        info!(stream = %key, "publisher kicked through the API");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("{key} is not published on this node"),
+        )
+    }
 }
 
 async fn node(State(s): State<AppState>) -> Json<NodeInfo> {
@@ -302,6 +627,14 @@ fn redirect(s: &AppState, ask: &RouteAsk, path: &str) -> Response {
     }
 }
 
+/// `path` with the client's query (its token, say) carried over to where it is sent.
+fn with_query(path: String, query: Option<&str>) -> String {
+    match query.filter(|q| !q.is_empty()) {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    }
+}
+
 /// A 307 for `ns/name` to `path` on the best node for `action`.
 fn route_to(
     s: &AppState,
@@ -323,11 +656,12 @@ async fn route_flv(
     Path((namespace, file)): Path<(String, String)>,
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<RouteQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     let Some(name) = file.strip_suffix(".flv") else {
         return error(StatusCode::NOT_FOUND, "expected {name}.flv".into());
     };
-    let path = format!("/{namespace}/{name}.flv");
+    let path = with_query(format!("/{namespace}/{name}.flv"), raw.as_deref());
     route_to(
         &s,
         (&namespace, name),
@@ -344,8 +678,9 @@ async fn route_whep(
     Path((namespace, stream)): Path<(String, String)>,
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<RouteQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
-    let path = format!("/whep/{namespace}/{stream}");
+    let path = with_query(format!("/whep/{namespace}/{stream}"), raw.as_deref());
     route_to(
         &s,
         (&namespace, &stream),
@@ -362,8 +697,9 @@ async fn route_whip(
     Path((namespace, stream)): Path<(String, String)>,
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<RouteQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
-    let path = format!("/whip/{namespace}/{stream}");
+    let path = with_query(format!("/whip/{namespace}/{stream}"), raw.as_deref());
     route_to(
         &s,
         (&namespace, &stream),
@@ -380,7 +716,18 @@ async fn egress_list(State(s): State<AppState>) -> impl IntoResponse {
 
 /// `POST /api/v1/egress` with `{stream, kind, url | format, template, ...}`: 201 with the
 /// new egress (and its `Location`), or 400 listing every invalid field.
-async fn egress_create(State(s): State<AppState>, body: axum::body::Bytes) -> Response {
+async fn egress_create(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !is_json(&headers) {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(serde_json::json!({ "error": "Content-Type must be application/json" })),
+        )
+            .into_response();
+    }
     let req: crate::egress::EgressRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -391,7 +738,7 @@ async fn egress_create(State(s): State<AppState>, body: axum::body::Bytes) -> Re
                 .into_response()
         }
     };
-    match s.egress.create(&req) {
+    match s.egress.create(&req).await {
         Ok(status) => {
             let location = format!("/api/v1/egress/{}", status.id);
             (
@@ -401,11 +748,26 @@ async fn egress_create(State(s): State<AppState>, body: axum::body::Bytes) -> Re
             )
                 .into_response()
         }
-        Err(errors) => (
+        Err(crate::egress::CreateError::Invalid(errors)) => (
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({ "error": "invalid egress request", "fields": errors })),
         )
             .into_response(),
+        Err(crate::egress::CreateError::Forbidden(why)) => {
+            s.hub.metrics().count_refused("api", "egress_destination");
+            denied(Denied {
+                status: 403,
+                reason: why,
+            })
+        }
+        Err(crate::egress::CreateError::TooMany(n)) => {
+            s.hub.metrics().count_refused("api", "limit");
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(serde_json::json!({ "error": format!("at most {n} egress jobs run at once ([egress] max_jobs)") })),
+            )
+                .into_response()
+        }
     }
 }
 
@@ -431,6 +793,9 @@ fn error(status: StatusCode, msg: String) -> Response {
 async fn flv(
     State(s): State<AppState>,
     Path((namespace, file)): Path<(String, String)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let Some(name) = file.strip_suffix(".flv") else {
         return error(StatusCode::NOT_FOUND, "not found".into());
@@ -439,6 +804,19 @@ async fn flv(
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if let Err(r) = authorize(
+        &s,
+        AuthAction::Play,
+        "flv",
+        &key,
+        peer,
+        &headers,
+        query.as_deref(),
+    )
+    .await
+    {
+        return r;
+    }
     s.hub.metrics().count_connection(Proto::Flv);
     let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Aac).await {
         Ok(sub) => sub,
@@ -548,6 +926,14 @@ fn subscribe_failed(e: SubscribeError) -> Response {
     error(status, e.to_string())
 }
 
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
 fn is_sdp(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -558,6 +944,8 @@ fn is_sdp(headers: &HeaderMap) -> bool {
 async fn whep_post(
     State(s): State<AppState>,
     Path((namespace, stream)): Path<(String, String)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: String,
 ) -> Response {
@@ -565,6 +953,19 @@ async fn whep_post(
         Ok(x) => x,
         Err(r) => return *r,
     };
+    if let Err(r) = authorize(
+        &s,
+        AuthAction::Play,
+        "whep",
+        &key,
+        peer,
+        &headers,
+        query.as_deref(),
+    )
+    .await
+    {
+        return with_cors(r);
+    }
     let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
         Ok(sub) => sub,
         Err(e) => return with_cors(subscribe_failed(e)),
@@ -578,6 +979,8 @@ async fn whep_post(
 async fn whip_post(
     State(s): State<AppState>,
     Path((namespace, stream)): Path<(String, String)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: String,
 ) -> Response {
@@ -586,13 +989,27 @@ async fn whip_post(
         // it to the best origin (307 keeps the offer).
         if let Ok(key) = StreamKey::new(&namespace, &stream) {
             let ask = RouteAsk::new(&s, key, None, &headers, Action::Publish);
-            return redirect(&s, &ask, &format!("/whip/{namespace}/{stream}"));
+            let path = with_query(format!("/whip/{namespace}/{stream}"), query.as_deref());
+            return redirect(&s, &ask, &path);
         }
     }
     let (webrtc, key) = match webrtc_for_offer(&s, &headers, &namespace, &stream) {
         Ok(x) => x,
         Err(r) => return *r,
     };
+    if let Err(r) = authorize(
+        &s,
+        AuthAction::Publish,
+        "whip",
+        &key,
+        peer,
+        &headers,
+        query.as_deref(),
+    )
+    .await
+    {
+        return with_cors(r);
+    }
     let publisher = match s.hub.publish_checked(key.clone()).await {
         Ok(p) => p,
         Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),

@@ -49,6 +49,14 @@ pub struct ProtoLabel {
     pub proto: Proto,
 }
 
+/// A refused request: which protocol, and the kind of reason (never the reason's text,
+/// which may name streams).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    pub protocol: &'static str,
+    pub why: &'static str,
+}
+
 /// Counters of one consumer-facing protocol, cloned once per connection.
 #[derive(Clone, Default)]
 pub struct ProtoCounters {
@@ -89,6 +97,9 @@ pub struct Metrics {
     pub egress_bytes: Counter,
     pub egress_reconnects: Counter,
     pub egress_dropped_frames: Counter,
+    /// Requests and connections refused, by protocol and kind of reason.
+    pub refused: Family<RefusedLabel, Counter>,
+    hook_counters: crate::auth::hooks::HookCounters,
     /// Per-link transport figures, read from the backbone at each scrape.
     pub links: LinkCollector,
 }
@@ -218,6 +229,8 @@ impl Metrics {
             egress_bytes: Counter::default(),
             egress_reconnects: Counter::default(),
             egress_dropped_frames: Counter::default(),
+            refused: Family::default(),
+            hook_counters: Default::default(),
             links: LinkCollector::default(),
             registry: Registry::default(),
         };
@@ -335,6 +348,26 @@ impl Metrics {
             m.egress_reconnects.clone(),
         );
         registry.register(
+            "refused",
+            "Requests and connections refused (auth, limits, bad input), by protocol and kind of reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "hook_events_delivered",
+            "Events the event hook accepted",
+            m.hook_counters.delivered.clone(),
+        );
+        registry.register(
+            "hook_events_failed",
+            "Events the event hook refused or did not answer",
+            m.hook_counters.failed.clone(),
+        );
+        registry.register(
+            "hook_events_dropped",
+            "Events dropped because the event hook's queue was full",
+            m.hook_counters.dropped.clone(),
+        );
+        registry.register(
             "egress_dropped_frames",
             "Frames an egress dropped because its destination fell behind",
             m.egress_dropped_frames.clone(),
@@ -378,6 +411,19 @@ impl Metrics {
 
     pub fn count_connection(&self, proto: Proto) {
         self.connections.get_or_create(&ProtoLabel { proto }).inc();
+    }
+
+    /// Counts a refusal: `why` is a short kind (`unauthorized`, `forbidden`, `limit`,
+    /// `bad_input`, `idle`...).
+    pub fn count_refused(&self, protocol: &'static str, why: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabel { protocol, why })
+            .inc();
+    }
+
+    /// The event hook's counters (shared with its delivery task).
+    pub fn hook_counters(&self) -> crate::auth::hooks::HookCounters {
+        self.hook_counters.clone()
     }
 
     pub fn count_session_error(&self, proto: Proto) {

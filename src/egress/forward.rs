@@ -208,7 +208,7 @@ fn start(
         url: Some(format!("{rtmp}/{}/{}", key.namespace(), key.name())),
         ..Default::default()
     };
-    match egress.create(&req) {
+    match egress.create_forward(&req) {
         Ok(status) => {
             info!(stream = %key, %origin, "forwarding the publish to an origin");
             f.warned = false;

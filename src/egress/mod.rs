@@ -18,6 +18,7 @@
 //! same way through a `~h264` bridge).
 
 pub mod forward;
+pub mod policy;
 pub mod record;
 pub mod rtmp_push;
 pub mod spec;
@@ -169,6 +170,23 @@ pub struct EgressSettings {
     pub recording_root: PathBuf,
     /// Static rules from the config file.
     pub rules: Vec<EgressSpec>,
+    /// Where API-created pushes may go.
+    pub policy: Arc<policy::DestinationPolicy>,
+    /// API-created and rule egress at most.
+    pub max_jobs: usize,
+    /// Signs the tokens an edge's forwards present to origins.
+    pub auth: Arc<crate::auth::Auth>,
+}
+
+/// Why an egress was not created.
+#[derive(Debug)]
+pub enum CreateError {
+    /// Fields of the request are invalid (400).
+    Invalid(Vec<FieldError>),
+    /// The destination policy refuses it (403).
+    Forbidden(String),
+    /// `max_jobs` egress already run (429).
+    TooMany(usize),
 }
 
 struct Entry {
@@ -204,10 +222,60 @@ impl Egress {
         egress
     }
 
-    /// Starts an egress from an API request, or says which fields are invalid.
-    pub fn create(self: &Arc<Self>, req: &EgressRequest) -> Result<EgressStatus, Vec<FieldError>> {
-        let spec = req.validate(false)?;
+    /// Starts an egress from an API request, under the destination policy and the job cap.
+    pub async fn create(
+        self: &Arc<Self>,
+        req: &EgressRequest,
+    ) -> Result<EgressStatus, CreateError> {
+        let spec = req.validate(false).map_err(CreateError::Invalid)?;
+        let jobs = self
+            .entries
+            .lock()
+            .values()
+            .filter(|e| e.shared.status.lock().created_by != "forward")
+            .count();
+        if jobs >= self.settings.max_jobs {
+            return Err(CreateError::TooMany(self.settings.max_jobs));
+        }
+        if let Target::Rtmp(url) = &spec.target {
+            let policy = &self.settings.policy;
+            policy.check_url(url).map_err(CreateError::Forbidden)?;
+            let parsed = spec::RtmpUrl::parse(url).map_err(CreateError::Forbidden)?;
+            policy
+                .resolve(&parsed.host, parsed.port)
+                .await
+                .map_err(CreateError::Forbidden)?;
+        }
         Ok(self.spawn(spec, "api"))
+    }
+
+    /// Starts an edge's forward of a local publish to an origin: a cluster-internal push
+    /// that the destination policy does not apply to (origins are often on private
+    /// addresses) and that does not count against `max_jobs`.
+    ///
+    /// Under `[auth]` the push presents a publish token for exactly this stream, signed with
+    /// the node's first secret (a day long: a forward lives as long as its publish).
+    pub fn create_forward(
+        self: &Arc<Self>,
+        req: &EgressRequest,
+    ) -> Result<EgressStatus, Vec<FieldError>> {
+        let mut req = req.clone();
+        if let (Some(keys), Some(url)) = (self.settings.auth.keys(), req.url.as_mut()) {
+            let claims = crate::auth::Claims {
+                act: crate::auth::token::OneOrMany::One(crate::auth::Action::Publish),
+                streams: vec![req.stream.clone()],
+                exp: crate::auth::token::now_s() + 86_400,
+                nbf: None,
+                iat: Some(crate::auth::token::now_s()),
+                sub: Some("edge-forward".into()),
+            };
+            match keys.mint(&claims) {
+                Ok(t) => url.push_str(&format!("?token={t}")),
+                Err(e) => warn!("cannot sign a forward's token: {e}"),
+            }
+        }
+        let spec = req.validate(false)?;
+        Ok(self.spawn(spec, "forward"))
     }
 
     pub fn list(&self) -> Vec<EgressStatus> {
@@ -297,6 +365,7 @@ impl Egress {
                     shared: shared.clone(),
                     cancel,
                     recording_root: me.settings.recording_root.clone(),
+                    policy: (created_by == "api").then(|| me.settings.policy.clone()),
                 };
                 let end = task.run().await;
                 shared.set_state(end);
@@ -451,6 +520,8 @@ struct Task {
     shared: Arc<Shared>,
     cancel: CancellationToken,
     recording_root: PathBuf,
+    /// Checked on every connect of an RTMP push (API-created egress only).
+    policy: Option<Arc<policy::DestinationPolicy>>,
 }
 
 impl Task {
@@ -557,9 +628,10 @@ impl Task {
         match &self.spec.target {
             Target::Rtmp(url) => {
                 let url = spec::RtmpUrl::parse(url).expect("validated");
+                let policy = self.policy.clone();
                 tokio::spawn(
                     async move {
-                        let r = rtmp_push::run(url, rx, shared).await;
+                        let r = rtmp_push::run(url, policy, rx, shared).await;
                         let _ = done.send(r);
                     }
                     .in_current_span(),

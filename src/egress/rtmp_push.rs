@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
+use super::policy::DestinationPolicy;
 use super::spec::RtmpUrl;
 use super::{Item, Shared, State};
 use crate::media::{flv, Codec, StreamConfig, TrackKind};
@@ -34,11 +35,20 @@ const BATCH: usize = 64;
 /// destination fails (the error).
 pub async fn run(
     url: RtmpUrl,
+    policy: Option<Arc<DestinationPolicy>>,
     mut rx: mpsc::Receiver<Item>,
     shared: Arc<Shared>,
 ) -> Result<(), String> {
     shared.set_state(State::Connecting);
-    let addr = format!("{}:{}", url.host, url.port);
+    // Under a policy, dial exactly the address it checked (no second lookup to rebind).
+    let addr = match &policy {
+        Some(p) => p
+            .resolve(&url.host, url.port)
+            .await
+            .map_err(|e| format!("{}: refused: {e}", url.redacted()))?
+            .to_string(),
+        None => format!("{}:{}", url.host, url.port),
+    };
     let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, connect(&addr, &url))
         .await
         .map_err(|_| format!("{}: no answer within {CONNECT_TIMEOUT:?}", url.redacted()))?
@@ -95,9 +105,8 @@ pub async fn run(
                     return Err("the destination closed the connection".into());
                 }
                 let results = conn
-                    .session
-                    .handle_input(&buf[..n])
-                    .map_err(|e| format!("bad RTMP from the destination: {e:?}"))?;
+                    .feed(&buf[..n])
+                    .map_err(|e| format!("bad RTMP from the destination: {e}"))?;
                 let mut out = Vec::new();
                 collect(&results, &mut out);
                 write(&mut conn, &out).await?;

@@ -58,6 +58,9 @@ fn rtmp<E: std::fmt::Debug>(e: E) -> PlayError {
 pub struct ClientConn {
     pub socket: TcpStream,
     pub session: ClientSession,
+    /// Reads the server's bytes before rml_rtmp does (a hostile server can send what a
+    /// hostile client can: see [`super::guard`]).
+    guard: super::guard::ChunkGuard,
 }
 
 impl ClientConn {
@@ -108,7 +111,11 @@ impl ClientConn {
         let mut config = ClientSessionConfig::new();
         config.tc_url = tc_url;
         let (session, initial) = ClientSession::new(config).map_err(rtmp)?;
-        let mut conn = ClientConn { socket, session };
+        let mut conn = ClientConn {
+            socket,
+            session,
+            guard: super::guard::ChunkGuard::new(super::guard::GuardLimits::default()),
+        };
         let mut out = Vec::new();
         collect(&initial, &mut out);
         let r = conn
@@ -140,6 +147,22 @@ impl ClientConn {
         Ok(())
     }
 
+    /// Feeds bytes from the server to the session once the guard passed them; a panic in
+    /// the parser is an error for this connection only.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<ClientSessionResult>, PlayError> {
+        self.guard
+            .inspect(bytes)
+            .map_err(|e| PlayError::Rtmp(format!("refused input: {e}")))?;
+        let session = &mut self.session;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.handle_input(bytes)))
+        {
+            Ok(r) => r.map_err(rtmp),
+            Err(_) => Err(PlayError::Rtmp(
+                "RTMP parser panicked on input (input rejected)".into(),
+            )),
+        }
+    }
+
     /// Feeds `input`, then what the server sends, to the session (answering what it asks)
     /// until `want` decides on a raised event.
     pub async fn until<T>(
@@ -150,7 +173,7 @@ impl ClientConn {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             if !input.is_empty() {
-                let results = self.session.handle_input(&input).map_err(rtmp)?;
+                let results = self.feed(&input)?;
                 input.clear();
                 let mut out = Vec::new();
                 collect(&results, &mut out);

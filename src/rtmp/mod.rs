@@ -8,6 +8,7 @@
 
 pub mod chunk;
 pub mod client;
+pub mod guard;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::api::metrics::{Proto, ProtoCounters};
+use crate::auth::hooks::EventKind;
+use crate::auth::Action;
 use crate::hub::{Hub, Packet, Publisher, StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::{
     aac, avc, flv, AudioConfig, Codec, Frame, Metadata, StreamConfig, StreamKey, Timebase,
@@ -64,6 +67,12 @@ pub struct RtmpSettings {
     /// Merged write: a player is written at most once per this interval, all frames that
     /// arrived meanwhile in one vectored write (zero: every frame at once).
     pub merged_write: Duration,
+    /// What a peer's chunks and AMF may be ([`guard`]).
+    pub guard: guard::GuardLimits,
+    /// A connection that is not playing and sends nothing this long is closed.
+    pub idle_timeout: Duration,
+    /// Who may publish and play.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,12 +87,31 @@ pub enum RtmpError {
     Session(String),
     #[error("RTMP parser panicked on input (bug in the parser, input rejected)")]
     ParserPanic,
+    #[error("refused input: {0}")]
+    Guard(#[from] guard::GuardError),
     #[error("publish of {0} rejected: {1}")]
     Media(StreamKey, String),
     #[error("publish of {0} refused: {1}")]
     PublishRefused(String, String),
     #[error("viewer did not read for {0:?}")]
     WriteTimeout(Duration),
+    #[error("{0} refused: {1}")]
+    Denied(&'static str, String),
+    #[error("sent nothing for {0:?}")]
+    IdleTimeout(Duration),
+}
+
+impl RtmpError {
+    /// The kind of refusal this is, for `meshcast_refused_total` (none: not a refusal).
+    fn refusal_kind(&self) -> Option<&'static str> {
+        match self {
+            RtmpError::Denied(..) => Some("denied"),
+            RtmpError::Guard(_) | RtmpError::ParserPanic => Some("bad_input"),
+            RtmpError::IdleTimeout(_) => Some("idle"),
+            RtmpError::HandshakeTimeout => Some("handshake_timeout"),
+            _ => None,
+        }
+    }
 }
 
 /// Accepts RTMP connections until `shutdown`.
@@ -109,10 +137,16 @@ pub async fn serve(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             warn!(%peer, "rtmp connection refused: at max_rtmp_connections");
+            hub.metrics().count_refused("rtmp", "limit");
             continue;
         };
         hub.metrics().count_connection(Proto::Rtmp);
         let _ = socket.set_nodelay(true);
+        // Keepalive finds players whose host vanished (they send nothing we would miss).
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10));
+        let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive);
         let conn = Connection::new(
             socket,
             peer,
@@ -129,6 +163,9 @@ pub async fn serve(
                     Ok(()) => debug!("connection closed"),
                     Err(e) => {
                         metrics.count_session_error(Proto::Rtmp);
+                        if let Some(why) = e.refusal_kind() {
+                            metrics.count_refused("rtmp", why);
+                        }
                         info!("connection closed: {e}");
                     }
                 }
@@ -156,6 +193,8 @@ struct Connection {
     flush_clock: Option<watch::Receiver<()>>,
     /// A publisher's eviction ([`Publisher::evicted`]).
     evicted: Option<Pin<Box<dyn Future<Output = String> + Send>>>,
+    /// The event hook's notification due when this publish or play ends.
+    event_on_close: Option<(EventKind, StreamKey)>,
 }
 
 impl Connection {
@@ -175,6 +214,38 @@ impl Connection {
             out: Vec::new(),
             flush_clock,
             evicted: None,
+            event_on_close: None,
+        }
+    }
+
+    /// Sends the event hook the end of this publish or play.
+    fn end_event(&mut self) {
+        if let Some((kind, key)) = self.event_on_close.take() {
+            self.settings.auth.notify(kind, "rtmp", &key, self.peer);
+        }
+    }
+
+    /// Asks [`crate::auth::Auth`] whether this client may `action` the stream; the token
+    /// comes from the stream key's query (`demo?token=T`).
+    fn authorize(
+        &self,
+        action: Action,
+        key: &StreamKey,
+        query: &str,
+    ) -> impl Future<Output = Result<(), crate::auth::Denied>> + Send + 'static {
+        let auth = self.settings.auth.clone();
+        let (peer, key, query) = (self.peer, key.clone(), query.to_string());
+        async move {
+            let token = crate::auth::token_from_query(&query);
+            let access = crate::auth::Access {
+                action,
+                protocol: "rtmp",
+                stream: &key,
+                client: peer,
+                query: &query,
+                token: token.as_deref(),
+            };
+            auth.check(&access).await
         }
     }
 
@@ -187,22 +258,31 @@ impl Connection {
         let (mut session, results) =
             ServerSession::new(config).map_err(|e| RtmpError::Session(e.to_string()))?;
         self.handle_results(&mut session, results).await?;
+        let mut guard = guard::ChunkGuard::new(self.settings.guard);
         if !remaining.is_empty() {
-            let results = handle_input(&mut session, &remaining)?;
+            let results = handle_input(&mut guard, &mut session, &remaining)?;
             self.handle_results(&mut session, results).await?;
         }
         self.flush().await?;
 
         // Players send only small control messages; publishers refill it as it drains.
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        let idle = self.settings.idle_timeout;
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
         loop {
             let playing = matches!(self.state, State::Playing(_));
             tokio::select! {
+                _ = &mut idle_timer, if !playing => {
+                    info!("closing: sent nothing for {idle:?}");
+                    return Err(RtmpError::IdleTimeout(idle));
+                }
                 r = self.socket.read_buf(&mut buf) => {
+                    idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
                     if r? == 0 {
                         return Ok(());
                     }
-                    let results = handle_input(&mut session, &buf)?;
+                    let results = handle_input(&mut guard, &mut session, &buf)?;
                     buf.clear();
                     if let Err(e) = self.handle_results(&mut session, results).await {
                         // A refusal is written before the connection closes.
@@ -340,6 +420,7 @@ impl Connection {
                     info!("publisher finished");
                     self.state = State::Idle;
                     self.evicted = None;
+                    self.end_event();
                 }
             }
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
@@ -374,7 +455,11 @@ impl Connection {
             ServerSessionEvent::PlayStreamFinished { .. } => {
                 if matches!(self.state, State::Playing(_)) {
                     info!("player stopped");
+                    if let State::Playing(play) = &self.state {
+                        play.counters.viewers.dec();
+                    }
                     self.state = State::Idle;
+                    self.end_event();
                 }
             }
             _ => {}
@@ -397,7 +482,7 @@ impl Connection {
         app: &str,
         stream_key: &str,
     ) -> Result<(), RtmpError> {
-        let name = stream_key.split('?').next().unwrap_or_default();
+        let (name, query) = crate::auth::split_query(stream_key);
         let reject = |this: &mut Self, session: &mut ServerSession, code, why: String| {
             warn!("publish {app}/{name} refused: {why}");
             let results = session_call(session.reject_request(request_id, code, &why))?;
@@ -416,12 +501,25 @@ impl Connection {
             Ok(k) => k,
             Err(e) => return reject(self, session, "NetStream.Publish.BadName", e.to_string()),
         };
+        if let Err(denied) = self.authorize(Action::Publish, &key, query).await {
+            let _ = reject(
+                self,
+                session,
+                "NetStream.Publish.Unauthorized",
+                denied.reason.clone(),
+            );
+            return Err(RtmpError::Denied("publish", denied.reason));
+        }
         let publisher = match self.hub.publish_checked(key.clone()).await {
             Ok(p) => p,
             Err(e) => return reject(self, session, "NetStream.Publish.BadName", e.to_string()),
         };
         tracing::Span::current().record("stream", tracing::field::display(&key));
         info!("publishing {key}");
+        self.settings
+            .auth
+            .notify(EventKind::Publish, "rtmp", &key, self.peer);
+        self.event_on_close = Some((EventKind::Unpublish, key.clone()));
         let results = session_call(session.accept_request(request_id))?;
         self.handle_plain_results(results);
         let (frames_in, bytes_in) = self.hub.metrics().ingest(Proto::Rtmp);
@@ -448,7 +546,19 @@ impl Connection {
         stream_key: &str,
         stream_id: u32,
     ) -> Result<(), RtmpError> {
-        let name = stream_key.split('?').next().unwrap_or_default();
+        let (name, query) = crate::auth::split_query(stream_key);
+        if let Ok(key) = StreamKey::new(app, name) {
+            if let Err(denied) = self.authorize(Action::Play, &key, query).await {
+                warn!("play {key} refused: {}", denied.reason);
+                let results = session_call(session.reject_request(
+                    request_id,
+                    "NetStream.Play.Unauthorized",
+                    &denied.reason,
+                ))?;
+                self.handle_plain_results(results);
+                return Err(RtmpError::Denied("play", denied.reason));
+            }
+        }
         let sub = match StreamKey::new(app, name) {
             Err(e) => Err(e.to_string()),
             Ok(key) if !matches!(self.state, State::Idle) => Err(format!(
@@ -478,6 +588,10 @@ impl Connection {
         };
         tracing::Span::current().record("stream", tracing::field::display(&key));
         info!(peer = %self.peer, "playing {key}");
+        self.settings
+            .auth
+            .notify(EventKind::Play, "rtmp", &key, self.peer);
+        self.event_on_close = Some((EventKind::Stop, key.clone()));
         let results = session_call(session.accept_request(request_id))?;
         for r in results {
             if let ServerSessionResult::OutboundResponse(p) = r {
@@ -582,6 +696,9 @@ impl Drop for Connection {
         if let State::Playing(play) = &self.state {
             play.counters.viewers.dec();
         }
+        if let Some((kind, key)) = self.event_on_close.take() {
+            self.settings.auth.notify(kind, "rtmp", &key, self.peer);
+        }
     }
 }
 
@@ -640,12 +757,14 @@ fn spawn_flush_clock(
     Some(rx)
 }
 
-/// Feeds bytes to the session; a panic inside the parser becomes an error for this
-/// connection only.
+/// Feeds bytes to the session once the guard passed them; a panic inside the parser
+/// becomes an error for this connection only.
 fn handle_input(
+    guard: &mut guard::ChunkGuard,
     session: &mut ServerSession,
     bytes: &[u8],
 ) -> Result<Vec<ServerSessionResult>, RtmpError> {
+    guard.inspect(bytes)?;
     match std::panic::catch_unwind(AssertUnwindSafe(|| session.handle_input(bytes))) {
         Ok(r) => session_call(r),
         Err(_) => Err(RtmpError::ParserPanic),
