@@ -28,11 +28,86 @@ enum Command {
     },
     /// Check a config file and report every problem in it.
     CheckConfig { file: PathBuf },
+    /// Print a signed access token (with the first of the config's [auth] secrets).
+    Token {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// publish, play or admin (repeat for several).
+        #[arg(long, required = true)]
+        action: Vec<String>,
+        /// Stream patterns (`live/demo`, `live/*`); repeat for several. Admin tokens may
+        /// leave it out (all streams).
+        #[arg(long)]
+        stream: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Who the token is for (the `sub` claim, shown to hooks).
+        #[arg(long)]
+        subject: Option<String>,
+    },
+}
+
+/// `meshcast token`: prints a token on stdout, or says why it cannot.
+fn mint_token(
+    config: &std::path::Path,
+    actions: &[String],
+    streams: Vec<String>,
+    ttl: u64,
+    subject: Option<String>,
+) -> Result<String, String> {
+    use meshcast::auth::{token, Action, Claims, Keys};
+    let c = Config::load(config).map_err(|e| e.to_string())?;
+    if c.auth.secrets.is_empty() {
+        return Err(format!(
+            "{}: [auth] has no secrets to sign with",
+            config.display()
+        ));
+    }
+    let mut act = Vec::new();
+    for a in actions {
+        act.push(
+            Action::parse(a)
+                .ok_or_else(|| format!("--action {a}: must be publish, play or admin"))?,
+        );
+    }
+    if streams.is_empty() && !act.contains(&Action::Admin) {
+        return Err("--stream is required (e.g. --stream 'live/*')".into());
+    }
+    if ttl == 0 || ttl > 10 * 365 * 86_400 {
+        return Err("--ttl must be between 1 second and 10 years".into());
+    }
+    let keys = Keys::new(&c.auth.secrets, &[] as &[&str])?;
+    let now = token::now_s();
+    keys.mint(&Claims {
+        act: token::OneOrMany::Many(act),
+        streams,
+        exp: now + ttl,
+        nbf: None,
+        iat: Some(now),
+        sub: subject,
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Token {
+            config,
+            action,
+            stream,
+            ttl,
+            subject,
+        } => match mint_token(&config, &action, stream, ttl, subject) {
+            Ok(t) => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshcast token: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {
                 println!(

@@ -9,6 +9,38 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     http_request(addr, "GET", path, None)
 }
 
+/// A GET with `Authorization: Bearer token` when a token is given: (status, body).
+pub fn http_get_bearer(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let extra = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    http_raw(addr, "GET", path, &extra, "").map(|(s, _, b)| (s, b))
+}
+
+/// A request with extra header lines (each ending in CRLF): (status, head, body).
+pub fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &str,
+) -> std::io::Result<(u16, String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    Ok(parse_response(&resp))
+}
+
 /// A tiny HTTP/1.1 request with an optional JSON body: (status, body).
 pub fn http_request(
     addr: SocketAddr,
@@ -47,7 +79,12 @@ pub fn http_exchange(
     )?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp).to_string();
+    Ok(parse_response(&resp))
+}
+
+/// (status, head, body) of a whole response.
+fn parse_response(resp: &[u8]) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(resp).to_string();
     let status = text
         .split_whitespace()
         .nth(1)
@@ -62,7 +99,7 @@ pub fn http_exchange(
     } else {
         body.to_string()
     };
-    Ok((status, head.to_string(), body))
+    (status, head.to_string(), body)
 }
 
 /// A header's value in a response head.

@@ -81,6 +81,8 @@ pub struct NodeProc {
     pub quic: SocketAddr,
     pub webrtc: SocketAddr,
     pub dir: PathBuf,
+    /// Sent as a bearer token on API calls (nodes with `[auth]`).
+    pub admin_token: Option<String>,
 }
 
 pub struct NodeSpec {
@@ -94,6 +96,9 @@ pub struct NodeSpec {
     pub node_extra: String,
     /// Replaces the `[webrtc]` section's keys (default: listen on a free loopback port).
     pub webrtc_extra: String,
+    /// Appended to the `[rtmp]` and `[http]` sections.
+    pub rtmp_extra: String,
+    pub http_extra: String,
 }
 
 impl NodeSpec {
@@ -106,6 +111,8 @@ impl NodeSpec {
             extra: String::new(),
             node_extra: String::new(),
             webrtc_extra: String::new(),
+            rtmp_extra: String::new(),
+            http_extra: String::new(),
         }
     }
     pub fn origin(id: &str) -> Self {
@@ -117,6 +124,8 @@ impl NodeSpec {
             extra: String::new(),
             node_extra: String::new(),
             webrtc_extra: String::new(),
+            rtmp_extra: String::new(),
+            http_extra: String::new(),
         }
     }
     pub fn edge(id: &str, origins: Vec<SocketAddr>) -> Self {
@@ -128,6 +137,8 @@ impl NodeSpec {
             extra: String::new(),
             node_extra: String::new(),
             webrtc_extra: String::new(),
+            rtmp_extra: String::new(),
+            http_extra: String::new(),
         }
     }
 }
@@ -170,8 +181,8 @@ impl NodeProc {
             spec.webrtc_extra.clone()
         };
         let config = format!(
-            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n{}\n\n[rtmp]\nlisten = \"{rtmp}\"\n\n[http]\nlisten = \"{http}\"\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
-            spec.id, spec.region, spec.role, spec.node_extra, spec.extra
+            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n{}\n\n[rtmp]\nlisten = \"{rtmp}\"\n{}\n\n[http]\nlisten = \"{http}\"\n{}\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
+            spec.id, spec.region, spec.role, spec.node_extra, spec.rtmp_extra, spec.http_extra, spec.extra
         );
         let path = dir.join("node.toml");
         std::fs::write(&path, config).unwrap();
@@ -192,6 +203,7 @@ impl NodeProc {
             quic,
             webrtc,
             dir,
+            admin_token: None,
         };
         wait_until(Duration::from_secs(10), "node HTTP up", || {
             http_get(node.http, "/healthz")
@@ -214,7 +226,9 @@ impl NodeProc {
     }
 
     pub fn streams(&self) -> Vec<Value> {
-        let (_, body) = http_get(self.http, "/api/v1/streams").expect("streams API");
+        let (_, body) =
+            http::http_get_bearer(self.http, "/api/v1/streams", self.admin_token.as_deref())
+                .expect("streams API");
         let v: Value = serde_json::from_str(&body).expect("streams JSON");
         v["streams"].as_array().cloned().unwrap_or_default()
     }
