@@ -18,7 +18,7 @@ use crate::hub::{
     Hub, Packet, Publisher, Scope, Source, StreamEvent, SubscribeError, Subscription,
 };
 use crate::media::{AudioConfig, Codec, StreamConfig, StreamKey, TrackKind, VideoConfig};
-use crate::transcode::{AudioTranscoder, VideoTranscoder};
+use crate::transcode::{AudioTranscoder, TranscodeError, VideoTranscoder};
 
 /// How long a derived stream outlives its last consumer.
 const BRIDGE_GRACE: Duration = Duration::from_secs(3);
@@ -88,6 +88,21 @@ async fn subscribe_bridged(
     .await
 }
 
+/// Runs FFmpeg work on the blocking pool, so decoding and encoding never hold up the async
+/// workers that carry every other stream. `None` if the work panicked (the transcoder is
+/// then lost).
+async fn off_thread<T: Send + 'static, R: Send + 'static>(
+    mut t: T,
+    work: impl FnOnce(&mut T) -> R + Send + 'static,
+) -> Option<(T, R)> {
+    tokio::task::spawn_blocking(move || {
+        let r = work(&mut t);
+        (t, r)
+    })
+    .await
+    .ok()
+}
+
 async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut out: Publisher) {
     let mut sub = match hub.subscribe(&original, Scope::Any).await {
         Ok(s) => s,
@@ -128,7 +143,11 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut ou
                 if let Some(audio) = c.audio.as_ref().filter(|a| a.codec != want) {
                     let reuse = transcoder.as_ref().is_some_and(|(from, _)| from == audio);
                     if !reuse {
-                        transcoder = match AudioTranscoder::new(audio, want) {
+                        let a = audio.clone();
+                        let made =
+                            tokio::task::spawn_blocking(move || AudioTranscoder::new(&a, want))
+                                .await;
+                        transcoder = match made.unwrap_or(Err(TranscodeError::Panicked)) {
                             Ok(t) => Some((audio.clone(), t)),
                             Err(e) => {
                                 warn!("cannot bridge audio: {e}; the audio track is dropped");
@@ -141,7 +160,10 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut ou
                 if let Some(v) = c.video.as_ref().filter(|v| h264 && v.codec != Codec::H264) {
                     let reuse = video.as_ref().is_some_and(|(from, _)| from == v);
                     if !reuse {
-                        video = match VideoTranscoder::new(v) {
+                        let vc = v.clone();
+                        let made =
+                            tokio::task::spawn_blocking(move || VideoTranscoder::new(&vc)).await;
+                        video = match made.unwrap_or(Err(TranscodeError::Panicked)) {
                             Ok(t) => Some((v.clone(), t)),
                             Err(e) => {
                                 warn!("cannot transcode video: {e}; the bridge stops");
@@ -164,10 +186,19 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut ou
             Ok(StreamEvent::Frame(p)) => {
                 let f = &p.frame;
                 if f.track() == TrackKind::Audio && f.codec != want {
-                    let Some((_, t)) = transcoder.as_mut().filter(|_| live) else {
+                    if !live {
+                        continue;
+                    }
+                    let Some((from, t)) = transcoder.take() else {
                         continue;
                     };
-                    match t.push(f) {
+                    let frame = f.clone();
+                    let Some((t, pushed)) = off_thread(t, move |t| t.push(&frame)).await else {
+                        warn!("audio transcoder failed; the audio track is dropped");
+                        continue;
+                    };
+                    transcoder = Some((from, t));
+                    match pushed {
                         Ok(frames) => {
                             for frame in frames {
                                 out.push(Packet::new(frame));
@@ -175,11 +206,18 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut ou
                         }
                         Err(e) => warn!("audio frame not transcoded: {e}"),
                     }
-                } else if let Some((_, t)) = video
-                    .as_mut()
-                    .filter(|_| f.codec != Codec::H264 && f.track() == TrackKind::Video)
+                } else if video.is_some() && f.codec != Codec::H264 && f.track() == TrackKind::Video
                 {
-                    let frames = match t.push(f) {
+                    let Some((from, t)) = video.take() else {
+                        continue;
+                    };
+                    let frame = f.clone();
+                    let Some((t, pushed)) = off_thread(t, move |t| t.push(&frame)).await else {
+                        warn!("video transcoder failed; the bridge stops");
+                        return;
+                    };
+                    let (_, t) = video.insert((from, t));
+                    let frames = match pushed {
                         Ok(frames) => frames,
                         Err(e) => {
                             warn!("video frame not transcoded: {e}");

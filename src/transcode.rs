@@ -28,6 +28,8 @@ pub enum TranscodeError {
     Config(#[from] aac::AacError),
     #[error("ffmpeg: {0}")]
     Ffmpeg(#[from] ff::Error),
+    #[error("the transcoder panicked")]
+    Panicked,
 }
 
 /// Input gaps larger than this re-anchor the output timestamps.

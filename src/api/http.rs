@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
 use crate::api::metrics::Proto;
+use crate::auth::hooks::EventKind;
 use crate::auth::{Action as AuthAction, Auth, Denied};
 use crate::backbone::Backbone;
 use crate::hub::{Hub, SubscribeError};
@@ -627,11 +628,20 @@ fn redirect(s: &AppState, ask: &RouteAsk, path: &str) -> Response {
     }
 }
 
-/// `path` with the client's query (its token, say) carried over to where it is sent.
+/// `path` with the client's query (its token, say) carried over to where it is sent, less
+/// the `region` that was only for this redirect.
 fn with_query(path: String, query: Option<&str>) -> String {
-    match query.filter(|q| !q.is_empty()) {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
+    let Some(q) = query.filter(|q| !q.is_empty()) else {
+        return path;
+    };
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("region"))
+        .collect();
+    if kept.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", kept.join("&"))
     }
 }
 
@@ -827,6 +837,7 @@ async fn flv(
     }
     let span = tracing::info_span!("flv", stream = %key);
     span.in_scope(|| info!("playing {key} over HTTP-FLV"));
+    s.auth.notify(EventKind::Play, "flv", &key, peer);
     let counters = s.hub.metrics().proto(Proto::Flv);
     let rx = span.in_scope(|| {
         crate::play::flv::spawn_pump(sub, counters, s.hub.limits().viewer_write_timeout)
@@ -973,6 +984,9 @@ async fn whep_post(
     let created = webrtc
         .create_whep(key.clone(), &body, sub, s.hub.clone())
         .await;
+    if created.is_ok() {
+        s.auth.notify(EventKind::Play, "whep", &key, peer);
+    }
     session_created(&webrtc, "whep", &namespace, &stream, created)
 }
 
@@ -1014,7 +1028,10 @@ async fn whip_post(
         Ok(p) => p,
         Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),
     };
-    let created = webrtc.create_whip(key, &body, publisher);
+    let created = webrtc.create_whip(key.clone(), &body, publisher);
+    if created.is_ok() {
+        s.auth.notify(EventKind::Publish, "whip", &key, peer);
+    }
     session_created(&webrtc, "whip", &namespace, &stream, created)
 }
 

@@ -147,10 +147,16 @@ pub fn sps_picture_size(nal: &[u8]) -> Result<(u32, u32), AvcError> {
         1 => (2, 2 * (2 - frame_mbs_only)),
         _ => (2, 2 - frame_mbs_only),
     };
-    let width = (width_mbs * 16).saturating_sub(crop_x * (crop_l + crop_r));
-    let height =
-        ((2 - frame_mbs_only) * height_map_units * 16).saturating_sub(crop_y * (crop_t + crop_b));
-    Ok((width, height))
+    // Crop values come from the peer (up to 2^32 - 2 each): sum them in 64 bits and refuse
+    // a crop larger than the picture rather than wrap.
+    let crop = |unit: u32, a: u32, b: u32| unit as u64 * (a as u64 + b as u64);
+    let full_w = width_mbs as u64 * 16;
+    let full_h = (2 - frame_mbs_only) as u64 * height_map_units as u64 * 16;
+    let (cw, ch) = (crop(crop_x, crop_l, crop_r), crop(crop_y, crop_t, crop_b));
+    if cw >= full_w || ch >= full_h {
+        return Err(AvcError::Sps("cropping larger than the picture"));
+    }
+    Ok(((full_w - cw) as u32, (full_h - ch) as u32))
 }
 
 fn skip_scaling_list(r: &mut BitReader<'_>, size: usize) -> Result<(), AvcError> {

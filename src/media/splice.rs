@@ -122,7 +122,7 @@ impl Splicer {
             return false;
         }
         let shift = NANOS.rescale(self.offset_ns, f.timebase);
-        let out = f.timebase.rescale(f.dts + shift, NANOS);
+        let out = f.timebase.rescale(f.dts.saturating_add(shift), NANOS);
         let newer = self.last[self.index(f.track())].is_none_or(|l| out > l);
         (newer && (f.keyframe || !self.has_video)) || self.recent.contains(&out)
     }
@@ -168,12 +168,15 @@ impl Splicer {
             }
             let newest = self.last.iter().flatten().max().copied();
             let dts_ns = f.timebase.rescale(f.dts, NANOS);
-            self.offset_ns = newest.map_or(0, |n| n + SESSION_GAP_NS - dts_ns);
+            // Timestamps come from peers: saturate rather than overflow on absurd ones.
+            self.offset_ns = newest.map_or(0, |n| {
+                n.saturating_add(SESSION_GAP_NS).saturating_sub(dts_ns)
+            });
             self.rejoining = None;
         }
         let shift = NANOS.rescale(self.offset_ns, f.timebase);
-        f.dts += shift;
-        f.pts += shift;
+        f.dts = f.dts.saturating_add(shift);
+        f.pts = f.pts.saturating_add(shift);
         let out = f.timebase.rescale(f.dts, NANOS);
         if let Some(Rejoin::Same { touching }) = &mut self.rejoining {
             if video || !self.has_video {

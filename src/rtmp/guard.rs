@@ -69,6 +69,8 @@ pub enum GuardError {
     Interleaved { open: u32, new: u32 },
     #[error("a chunk header changed the length or type of a message midway")]
     HeaderChangedMidMessage,
+    #[error("an extended timestamp below 0xFFFFFF")]
+    BadExtendedTimestamp,
     #[error("malformed control message of type {0}")]
     BadControl(u8),
     #[error("AMF0 nests deeper than {0} levels")]
@@ -194,6 +196,12 @@ impl ChunkGuard {
         if header.timestamp_field >= EXTENDED_TIMESTAMP {
             if h.len() < at + 4 {
                 return Ok(None);
+            }
+            // rml_rtmp subtracts 0xFFFFFF from a delta's extended value unchecked; a value
+            // below it is malformed anyway (it is only sent for values that do not fit).
+            let ext = u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+            if fmt != 0 && self.partial == 0 && ext < EXTENDED_TIMESTAMP {
+                return Err(GuardError::BadExtendedTimestamp);
             }
             at += 4;
         }
@@ -626,5 +634,10 @@ mod tests {
         g.inspect(&bytes).unwrap();
         assert_eq!(g.partial, 0);
         assert!(g.chunk.is_none() && g.header.is_empty());
+        // A new message with a delta whose extended value is below 0xFFFFFF.
+        assert_eq!(
+            g.inspect(&[0x86, 0xff, 0xff, 0xff, 0, 0, 0, 5]),
+            Err(GuardError::BadExtendedTimestamp)
+        );
     }
 }
