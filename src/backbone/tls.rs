@@ -3,11 +3,13 @@
 //! Two modes, chosen by config:
 //! * `backbone.cert`/`key`/`ca` set: each node presents its certificate (which must name the
 //!   DNS name `meshcast`) and verifies its peer's against the CA. Peers are authenticated by
-//!   TLS *and* by the shared token.
+//!   TLS *and* by proving the shared token.
 //! * nothing set: each node generates a self-signed certificate at start and does **not**
-//!   verify the peer's certificate. The link is encrypted, and peers prove membership with the
-//!   shared `backbone.token` in the hello, but an active man-in-the-middle on the path could
-//!   learn the token. Use a CA outside a trusted network. A warning is logged at start.
+//!   verify the peer's certificate. The link is encrypted, and peers prove they know the
+//!   shared `backbone.token` in the hello without sending it ([`super::auth`]). An active
+//!   man-in-the-middle on the path could still relay a hello between two real nodes, and
+//!   could try to guess a short token offline from a dialer's proof (hence at least 16 bytes
+//!   off loopback). Use a CA outside a trusted network. A warning is logged at start.
 
 use std::path::Path;
 use std::sync::Arc;
