@@ -15,7 +15,11 @@
 //! its groups; one task per received group stream reads it. Queues are bounded: a served
 //! subscription that cannot keep up skips to the next keyframe via the hub's ring.
 //!
-//! The nonces of the hello come from the OS generator here, not in the session.
+//! Nothing a peer sends makes a node grow without bound: at most [`MAX_INBOUND_LINKS`]
+//! inbound connections, QUIC stream limits per connection ([`tls`]), a hello that must
+//! complete within [`HELLO_TIMEOUT`] and [`wire::HANDSHAKE_MESSAGE`] bytes per message, and
+//! media items read into buffers that grow as their bytes arrive (never to an announced
+//! length). The nonces of the hello come from the OS generator here, not in the session.
 
 pub mod auth;
 pub mod directory;
@@ -55,6 +59,8 @@ use wire::{code, Announcement, GroupHeader, MediaItem, NodeRecord, PeerRole, GRO
 /// Time for a peer to complete the hello exchange (from the QUIC handshake's end, control
 /// stream included).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound backbone connections held at once (authenticated or not); more are refused.
+pub const MAX_INBOUND_LINKS: usize = 512;
 /// Time for an upstream to answer a subscribe.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A group that makes no progress this long while a newer one waits is abandoned.
@@ -214,6 +220,8 @@ pub struct Backbone {
     upstreams: Vec<SocketAddr>,
     outbound: Mutex<HashMap<SocketAddr, OutboundLink>>,
     inbound: Mutex<HashMap<usize, InboundLink>>,
+    /// Inbound connections held now, authenticated or not (at most [`MAX_INBOUND_LINKS`]).
+    inbound_slots: Arc<tokio::sync::Semaphore>,
     /// Which origin publishes each stream (from announces).
     directory: Mutex<Directory>,
     /// The other nodes' records; this node's own.
@@ -272,6 +280,7 @@ impl Backbone {
             upstreams,
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
+            inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS)),
             directory: Mutex::new(Directory::default()),
             nodes: Mutex::new(NodeTable::new(&config.node.id)),
             me_record: Mutex::new(NodeRecord {
@@ -361,8 +370,14 @@ impl Backbone {
                 },
                 _ = self.shutdown.cancelled() => return,
             };
+            let Ok(slot) = self.inbound_slots.clone().try_acquire_owned() else {
+                debug!(peer = %incoming.remote_address(), "refused: {MAX_INBOUND_LINKS} inbound links");
+                incoming.refuse();
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let remote = incoming.remote_address();
                 let span = tracing::info_span!("backbone", peer = %remote, dir = "in");
                 async move {
@@ -1745,10 +1760,16 @@ enum ItemError {
     #[error("{0}")]
     Read(#[from] quinn::ReadExactError),
     #[error("{0}")]
+    ReadChunk(#[from] quinn::ReadError),
+    #[error("stream ended inside an item")]
+    FinishedEarly,
+    #[error("{0}")]
     Wire(#[from] wire::WireError),
 }
 
-/// Reads one length-prefixed media item; `None` at a clean end of stream.
+/// Reads one length-prefixed media item; `None` at a clean end of stream. The body buffer
+/// grows as its bytes arrive: an announced length (up to [`wire::MAX_MESSAGE`]) reserves
+/// nothing by itself.
 async fn read_item(stream: &mut quinn::RecvStream) -> Result<Option<MediaItem>, ItemError> {
     let mut prefix = [0u8; 4];
     match stream.read_exact(&mut prefix).await {
@@ -1757,9 +1778,15 @@ async fn read_item(stream: &mut quinn::RecvStream) -> Result<Option<MediaItem>, 
         Err(e) => return Err(e.into()),
     }
     let len = wire::frame_len(prefix)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    let mut body = bytes::Bytes::from(body);
+    let mut body = BytesMut::new();
+    while body.len() < len {
+        let chunk = stream
+            .read_chunk(len - body.len(), true)
+            .await?
+            .ok_or(ItemError::FinishedEarly)?;
+        body.extend_from_slice(&chunk.bytes);
+    }
+    let mut body = body.freeze();
     let kind = bytes::Buf::get_u8(&mut body);
     Ok(Some(MediaItem::decode(kind, body)?))
 }
