@@ -20,6 +20,8 @@
 //! complete within [`HELLO_TIMEOUT`] and [`wire::HANDSHAKE_MESSAGE`] bytes per message, and
 //! media items read into buffers that grow as their bytes arrive (never to an announced
 //! length). The nonces of the hello come from the OS generator here, not in the session.
+//! Without a `backbone.token` the node refuses every incoming connection (said once in the
+//! log): an empty token authenticates nobody.
 
 pub mod auth;
 pub mod directory;
@@ -314,6 +316,12 @@ impl Backbone {
             .links
             .set_reader(move || me.upgrade().map(|b| b.links()).unwrap_or_default());
         if bb.listen.is_some() {
+            if bb.token.is_empty() {
+                warn!(
+                    "backbone: no backbone.token is set, so the backbone is closed: every incoming \
+                     backbone connection is refused until a token (16 bytes or more) is set"
+                );
+            }
             tokio::spawn(backbone.clone().accept_loop());
         }
         tokio::spawn(backbone.clone().state_loop());
@@ -370,6 +378,12 @@ impl Backbone {
                 },
                 _ = self.shutdown.cancelled() => return,
             };
+            if self.token.is_empty() {
+                // Closed backbone (logged once at start): an empty token authenticates nobody.
+                debug!(peer = %incoming.remote_address(), "refused: the backbone has no token");
+                incoming.refuse();
+                continue;
+            }
             let Ok(slot) = self.inbound_slots.clone().try_acquire_owned() else {
                 debug!(peer = %incoming.remote_address(), "refused: {MAX_INBOUND_LINKS} inbound links");
                 incoming.refuse();
