@@ -182,7 +182,8 @@ pub struct BackboneConfig {
     /// several addresses picks its interface). `None`: any address of the first origin's
     /// family.
     pub bind: Option<IpAddr>,
-    /// Shared cluster secret presented in the backbone hello.
+    /// Shared cluster secret; each side of a link proves it knows it without sending it.
+    /// Empty: the node authenticates nobody (see [`backbone_token_problem`]).
     pub token: String,
     /// PEM files. With `ca` set, peers' certificates are verified against it; without it
     /// nodes generate a self-signed certificate and authenticate each other by `token` only.
@@ -202,6 +203,61 @@ pub struct BackboneConfig {
     pub return_after: Duration,
     /// The links' QUIC congestion controller.
     pub congestion: Congestion,
+}
+
+/// Shortest `backbone.token` accepted when the backbone reaches beyond loopback: a
+/// man-in-the-middle (no CA configured) who captures a proof could try tokens offline.
+pub const MIN_BACKBONE_TOKEN: usize = 16;
+
+/// The token policy. A node whose backbone listens on, or dials, a non-loopback address
+/// needs a token of [`MIN_BACKBONE_TOKEN`] bytes or more; a node that dials anything needs
+/// one at all (an empty token authenticates nobody, so its links could never come up). A
+/// standalone node that only listens may start without one (the default, `meshcast run`
+/// with no config), as may any node listening on loopback only: its backbone is then
+/// closed, refusing every connection.
+fn backbone_token_problem(
+    role: Role,
+    token: &str,
+    listen: Option<SocketAddr>,
+    peers: &[SocketAddr],
+    origins: &[SocketAddr],
+) -> Option<Problem> {
+    let dials: Vec<SocketAddr> = peers.iter().chain(origins).copied().collect();
+    let exposed = listen
+        .into_iter()
+        .chain(dials.iter().copied())
+        .find(|a| !a.ip().is_loopback());
+    let advice = "set a random secret of 16 bytes or more, the same on every node (e.g. `openssl rand -hex 16`)";
+    let why = |a: SocketAddr| match listen {
+        Some(l) if l == a => format!("backbone.listen {a} is not a loopback address"),
+        _ => format!("this node dials {a}, not a loopback address"),
+    };
+    if token.is_empty() {
+        if let Some(first) = dials.first() {
+            return Some(Problem::new(
+                "backbone.token",
+                format!(
+                    "is empty, so no backbone link (to {first}, ...) can authenticate: {advice}"
+                ),
+            ));
+        }
+        return match exposed {
+            // Only listening, no token: the backbone stays closed (logged at start). That
+            // is the default standalone node, which must start without a config.
+            Some(a) if role != Role::Standalone => Some(Problem::new(
+                "backbone.token",
+                format!("is empty and {}: {advice}", why(a)),
+            )),
+            _ => None,
+        };
+    }
+    match exposed {
+        Some(a) if token.len() < MIN_BACKBONE_TOKEN => Some(Problem::new(
+            "backbone.token",
+            format!("is {} bytes and {}: {advice}", token.len(), why(a)),
+        )),
+        _ => None,
+    }
 }
 
 /// QUIC congestion control on backbone links (`backbone.congestion`).
@@ -549,6 +605,10 @@ impl Config {
                 }
             }
         }
+        let token = backbone.token.unwrap_or_default();
+        problems.extend(backbone_token_problem(
+            role, &token, bb_listen, &peers, &origins,
+        ));
         let resolve = |p: Option<String>| p.map(|p| base.join(p));
         let cert = resolve(backbone.cert);
         let key = resolve(backbone.key);
@@ -753,7 +813,7 @@ impl Config {
                 peers,
                 origins,
                 bind,
-                token: backbone.token.unwrap_or_default(),
+                token,
                 cert,
                 key,
                 ca,
@@ -1169,7 +1229,7 @@ mod tests {
 
     #[test]
     fn an_edge_may_bind_its_outgoing_backbone_address() {
-        let edge = "[node]\nrole = \"edge\"\n[backbone]\norigins = [\"10.0.0.1:4433\"]\n";
+        let edge = "[node]\nrole = \"edge\"\n[backbone]\ntoken = \"0123456789abcdef\"\norigins = [\"10.0.0.1:4433\"]\n";
         let c = parse(&format!("{edge}bind = \"10.0.0.7\"\n")).unwrap();
         assert_eq!(c.backbone.bind, Some("10.0.0.7".parse().unwrap()));
         assert_eq!(parse(edge).unwrap().backbone.bind, None);
@@ -1229,6 +1289,54 @@ mod tests {
         }
         let text = err.to_string();
         assert!(text.contains("test.toml: rtmp.chunk_size: must be between 128 and 65536"));
+    }
+
+    #[test]
+    fn a_backbone_beyond_loopback_needs_a_token_of_16_bytes() {
+        let origin = |token: &str, listen: &str, peers: &str| {
+            parse(&format!(
+                "[node]\nrole = \"origin\"\n[backbone]\ntoken = \"{token}\"\nlisten = \"{listen}\"\npeers = [{peers}]\n"
+            ))
+        };
+        let edge = |token: &str, origin: &str| {
+            parse(&format!(
+                "[node]\nrole = \"edge\"\n[backbone]\ntoken = \"{token}\"\norigins = [\"{origin}\"]\n"
+            ))
+        };
+        let refused = |r: Result<Config, ConfigErrors>, why: &str| {
+            let err = r.unwrap_err();
+            assert_eq!(err.problems[0].key, "backbone.token", "{err}");
+            let text = err.to_string();
+            assert!(text.contains(why) && text.contains("16 bytes"), "{text}");
+        };
+        let strong = "0123456789abcdef";
+        refused(
+            origin("", "0.0.0.0:4433", ""),
+            "is empty and backbone.listen",
+        );
+        refused(
+            origin("", "127.0.0.1:4433", "\"10.0.0.2:4433\""),
+            "is empty",
+        );
+        refused(origin("short", "10.0.0.1:4433", ""), "is 5 bytes");
+        refused(
+            origin("short", "127.0.0.1:4433", "\"10.0.0.2:4433\""),
+            "dials 10.0.0.2",
+        );
+        refused(edge("", "127.0.0.1:4433"), "can authenticate");
+        refused(edge("0123456789abcde", "[2001:db8::1]:4433"), "is 15 bytes");
+        assert!(origin(strong, "0.0.0.0:4433", "\"10.0.0.2:4433\"").is_ok());
+        assert!(edge(strong, "10.0.0.1:4433").is_ok());
+        // Loopback only (tests, one-machine examples): any non-empty token.
+        assert!(origin("short", "127.0.0.1:4433", "\"127.0.0.2:4433\"").is_ok());
+        assert!(edge("t", "[::1]:4433").is_ok());
+        // Only listening, without a token: starts with its backbone closed.
+        assert!(origin("", "127.0.0.1:4433", "").is_ok());
+        let c = parse("[backbone]\nlisten = \"0.0.0.0:4433\"\n").unwrap();
+        assert!(c.backbone.token.is_empty());
+        assert!(
+            backbone_token_problem(Role::Standalone, "", c.backbone.listen, &[], &[]).is_none()
+        );
     }
 
     #[test]

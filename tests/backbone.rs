@@ -77,7 +77,9 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
             role: PeerRole::Origin,
             region: "r".into(),
         },
-        "test-token",
+        TEST_TOKEN,
+        rand::random(),
+        meshcast::backbone::channel_binding(&conn).unwrap(),
     );
     next_event(
         &mut session,

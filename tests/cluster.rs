@@ -980,7 +980,7 @@ fn a_hundred_edges_asking_for_a_keyframe_at_once_reach_the_publisher_once_per_in
         let mut edges = Vec::new();
         for i in 0..100 {
             let text = format!(
-                "[node]\nid = \"edge-{i}\"\nrole = \"edge\"\n[backbone]\ntoken = \"test-token\"\norigins = [\"{}\"]\n",
+                "[node]\nid = \"edge-{i}\"\nrole = \"edge\"\n[backbone]\ntoken = \"{TEST_TOKEN}\"\norigins = [\"{}\"]\n",
                 origin.quic
             );
             let config =

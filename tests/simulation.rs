@@ -130,6 +130,9 @@ impl Counts {
     }
 }
 
+/// The cluster token of every simulated node.
+const TOKEN: &str = "simulated-cluster-token";
+
 struct Sim {
     now: u64,
     seq: u64,
@@ -210,11 +213,17 @@ impl Sim {
             },
             region: format!("r{}", n.region),
         };
+        // Nonces need only differ per session here (the driver draws them from the OS).
+        let nonce = |side: u64| {
+            let mut n = [0u8; 32];
+            n[..8].copy_from_slice(&(self.links.len() as u64 * 2 + side).to_be_bytes());
+            n
+        };
         let link = Link {
             dialer,
             acceptor,
-            d: ControlSession::dialer(info(&self.nodes[dialer]), "token"),
-            a: ControlSession::acceptor(info(&self.nodes[acceptor]), "token"),
+            d: ControlSession::dialer(info(&self.nodes[dialer]), TOKEN, nonce(0), [0; 32]),
+            a: ControlSession::acceptor(info(&self.nodes[acceptor]), TOKEN, nonce(1), [0; 32]),
             delay_ms: self.delay(dialer, acceptor),
             up: true,
         };

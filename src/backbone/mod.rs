@@ -14,7 +14,16 @@
 //! One task per connection owns its control stream; one task per served subscription writes
 //! its groups; one task per received group stream reads it. Queues are bounded: a served
 //! subscription that cannot keep up skips to the next keyframe via the hub's ring.
+//!
+//! Nothing a peer sends makes a node grow without bound: at most [`MAX_INBOUND_LINKS`]
+//! inbound connections, QUIC stream limits per connection ([`tls`]), a hello that must
+//! complete within [`HELLO_TIMEOUT`] and [`wire::HANDSHAKE_MESSAGE`] bytes per message, and
+//! media items read into buffers that grow as their bytes arrive (never to an announced
+//! length). The nonces of the hello come from the OS generator here, not in the session.
+//! Without a `backbone.token` the node refuses every incoming connection (said once in the
+//! log): an empty token authenticates nobody.
 
+pub mod auth;
 pub mod directory;
 pub mod group;
 pub mod nodes;
@@ -42,14 +51,18 @@ use crate::hub::{
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
 use crate::media::splice::Splicer;
 use crate::media::{StreamConfig, StreamKey, TrackKind};
+use auth::Nonce;
 use directory::Directory;
 use group::GroupSequencer;
 use nodes::{NodeTable, NODE_STATE_INTERVAL};
 use session::{ControlSession, PeerInfo, SessionError, SessionEvent};
 use wire::{code, Announcement, GroupHeader, MediaItem, NodeRecord, PeerRole, GROUP_HEADER_LEN};
 
-/// Time for a peer to complete the hello exchange.
+/// Time for a peer to complete the hello exchange (from the QUIC handshake's end, control
+/// stream included).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound backbone connections held at once (authenticated or not); more are refused.
+pub const MAX_INBOUND_LINKS: usize = 512;
 /// Time for an upstream to answer a subscribe.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A group that makes no progress this long while a newer one waits is abandoned.
@@ -81,6 +94,10 @@ pub enum LinkError {
     GoAway(String),
     #[error("peer presumed dead: {0}")]
     Silent(String),
+    #[error("no random nonce from the OS")]
+    Random,
+    #[error("cannot export the TLS channel binding")]
+    ChannelBinding,
 }
 
 /// Rival publishes of one name started this close together count as a race (the message
@@ -205,6 +222,8 @@ pub struct Backbone {
     upstreams: Vec<SocketAddr>,
     outbound: Mutex<HashMap<SocketAddr, OutboundLink>>,
     inbound: Mutex<HashMap<usize, InboundLink>>,
+    /// Inbound connections held now, authenticated or not (at most [`MAX_INBOUND_LINKS`]).
+    inbound_slots: Arc<tokio::sync::Semaphore>,
     /// Which origin publishes each stream (from announces).
     directory: Mutex<Directory>,
     /// The other nodes' records; this node's own.
@@ -263,6 +282,7 @@ impl Backbone {
             upstreams,
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
+            inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS)),
             directory: Mutex::new(Directory::default()),
             nodes: Mutex::new(NodeTable::new(&config.node.id)),
             me_record: Mutex::new(NodeRecord {
@@ -296,6 +316,12 @@ impl Backbone {
             .links
             .set_reader(move || me.upgrade().map(|b| b.links()).unwrap_or_default());
         if bb.listen.is_some() {
+            if bb.token.is_empty() {
+                warn!(
+                    "backbone: no backbone.token is set, so the backbone is closed: every incoming \
+                     backbone connection is refused until a token (16 bytes or more) is set"
+                );
+            }
             tokio::spawn(backbone.clone().accept_loop());
         }
         tokio::spawn(backbone.clone().state_loop());
@@ -352,8 +378,20 @@ impl Backbone {
                 },
                 _ = self.shutdown.cancelled() => return,
             };
+            if self.token.is_empty() {
+                // Closed backbone (logged once at start): an empty token authenticates nobody.
+                debug!(peer = %incoming.remote_address(), "refused: the backbone has no token");
+                incoming.refuse();
+                continue;
+            }
+            let Ok(slot) = self.inbound_slots.clone().try_acquire_owned() else {
+                debug!(peer = %incoming.remote_address(), "refused: {MAX_INBOUND_LINKS} inbound links");
+                incoming.refuse();
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let remote = incoming.remote_address();
                 let span = tracing::info_span!("backbone", peer = %remote, dir = "in");
                 async move {
@@ -385,6 +423,8 @@ impl Backbone {
         let span = tracing::info_span!("backbone", peer = %addr, dir = "out");
         async move {
             let mut backoff = REDIAL_MIN;
+            // An authentication failure is said once (at warn) until a link comes up.
+            let mut refusal_said = false;
             loop {
                 let attempt = async {
                     let conn = self
@@ -397,6 +437,16 @@ impl Backbone {
                 tokio::select! {
                     r = attempt => match r {
                         Ok(()) => info!("link closed"),
+                        Err(LinkError::Session(
+                            e @ (SessionError::Unauthorized | SessionError::NoToken),
+                        )) => {
+                            if !refusal_said {
+                                warn!("link refused: {e}; retrying");
+                                refusal_said = true;
+                            } else {
+                                debug!("link refused: {e}");
+                            }
+                        }
                         Err(e) => {
                             if started.elapsed() > Duration::from_secs(5) {
                                 info!("link lost: {e}");
@@ -409,6 +459,7 @@ impl Backbone {
                 }
                 if started.elapsed() > Duration::from_secs(5) {
                     backoff = REDIAL_MIN;
+                    refusal_said = false;
                 }
                 let _ = index;
                 tokio::select! {
@@ -429,13 +480,29 @@ impl Backbone {
         conn: quinn::Connection,
     ) -> Result<(), LinkError> {
         let (mut send, mut recv) = conn.open_bi().await?;
-        let mut session = ControlSession::dialer(self.local.clone(), &self.token);
+        let mut session = ControlSession::dialer(
+            self.local.clone(),
+            &self.token,
+            fresh_nonce()?,
+            channel_binding(&conn)?,
+        );
         flush(&mut session, &mut send).await?;
-        let (peer, early) =
-            tokio::time::timeout(HELLO_TIMEOUT, read_until_ready(&mut session, &mut recv))
-                .await
-                .map_err(|_| LinkError::HelloTimeout)??;
+        let hello = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            read_until_ready(&mut session, &mut recv, Some(&mut send)),
+        )
+        .await
+        .map_err(|_| LinkError::HelloTimeout)?;
+        let (peer, early) = match hello {
+            Ok(ready) => ready,
+            Err(e) => {
+                say_last_words(&mut session, &mut send).await;
+                conn.close(1u32.into(), e.to_string().as_bytes());
+                return Err(e);
+            }
+        };
         info!(node = %peer.node_id, role = ?peer.role, region = %peer.region, "link up");
+        let link_id = conn.stable_id();
         let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
         self.outbound.lock().insert(
             addr,
@@ -456,7 +523,7 @@ impl Backbone {
 
         let result = async {
             for ev in early {
-                self.on_dialer_event(&peer, ev, &feeds, &mut pending)?;
+                self.on_dialer_event(&peer, link_id, ev, &feeds, &mut pending)?;
             }
             let mut buf = vec![0u8; 16 * 1024];
             let mut watchdog = Silence::new(&conn, self.link_timeout);
@@ -464,11 +531,12 @@ impl Backbone {
             let mut state_tick = tokio::time::interval(NODE_STATE_INTERVAL);
             loop {
                 tokio::select! {
-                    _ = state_tick.tick() => session.node_state(self.records_for(peer.role)),
+                    // The acceptor takes only our own record from us (see `session`).
+                    _ = state_tick.tick() => session.node_state(self.records_for(peer.role, false)),
                     n = recv.read(&mut buf) => {
                         let n = n?.ok_or(LinkError::ControlClosed)?;
                         for ev in session.handle_input(&buf[..n])? {
-                            self.on_dialer_event(&peer, ev, &feeds, &mut pending)?;
+                            self.on_dialer_event(&peer, link_id, ev, &feeds, &mut pending)?;
                         }
                     }
                     _ = tick.tick() => {
@@ -511,6 +579,7 @@ impl Backbone {
         self.outbound.lock().remove(&addr);
         self.hub.metrics().backbone_links.dec();
         self.directory.lock().drop_node(&peer.node_id);
+        self.nodes.lock().forget_link(link_id);
         // Dropping the feeds ends every pull over this link.
         feeds.lock().clear();
         result
@@ -519,13 +588,14 @@ impl Backbone {
     fn on_dialer_event(
         &self,
         peer: &PeerInfo,
+        link_id: usize,
         ev: SessionEvent,
         feeds: &Mutex<HashMap<u64, mpsc::Sender<FeedItem>>>,
         pending: &mut HashMap<u64, PendingSubscribe>,
     ) -> Result<(), LinkError> {
         match ev {
             SessionEvent::Announced(a) => self.on_announce(peer, a),
-            SessionEvent::NodeState(records) => self.on_node_state(peer, records),
+            SessionEvent::NodeState(records) => self.on_node_state(peer, link_id, records),
             SessionEvent::Withdrawn(stream) => {
                 debug!(%stream, "withdrawn");
                 self.directory.lock().withdraw(&peer.node_id, &stream);
@@ -596,17 +666,19 @@ impl Backbone {
         }
     }
 
-    fn on_node_state(&self, peer: &PeerInfo, records: Vec<NodeRecord>) {
+    /// Records the session let through (see `session` for whose records each side takes).
+    fn on_node_state(&self, peer: &PeerInfo, link_id: usize, records: Vec<NodeRecord>) {
         self.nodes
             .lock()
-            .update(records, &peer.node_id, Instant::now());
+            .update(records, &peer.node_id, link_id, Instant::now());
     }
 
-    /// The node records to send to a peer of `role`: this node's, then (origins only)
-    /// what it passes on ([`NodeTable::to_pass_on`]).
-    fn records_for(&self, role: PeerRole) -> Vec<NodeRecord> {
+    /// The node records to send to a peer of `role`: this node's, then (origins only, and
+    /// only on links the peer dialed: `pass_on`) what it passes on
+    /// ([`NodeTable::to_pass_on`]).
+    fn records_for(&self, role: PeerRole, pass_on: bool) -> Vec<NodeRecord> {
         let mut out = vec![self.me_record.lock().clone()];
-        if self.local.role.is_origin() {
+        if pass_on && self.local.role.is_origin() {
             out.extend(self.nodes.lock().to_pass_on(role, Instant::now()));
         }
         let dropped = nodes::fit_streams(&mut out, nodes::STATE_STREAM_BYTES);
@@ -732,15 +804,34 @@ impl Backbone {
 
     /// Drives a link a peer dialed: hello, announces out, subscriptions in, media out.
     async fn run_inbound(self: Arc<Self>, conn: quinn::Connection) -> Result<(), LinkError> {
-        let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        // One deadline for the whole hello: opening the control stream and the exchange.
+        let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+        let (mut send, mut recv) = tokio::time::timeout_at(deadline, conn.accept_bi())
             .await
             .map_err(|_| LinkError::HelloTimeout)??;
-        let mut session = ControlSession::acceptor(self.local.clone(), &self.token);
-        let hello =
-            tokio::time::timeout(HELLO_TIMEOUT, read_until_ready(&mut session, &mut recv)).await;
-        // Send the welcome, or the refusal, before judging the outcome.
-        let _ = flush(&mut session, &mut send).await;
-        let (peer, early) = hello.map_err(|_| LinkError::HelloTimeout)??;
+        let mut session = ControlSession::acceptor(
+            self.local.clone(),
+            &self.token,
+            fresh_nonce()?,
+            channel_binding(&conn)?,
+        );
+        let hello = tokio::time::timeout_at(
+            deadline,
+            read_until_ready(&mut session, &mut recv, Some(&mut send)),
+        )
+        .await;
+        let (peer, early) = match hello {
+            Ok(Ok(ready)) => {
+                // The welcome.
+                flush(&mut session, &mut send).await?;
+                ready
+            }
+            Ok(Err(e)) => {
+                say_last_words(&mut session, &mut send).await;
+                return Err(e);
+            }
+            Err(_) => return Err(LinkError::HelloTimeout),
+        };
         info!(node = %peer.node_id, role = ?peer.role, region = %peer.region, "peer joined");
         let link_id = conn.stable_id();
         self.inbound.lock().insert(
@@ -805,7 +896,9 @@ impl Backbone {
                             }
                         }
                         SessionEvent::GoAway(reason) => return Err(LinkError::GoAway(reason)),
-                        SessionEvent::NodeState(records) => self.on_node_state(&peer, records),
+                        SessionEvent::NodeState(records) => {
+                            self.on_node_state(&peer, link_id, records)
+                        }
                         _ => {}
                     }
                 }
@@ -815,7 +908,7 @@ impl Backbone {
                         let n = n?.ok_or(LinkError::ControlClosed)?;
                         events = session.handle_input(&buf[..n])?;
                     }
-                    _ = state_tick.tick() => session.node_state(self.records_for(peer.role)),
+                    _ = state_tick.tick() => session.node_state(self.records_for(peer.role, true)),
                     msg = internal_rx.recv() => match msg {
                         Some(Internal::Subscribed { id, stream, result: Ok(sub) }) => {
                             if session.accept(id, sub.session())? {
@@ -893,6 +986,7 @@ impl Backbone {
             t.cancel();
         }
         self.inbound.lock().remove(&link_id);
+        self.nodes.lock().forget_link(link_id);
         self.hub.metrics().backbone_links.dec();
         result
     }
@@ -1495,6 +1589,33 @@ fn link_info(peer: &PeerInfo, conn: &quinn::Connection, direction: &'static str)
     }
 }
 
+/// Sends what the session still has to say after a failed hello (its refusal) and waits,
+/// briefly, for the peer to have it before the connection is closed: a close discards
+/// stream data still in flight.
+async fn say_last_words(session: &mut ControlSession, send: &mut quinn::SendStream) {
+    if flush(session, send).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    }
+}
+
+/// The connection's TLS channel binding: keying material both ends export alike.
+pub fn channel_binding(conn: &quinn::Connection) -> Result<auth::ChannelBinding, LinkError> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, auth::CHANNEL_BINDING_LABEL, b"")
+        .map_err(|_| LinkError::ChannelBinding)?;
+    Ok(out)
+}
+
+/// A fresh nonce for a hello, from the OS generator.
+fn fresh_nonce() -> Result<Nonce, LinkError> {
+    use ring::rand::SecureRandom;
+    let mut nonce = [0u8; auth::NONCE_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| LinkError::Random)?;
+    Ok(nonce)
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1561,16 +1682,24 @@ async fn flush(
     Ok(())
 }
 
-/// Reads the control stream until the hello exchange completes; returns the peer and any
-/// events that arrived with it.
+/// Runs the hello exchange on the control stream (writing this side's messages to `send`
+/// as the session makes them) until it completes; returns the peer and any events that
+/// arrived with it. On an error, what the session still has to say (a refusal) is left
+/// for the caller to flush.
 async fn read_until_ready(
     session: &mut ControlSession,
     recv: &mut quinn::RecvStream,
+    mut send: Option<&mut quinn::SendStream>,
 ) -> Result<(PeerInfo, Vec<SessionEvent>), LinkError> {
     let mut buf = vec![0u8; 4096];
     loop {
         let n = recv.read(&mut buf).await?.ok_or(LinkError::ControlClosed)?;
         let mut events = session.handle_input(&buf[..n])?;
+        if !session.is_ready() {
+            if let Some(send) = send.as_deref_mut() {
+                flush(session, send).await?;
+            }
+        }
         if let Some(pos) = events
             .iter()
             .position(|e| matches!(e, SessionEvent::Ready(_)))
@@ -1645,10 +1774,16 @@ enum ItemError {
     #[error("{0}")]
     Read(#[from] quinn::ReadExactError),
     #[error("{0}")]
+    ReadChunk(#[from] quinn::ReadError),
+    #[error("stream ended inside an item")]
+    FinishedEarly,
+    #[error("{0}")]
     Wire(#[from] wire::WireError),
 }
 
-/// Reads one length-prefixed media item; `None` at a clean end of stream.
+/// Reads one length-prefixed media item; `None` at a clean end of stream. The body buffer
+/// grows as its bytes arrive: an announced length (up to [`wire::MAX_MESSAGE`]) reserves
+/// nothing by itself.
 async fn read_item(stream: &mut quinn::RecvStream) -> Result<Option<MediaItem>, ItemError> {
     let mut prefix = [0u8; 4];
     match stream.read_exact(&mut prefix).await {
@@ -1657,9 +1792,15 @@ async fn read_item(stream: &mut quinn::RecvStream) -> Result<Option<MediaItem>, 
         Err(e) => return Err(e.into()),
     }
     let len = wire::frame_len(prefix)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    let mut body = bytes::Bytes::from(body);
+    let mut body = BytesMut::new();
+    while body.len() < len {
+        let chunk = stream
+            .read_chunk(len - body.len(), true)
+            .await?
+            .ok_or(ItemError::FinishedEarly)?;
+        body.extend_from_slice(&chunk.bytes);
+    }
+    let mut body = body.freeze();
     let kind = bytes::Buf::get_u8(&mut body);
     Ok(Some(MediaItem::decode(kind, body)?))
 }

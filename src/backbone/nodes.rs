@@ -1,10 +1,17 @@
 //! What the cluster knows of its nodes, and where to send a client (the route API).
 //!
 //! Every node sends a [`NodeRecord`] of itself on each of its links every second. An
-//! origin passes on the records it heard directly to its origin peers, and everything it
-//! knows to its edges; edges pass nothing on. So every node learns every other within two
-//! hops, nothing loops, and a record's age travels with it: a dead node's record expires
-//! [`RECORD_TTL`] after it was made, wherever it is held.
+//! origin passes on, on the links its peers dialed, the records it heard directly to its
+//! origin peers and everything it knows to its edges; edges pass nothing on. So every node
+//! learns every other within two hops, nothing loops, and a record's age travels with it: a
+//! dead node's record expires [`RECORD_TTL`] after it was made, wherever it is held.
+//!
+//! Who may say what (the session enforces it, `docs/cluster.md` explains it): a node takes
+//! records about third nodes only over links it dialed itself, to an address in its own
+//! config; over a link a peer dialed, only that peer's own record. Every record held is
+//! tied to the link it came over ([`NodeTable::forget_link`] drops them when it closes), so
+//! the route API only ever names this node or nodes vouched for over live, authenticated
+//! links.
 //!
 //! Routing ([`rank`]) is a pure function of the records: nearest region first (region
 //! distances are the measured RTTs of the links between regions, not configuration), then
@@ -34,6 +41,8 @@ struct Entry {
     made: Instant,
     /// Heard from its own node, not passed on.
     direct: bool,
+    /// The link it came over (a connection's stable id).
+    via: usize,
 }
 
 pub struct NodeTable {
@@ -49,9 +58,9 @@ impl NodeTable {
         }
     }
 
-    /// Takes the records a peer (`from`) sent. A newer incarnation of a node replaces the
-    /// old at once; otherwise the most recently made record wins.
-    pub fn update(&mut self, records: Vec<NodeRecord>, from: &str, now: Instant) {
+    /// Takes the records a peer (`from`) sent over link `via`. A newer incarnation of a node
+    /// replaces the old at once; otherwise the most recently made record wins.
+    pub fn update(&mut self, records: Vec<NodeRecord>, from: &str, via: usize, now: Instant) {
         for record in records {
             if record.node == self.me {
                 continue;
@@ -74,12 +83,19 @@ impl NodeTable {
                         record,
                         made,
                         direct,
+                        via,
                     },
                 );
             }
         }
         self.entries
             .retain(|_, e| now.saturating_duration_since(e.made) < RECORD_TTL);
+    }
+
+    /// Link `via` closed: what was heard over it is no longer vouched for. (A node also heard
+    /// over another link comes back with its next record, within a second.)
+    pub fn forget_link(&mut self, via: usize) {
+        self.entries.retain(|_, e| e.via != via);
     }
 
     /// Live records, with their age.
@@ -408,6 +424,7 @@ mod tests {
         table.update(
             vec![rec("origin-eu", PeerRole::Origin, "eu"), edge.clone()],
             "origin-eu",
+            1,
             t0,
         );
         assert_eq!(table.fresh(t0).len(), 2);
@@ -424,7 +441,7 @@ mod tests {
         let mut reborn = rec("origin-eu", PeerRole::Origin, "eu");
         reborn.incarnation = 2;
         reborn.age_ms = 900;
-        table.update(vec![reborn], "origin-eu", t0);
+        table.update(vec![reborn], "origin-eu", 1, t0);
         assert_eq!(
             table
                 .fresh(t0)
@@ -438,9 +455,30 @@ mod tests {
         table.update(
             vec![rec("origin-us", PeerRole::Origin, "us")],
             "origin-eu",
+            1,
             t0,
         );
         assert!(table.fresh(t0).iter().all(|r| r.node != "origin-us"));
+    }
+
+    #[test]
+    fn records_leave_with_the_link_they_came_over() {
+        let t0 = Instant::now();
+        let mut table = NodeTable::new("edge-1");
+        let origin = rec("origin-a", PeerRole::Origin, "eu");
+        let relayed = rec("edge-2", PeerRole::Edge, "eu");
+        table.update(vec![origin.clone(), relayed], "origin-a", 7, t0);
+        table.update(
+            vec![rec("origin-b", PeerRole::Origin, "us")],
+            "origin-b",
+            8,
+            t0,
+        );
+        table.forget_link(7);
+        assert_eq!(names_of(&table.fresh(t0)), ["origin-b"]);
+        // Heard again (over another link): back at once.
+        table.update(vec![origin], "origin-a", 9, t0);
+        assert_eq!(names_of(&table.fresh(t0)), ["origin-a", "origin-b"]);
     }
 
     fn names_of(r: &[NodeRecord]) -> Vec<&str> {

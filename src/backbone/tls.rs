@@ -3,11 +3,13 @@
 //! Two modes, chosen by config:
 //! * `backbone.cert`/`key`/`ca` set: each node presents its certificate (which must name the
 //!   DNS name `meshcast`) and verifies its peer's against the CA. Peers are authenticated by
-//!   TLS *and* by the shared token.
+//!   TLS *and* by proving the shared token.
 //! * nothing set: each node generates a self-signed certificate at start and does **not**
-//!   verify the peer's certificate. The link is encrypted, and peers prove membership with the
-//!   shared `backbone.token` in the hello, but an active man-in-the-middle on the path could
-//!   learn the token. Use a CA outside a trusted network. A warning is logged at start.
+//!   verify the peer's certificate. The link is encrypted, and peers prove they know the
+//!   shared `backbone.token` in the hello without sending it ([`super::auth`]). An active
+//!   man-in-the-middle on the path could still relay a hello between two real nodes, and
+//!   could try to guess a short token offline from a dialer's proof (hence at least 16 bytes
+//!   off loopback). Use a CA outside a trusted network. A warning is logged at start.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -35,18 +37,45 @@ fn provider() -> Arc<CryptoProvider> {
 /// within `backbone.link_timeout_ms` (the liveness check in the backbone driver).
 pub const KEEP_ALIVE: Duration = Duration::from_millis(150);
 
+/// Group streams an acceptor may have open toward a dialer at once.
+const MAX_GROUP_STREAMS: u32 = 1024;
+/// Connections still in their QUIC handshake at once, and the early data buffered for them.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+const PENDING_BUFFER: u64 = 64 << 10;
+const PENDING_BUFFER_TOTAL: u64 = 4 << 20;
+
+/// Which end of a connection a transport config is for: it says which streams the *peer*
+/// may open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The acceptor: its dialer opens one control stream and nothing else.
+    Server,
+    /// The dialer: its acceptor opens group streams (unidirectional) only.
+    Client,
+}
+
 /// QUIC transport tuned for the backbone: fast liveness (keep-alive 150 ms, idle 5 s), BBR
-/// unless configured otherwise (random loss does not cut its rate), enough
-/// concurrent group streams, 1500-byte initial MTU (see FIELD-NOTES).
-fn transport(congestion: Congestion) -> Arc<quinn::TransportConfig> {
+/// unless configured otherwise (random loss does not cut its rate), 1500-byte initial MTU
+/// (see FIELD-NOTES), and per connection only the streams the protocol uses: a dialer may
+/// open one bidirectional stream (control), an acceptor [`MAX_GROUP_STREAMS`]
+/// unidirectional ones (groups). Receive windows bound what a peer can have in flight.
+fn transport(congestion: Congestion, end: End) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // 5 s fits in a VarInt: the conversion cannot fail.
     t.max_idle_timeout(Some(
         Duration::from_secs(5).try_into().expect("5s idle timeout"),
     ));
-    t.max_concurrent_uni_streams(1024u32.into());
-    t.max_concurrent_bidi_streams(8u32.into());
+    match end {
+        End::Server => {
+            t.max_concurrent_uni_streams(0u32.into());
+            t.max_concurrent_bidi_streams(1u32.into());
+        }
+        End::Client => {
+            t.max_concurrent_uni_streams(MAX_GROUP_STREAMS.into());
+            t.max_concurrent_bidi_streams(0u32.into());
+        }
+    }
     t.stream_receive_window((8u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
@@ -92,7 +121,11 @@ pub fn server_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ServerConfig
         .with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    server.transport_config(transport(cfg.congestion));
+    server.transport_config(transport(cfg.congestion, End::Server));
+    server
+        .max_incoming(MAX_PENDING_HANDSHAKES)
+        .incoming_buffer_size(PENDING_BUFFER)
+        .incoming_buffer_size_total(PENDING_BUFFER_TOTAL);
     Ok(server)
 }
 
@@ -121,7 +154,7 @@ pub fn client_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ClientConfig
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    client.transport_config(transport(cfg.congestion));
+    client.transport_config(transport(cfg.congestion, End::Client));
     Ok(client)
 }
 

@@ -1,8 +1,11 @@
-//! The backbone wire format, version 3 (documented in `docs/backbone-protocol.md`).
+//! The backbone wire format, version 5 (documented in `docs/backbone-protocol.md`).
 //!
 //! Sans-IO: encoding appends to a `BytesMut`; decoding takes bytes and returns values or a
-//! [`WireError`]. Every read is bounds-checked; no input can make this code panic or
-//! allocate more than [`MAX_MESSAGE`] bytes for one message.
+//! [`WireError`]. Every read is bounds-checked; no input can make this code panic, and no
+//! buffer is sized from an announced length: [`FrameDecoder`] holds only the bytes that
+//! arrived and refuses a frame announced above its limit ([`MAX_CONTROL_MESSAGE`] on the
+//! control stream, [`HANDSHAKE_MESSAGE`] before the hello completes, [`MAX_MESSAGE`] for
+//! media items).
 //!
 //! Two kinds of QUIC stream carry it:
 //! * the **control stream** (bidirectional, opened by the dialer): a sequence of
@@ -12,19 +15,25 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::auth::{Nonce, Proof};
 use crate::media::{
     valid_rid, AudioConfig, Codec, Frame, Metadata, SimulcastLayer, StreamConfig, StreamKey,
     Timebase, VideoConfig,
 };
 
 /// Protocol version carried in the hello; peers with another major version are refused.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// The TLS ALPN token of the backbone.
 pub const ALPN: &[u8] = b"meshcast/3";
-/// Largest control message or media item accepted (a 4K keyframe fits comfortably).
+/// Largest media item accepted (a 4K keyframe fits comfortably).
 pub const MAX_MESSAGE: usize = 16 << 20;
+/// Largest control message accepted once the hello is done (a node state of a few hundred
+/// nodes is well under 1 MiB: its stream lists are capped at 256 KiB).
+pub const MAX_CONTROL_MESSAGE: usize = 4 << 20;
+/// Largest message accepted before the hello completes (a Hello is at most ~2.1 KB).
+pub const HANDSHAKE_MESSAGE: usize = 4 << 10;
 /// Largest string field.
-const MAX_STRING: usize = 1024;
+pub(crate) const MAX_STRING: usize = 1024;
 /// Media stream header: magic `MG` (meshcast group), then version.
 const GROUP_MAGIC: [u8; 2] = *b"MG";
 pub const GROUP_HEADER_LEN: usize = 2 + 1 + 8 + 8;
@@ -51,6 +60,10 @@ pub enum WireError {
     BadGroupHeader,
     #[error("{0} trailing bytes after message body")]
     Trailing(usize),
+    /// A Hello or Challenge of another protocol version (its first two bytes are the
+    /// version in every version; the rest is not read).
+    #[error("protocol version {0}")]
+    Version(u16),
 }
 
 /// The role a node announces in its hello.
@@ -63,7 +76,7 @@ pub enum PeerRole {
 }
 
 impl PeerRole {
-    fn to_u8(self) -> u8 {
+    pub(crate) fn to_u8(self) -> u8 {
         match self {
             PeerRole::Origin => 1,
             PeerRole::Edge => 2,
@@ -142,21 +155,28 @@ pub const MAX_RECORD_ITEMS: usize = 1024;
 /// Control-stream messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlMessage {
-    /// Dialer → acceptor, first message.
+    /// Dialer → acceptor, first message: who the dialer is, and its nonce.
     Hello {
         version: u16,
         node_id: String,
         role: PeerRole,
         region: String,
-        token: String,
+        nonce: Nonce,
     },
-    /// Acceptor → dialer, answer to a valid hello.
-    Welcome {
+    /// Acceptor → dialer, answer to a hello of this version: who the acceptor is, and its
+    /// nonce.
+    Challenge {
         version: u16,
         node_id: String,
         role: PeerRole,
         region: String,
+        nonce: Nonce,
     },
+    /// Dialer → acceptor: the dialer's proof of the token ([`super::auth`]).
+    Auth { proof: Proof },
+    /// Acceptor → dialer, once the dialer's proof checked out: the acceptor's proof. The
+    /// session is up on both sides once this is verified.
+    Welcome { proof: Proof },
     /// Acceptor → dialer: a stream is published on the acceptor.
     Announce(Announcement),
     /// Acceptor → dialer: the stream is no longer published there.
@@ -205,12 +225,16 @@ const T_SUBSCRIBE_DONE: u8 = 0x09;
 const T_KEYFRAME_REQUEST: u8 = 0x0a;
 const T_GOAWAY: u8 = 0x0b;
 const T_NODE_STATE: u8 = 0x0c;
+const T_CHALLENGE: u8 = 0x0d;
+const T_AUTH: u8 = 0x0e;
 
 impl ControlMessage {
     /// The message's name, for logs and counts.
     pub fn name(&self) -> &'static str {
         match self {
             ControlMessage::Hello { .. } => "Hello",
+            ControlMessage::Challenge { .. } => "Challenge",
+            ControlMessage::Auth { .. } => "Auth",
             ControlMessage::Welcome { .. } => "Welcome",
             ControlMessage::Announce(_) => "Announce",
             ControlMessage::Withdraw { .. } => "Withdraw",
@@ -234,25 +258,32 @@ impl ControlMessage {
                 node_id,
                 role,
                 region,
-                token,
-            } => {
-                body.put_u16(*version);
-                put_str(&mut body, node_id);
-                body.put_u8(role.to_u8());
-                put_str(&mut body, region);
-                put_str(&mut body, token);
-                T_HELLO
+                nonce,
             }
-            ControlMessage::Welcome {
+            | ControlMessage::Challenge {
                 version,
                 node_id,
                 role,
                 region,
+                nonce,
             } => {
                 body.put_u16(*version);
                 put_str(&mut body, node_id);
                 body.put_u8(role.to_u8());
                 put_str(&mut body, region);
+                body.put_slice(nonce);
+                if matches!(self, ControlMessage::Hello { .. }) {
+                    T_HELLO
+                } else {
+                    T_CHALLENGE
+                }
+            }
+            ControlMessage::Auth { proof } => {
+                body.put_slice(proof);
+                T_AUTH
+            }
+            ControlMessage::Welcome { proof } => {
+                body.put_slice(proof);
                 T_WELCOME
             }
             ControlMessage::Announce(a) => {
@@ -314,19 +345,37 @@ impl ControlMessage {
     pub fn decode(t: u8, body: Bytes) -> Result<ControlMessage, WireError> {
         let mut r = Reader(body);
         let msg = match t {
-            T_HELLO => ControlMessage::Hello {
-                version: r.u16()?,
-                node_id: r.string()?,
-                role: PeerRole::from_u8(r.u8()?)?,
-                region: r.string()?,
-                token: r.string()?,
-            },
-            T_WELCOME => ControlMessage::Welcome {
-                version: r.u16()?,
-                node_id: r.string()?,
-                role: PeerRole::from_u8(r.u8()?)?,
-                region: r.string()?,
-            },
+            T_HELLO | T_CHALLENGE => {
+                let version = r.u16()?;
+                if version != VERSION {
+                    return Err(WireError::Version(version));
+                }
+                let (node_id, role, region, nonce) = (
+                    r.string()?,
+                    PeerRole::from_u8(r.u8()?)?,
+                    r.string()?,
+                    r.array()?,
+                );
+                if t == T_HELLO {
+                    ControlMessage::Hello {
+                        version,
+                        node_id,
+                        role,
+                        region,
+                        nonce,
+                    }
+                } else {
+                    ControlMessage::Challenge {
+                        version,
+                        node_id,
+                        role,
+                        region,
+                        nonce,
+                    }
+                }
+            }
+            T_AUTH => ControlMessage::Auth { proof: r.array()? },
+            T_WELCOME => ControlMessage::Welcome { proof: r.array()? },
             T_ANNOUNCE => ControlMessage::Announce(Announcement {
                 stream: r.stream_key()?,
                 session: r.u64()?,
@@ -585,14 +634,43 @@ impl MediaItem {
 }
 
 /// Splits a byte stream into `(type, body)` frames.
-#[derive(Debug, Default)]
+///
+/// It holds only the bytes pushed so far (never a buffer sized from an announced length)
+/// and refuses a frame announced above its limit as soon as the length prefix is in.
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: BytesMut,
+    limit: usize,
+}
+
+impl Default for FrameDecoder {
+    /// A decoder of frames up to [`MAX_MESSAGE`].
+    fn default() -> Self {
+        FrameDecoder::with_limit(MAX_MESSAGE)
+    }
 }
 
 impl FrameDecoder {
+    /// A decoder of frames up to `limit` bytes (type and body).
+    pub fn with_limit(limit: usize) -> Self {
+        FrameDecoder {
+            buf: BytesMut::new(),
+            limit: limit.min(MAX_MESSAGE),
+        }
+    }
+
+    /// Changes the limit for the frames not yet returned.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_MESSAGE);
+    }
+
     pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes pushed and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// The next whole frame, `None` if more bytes are needed.
@@ -604,7 +682,7 @@ impl FrameDecoder {
         if len == 0 {
             return Err(WireError::Truncated);
         }
-        if len > MAX_MESSAGE {
+        if len > self.limit {
             return Err(WireError::TooLarge(len));
         }
         if self.buf.len() < 4 + len {
@@ -673,7 +751,7 @@ fn put_str(out: &mut BytesMut, s: &str) {
     out.put_slice(s.as_bytes());
 }
 
-fn truncate_utf8(s: &str, max: usize) -> &str {
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -788,6 +866,12 @@ impl Reader {
         let b = self.0.split_to(len);
         String::from_utf8(b.to_vec()).map_err(|_| WireError::BadString)
     }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        self.need(N)?;
+        let mut out = [0u8; N];
+        self.0.copy_to_slice(&mut out);
+        Ok(out)
+    }
     fn bytes(&mut self) -> Result<Bytes, WireError> {
         let len = self.u32()? as usize;
         self.need(len)?;
@@ -835,14 +919,17 @@ mod tests {
                 node_id: "a".into(),
                 role: PeerRole::Origin,
                 region: "eu".into(),
-                token: "secret".into(),
+                nonce: [7; 32],
             },
-            ControlMessage::Welcome {
+            ControlMessage::Challenge {
                 version: VERSION,
                 node_id: "b".into(),
                 role: PeerRole::Edge,
                 region: "us".into(),
+                nonce: [8; 32],
             },
+            ControlMessage::Auth { proof: [9; 32] },
+            ControlMessage::Welcome { proof: [10; 32] },
             ControlMessage::Announce(announcement()),
             ControlMessage::NodeState(vec![NodeRecord {
                 node: "edge-1".into(),
@@ -995,6 +1082,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn hello_has_exact_bytes_and_another_version_is_named_not_parsed() {
+        let mut buf = BytesMut::new();
+        ControlMessage::Hello {
+            version: VERSION,
+            node_id: "a".into(),
+            role: PeerRole::Edge,
+            region: "eu".into(),
+            nonce: [7; 32],
+        }
+        .encode(&mut buf);
+        let mut expected = vec![0, 0, 0, 43, T_HELLO, 0, 5, 0, 1, b'a', 2, 0, 2, b'e', b'u'];
+        expected.extend([7; 32]);
+        assert_eq!(&buf[..], &expected[..]);
+        // A version-4 hello (it carried the token in the clear): only the version is read.
+        let mut v4 = BytesMut::new();
+        v4.put_u16(4);
+        put_str(&mut v4, "a");
+        v4.put_u8(1);
+        put_str(&mut v4, "eu");
+        put_str(&mut v4, "change-me");
+        assert_eq!(
+            ControlMessage::decode(T_HELLO, v4.freeze()),
+            Err(WireError::Version(4))
+        );
+    }
+
+    #[test]
+    fn decoder_refuses_an_announced_length_over_its_limit_before_the_bytes_arrive() {
+        let mut d = FrameDecoder::with_limit(HANDSHAKE_MESSAGE);
+        d.push(&(HANDSHAKE_MESSAGE as u32 + 1).to_be_bytes());
+        assert_eq!(
+            d.next_frame(),
+            Err(WireError::TooLarge(HANDSHAKE_MESSAGE + 1))
+        );
+        // A frame within the limit waits for its bytes, holding only what arrived.
+        let mut d = FrameDecoder::with_limit(MAX_CONTROL_MESSAGE);
+        d.push(&(MAX_CONTROL_MESSAGE as u32).to_be_bytes());
+        d.push(&[T_GOAWAY, 0]);
+        assert_eq!(d.next_frame(), Ok(None));
+        assert_eq!(d.buffered(), 6);
+        // The limit may tighten or loosen between frames.
+        d.set_limit(16);
+        assert!(matches!(d.next_frame(), Err(WireError::TooLarge(_))));
     }
 
     #[test]

@@ -24,6 +24,10 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_meshcast");
 
+/// The `backbone.token` of every test node (a real cluster's is a random secret of 16 bytes
+/// or more; on loopback a node takes any non-empty one).
+pub const TEST_TOKEN: &str = "meshcast-test-cluster-token";
+
 pub use ports::free_port;
 
 /// An address for the next node: a loopback IP of its own (127.10.x.y; Linux routes all of
@@ -181,7 +185,7 @@ impl NodeProc {
             spec.webrtc_extra.clone()
         };
         let config = format!(
-            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n{}\n\n[rtmp]\nlisten = \"{rtmp}\"\n{}\n\n[http]\nlisten = \"{http}\"\n{}\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"test-token\"\n{backbone}\n{}\n",
+            "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n{}\n\n[rtmp]\nlisten = \"{rtmp}\"\n{}\n\n[http]\nlisten = \"{http}\"\n{}\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"{TEST_TOKEN}\"\n{backbone}\n{}\n",
             spec.id, spec.region, spec.role, spec.node_extra, spec.rtmp_extra, spec.http_extra, spec.extra
         );
         let path = dir.join("node.toml");
