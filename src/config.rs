@@ -52,6 +52,10 @@ pub struct Config {
     pub limits: Limits,
     /// Where recordings go (`[recording] root`).
     pub recording_root: PathBuf,
+    /// Recordings stop for good when the disk has less free space than this.
+    pub recording_min_free_bytes: u64,
+    /// What old recordings are deleted (`[recording] max_age_hours`, `max_total_mb`).
+    pub recording_retention: Retention,
     /// Static egress rules (`[[egress]]` or `[[egress.rule]]`).
     pub egress: Vec<crate::egress::EgressSpec>,
     /// Where egress may push (`[egress]` table).
@@ -60,6 +64,14 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Where publish/play events are POSTed (`[hooks] events`).
     pub events_hook: Option<String>,
+}
+
+/// Which finished recordings are deleted: older than `max_age`, then the oldest while the
+/// total is above `max_total_bytes`. `None`: no such rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Option<Duration>,
+    pub max_total_bytes: Option<u64>,
 }
 
 /// `[egress] destinations`, `allow_private_destinations`, `max_jobs`.
@@ -163,6 +175,7 @@ fn public_url(configured: Option<&String>, listen: Option<SocketAddr>, scheme: &
 
 const DEFAULT_LINK_TIMEOUT_MS: u64 = 700;
 const DEFAULT_RTMP_IDLE_MS: u64 = 10_000;
+const DEFAULT_MIN_FREE_MB: u64 = 256;
 const DEFAULT_HTTP_HEADER_MS: u64 = 10_000;
 const DEFAULT_HTTP_IDLE_MS: u64 = 60_000;
 /// Shortest HS256 secret accepted (bytes).
@@ -293,6 +306,14 @@ pub struct Limits {
     /// How long a local stream whose publisher left is kept for it to come back (viewers,
     /// egress and other nodes' pulls carry on); 0 ends it at once.
     pub publisher_hold: Duration,
+    /// Local publishes at most, node-wide and per namespace.
+    pub max_streams: usize,
+    pub max_streams_per_namespace: usize,
+    /// Viewers (RTMP, HTTP-FLV, WHEP) at most, node-wide and per stream.
+    pub max_viewers: usize,
+    pub max_viewers_per_stream: usize,
+    /// WHIP and WHEP sessions at most (connected or still connecting).
+    pub max_webrtc_sessions: usize,
 }
 
 impl Default for Limits {
@@ -306,6 +327,11 @@ impl Default for Limits {
             viewer_send_buffer_bytes: 1 << 20,
             play_wait: Duration::from_secs(1),
             publisher_hold: Duration::from_secs(5),
+            max_streams: 1000,
+            max_streams_per_namespace: 1000,
+            max_viewers: 20_000,
+            max_viewers_per_stream: 20_000,
+            max_webrtc_sessions: 5000,
         }
     }
 }
@@ -358,6 +384,8 @@ impl Config {
             },
             limits: Limits::default(),
             recording_root: PathBuf::from("recordings"),
+            recording_min_free_bytes: DEFAULT_MIN_FREE_MB << 20,
+            recording_retention: Retention::default(),
             egress: vec![],
             egress_policy: EgressPolicy::default(),
             auth: crate::auth::AuthConfig::default(),
@@ -419,6 +447,19 @@ impl Config {
             .root
             .map(|r| base.join(r))
             .unwrap_or_else(|| PathBuf::from("recordings"));
+        for (key, v, max) in [
+            ("recording.min_free_mb", recording.min_free_mb, 1u64 << 30),
+            (
+                "recording.max_age_hours",
+                recording.max_age_hours,
+                24 * 365 * 100,
+            ),
+            ("recording.max_total_mb", recording.max_total_mb, 1u64 << 40),
+        ] {
+            if v.is_some_and(|v| v > max) {
+                problems.push(Problem::new(key, format!("must be at most {max}")));
+            }
+        }
         let (egress, egress_policy) = egress_section(&table, &mut problems);
         let raw_auth: RawAuth = section(&table, "auth", &mut problems);
         let hooks: RawHooks = section(&table, "hooks", &mut problems);
@@ -730,7 +771,35 @@ impl Config {
                 .publisher_hold_ms
                 .map(Duration::from_millis)
                 .unwrap_or(dl.publisher_hold),
+            max_streams: limits.max_streams.unwrap_or(dl.max_streams),
+            max_streams_per_namespace: limits
+                .max_streams_per_namespace
+                .or(limits.max_streams)
+                .unwrap_or(dl.max_streams_per_namespace),
+            max_viewers: limits.max_viewers.unwrap_or(dl.max_viewers),
+            max_viewers_per_stream: limits
+                .max_viewers_per_stream
+                .or(limits.max_viewers)
+                .unwrap_or(dl.max_viewers_per_stream),
+            max_webrtc_sessions: limits.max_webrtc_sessions.unwrap_or(dl.max_webrtc_sessions),
         };
+        for (key, v) in [
+            ("limits.max_streams", limits_out.max_streams),
+            (
+                "limits.max_streams_per_namespace",
+                limits_out.max_streams_per_namespace,
+            ),
+            ("limits.max_viewers", limits_out.max_viewers),
+            (
+                "limits.max_viewers_per_stream",
+                limits_out.max_viewers_per_stream,
+            ),
+            ("limits.max_webrtc_sessions", limits_out.max_webrtc_sessions),
+        ] {
+            if v == 0 || v > 10_000_000 {
+                problems.push(Problem::new(key, "must be between 1 and 10000000"));
+            }
+        }
         if limits_out.publisher_hold > Duration::from_secs(300) {
             problems.push(Problem::new(
                 "limits.publisher_hold_ms",
@@ -831,6 +900,14 @@ impl Config {
             },
             limits: limits_out,
             recording_root,
+            recording_min_free_bytes: recording.min_free_mb.unwrap_or(DEFAULT_MIN_FREE_MB) << 20,
+            recording_retention: Retention {
+                max_age: recording
+                    .max_age_hours
+                    .filter(|h| *h > 0)
+                    .map(|h| Duration::from_secs(h * 3600)),
+                max_total_bytes: recording.max_total_mb.filter(|m| *m > 0).map(|m| m << 20),
+            },
             egress,
             egress_policy,
             auth,
@@ -1152,6 +1229,9 @@ struct RawWebRtc {
 #[serde(deny_unknown_fields)]
 struct RawRecording {
     root: Option<String>,
+    min_free_mb: Option<u64>,
+    max_age_hours: Option<u64>,
+    max_total_mb: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1165,6 +1245,11 @@ struct RawLimits {
     viewer_send_buffer_bytes: Option<usize>,
     play_wait_ms: Option<u64>,
     publisher_hold_ms: Option<u64>,
+    max_streams: Option<usize>,
+    max_streams_per_namespace: Option<usize>,
+    max_viewers: Option<usize>,
+    max_viewers_per_stream: Option<usize>,
+    max_webrtc_sessions: Option<usize>,
 }
 
 /// One problem in a config file.

@@ -140,6 +140,8 @@ pub enum SubscriptionEnd {
 pub enum PublishError {
     #[error("stream {0} is already being published")]
     AlreadyLive(StreamKey),
+    #[error("{0}")]
+    Limit(String),
     #[error("stream {key} is already published on {node}")]
     PublishedElsewhere { key: StreamKey, node: String },
 }
@@ -334,6 +336,7 @@ pub struct Hub {
     limits: Limits,
     events: broadcast::Sender<HubEvent>,
     metrics: Arc<Metrics>,
+    viewers: Mutex<ViewerCounts>,
 }
 
 impl Hub {
@@ -344,7 +347,66 @@ impl Hub {
             limits,
             events: broadcast::channel(1024).0,
             metrics,
+            viewers: Mutex::new(ViewerCounts::default()),
         })
+    }
+
+    /// Admits a viewer of `key` (RTMP, HTTP-FLV, WHEP) under `limits.max_viewers` and
+    /// `limits.max_viewers_per_stream`, or says which limit is reached. Derived streams
+    /// (`demo~opus`) count as their original. Internal consumers (egress, bridges, other
+    /// nodes' pulls) are not viewers.
+    pub fn admit_viewer(self: &Arc<Self>, key: &StreamKey) -> Result<ViewerTicket, String> {
+        let base = key.base();
+        let mut v = self.viewers.lock();
+        if v.total >= self.limits.max_viewers {
+            return Err(format!(
+                "this node is at its viewer limit ({})",
+                self.limits.max_viewers
+            ));
+        }
+        let n = v.per_stream.get(&base).copied().unwrap_or(0);
+        if n >= self.limits.max_viewers_per_stream {
+            return Err(format!(
+                "{base} is at its viewer limit ({})",
+                self.limits.max_viewers_per_stream
+            ));
+        }
+        v.total += 1;
+        *v.per_stream.entry(base.clone()).or_insert(0) += 1;
+        Ok(ViewerTicket {
+            hub: Arc::downgrade(self),
+            base,
+        })
+    }
+
+    /// Refuses a new local publish past `limits.max_streams` (node) or
+    /// `limits.max_streams_per_namespace`. Called under the streams map lock.
+    fn check_stream_limits(
+        &self,
+        map: &HashMap<StreamKey, Arc<Stream>>,
+        key: &StreamKey,
+    ) -> Result<(), PublishError> {
+        let (mut total, mut in_ns) = (0, 0);
+        for s in map.values().filter(|s| s.is_local() && !s.key.is_derived()) {
+            total += 1;
+            if s.key.namespace() == key.namespace() {
+                in_ns += 1;
+            }
+        }
+        if total >= self.limits.max_streams {
+            return Err(PublishError::Limit(format!(
+                "this node is at its stream limit ({})",
+                self.limits.max_streams
+            )));
+        }
+        if in_ns >= self.limits.max_streams_per_namespace {
+            return Err(PublishError::Limit(format!(
+                "namespace {} is at its stream limit ({})",
+                key.namespace(),
+                self.limits.max_streams_per_namespace
+            )));
+        }
+        Ok(())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -435,6 +497,9 @@ impl Hub {
                 .is_some_and(|s| !matches!(*s.source.lock(), Source::Relay { .. }))
             {
                 return Err(PublishError::AlreadyLive(key));
+            }
+            if !key.is_derived() {
+                self.check_stream_limits(&map, &key)?;
             }
             let stream = self.new_stream(key.clone(), Source::Local, Status::Live);
             map.insert(key.clone(), stream.clone());
@@ -572,6 +637,7 @@ impl Hub {
             lag_events: VecDeque::new(),
             max_lag_events: self.limits.max_lag_events,
             _guard: guard,
+            _ticket: None,
         })
     }
 
@@ -744,6 +810,35 @@ type DeriveStart = Box<dyn FnOnce(Publisher) + Send>;
 enum Producer {
     Upstream(Arc<dyn Upstream>),
     Derived(DeriveStart),
+}
+
+/// A viewer admitted under `limits.max_viewers` and `max_viewers_per_stream`; it gives
+/// its place back when dropped (it rides on the viewer's [`Subscription`]).
+pub struct ViewerTicket {
+    hub: std::sync::Weak<Hub>,
+    base: StreamKey,
+}
+
+impl Drop for ViewerTicket {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            let mut v = hub.viewers.lock();
+            v.total = v.total.saturating_sub(1);
+            if let Some(n) = v.per_stream.get_mut(&self.base) {
+                *n -= 1;
+                if *n == 0 {
+                    v.per_stream.remove(&self.base);
+                }
+            }
+        }
+    }
+}
+
+/// Viewers admitted, node-wide and per stream (derived streams count as their original).
+#[derive(Default)]
+struct ViewerCounts {
+    total: usize,
+    per_stream: HashMap<StreamKey, usize>,
 }
 
 /// Counts a stream's consumers; the count reaching zero wakes the relay's idle timer.
@@ -966,9 +1061,16 @@ pub struct Subscription {
     lag_events: VecDeque<Instant>,
     max_lag_events: u32,
     _guard: SubscriberGuard,
+    /// A viewer's place under the viewer limits, given back with the subscription.
+    _ticket: Option<ViewerTicket>,
 }
 
 impl Subscription {
+    /// Keeps `ticket` for as long as this subscription lives.
+    pub fn hold(&mut self, ticket: ViewerTicket) {
+        self._ticket = Some(ticket);
+    }
+
     /// Why the stream's publisher was evicted, if it was: the stream lives on elsewhere.
     pub fn evicted(&self) -> Option<String> {
         self._guard.0.evicted()

@@ -115,9 +115,20 @@ impl Node {
                 }),
                 max_jobs: config.egress_policy.max_jobs,
                 auth: auth.clone(),
+                min_free_bytes: config.recording_min_free_bytes,
             },
             shutdown.clone(),
         );
+
+        let retention = &config.recording_retention;
+        if retention.max_age.is_some() || retention.max_total_bytes.is_some() {
+            tasks.spawn(crate::egress::retention::run(
+                config.recording_root.clone(),
+                retention.clone(),
+                egress.clone(),
+                shutdown.clone(),
+            ));
+        }
 
         if config.node.role == Role::Edge {
             if let Some(bb) = &backbone {
@@ -171,6 +182,7 @@ impl Node {
                     candidates,
                     ice_servers: config.webrtc.ice_servers.clone(),
                     tcp: config.webrtc.tcp,
+                    max_sessions: config.limits.max_webrtc_sessions,
                 };
                 Some(
                     crate::webrtc::WebRtc::start(settings, shutdown.clone())

@@ -776,3 +776,215 @@ async fn deep_amf0_closes_one_connection_and_the_node_serves_on() {
     );
     drop(publisher);
 }
+
+#[test]
+fn stream_and_viewer_limits_refuse_with_a_reason_and_count() {
+    let node = NodeProc::start(NodeSpec {
+        extra: "\n[limits]\nmax_streams = 1\nmax_viewers_per_stream = 1\n".into(),
+        ..NodeSpec::standalone()
+    });
+    let _first = publish_and_wait(&node.rtmp_url("one"), &node, "one", PublishOpts::default());
+    let (ok, err) = Publisher::start(
+        &node.rtmp_url("two"),
+        PublishOpts {
+            seconds: 3,
+            ..Default::default()
+        },
+    )
+    .wait(Duration::from_secs(30));
+    assert!(!ok && err.contains("stream limit"), "{err}");
+    // One viewer per stream: the first HTTP-FLV viewer plays, the second gets a 503.
+    let mut first = TcpStream::connect(node.http).unwrap();
+    write!(first, "GET /live/one.flv HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = first.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (status, _, body) = http_raw(node.http, "GET", "/live/one.flv", "", "").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("viewer limit"), "{body}");
+    let (ok, err, packets) = try_probe(&node.rtmp_url("one"), 1);
+    assert!(!ok || packets == 0, "a second RTMP viewer played: {err}");
+    // The place is given back when the viewer leaves.
+    drop(first);
+    wait_until(Duration::from_secs(10), "the viewer's place freed", || {
+        head_status(node.http, "/live/one.flv", "") == 200
+    });
+    assert!(node.metric("meshcast_refused_total{protocol=\"flv\",why=\"limit\"}") >= 1.0);
+    assert!(node.metric("meshcast_refused_total{protocol=\"rtmp\",why=\"limit\"}") >= 2.0);
+}
+
+/// A tmpfs of `mb` MiB mounted at `dir` for the test's life.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, mb: u32) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a tmpfs (the test needs root)");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn the_disk_floor_stops_a_recording_cleanly_and_keeps_what_was_written() {
+    let disk = temp_dir("floor").join("disk");
+    let _tmpfs = Tmpfs::mount(&disk, 24);
+    // 24 MiB with a 20 MiB floor: about 4 MiB can be written.
+    let node = NodeProc::start(NodeSpec {
+        extra: format!(
+            "\n[recording]\nroot = \"{}\"\nmin_free_mb = 20\n",
+            disk.display()
+        ),
+        ..NodeSpec::standalone()
+    });
+    let _publisher = publish_and_wait(
+        &node.rtmp_url("rec"),
+        &node,
+        "rec",
+        PublishOpts {
+            seconds: 120,
+            ..Default::default()
+        },
+    );
+    let (status, body) = http_request(
+        node.http,
+        "POST",
+        "/api/v1/egress",
+        Some(r#"{"stream":"live/rec","kind":"record","format":"mp4","segment_seconds":2}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut last = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(90),
+        "the recording stops at the floor",
+        || {
+            let (_, b) = http_get(node.http, &format!("/api/v1/egress/{id}")).unwrap();
+            last = serde_json::from_str(&b).unwrap();
+            last["state"] == "failed"
+        },
+    );
+    assert!(
+        last["last_error"].as_str().unwrap().contains("min_free_mb"),
+        "{last}"
+    );
+    let files: Vec<String> = last["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    assert!(files.len() >= 2, "{last}");
+    // Every file written, the last one included, plays.
+    for f in &files {
+        let (ok, err, packets) = try_probe(disk.join(f).to_str().unwrap(), 60);
+        assert!(ok && packets > 10, "{f}: {packets} packets, {err}");
+    }
+    // Nothing more is written, and the node serves on.
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let sizes: Vec<u64> = files.iter().map(|f| size(&disk.join(f))).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let after: Vec<u64> = files.iter().map(|f| size(&disk.join(f))).collect();
+    assert_eq!(sizes, after);
+    assert!(node.stream("rec").is_some());
+}
+
+/// A host of the test's own: a network namespace joined to this one by a veth pair, with
+/// `host` on this side and `peer` inside.
+struct Netns {
+    name: String,
+    host: std::net::IpAddr,
+    peer: std::net::IpAddr,
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let id = std::process::id() % 250;
+        let name = format!("mc-lock-{}", std::process::id());
+        let (veth, inner) = (format!("mcl{id}a"), format!("mcl{id}b"));
+        let host = format!("10.213.{id}.1");
+        let peer = format!("10.213.{id}.2");
+        let run = |args: &[&str]| {
+            let ok = Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip {}", args.join(" "));
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip").args(["link", "del", &veth]).status();
+        run(&["netns", "add", &name]);
+        run(&["link", "add", &veth, "type", "veth", "peer", "name", &inner]);
+        run(&["link", "set", &inner, "netns", &name]);
+        run(&["addr", "add", &format!("{host}/30"), "dev", &veth]);
+        run(&["link", "set", &veth, "up"]);
+        let ns = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", name.as_str(), "ip"];
+            full.extend_from_slice(args);
+            run(&full);
+        };
+        ns(&["addr", "add", &format!("{peer}/30"), "dev", &inner]);
+        ns(&["link", "set", &inner, "up"]);
+        ns(&["link", "set", "lo", "up"]);
+        Netns {
+            name,
+            host: host.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and so the pair.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_remote_admin_call_on_a_node_without_auth_is_refused() {
+    let host = Netns::create();
+    let node = NodeProc::start_at(
+        NodeSpec::standalone(),
+        SocketAddr::new(host.host, free_port()),
+    );
+    let curl = |path: &str| {
+        let out = bounded::output_within(
+            Command::new("ip")
+                .args(["netns", "exec", &host.name, "curl", "-s", "-m", "10"])
+                .args(["-w", "\n%{http_code}"])
+                .arg(format!("http://{}{path}", node.http)),
+            Duration::from_secs(20),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    for path in ["/api/v1/streams", "/api/v1/egress", "/api/v1/cluster"] {
+        let (status, body) = curl(path);
+        assert_eq!(status, 403, "{path} from {}: {body}", host.peer);
+        assert!(body.contains("configure [auth]"), "{body}");
+    }
+    // What any client may ask still answers.
+    assert_eq!(curl("/healthz").0, 200);
+    assert!(node.metric("meshcast_refused_total{protocol=\"api\",why=\"not_loopback\"}") >= 3.0);
+}

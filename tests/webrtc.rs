@@ -799,3 +799,156 @@ fn simulcast_from_chromium_gives_each_whep_viewer_the_layer_its_bandwidth_fits()
         "no layer alignment in the origin's log"
     );
 }
+
+/// Tokens for `action` on `live/cam` (signed with `secret`): the bad ones of the auth
+/// matrix by name, then the valid one.
+fn token_matrix(secret: &str, action: meshcast::auth::Action) -> (Vec<(String, String)>, String) {
+    use meshcast::auth::token::{now_s, OneOrMany};
+    use meshcast::auth::{Action, Claims, Keys};
+    let mint = |secret: &str, act: Action, streams: &[&str], exp_in: i64, nbf_in: Option<i64>| {
+        let now = now_s() as i64;
+        Keys::new(&[secret.to_string()], &[] as &[&str])
+            .unwrap()
+            .mint(&Claims {
+                act: OneOrMany::One(act),
+                streams: streams.iter().map(|s| s.to_string()).collect(),
+                exp: (now + exp_in) as u64,
+                nbf: nbf_in.map(|n| (now + n) as u64),
+                iat: None,
+                sub: None,
+            })
+            .unwrap()
+    };
+    let other = if action == Action::Play {
+        Action::Publish
+    } else {
+        Action::Play
+    };
+    let bad = vec![
+        ("none".to_string(), String::new()),
+        (
+            "expired".into(),
+            mint(secret, action, &["live/cam"], -3600, None),
+        ),
+        (
+            "not yet valid".into(),
+            mint(secret, action, &["live/cam"], 7200, Some(3600)),
+        ),
+        (
+            "forged".into(),
+            mint(
+                "somebody-elses-secret-000",
+                action,
+                &["live/cam"],
+                3600,
+                None,
+            ),
+        ),
+        (
+            "wrong action".into(),
+            mint(secret, other, &["live/cam"], 3600, None),
+        ),
+        (
+            "wrong stream".into(),
+            mint(secret, action, &["live/other"], 3600, None),
+        ),
+    ];
+    (bad, mint(secret, action, &["live/cam"], 3600, None))
+}
+
+/// A page that offers to `url` with each bad token (`Authorization: Bearer`) and reports
+/// the statuses, then publishes (WHIP, fake camera) or plays (WHEP) with the valid one.
+fn token_matrix_page(url: &str, bad: &[(String, String)], valid: &str, publish: bool) -> String {
+    let bad_json = serde_json::to_string(bad).unwrap();
+    format!(
+        r#"<!doctype html><html><body><video id="v" autoplay muted playsinline></video><script>
+async function report(obj) {{ await fetch('/result', {{method: 'POST', body: JSON.stringify(obj)}}); }}
+(async () => {{
+  try {{
+    const pc = new RTCPeerConnection();
+    if ({publish}) {{
+      const media = await navigator.mediaDevices.getUserMedia({{video: {{width: 640, height: 360}}, audio: true}});
+      for (const t of media.getTracks()) {{
+        const tr = pc.addTransceiver(t, {{direction: 'sendonly', streams: [media]}});
+        if (t.kind === 'video') tr.setCodecPreferences(RTCRtpSender.getCapabilities('video').codecs
+          .filter(c => c.mimeType === 'video/H264' || c.mimeType === 'video/rtx'));
+      }}
+    }} else {{
+      pc.addTransceiver('video', {{direction: 'recvonly'}});
+      pc.addTransceiver('audio', {{direction: 'recvonly'}});
+      pc.ontrack = e => {{ document.getElementById('v').srcObject = e.streams[0] || new MediaStream([e.track]); }};
+    }}
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    const post = token => fetch('{url}', {{method: 'POST', body: offer.sdp,
+      headers: Object.assign({{'Content-Type': 'application/sdp'}}, token ? {{Authorization: 'Bearer ' + token}} : {{}})}});
+    const refused = {{}};
+    for (const [label, token] of {bad_json}) {{
+      const r = await post(token);
+      refused[label] = r.status + ' ' + (await r.text()).trim();
+    }}
+    const resp = await post('{valid}');
+    if (resp.status !== 201) {{ await report({{refused, error: 'valid token: status ' + resp.status + ' ' + await resp.text()}}); return; }}
+    await pc.setRemoteDescription({{type: 'answer', sdp: await resp.text()}});
+    const t0 = performance.now();
+    let decoded = 0;
+    while (performance.now() - t0 < 15000) {{
+      await new Promise(r => setTimeout(r, 200));
+      if ({publish} && (pc.iceConnectionState === 'connected' || pc.iceConnectionState === 'completed')) break;
+      const stats = await pc.getStats();
+      stats.forEach(s => {{ if (s.type === 'inbound-rtp' && s.kind === 'video') decoded = s.framesDecoded; }});
+      if (decoded > 30) break;
+    }}
+    await report({{refused, iceState: pc.iceConnectionState, framesDecoded: decoded}});
+  }} catch (e) {{ await report({{error: String(e)}}); }}
+}})();
+</script></body></html>"#
+    )
+}
+
+#[test]
+fn whip_and_whep_in_chromium_need_a_valid_token_under_auth() {
+    if !in_private_network("whip_and_whep_in_chromium_need_a_valid_token_under_auth") {
+        return;
+    }
+    use meshcast::auth::Action;
+    let secret = "chromium-test-secret-0123456789";
+    let node = NodeProc::start(NodeSpec {
+        extra: format!("\n[auth]\nsecrets = [\"{secret}\"]\n"),
+        ..NodeSpec::standalone()
+    });
+    let check_refusals = |v: &serde_json::Value| {
+        for (label, want) in [
+            ("none", "401"),
+            ("expired", "401"),
+            ("not yet valid", "401"),
+            ("forged", "401"),
+            ("wrong action", "403"),
+            ("wrong stream", "403"),
+        ] {
+            let got = v["refused"][label].as_str().unwrap_or_default();
+            assert!(got.starts_with(want), "{label}: {got} ({v})");
+            assert!(got.contains("\"error\""), "{label}: no JSON reason: {got}");
+        }
+    };
+    // One page per protocol: every bad token refused with its reason, then the valid one
+    // publishes (WHIP, the fake camera) or plays (WHEP).
+    let matrix = |kind: &str, action: Action| {
+        let (bad, valid) = token_matrix(secret, action);
+        let url = format!("http://{}/{kind}/live/cam", node.http);
+        let (port, results) = serve_page(token_matrix_page(&url, &bad, &valid, kind == "whip"));
+        let browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
+        let report = results.recv_timeout(Duration::from_secs(60)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+        eprintln!("{kind} page reported: {v}");
+        assert!(v["error"].is_null(), "{v}");
+        check_refusals(&v);
+        (browser, v, valid)
+    };
+    let (_publisher, v, _) = matrix("whip", Action::Publish);
+    assert_eq!(v["iceState"], "connected", "{v}");
+    let (_viewer, v, valid) = matrix("whep", Action::Play);
+    assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 30, "{v}");
+    let log = node.log();
+    assert!(!log.contains(&valid), "a token is in the log");
+}

@@ -187,7 +187,8 @@ async fn serve_connection(
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
-    let mut stopping = false;
+    // When shutdown began: a connection still busy (a long HTTP-FLV body) 3 s later is cut.
+    let mut stopping: Option<Instant> = None;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -201,8 +202,8 @@ async fn serve_connection(
                 }
                 return;
             }
-            _ = shutdown.cancelled(), if !stopping => {
-                stopping = true;
+            _ = shutdown.cancelled(), if stopping.is_none() => {
+                stopping = Some(Instant::now());
                 conn.as_mut().graceful_shutdown();
             }
             _ = tick.tick() => {
@@ -212,7 +213,7 @@ async fn serve_connection(
                     tracing::debug!(%peer, "closing an idle http connection");
                     return;
                 }
-                if stopping && started.elapsed() > last + Duration::from_secs(3) {
+                if stopping.is_some_and(|at| at.elapsed() > Duration::from_secs(3)) {
                     return;
                 }
             }
@@ -363,6 +364,21 @@ async fn admin_only(
         });
     }
     next.run(req).await
+}
+
+/// A viewer's place under the viewer limits, or a 503 saying which limit is reached.
+fn admit(
+    s: &AppState,
+    protocol: &'static str,
+    key: &StreamKey,
+) -> Result<crate::hub::ViewerTicket, Box<Response>> {
+    s.hub.admit_viewer(key).map_err(|why| {
+        s.hub.metrics().count_refused(protocol, "limit");
+        Box::new(denied(Denied {
+            status: 503,
+            reason: why,
+        }))
+    })
 }
 
 /// Asks [`Auth`] whether this HTTP client may publish or play `key`.
@@ -828,10 +844,15 @@ async fn flv(
         return r;
     }
     s.hub.metrics().count_connection(Proto::Flv);
-    let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Aac).await {
+    let ticket = match admit(&s, "flv", &key) {
+        Ok(t) => t,
+        Err(r) => return *r,
+    };
+    let mut sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Aac).await {
         Ok(sub) => sub,
         Err(e) => return subscribe_failed(e),
     };
+    sub.hold(ticket);
     if let Some(why) = crate::bridge::flv_incompatible_video(&sub) {
         return error(StatusCode::NOT_ACCEPTABLE, why);
     }
@@ -977,10 +998,15 @@ async fn whep_post(
     {
         return with_cors(r);
     }
-    let sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
+    let ticket = match admit(&s, "whep", &key) {
+        Ok(t) => t,
+        Err(r) => return with_cors(*r),
+    };
+    let mut sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
         Ok(sub) => sub,
         Err(e) => return with_cors(subscribe_failed(e)),
     };
+    sub.hold(ticket);
     let created = webrtc
         .create_whep(key.clone(), &body, sub, s.hub.clone())
         .await;
@@ -1026,6 +1052,13 @@ async fn whip_post(
     }
     let publisher = match s.hub.publish_checked(key.clone()).await {
         Ok(p) => p,
+        Err(e @ crate::hub::PublishError::Limit(_)) => {
+            s.hub.metrics().count_refused("whip", "limit");
+            return with_cors(denied(Denied {
+                status: 503,
+                reason: e.to_string(),
+            }));
+        }
         Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),
     };
     let created = webrtc.create_whip(key.clone(), &body, publisher);
@@ -1066,6 +1099,10 @@ fn session_created(
         Err(e @ crate::webrtc::WebRtcError::NoVideo(_)) => {
             with_cors(error(StatusCode::NOT_ACCEPTABLE, e.to_string()))
         }
+        Err(e @ crate::webrtc::WebRtcError::TooManySessions(_)) => with_cors(denied(Denied {
+            status: 503,
+            reason: e.to_string(),
+        })),
         Err(e) => with_cors(error(StatusCode::BAD_REQUEST, e.to_string())),
     }
 }

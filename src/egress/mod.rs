@@ -20,6 +20,7 @@
 pub mod forward;
 pub mod policy;
 pub mod record;
+pub mod retention;
 pub mod rtmp_push;
 pub mod spec;
 
@@ -85,6 +86,9 @@ pub enum State {
     Finished,
     /// Deleted through the API or the node shut down.
     Stopped,
+    /// The destination can take no more (the disk reached `recording.min_free_mb`); nothing
+    /// more is written until the egress is created again. `last_error` says why.
+    Failed,
 }
 
 /// What the API shows of one egress.
@@ -120,9 +124,17 @@ pub struct Shared {
     status: Mutex<EgressStatus>,
     live_since: Mutex<Option<std::time::Instant>>,
     metrics: Arc<Metrics>,
+    /// Set by a sink that must not be restarted (the reason).
+    fatal: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// Marks the failure the sink is about to report as final: the egress turns
+    /// [`State::Failed`] instead of retrying.
+    pub fn fail_permanently(&self, why: &str) {
+        *self.fatal.lock() = Some(why.to_string());
+    }
+
     pub fn set_state(&self, state: State) {
         self.status.lock().state = state;
         *self.live_since.lock() = (state == State::Live).then(std::time::Instant::now);
@@ -176,6 +188,8 @@ pub struct EgressSettings {
     pub max_jobs: usize,
     /// Signs the tokens an edge's forwards present to origins.
     pub auth: Arc<crate::auth::Auth>,
+    /// Recordings stop when the disk holding them has less free space than this.
+    pub min_free_bytes: u64,
 }
 
 /// Why an egress was not created.
@@ -343,6 +357,7 @@ impl Egress {
             }),
             live_since: Mutex::new(None),
             metrics: self.hub.metrics().clone(),
+            fatal: Mutex::new(None),
         });
         let cancel = self.shutdown.child_token();
         let (done_tx, done) = tokio::sync::watch::channel(false);
@@ -365,6 +380,7 @@ impl Egress {
                     shared: shared.clone(),
                     cancel,
                     recording_root: me.settings.recording_root.clone(),
+                    min_free_bytes: me.settings.min_free_bytes,
                     policy: (created_by == "api").then(|| me.settings.policy.clone()),
                 };
                 let end = task.run().await;
@@ -520,6 +536,8 @@ struct Task {
     shared: Arc<Shared>,
     cancel: CancellationToken,
     recording_root: PathBuf,
+    /// Recording stops when the disk has less free space than this.
+    min_free_bytes: u64,
     /// Checked on every connect of an RTMP push (API-created egress only).
     policy: Option<Arc<policy::DestinationPolicy>>,
 }
@@ -599,6 +617,11 @@ impl Task {
                 Why::Resubscribe => {}
                 Why::SinkFailed(e) => {
                     sink = None;
+                    if let Some(why) = self.shared.fatal.lock().clone() {
+                        warn!("egress failed for good: {why}");
+                        self.shared.error(&why);
+                        return State::Failed;
+                    }
                     // A destination that worked for a while is retried soon again.
                     if self.shared.live_for() > Duration::from_secs(10) {
                         backoff.reset();
@@ -644,6 +667,7 @@ impl Task {
                 segment_bytes,
             } => {
                 let job = record::Job {
+                    min_free_bytes: self.min_free_bytes,
                     root: self.recording_root.clone(),
                     key: self.key.clone(),
                     format: *format,

@@ -27,6 +27,9 @@ use crate::media::{Codec, StreamConfig, StreamKey, TrackKind};
 
 /// What to record and where.
 pub struct Job {
+    /// The disk must keep this much free: at the floor, the file ends cleanly and the
+    /// recording stops for good.
+    pub min_free_bytes: u64,
     pub root: PathBuf,
     pub key: StreamKey,
     pub format: RecordFormat,
@@ -71,6 +74,7 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
                         if !starts {
                             continue;
                         }
+                        check_free_space(&job, &shared)?;
                         let f = OutFile::open(&job, cfg, seq, dts_ms)?;
                         seq += 1;
                         info!(file = %f.relative, "recording");
@@ -81,6 +85,10 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
                     let f = file.as_mut().expect("opened above");
                     let n = f.write(&packet, dts_ms, pts_ms)?;
                     shared.sent(n, 1);
+                    // Look at the disk again after every MiB written.
+                    if f.bytes / FREE_SPACE_EVERY != (f.bytes - n) / FREE_SPACE_EVERY {
+                        check_free_space(&job, &shared)?;
+                    }
                 }
             }
         }
@@ -88,6 +96,43 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
     })();
     finish(file.take(), &shared);
     result
+}
+
+/// Bytes written between two looks at the disk's free space.
+const FREE_SPACE_EVERY: u64 = 1 << 20;
+
+/// Fails the recording for good when the disk under `job.root` is at its floor (the caller
+/// finishes the open file cleanly on the way out).
+fn check_free_space(job: &Job, shared: &Shared) -> Result<(), String> {
+    if job.min_free_bytes == 0 {
+        return Ok(());
+    }
+    let _ = std::fs::create_dir_all(&job.root);
+    match free_bytes(&job.root) {
+        Some(free) if free < job.min_free_bytes => {
+            let why = format!(
+                "the disk under the recording root has {} MiB free, below recording.min_free_mb ({} MiB): recording stopped",
+                free >> 20,
+                job.min_free_bytes >> 20
+            );
+            shared.fail_permanently(&why);
+            Err(why)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Free bytes for unprivileged writers on the filesystem holding `path`.
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter
+    // that statvfs fills on success.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn finish(file: Option<OutFile>, shared: &Shared) {

@@ -235,6 +235,17 @@ impl StreamKey {
         self.derived(&format!("{LAYER_TAG}{rid}"))
     }
 
+    /// The publisher's stream this one derives from (itself when it is one).
+    pub fn base(&self) -> StreamKey {
+        match self.name.split_once('~') {
+            Some((base, _)) => StreamKey {
+                namespace: self.namespace.clone(),
+                name: base.to_string(),
+            },
+            None => self.clone(),
+        }
+    }
+
     /// Whether this names a stream this node derived (a bridge or a simulcast layer) rather
     /// than one a publisher named.
     pub fn is_derived(&self) -> bool {

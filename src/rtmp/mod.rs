@@ -512,7 +512,12 @@ impl Connection {
         }
         let publisher = match self.hub.publish_checked(key.clone()).await {
             Ok(p) => p,
-            Err(e) => return reject(self, session, "NetStream.Publish.BadName", e.to_string()),
+            Err(e) => {
+                if matches!(e, crate::hub::PublishError::Limit(_)) {
+                    self.hub.metrics().count_refused("rtmp", "limit");
+                }
+                return reject(self, session, "NetStream.Publish.BadName", e.to_string());
+            }
         };
         tracing::Span::current().record("stream", tracing::field::display(&key));
         info!("publishing {key}");
@@ -559,6 +564,21 @@ impl Connection {
                 return Err(RtmpError::Denied("play", denied.reason));
             }
         }
+        let ticket = match StreamKey::new(app, name).map(|k| self.hub.admit_viewer(&k)) {
+            Ok(Err(why)) => {
+                warn!("play {app}/{name} refused: {why}");
+                self.hub.metrics().count_refused("rtmp", "limit");
+                let results = session_call(session.reject_request(
+                    request_id,
+                    "NetStream.Play.Failed",
+                    &why,
+                ))?;
+                self.handle_plain_results(results);
+                return Err(RtmpError::Denied("play", why));
+            }
+            Ok(Ok(t)) => Some(t),
+            Err(_) => None,
+        };
         let sub = match StreamKey::new(app, name) {
             Err(e) => Err(e.to_string()),
             Ok(key) if !matches!(self.state, State::Idle) => Err(format!(
@@ -566,9 +586,14 @@ impl Connection {
             )),
             Ok(key) => match crate::bridge::subscribe_with_audio(&self.hub, &key, Codec::Aac).await
             {
-                Ok(sub) => match crate::bridge::flv_incompatible_video(&sub) {
+                Ok(mut sub) => match crate::bridge::flv_incompatible_video(&sub) {
                     Some(why) => Err(why),
-                    None => Ok((key, sub)),
+                    None => {
+                        if let Some(t) = ticket {
+                            sub.hold(t);
+                        }
+                        Ok((key, sub))
+                    }
                 },
                 Err(e) => Err(e.to_string()),
             },

@@ -57,7 +57,7 @@ const SOCKET_RCVBUF: usize = 4 << 20;
 /// How long a WHEP offer waits for its stream's configuration (a relay just pulling).
 const CONFIG_WAIT: Duration = Duration::from_secs(2);
 /// A session that is not connected within this time is dropped.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const VIDEO_CLOCK: Timebase = Timebase(90_000);
 const OPUS_CLOCK: Timebase = Timebase(48_000);
 /// Packets each viewer stream keeps for NACK resends.
@@ -82,6 +82,8 @@ pub enum WebRtcError {
     Rejected(String),
     #[error("the offer has no {0} media for this stream")]
     NoVideo(&'static str),
+    #[error("this node is at its WebRTC session limit ({0})")]
+    TooManySessions(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +95,8 @@ pub struct WebRtcSettings {
     pub ice_servers: Vec<String>,
     /// Also take ICE over TCP on the listen port.
     pub tcp: bool,
+    /// WHIP and WHEP sessions at most, connecting or connected.
+    pub max_sessions: usize,
 }
 
 /// A datagram (or RFC 4571 frame) for a peer.
@@ -431,6 +435,7 @@ impl WebRtc {
             Some(c) if !c.simulcast.is_empty() => PeerKind::SimulcastViewer,
             _ => PeerKind::Viewer,
         };
+        self.check_capacity()?;
         let (rtc, answer, ufrag) = self.negotiate(offer, kind)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = WhepPeer {
@@ -476,6 +481,7 @@ impl WebRtc {
         {
             return Err(WebRtcError::NoVideo("h264/90000, vp8/90000 or opus/48000"));
         }
+        self.check_capacity()?;
         let (rtc, answer, ufrag) = self.negotiate(offer, PeerKind::Publisher)?;
         let (id, rx, cancel) = self.register(&stream, ufrag);
         let peer = whip::WhipPeer {
@@ -574,6 +580,15 @@ impl WebRtc {
     }
 
     /// Routes `ufrag`'s datagrams to a new session; returns its id, queue and cancel token.
+    /// Refuses a new session past `max_sessions` (those still connecting count: they
+    /// expire after the connect timeout).
+    fn check_capacity(&self) -> Result<(), WebRtcError> {
+        if self.sessions.lock().len() >= self.settings.max_sessions {
+            return Err(WebRtcError::TooManySessions(self.settings.max_sessions));
+        }
+        Ok(())
+    }
+
     fn register(
         &self,
         stream: &StreamKey,
