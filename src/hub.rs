@@ -15,7 +15,7 @@
 //! one leaves. Locks here guard tiny sections and are never held across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,8 @@ pub enum SubscriptionEnd {
     Ended,
     #[error("the consumer stayed too far behind the stream")]
     TooSlow,
+    #[error("the viewer was disconnected by the operator")]
+    Kicked,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -355,7 +357,12 @@ impl Hub {
     /// `limits.max_viewers_per_stream`, or says which limit is reached. Derived streams
     /// (`demo~opus`) count as their original. Internal consumers (egress, bridges, other
     /// nodes' pulls) are not viewers.
-    pub fn admit_viewer(self: &Arc<Self>, key: &StreamKey) -> Result<ViewerTicket, String> {
+    pub fn admit_viewer(
+        self: &Arc<Self>,
+        key: &StreamKey,
+        protocol: &'static str,
+        client: std::net::SocketAddr,
+    ) -> Result<ViewerTicket, String> {
         let base = key.base();
         let mut v = self.viewers.lock();
         if v.total >= self.limits.max_viewers {
@@ -373,10 +380,48 @@ impl Hub {
         }
         v.total += 1;
         *v.per_stream.entry(base.clone()).or_insert(0) += 1;
+        let id = rand::random::<u64>() >> 12;
+        let kicked = Arc::new(AtomicBool::new(false));
+        v.listed.insert(
+            id,
+            ViewerInfo {
+                id: format!("v_{id:013x}"),
+                stream: base.to_string(),
+                protocol,
+                client: client.to_string(),
+                since_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                kicked: kicked.clone(),
+            },
+        );
         Ok(ViewerTicket {
             hub: Arc::downgrade(self),
             base,
+            id,
+            kicked,
+            on_release: None,
         })
+    }
+
+    /// The viewers (RTMP, HTTP-FLV, WHEP) watching now.
+    pub fn viewers(&self) -> Vec<ViewerInfo> {
+        let mut out: Vec<ViewerInfo> = self.viewers.lock().listed.values().cloned().collect();
+        out.sort_by(|a, b| (a.since_unix_ms, &a.id).cmp(&(b.since_unix_ms, &b.id)));
+        out
+    }
+
+    /// Disconnects viewer `id` (as [`viewers`](Self::viewers) names it): its subscription
+    /// ends at its next frame. `false` if there is no such viewer.
+    pub fn kick_viewer(&self, id: &str) -> bool {
+        let v = self.viewers.lock();
+        match v.listed.values().find(|i| i.id == id) {
+            Some(info) => {
+                info.kicked.store(true, Ordering::Release);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Refuses a new local publish past `limits.max_streams` (node) or
@@ -812,11 +857,22 @@ enum Producer {
     Derived(DeriveStart),
 }
 
-/// A viewer admitted under `limits.max_viewers` and `max_viewers_per_stream`; it gives
-/// its place back when dropped (it rides on the viewer's [`Subscription`]).
+/// A viewer admitted under `limits.max_viewers` and `max_viewers_per_stream`, listed for
+/// the admin API until it leaves; it gives its place back when dropped (it rides on the
+/// viewer's [`Subscription`], so it lives exactly as long as the viewer).
 pub struct ViewerTicket {
     hub: std::sync::Weak<Hub>,
     base: StreamKey,
+    id: u64,
+    kicked: Arc<AtomicBool>,
+    on_release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl ViewerTicket {
+    /// Runs `f` when the viewer leaves (the event hook's `stop`).
+    pub fn on_release(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
+        self.on_release = Some(Box::new(f));
+    }
 }
 
 impl Drop for ViewerTicket {
@@ -824,6 +880,7 @@ impl Drop for ViewerTicket {
         if let Some(hub) = self.hub.upgrade() {
             let mut v = hub.viewers.lock();
             v.total = v.total.saturating_sub(1);
+            v.listed.remove(&self.id);
             if let Some(n) = v.per_stream.get_mut(&self.base) {
                 *n -= 1;
                 if *n == 0 {
@@ -831,7 +888,22 @@ impl Drop for ViewerTicket {
                 }
             }
         }
+        if let Some(f) = self.on_release.take() {
+            f();
+        }
     }
+}
+
+/// One viewer as the admin API lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ViewerInfo {
+    pub id: String,
+    pub stream: String,
+    pub protocol: &'static str,
+    pub client: String,
+    pub since_unix_ms: u64,
+    #[serde(skip)]
+    kicked: Arc<AtomicBool>,
 }
 
 /// Viewers admitted, node-wide and per stream (derived streams count as their original).
@@ -839,6 +911,7 @@ impl Drop for ViewerTicket {
 struct ViewerCounts {
     total: usize,
     per_stream: HashMap<StreamKey, usize>,
+    listed: HashMap<u64, ViewerInfo>,
 }
 
 /// Counts a stream's consumers; the count reaching zero wakes the relay's idle timer.
@@ -1062,13 +1135,21 @@ pub struct Subscription {
     max_lag_events: u32,
     _guard: SubscriberGuard,
     /// A viewer's place under the viewer limits, given back with the subscription.
-    _ticket: Option<ViewerTicket>,
+    _ticket: Option<Box<ViewerTicket>>,
 }
 
 impl Subscription {
     /// Keeps `ticket` for as long as this subscription lives.
     pub fn hold(&mut self, ticket: ViewerTicket) {
-        self._ticket = Some(ticket);
+        self._ticket = Some(Box::new(ticket));
+    }
+
+    /// Ends a viewer the operator kicked (one atomic load per frame).
+    fn check_kicked(&self) -> Result<(), SubscriptionEnd> {
+        match &self._ticket {
+            Some(t) if t.kicked.load(Ordering::Acquire) => Err(SubscriptionEnd::Kicked),
+            _ => Ok(()),
+        }
     }
 
     /// Why the stream's publisher was evicted, if it was: the stream lives on elsewhere.
@@ -1129,6 +1210,7 @@ impl Subscription {
 
     /// The next event. Cancel-safe.
     pub async fn next(&mut self) -> Result<StreamEvent, SubscriptionEnd> {
+        self.check_kicked()?;
         if let Some(ev) = self.backlog.pop_front() {
             return Ok(self.observe(ev));
         }
@@ -1150,6 +1232,9 @@ impl Subscription {
 
     /// The next event if one is ready now, without waiting (to batch writes).
     pub fn try_next(&mut self) -> Option<Result<StreamEvent, SubscriptionEnd>> {
+        if let Err(e) = self.check_kicked() {
+            return Some(Err(e));
+        }
         if let Some(ev) = self.backlog.pop_front() {
             return Some(Ok(self.observe(ev)));
         }

@@ -988,3 +988,83 @@ fn a_remote_admin_call_on_a_node_without_auth_is_refused() {
     assert_eq!(curl("/healthz").0, 200);
     assert!(node.metric("meshcast_refused_total{protocol=\"api\",why=\"not_loopback\"}") >= 3.0);
 }
+
+#[test]
+fn the_event_hook_hears_publish_play_stop_unpublish_and_viewers_can_be_kicked() {
+    let hook = HookServer::start(|_| 200);
+    let node = NodeProc::start(NodeSpec {
+        extra: format!(
+            "\n[hooks]\nevents = \"http://{}/events\"\n\n[limits]\npublisher_hold_ms = 0\n",
+            hook.addr
+        ),
+        ..NodeSpec::standalone()
+    });
+    let publisher = publish_and_wait(&node.rtmp_url("ev"), &node, "ev", PublishOpts::default());
+    let watcher = flv_watch::FlvWatcher::start(node.http, "/live/ev.flv");
+    let mut viewers = Vec::new();
+    wait_until(Duration::from_secs(10), "the FLV viewer listed", || {
+        let (_, b) = http_get(node.http, "/api/v1/viewers").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        viewers = v["viewers"].as_array().cloned().unwrap_or_default();
+        !viewers.is_empty()
+    });
+    assert_eq!(viewers[0]["stream"], "live/ev");
+    assert_eq!(viewers[0]["protocol"], "flv");
+    let id = viewers[0]["id"].as_str().unwrap().to_string();
+    let (status, _, _) = http_raw(
+        node.http,
+        "DELETE",
+        &format!("/api/v1/viewers/{id}"),
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(status, 204);
+    wait_until(Duration::from_secs(10), "the kicked viewer cut off", || {
+        watcher.ended().is_some()
+    });
+    let (_, b) = http_get(node.http, "/api/v1/viewers").unwrap();
+    assert!(b.contains("\"viewers\":[]"), "{b}");
+    let (status, _, _) = http_raw(
+        node.http,
+        "DELETE",
+        &format!("/api/v1/viewers/{id}"),
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(status, 404);
+    // An RTMP viewer, then the publisher leaves.
+    let (ok, err, _) = try_probe(&node.rtmp_url("ev"), 1);
+    assert!(ok, "{err}");
+    drop(publisher);
+    let want = [
+        ("publish", "rtmp"),
+        ("play", "flv"),
+        ("stop", "flv"),
+        ("play", "rtmp"),
+        ("stop", "rtmp"),
+        ("unpublish", "rtmp"),
+    ];
+    wait_until(Duration::from_secs(20), "every event delivered", || {
+        let got: Vec<(String, String)> = hook
+            .bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+            .map(|v| {
+                (
+                    v["event"].as_str().unwrap_or("").to_string(),
+                    v["protocol"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        want.iter()
+            .all(|(e, p)| got.iter().any(|(ge, gp)| ge == e && gp == p))
+    });
+    let first: serde_json::Value = serde_json::from_str(&hook.bodies.lock().unwrap()[0]).unwrap();
+    assert_eq!(first["stream"], "live/ev");
+    assert_eq!(first["node"], "standalone");
+    assert!(node.metric("meshcast_hook_events_delivered_total") >= 6.0);
+}

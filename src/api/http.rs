@@ -68,6 +68,8 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/streams/{namespace}/{stream}",
             axum::routing::delete(stream_kick),
         )
+        .route("/api/v1/viewers", get(viewers))
+        .route("/api/v1/viewers/{id}", axum::routing::delete(viewer_kick))
         .route("/api/v1/links", get(links))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/egress", get(egress_list).post(egress_create))
@@ -367,18 +369,23 @@ async fn admin_only(
 }
 
 /// A viewer's place under the viewer limits, or a 503 saying which limit is reached.
+/// The event hook hears `play` now and `stop` when the viewer leaves.
 fn admit(
     s: &AppState,
     protocol: &'static str,
     key: &StreamKey,
+    peer: SocketAddr,
 ) -> Result<crate::hub::ViewerTicket, Box<Response>> {
-    s.hub.admit_viewer(key).map_err(|why| {
+    let mut ticket = s.hub.admit_viewer(key, protocol, peer).map_err(|why| {
         s.hub.metrics().count_refused(protocol, "limit");
         Box::new(denied(Denied {
             status: 503,
             reason: why,
         }))
-    })
+    })?;
+    let (auth, key) = (s.auth.clone(), key.clone());
+    ticket.on_release(move || auth.notify(EventKind::Stop, protocol, &key, peer));
+    Ok(ticket)
 }
 
 /// Asks [`Auth`] whether this HTTP client may publish or play `key`.
@@ -428,6 +435,22 @@ async fn metrics(
         s.hub.metrics().render(),
     )
         .into_response()
+}
+
+/// `GET /api/v1/viewers`: every viewer (RTMP, HTTP-FLV, WHEP) with its id, stream,
+/// protocol, client address and start.
+async fn viewers(State(s): State<AppState>) -> impl IntoResponse {
+    Json(serde_json::json!({ "viewers": s.hub.viewers() }))
+}
+
+/// `DELETE /api/v1/viewers/{id}`: disconnects a viewer.
+async fn viewer_kick(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    if s.hub.kick_viewer(&id) {
+        info!(viewer = %id, "viewer kicked through the API");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, format!("no viewer {id}"))
+    }
 }
 
 /// `DELETE /api/v1/streams/{ns}/{name}`: ends a local publish (the publisher is told why
@@ -844,7 +867,7 @@ async fn flv(
         return r;
     }
     s.hub.metrics().count_connection(Proto::Flv);
-    let ticket = match admit(&s, "flv", &key) {
+    let ticket = match admit(&s, "flv", &key, peer) {
         Ok(t) => t,
         Err(r) => return *r,
     };
@@ -998,7 +1021,7 @@ async fn whep_post(
     {
         return with_cors(r);
     }
-    let ticket = match admit(&s, "whep", &key) {
+    let ticket = match admit(&s, "whep", &key, peer) {
         Ok(t) => t,
         Err(r) => return with_cors(*r),
     };
@@ -1062,8 +1085,20 @@ async fn whip_post(
         Err(e) => return with_cors(error(StatusCode::CONFLICT, e.to_string())),
     };
     let created = webrtc.create_whip(key.clone(), &body, publisher);
-    if created.is_ok() {
+    if created.is_ok() && s.auth.has_events() {
         s.auth.notify(EventKind::Publish, "whip", &key, peer);
+        // The stream's end is the WHIP publish's end.
+        let (mut events, auth) = (s.hub.events(), s.auth.clone());
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(crate::hub::HubEvent::Unpublished(k)) if k == key => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
+            }
+            auth.notify(EventKind::Unpublish, "whip", &key, peer);
+        });
     }
     session_created(&webrtc, "whip", &namespace, &stream, created)
 }

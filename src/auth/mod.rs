@@ -122,6 +122,11 @@ impl Auth {
         self
     }
 
+    /// Whether an event hook is configured.
+    pub fn has_events(&self) -> bool {
+        self.events.is_some()
+    }
+
     /// Queues an event for the event hook, if one is configured (never waits).
     pub fn notify(
         &self,

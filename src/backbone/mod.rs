@@ -1838,6 +1838,8 @@ async fn send_media(
                 counters.slow_disconnects.inc();
                 break (code::TOO_SLOW, "subscriber too far behind".into());
             }
+            // Other nodes' pulls hold no viewer ticket, so they are never kicked.
+            Err(SubscriptionEnd::Kicked) => break (code::ENDED, "disconnected".into()),
         };
         buf.clear();
         match ev {

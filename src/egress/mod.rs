@@ -859,6 +859,8 @@ impl Task {
                 }
                 Err(SubscriptionEnd::Ended) => return Why::StreamEnded,
                 Err(SubscriptionEnd::TooSlow) => return Why::Resubscribe,
+                // Egress holds no viewer ticket: never kicked.
+                Err(SubscriptionEnd::Kicked) => return Why::Cancelled,
             };
             let is_config = matches!(item, Item::Config(_));
             match sink.tx.try_send(item) {

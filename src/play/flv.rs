@@ -55,6 +55,10 @@ async fn pump(
                 warn!("FLV viewer stayed too far behind; disconnecting");
                 break;
             }
+            Err(SubscriptionEnd::Kicked) => {
+                info!("FLV viewer disconnected by the operator");
+                break;
+            }
         };
         let bytes = match ev {
             StreamEvent::Config(config) => {

@@ -564,21 +564,22 @@ impl Connection {
                 return Err(RtmpError::Denied("play", denied.reason));
             }
         }
-        let ticket = match StreamKey::new(app, name).map(|k| self.hub.admit_viewer(&k)) {
-            Ok(Err(why)) => {
-                warn!("play {app}/{name} refused: {why}");
-                self.hub.metrics().count_refused("rtmp", "limit");
-                let results = session_call(session.reject_request(
-                    request_id,
-                    "NetStream.Play.Failed",
-                    &why,
-                ))?;
-                self.handle_plain_results(results);
-                return Err(RtmpError::Denied("play", why));
-            }
-            Ok(Ok(t)) => Some(t),
-            Err(_) => None,
-        };
+        let ticket =
+            match StreamKey::new(app, name).map(|k| self.hub.admit_viewer(&k, "rtmp", self.peer)) {
+                Ok(Err(why)) => {
+                    warn!("play {app}/{name} refused: {why}");
+                    self.hub.metrics().count_refused("rtmp", "limit");
+                    let results = session_call(session.reject_request(
+                        request_id,
+                        "NetStream.Play.Failed",
+                        &why,
+                    ))?;
+                    self.handle_plain_results(results);
+                    return Err(RtmpError::Denied("play", why));
+                }
+                Ok(Ok(t)) => Some(t),
+                Err(_) => None,
+            };
         let sub = match StreamKey::new(app, name) {
             Err(e) => Err(e.to_string()),
             Ok(key) if !matches!(self.state, State::Idle) => Err(format!(

@@ -855,6 +855,10 @@ impl WhepPeer {
                         self.rtc.disconnect();
                         return Ok("stream ended");
                     }
+                    Err(SubscriptionEnd::Kicked) => {
+                        self.rtc.disconnect();
+                        return Ok("disconnected by the operator");
+                    }
                     Err(SubscriptionEnd::TooSlow) => {
                         self.rtc.disconnect();
                         return Ok("viewer too slow");
