@@ -28,6 +28,11 @@ enum Command {
     },
     /// Check a config file and report every problem in it.
     CheckConfig { file: PathBuf },
+    /// Make a cluster CA or a node certificate for mutual TLS on the backbone.
+    Cert {
+        #[command(subcommand)]
+        what: CertCommand,
+    },
     /// Print a signed access token (with the first of the config's [auth] secrets).
     Token {
         #[arg(long, short)]
@@ -45,6 +50,30 @@ enum Command {
         /// Who the token is for (the `sub` claim, shown to hooks).
         #[arg(long)]
         subject: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Make a cluster CA: DIR/ca.pem (every node's backbone.ca) and DIR/ca-key.pem (keep it
+    /// off the nodes).
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue node ID a certificate from the CA in --ca: OUT/ID.pem and OUT/ID-key.pem
+    /// (backbone.cert and backbone.key).
+    Node {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
     },
 }
 
@@ -92,6 +121,36 @@ fn mint_token(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Cert { what } => {
+            use meshcast::backbone::pki;
+            let made = match what {
+                CertCommand::Ca { out, days } => pki::make_ca(&out, days),
+                CertCommand::Node { ca, id, out, days } => {
+                    if id.is_empty()
+                        || id.len() > 64
+                        || !id
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                    {
+                        Err("--id must be a node id: 1-64 of A-Z a-z 0-9 _ - .".into())
+                    } else {
+                        pki::make_node_cert(&ca, &id, &out, days)
+                    }
+                }
+            };
+            match made {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("meshcast cert: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Token {
             config,
             action,

@@ -512,46 +512,67 @@ fn late_joiner_on_an_edge_starts_from_the_edges_cache() {
     first.join().unwrap().assert_timestamps_sane();
 }
 
-/// Writes a CA and a node certificate (DNS name `meshcast`) signed by it; returns the paths
-/// (ca, cert, key).
-fn make_pki(dir: &std::path::Path, name: &str) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let node_key = rcgen::KeyPair::generate().unwrap();
-    let node_params = rcgen::CertificateParams::new(vec!["meshcast".to_string()]).unwrap();
-    let node = node_params.signed_by(&node_key, &ca, &ca_key).unwrap();
-    let write = |file: &str, pem: String| {
-        let p = dir.join(file);
-        std::fs::write(&p, pem).unwrap();
-        p.display().to_string()
-    };
-    (
-        write(&format!("{name}-ca.pem"), ca.pem()),
-        write(&format!("{name}-node.pem"), node.pem()),
-        write(&format!("{name}-node.key"), node_key.serialize_pem()),
+/// Runs `meshcast cert ARGS`; returns the files it wrote.
+fn meshcast_cert(args: &[&str]) -> Vec<String> {
+    let out = common::bounded::output_within(
+        std::process::Command::new(BIN).arg("cert").args(args),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "meshcast cert {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `[backbone]` keys for a node with certificate `files` (cert, key) and the CA in `ca`.
+fn tls_keys(files: &[String], ca: &std::path::Path) -> String {
+    format!(
+        "cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        files[0],
+        files[1],
+        ca.join("ca.pem").display()
     )
 }
 
 #[test]
-fn backbone_with_a_ca_verifies_peers() {
+fn backbone_with_a_ca_verifies_peers_and_the_node_their_certificate_names() {
     let dir = temp_dir("pki");
-    let (ca, cert, key) = make_pki(&dir, "cluster");
-    let (other_ca, _, _) = make_pki(&dir, "other");
+    let (ca, other_ca) = (dir.join("ca"), dir.join("other-ca"));
+    meshcast_cert(&["ca", "--out", ca.to_str().unwrap()]);
+    meshcast_cert(&["ca", "--out", other_ca.to_str().unwrap()]);
+    let node_cert = |ca: &std::path::Path, id: &str| {
+        meshcast_cert(&[
+            "node",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--id",
+            id,
+            "--out",
+            dir.to_str().unwrap(),
+        ])
+    };
     let mut o = NodeSpec::origin("origin-a");
-    o.extra = format!("cert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n");
     // `extra` lands in [backbone] here: it is written right after the backbone keys.
+    o.extra = tls_keys(&node_cert(&ca, "origin-a"), &ca);
     let origin = NodeProc::start(o);
     let mut trusted = NodeSpec::edge("edge-ok", vec![origin.quic]);
-    trusted.extra = format!("ca = \"{ca}\"\n");
+    trusted.extra = tls_keys(&node_cert(&ca, "edge-ok"), &ca);
     let edge = NodeProc::start(trusted);
+    // A certificate from another CA; a certificate of this CA for another node; none.
     let mut untrusted = NodeSpec::edge("edge-bad", vec![origin.quic]);
-    untrusted.extra = format!("ca = \"{other_ca}\"\n");
+    untrusted.extra = tls_keys(&node_cert(&other_ca, "edge-bad"), &other_ca);
     let stranger = NodeProc::start(untrusted);
+    let mut impostor = NodeSpec::edge("edge-imp", vec![origin.quic]);
+    impostor.extra = tls_keys(&node_cert(&ca, "edge-real"), &ca);
+    let impostor = NodeProc::start(impostor);
+    let mut anonymous = NodeSpec::edge("edge-anon", vec![origin.quic]);
+    anonymous.extra = format!("ca = \"{}\"\n", ca.join("ca.pem").display());
+    let anonymous = NodeProc::start(anonymous);
 
     edge.wait_for_link_count(1);
     let _p = publish_and_wait(
@@ -563,11 +584,18 @@ fn backbone_with_a_ca_verifies_peers() {
     assert_synthetic_stream(&ffprobe(&edge.rtmp_url("tls"), 2), 2);
 
     std::thread::sleep(Duration::from_secs(2));
+    for (who, node) in [
+        ("an edge of another CA", &stranger),
+        ("an edge with another node's certificate", &impostor),
+        ("an edge with no certificate", &anonymous),
+    ] {
+        assert!(node.links().is_empty(), "{who} linked");
+        assert!(!node.log().contains("link up"), "{who} linked");
+        let (status, _) = http_get(node.http, "/live/tls.flv").unwrap();
+        assert_eq!(status, 404, "{who} plays");
+    }
     assert!(
-        stranger.links().is_empty(),
-        "an edge trusting another CA never links"
+        origin.log().contains("does not name node edge-imp"),
+        "the origin says why it refused the impostor"
     );
-    assert!(!stranger.log().contains("link up"));
-    let (status, _) = http_get(stranger.http, "/live/tls.flv").unwrap();
-    assert_eq!(status, 404);
 }

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod directory;
 pub mod group;
 pub mod nodes;
+pub mod pki;
 pub mod session;
 pub mod tls;
 pub mod wire;
@@ -98,6 +99,8 @@ pub enum LinkError {
     Random,
     #[error("cannot export the TLS channel binding")]
     ChannelBinding,
+    #[error("{0}")]
+    Certificate(String),
 }
 
 /// Rival publishes of one name started this close together count as a race (the message
@@ -216,6 +219,8 @@ pub struct Backbone {
     local: PeerInfo,
     role: Role,
     token: String,
+    /// Mutual TLS with per-node certificates: a peer's certificate must name its node.
+    node_certs: bool,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     /// Addresses to dial, in preference order.
@@ -277,6 +282,7 @@ impl Backbone {
             },
             role,
             token: bb.token.clone(),
+            node_certs: tls::node_certificates(bb),
             endpoint,
             client_config,
             upstreams,
@@ -473,6 +479,21 @@ impl Backbone {
         .await
     }
 
+    /// With per-node certificates: whether the peer's certificate names the node its hello
+    /// claims (TLS has already checked it against the CA).
+    fn check_certificate(
+        &self,
+        conn: &quinn::Connection,
+        peer: &PeerInfo,
+    ) -> Result<(), LinkError> {
+        if !self.node_certs {
+            return Ok(());
+        }
+        let cert = pki::peer_certificate(conn)
+            .ok_or_else(|| LinkError::Certificate("the peer showed no certificate".into()))?;
+        pki::names_node(&cert, &peer.node_id).map_err(LinkError::Certificate)
+    }
+
     /// Drives a link this node dialed: hello, announces in, subscriptions out, media in.
     async fn run_outbound(
         self: Arc<Self>,
@@ -501,6 +522,10 @@ impl Backbone {
                 return Err(e);
             }
         };
+        if let Err(e) = self.check_certificate(&conn, &peer) {
+            conn.close(1u32.into(), e.to_string().as_bytes());
+            return Err(e);
+        }
         info!(node = %peer.node_id, role = ?peer.role, region = %peer.region, "link up");
         let link_id = conn.stable_id();
         let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
@@ -821,10 +846,15 @@ impl Backbone {
         )
         .await;
         let (peer, early) = match hello {
-            Ok(Ok(ready)) => {
+            Ok(Ok((peer, early))) => {
+                // No welcome for a peer whose certificate is for another node.
+                if let Err(e) = self.check_certificate(&conn, &peer) {
+                    conn.close(1u32.into(), e.to_string().as_bytes());
+                    return Err(e);
+                }
                 // The welcome.
                 flush(&mut session, &mut send).await?;
-                ready
+                (peer, early)
             }
             Ok(Err(e)) => {
                 say_last_words(&mut session, &mut send).await;

@@ -4,6 +4,9 @@
 //! * `backbone.cert`/`key`/`ca` set: each node presents its certificate (which must name the
 //!   DNS name `meshcast`) and verifies its peer's against the CA. Peers are authenticated by
 //!   TLS *and* by proving the shared token.
+//!   With a node certificate too (`meshcast cert node`), links are mutual TLS: dialers
+//!   show their certificate as well, and each side checks that the other's names the node
+//!   its hello claims ([`super::pki`]).
 //! * nothing set: each node generates a self-signed certificate at start and does **not**
 //!   verify the peer's certificate. The link is encrypted, and peers prove they know the
 //!   shared `backbone.token` in the hello without sending it ([`super::auth`]). An active
@@ -113,12 +116,39 @@ fn load_identity(
     }
 }
 
+/// The CA certificates in `ca` (PEM).
+fn roots(ca: &Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots.add(cert?)?;
+    }
+    Ok(roots)
+}
+
+/// Whether links use mutual TLS with per-node certificates (a CA and this node's
+/// certificate configured): then a peer's certificate must name the node it says it is.
+pub fn node_certificates(cfg: &BackboneConfig) -> bool {
+    cfg.ca.is_some() && cfg.cert.is_some()
+}
+
 pub fn server_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ServerConfig> {
     let (certs, key) = load_identity(cfg)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    // A CA and a node certificate: mutual TLS, every dialer shows a certificate of the CA.
+    let builder = match (&cfg.ca, &cfg.cert) {
+        (Some(ca), Some(_)) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(ca)?),
+                provider(),
+            )
+            .build()?,
+        ),
+        _ => builder.with_no_client_auth(),
+    };
+    let mut tls = builder.with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     server.transport_config(transport(cfg.congestion, End::Server));
@@ -133,15 +163,15 @@ pub fn client_config(cfg: &BackboneConfig) -> anyhow::Result<quinn::ClientConfig
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut tls = match &cfg.ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca)
-                .with_context(|| format!("reading {}", ca.display()))?
-            {
-                roots.add(cert?)?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
+        Some(ca) if cfg.cert.is_some() => {
+            let (certs, key) = load_identity(cfg)?;
+            builder
+                .with_root_certificates(roots(ca)?)
+                .with_client_auth_cert(certs, key)?
         }
+        Some(ca) => builder
+            .with_root_certificates(roots(ca)?)
+            .with_no_client_auth(),
         None => {
             tracing::warn!(
                 "backbone: no CA configured; peer certificates are not verified (token-only authentication)"
