@@ -1068,3 +1068,49 @@ fn the_event_hook_hears_publish_play_stop_unpublish_and_viewers_can_be_kicked() 
     assert_eq!(first["node"], "standalone");
     assert!(node.metric("meshcast_hook_events_delivered_total") >= 6.0);
 }
+
+#[test]
+fn an_edge_forwards_a_tokened_publish_to_its_origin_under_auth() {
+    let auth = format!("\n[auth]\nsecrets = [\"{SECRET}\"]\n");
+    let mut origin = NodeProc::start(NodeSpec {
+        extra: auth.clone(),
+        ..NodeSpec::origin("origin-a")
+    });
+    origin.admin_token = Some(token(Action::Admin, &[]));
+    let mut edge = NodeProc::start(NodeSpec {
+        extra: auth,
+        ..NodeSpec::edge("edge-a", vec![origin.quic])
+    });
+    edge.admin_token = Some(token(Action::Admin, &[]));
+    edge.wait_for_link_count(1);
+    // The publisher's token covers its stream on the edge; the edge signs its own for the
+    // push to the origin.
+    let publish = token(Action::Publish, &["live/fw"]);
+    let _publisher = Publisher::start(
+        &format!("{}?token={publish}", edge.rtmp_url("fw")),
+        PublishOpts::default(),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the publish forwarded to the origin",
+        || origin.stream("fw").is_some(),
+    );
+    let play = token(Action::Play, &["live/*"]);
+    let (ok, err, packets) = try_probe(&format!("{}?token={play}", origin.rtmp_url("fw")), 2);
+    assert!(
+        ok && packets > 30,
+        "{packets} packets from the origin: {err}"
+    );
+    // The signed forward token shows nowhere.
+    let (_, egress) =
+        http_get_bearer(edge.http, "/api/v1/egress", edge.admin_token.as_deref()).unwrap();
+    assert!(!egress.contains("token="), "{egress}");
+    assert!(
+        !edge.log().contains("token=ey"),
+        "a token is in the edge's log"
+    );
+    assert!(
+        !origin.log().contains("token=ey"),
+        "a token is in the origin's log"
+    );
+}

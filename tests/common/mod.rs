@@ -244,7 +244,9 @@ impl NodeProc {
     }
 
     pub fn links(&self) -> Vec<Value> {
-        let (_, body) = http_get(self.http, "/api/v1/links").expect("links API");
+        let (_, body) =
+            http::http_get_bearer(self.http, "/api/v1/links", self.admin_token.as_deref())
+                .expect("links API");
         let v: Value = serde_json::from_str(&body).unwrap();
         v["links"].as_array().cloned().unwrap_or_default()
     }
