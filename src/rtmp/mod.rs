@@ -482,7 +482,8 @@ impl Connection {
         app: &str,
         stream_key: &str,
     ) -> Result<(), RtmpError> {
-        let (name, query) = crate::auth::split_query(stream_key);
+        let (app, name, query) = rtmp_names(app, stream_key);
+        let (app, name, query) = (app.as_str(), name.as_str(), query.as_str());
         let reject = |this: &mut Self, session: &mut ServerSession, code, why: String| {
             warn!("publish {app}/{name} refused: {why}");
             let results = session_call(session.reject_request(request_id, code, &why))?;
@@ -551,7 +552,8 @@ impl Connection {
         stream_key: &str,
         stream_id: u32,
     ) -> Result<(), RtmpError> {
-        let (name, query) = crate::auth::split_query(stream_key);
+        let (app, name, query) = rtmp_names(app, stream_key);
+        let (app, name, query) = (app.as_str(), name.as_str(), query.as_str());
         if let Ok(key) = StreamKey::new(app, name) {
             if let Err(denied) = self.authorize(Action::Play, &key, query).await {
                 warn!("play {key} refused: {}", denied.reason);
@@ -781,6 +783,22 @@ fn spawn_flush_clock(
         }
     });
     Some(rx)
+}
+
+/// The application and stream names of a publish or play without their queries, and the
+/// query (the token) from either: FFmpeg puts it on the stream key (`live/demo?token=T`),
+/// some encoders on the application (`rtmp://host/live?token=T` + key `demo`). A query never
+/// becomes part of a name, so a token never reaches a log line through one.
+fn rtmp_names(app: &str, stream_key: &str) -> (String, String, String) {
+    let (app, app_query) = crate::auth::split_query(app);
+    let (name, key_query) = crate::auth::split_query(stream_key);
+    let query = match (app_query.is_empty(), key_query.is_empty()) {
+        (_, false) if !app_query.is_empty() => format!("{key_query}&{app_query}"),
+        (_, false) => key_query.to_string(),
+        (false, true) => app_query.to_string(),
+        (true, true) => String::new(),
+    };
+    (app.to_string(), name.to_string(), query)
 }
 
 /// Feeds bytes to the session once the guard passed them; a panic inside the parser
@@ -1056,4 +1074,24 @@ fn frame_chunks(p: &Packet, stream_id: u32, chunk_size: usize) -> Bytes {
         p.flv_body(),
         chunk_size,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rtmp_names;
+
+    #[test]
+    fn tokens_come_off_the_key_or_the_app() {
+        let n = rtmp_names;
+        assert_eq!(
+            n("live", "demo?token=T"),
+            ("live".into(), "demo".into(), "token=T".into())
+        );
+        assert_eq!(
+            n("live?token=T", "demo"),
+            ("live".into(), "demo".into(), "token=T".into())
+        );
+        assert_eq!(n("live?a=1", "demo?token=T").2, "token=T&a=1");
+        assert_eq!(n("live", "demo").2, "");
+    }
 }
