@@ -129,6 +129,13 @@ impl ChunkGuard {
         }
     }
 
+    /// Bytes the guard holds: a partial chunk header and the body of the AMF or control
+    /// message in progress. Never more than `18 + max_command_message` (the fuzz target
+    /// checks it after every input).
+    pub fn held_bytes(&self) -> usize {
+        self.header.len() + self.body.len()
+    }
+
     /// Reads `bytes` (what came from the peer after the handshake, in order). `Ok` means
     /// rml_rtmp may be given them; an error means the connection must close.
     pub fn inspect(&mut self, mut bytes: &[u8]) -> Result<(), GuardError> {

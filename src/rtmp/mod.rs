@@ -260,7 +260,7 @@ impl Connection {
         self.handle_results(&mut session, results).await?;
         let mut guard = guard::ChunkGuard::new(self.settings.guard);
         if !remaining.is_empty() {
-            let results = handle_input(&mut guard, &mut session, &remaining)?;
+            let results = feed_server(&mut guard, &mut session, &remaining)?;
             self.handle_results(&mut session, results).await?;
         }
         self.flush().await?;
@@ -282,7 +282,7 @@ impl Connection {
                     if r? == 0 {
                         return Ok(());
                     }
-                    let results = handle_input(&mut guard, &mut session, &buf)?;
+                    let results = feed_server(&mut guard, &mut session, &buf)?;
                     buf.clear();
                     if let Err(e) = self.handle_results(&mut session, results).await {
                         // A refusal is written before the connection closes.
@@ -533,11 +533,7 @@ impl Connection {
         self.state = State::Publishing(Box::new(Ingest {
             key,
             publisher,
-            config: StreamConfig::default(),
-            video_ts: TimestampUnwrapper::default(),
-            audio_ts: TimestampUnwrapper::default(),
-            last_video_dts: i64::MIN,
-            last_audio_dts: i64::MIN,
+            media: IngestMedia::default(),
             frames_in,
             bytes_in,
         }));
@@ -801,9 +797,11 @@ fn rtmp_names(app: &str, stream_key: &str) -> (String, String, String) {
     (app.to_string(), name.to_string(), query)
 }
 
-/// Feeds bytes to the session once the guard passed them; a panic inside the parser
-/// becomes an error for this connection only.
-fn handle_input(
+/// Feeds bytes a peer sent after the handshake to the session once the guard passed them;
+/// a panic inside the parser becomes an error for this connection only. Sans-IO: the
+/// connection task and the fuzz target (`fuzz/fuzz_targets/rtmp_server.rs`) both go through
+/// here, so the target exercises exactly what a socket's bytes reach.
+pub fn feed_server(
     guard: &mut guard::ChunkGuard,
     session: &mut ServerSession,
     bytes: &[u8],
@@ -876,15 +874,11 @@ fn consume(bufs: &mut Vec<Bytes>, mut n: usize) {
     bufs.drain(..done);
 }
 
-/// A publishing connection's ingest state: FLV tags in, frames out.
+/// A publishing connection's ingest state: [`IngestMedia`] plus where its frames go.
 struct Ingest {
     key: StreamKey,
     publisher: Publisher,
-    config: StreamConfig,
-    video_ts: TimestampUnwrapper,
-    audio_ts: TimestampUnwrapper,
-    last_video_dts: i64,
-    last_audio_dts: i64,
+    media: IngestMedia,
     frames_in: prometheus_client::metrics::counter::Counter,
     bytes_in: prometheus_client::metrics::counter::Counter,
 }
@@ -895,20 +889,108 @@ impl Ingest {
     }
 
     fn on_metadata(&mut self, m: &StreamMetadata) {
-        self.config.metadata = Metadata {
+        self.media.config.metadata = Metadata {
             frame_rate: m.video_frame_rate.map(f64::from),
             video_bitrate_kbps: m.video_bitrate_kbps.map(f64::from),
             audio_bitrate_kbps: m.audio_bitrate_kbps.map(f64::from),
             encoder: m.encoder.clone(),
         };
-        self.publisher.set_config(self.config.clone());
+        self.publisher.set_config(self.media.config.clone());
     }
 
     fn on_video(&mut self, data: Bytes, timestamp: u32) -> Result<(), RtmpError> {
         self.bytes_in.inc_by(data.len() as u64);
-        match flv::parse_video_tag(&data).map_err(|e| self.reject(e))? {
+        let out = self
+            .media
+            .on_video(data, timestamp)
+            .map_err(|e| self.reject(e))?;
+        self.deliver(out);
+        Ok(())
+    }
+
+    fn on_audio(&mut self, data: Bytes, timestamp: u32) -> Result<(), RtmpError> {
+        self.bytes_in.inc_by(data.len() as u64);
+        let out = self
+            .media
+            .on_audio(data, timestamp)
+            .map_err(|e| self.reject(e))?;
+        self.deliver(out);
+        Ok(())
+    }
+
+    fn deliver(&mut self, out: Option<IngestOutput>) {
+        match out {
+            Some(IngestOutput::Config) => self.publisher.set_config(self.media.config.clone()),
+            Some(IngestOutput::Frame { frame, body }) => {
+                self.frames_in.inc();
+                let packet = match body {
+                    Some(body) => Packet::with_flv_body(frame, body),
+                    None => Packet::new(frame),
+                };
+                self.publisher.push(packet);
+            }
+            None => {}
+        }
+    }
+}
+
+/// Why a publisher's audio or video message was refused (the connection closes).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Flv(#[from] flv::FlvError),
+    #[error(transparent)]
+    Avc(#[from] avc::AvcError),
+    #[error(transparent)]
+    Aac(#[from] aac::AacError),
+}
+
+/// What one audio or video message of a publisher gave.
+#[derive(Debug)]
+pub enum IngestOutput {
+    /// A sequence header changed [`IngestMedia::config`].
+    Config,
+    /// A frame; `body` is the received FLV body when it still matches the frame (its
+    /// timestamps were not adjusted), so players can be sent it as is.
+    Frame { frame: Frame, body: Option<Bytes> },
+}
+
+/// A publisher's media, sans-IO: the FLV bodies and RTMP timestamps of its audio and video
+/// messages in, codec configuration and frames with monotonic timestamps out. It owns the
+/// media parsers network input reaches on ingest (FLV tag, AVC decoder configuration, AAC
+/// AudioSpecificConfig); it knows nothing of sockets, the hub or metrics.
+#[derive(Debug)]
+pub struct IngestMedia {
+    pub config: StreamConfig,
+    video_ts: TimestampUnwrapper,
+    audio_ts: TimestampUnwrapper,
+    last_video_dts: i64,
+    last_audio_dts: i64,
+}
+
+impl Default for IngestMedia {
+    fn default() -> Self {
+        IngestMedia {
+            config: StreamConfig::default(),
+            video_ts: TimestampUnwrapper::default(),
+            audio_ts: TimestampUnwrapper::default(),
+            last_video_dts: i64::MIN,
+            last_audio_dts: i64::MIN,
+        }
+    }
+}
+
+impl IngestMedia {
+    /// One video message body; `None` when it gives nothing (end of sequence, or a frame
+    /// before the sequence header).
+    pub fn on_video(
+        &mut self,
+        data: Bytes,
+        timestamp: u32,
+    ) -> Result<Option<IngestOutput>, IngestError> {
+        match flv::parse_video_tag(&data)? {
             flv::VideoTag::SequenceHeader(record) => {
-                let c = avc::parse_decoder_config(&record).map_err(|e| self.reject(e))?;
+                let c = avc::parse_decoder_config(&record)?;
                 info!(
                     width = c.width,
                     height = c.height,
@@ -921,7 +1003,7 @@ impl Ingest {
                     width: c.width,
                     height: c.height,
                 });
-                self.publisher.set_config(self.config.clone());
+                Ok(Some(IngestOutput::Config))
             }
             flv::VideoTag::Frame {
                 keyframe,
@@ -930,7 +1012,7 @@ impl Ingest {
             } => {
                 if self.config.video.is_none() {
                     debug!("video frame before its sequence header: dropped");
-                    return Ok(());
+                    return Ok(None);
                 }
                 let raw = self.video_ts.unwrap(timestamp);
                 let dts = raw.max(self.last_video_dts);
@@ -945,18 +1027,24 @@ impl Ingest {
                     keyframe,
                     payload,
                 };
-                self.emit(frame, exact.then_some(data));
+                Ok(Some(IngestOutput::Frame {
+                    frame,
+                    body: exact.then_some(data),
+                }))
             }
-            flv::VideoTag::EndOfSequence => {}
+            flv::VideoTag::EndOfSequence => Ok(None),
         }
-        Ok(())
     }
 
-    fn on_audio(&mut self, data: Bytes, timestamp: u32) -> Result<(), RtmpError> {
-        self.bytes_in.inc_by(data.len() as u64);
-        match flv::parse_audio_tag(&data).map_err(|e| self.reject(e))? {
+    /// One audio message body; `None` for a frame before the sequence header.
+    pub fn on_audio(
+        &mut self,
+        data: Bytes,
+        timestamp: u32,
+    ) -> Result<Option<IngestOutput>, IngestError> {
+        match flv::parse_audio_tag(&data)? {
             flv::AudioTag::SequenceHeader(specific) => {
-                let c = aac::parse_audio_specific_config(&specific).map_err(|e| self.reject(e))?;
+                let c = aac::parse_audio_specific_config(&specific)?;
                 info!(
                     sample_rate = c.sample_rate,
                     channels = c.channels,
@@ -968,11 +1056,11 @@ impl Ingest {
                     sample_rate: c.sample_rate,
                     channels: c.channels,
                 });
-                self.publisher.set_config(self.config.clone());
+                Ok(Some(IngestOutput::Config))
             }
             flv::AudioTag::Frame(payload) => {
                 if self.config.audio.is_none() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let raw = self.audio_ts.unwrap(timestamp);
                 let dts = raw.max(self.last_audio_dts);
@@ -985,20 +1073,12 @@ impl Ingest {
                     keyframe: true,
                     payload,
                 };
-                self.emit(frame, (dts == raw).then_some(data));
+                Ok(Some(IngestOutput::Frame {
+                    frame,
+                    body: (dts == raw).then_some(data),
+                }))
             }
         }
-        Ok(())
-    }
-
-    /// Pushes a frame; `body` is the received FLV body when it still matches the frame.
-    fn emit(&mut self, frame: Frame, body: Option<Bytes>) {
-        self.frames_in.inc();
-        let packet = match body {
-            Some(body) => Packet::with_flv_body(frame, body),
-            None => Packet::new(frame),
-        };
-        self.publisher.push(packet);
     }
 }
 

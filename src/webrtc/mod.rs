@@ -196,8 +196,8 @@ struct SessionEntry {
 }
 
 /// What a negotiated peer is, for the extensions and estimator it gets.
-#[derive(Clone, Copy)]
-enum PeerKind {
+#[derive(Clone, Copy, Debug)]
+pub enum PeerKind {
     Publisher,
     Viewer,
     /// A viewer of a simulcast stream: its layer follows its bandwidth estimate (TWCC).
@@ -245,9 +245,7 @@ impl WebRtc {
         } else {
             None
         };
-        let dtls_cert = str0m::crypto::from_feature_flags()
-            .dtls_provider
-            .generate_certificate()
+        let dtls_cert = dtls_certificate()
             .ok_or_else(|| anyhow::anyhow!("cannot generate a DTLS certificate"))?;
         let webrtc = Arc::new(WebRtc {
             io: Arc::new(Io::new(socket)?),
@@ -518,65 +516,15 @@ impl WebRtc {
         );
     }
 
-    /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264, VP8, Opus), with the
-    /// header extensions and estimator `kind` needs: only simulcast viewers get a bandwidth
-    /// estimate from their TWCC feedback (which also paces their video to it).
+    /// Answers an offer for this node ([`answer_offer`] with its certificate and candidates).
     fn negotiate(&self, offer: &str, kind: PeerKind) -> Result<(Rtc, String, String), WebRtcError> {
-        let offer =
-            SdpOffer::from_sdp_string(offer).map_err(|e| WebRtcError::BadOffer(e.to_string()))?;
-        let ufrag = random_token(16);
-        let mut builder = Rtc::builder();
-        match kind {
-            PeerKind::SimulcastViewer => {
-                builder = builder.enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)));
-            }
-            // Nothing reads a plain viewer's bandwidth: without transport-cc every packet
-            // it is sent is a header extension shorter and is not logged for feedback, and
-            // the viewer sends no feedback to parse. The mid keeps BUNDLE demuxing simple.
-            PeerKind::Viewer => {
-                builder = builder
-                    .clear_extension_map()
-                    .set_extension(4, str0m::rtp::Extension::RtpMid);
-            }
-            // Publishers keep the standard extensions: their encoders adapt to our
-            // transport-cc feedback, and simulcast needs rid.
-            PeerKind::Publisher => {}
-        }
-        let mut rtc = builder
-            .set_ice_lite(true)
-            .set_rtp_mode(true)
-            .set_dtls_cert(self.dtls_cert.clone())
-            .clear_codecs()
-            .enable_h264(true)
-            .enable_vp8(true)
-            .enable_opus(true, false)
-            .set_local_ice_credentials(IceCreds {
-                ufrag: ufrag.clone(),
-                pass: random_token(24),
-            })
-            .build(Instant::now());
-        for addr in self.candidates() {
-            let tcp = self.settings.tcp.then(|| {
-                Candidate::builder()
-                    .tcp()
-                    .host(addr)
-                    .tcptype(TcpType::Passive)
-                    .build()
-            });
-            for c in std::iter::once(Candidate::host(addr, "udp")).chain(tcp) {
-                match c {
-                    Ok(c) => {
-                        rtc.add_local_candidate(c);
-                    }
-                    Err(e) => warn!("webrtc: bad candidate {addr}: {e}"),
-                }
-            }
-        }
-        let answer = rtc
-            .sdp_api()
-            .accept_offer(offer)
-            .map_err(|e| WebRtcError::Rejected(e.to_string()))?;
-        Ok((rtc, answer.to_sdp_string(), ufrag))
+        answer_offer(
+            offer,
+            kind,
+            &self.dtls_cert,
+            &self.candidates(),
+            self.settings.tcp,
+        )
     }
 
     /// Routes `ufrag`'s datagrams to a new session; returns its id, queue and cancel token.
@@ -637,6 +585,82 @@ impl WebRtc {
     pub fn session_count(&self) -> usize {
         self.sessions.lock().len()
     }
+}
+
+/// A new DTLS certificate from the configured crypto provider (one per node).
+pub fn dtls_certificate() -> Option<str0m::config::DtlsCert> {
+    str0m::crypto::from_feature_flags()
+        .dtls_provider
+        .generate_certificate()
+}
+
+/// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264, VP8, Opus), with the
+/// header extensions and estimator `kind` needs: only simulcast viewers get a bandwidth
+/// estimate from their TWCC feedback (which also paces their video to it).
+/// Returns the `Rtc`, the answer and the local ufrag. Sans-IO: no socket, so the offer
+/// fuzz target calls it directly.
+pub fn answer_offer(
+    offer: &str,
+    kind: PeerKind,
+    dtls_cert: &str0m::config::DtlsCert,
+    candidates: &[SocketAddr],
+    tcp: bool,
+) -> Result<(Rtc, String, String), WebRtcError> {
+    let offer =
+        SdpOffer::from_sdp_string(offer).map_err(|e| WebRtcError::BadOffer(e.to_string()))?;
+    let ufrag = random_token(16);
+    let mut builder = Rtc::builder();
+    match kind {
+        PeerKind::SimulcastViewer => {
+            builder = builder.enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)));
+        }
+        // Nothing reads a plain viewer's bandwidth: without transport-cc every packet
+        // it is sent is a header extension shorter and is not logged for feedback, and
+        // the viewer sends no feedback to parse. The mid keeps BUNDLE demuxing simple.
+        PeerKind::Viewer => {
+            builder = builder
+                .clear_extension_map()
+                .set_extension(4, str0m::rtp::Extension::RtpMid);
+        }
+        // Publishers keep the standard extensions: their encoders adapt to our
+        // transport-cc feedback, and simulcast needs rid.
+        PeerKind::Publisher => {}
+    }
+    let mut rtc = builder
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .set_dtls_cert(dtls_cert.clone())
+        .clear_codecs()
+        .enable_h264(true)
+        .enable_vp8(true)
+        .enable_opus(true, false)
+        .set_local_ice_credentials(IceCreds {
+            ufrag: ufrag.clone(),
+            pass: random_token(24),
+        })
+        .build(Instant::now());
+    for &addr in candidates {
+        let tcp = tcp.then(|| {
+            Candidate::builder()
+                .tcp()
+                .host(addr)
+                .tcptype(TcpType::Passive)
+                .build()
+        });
+        for c in std::iter::once(Candidate::host(addr, "udp")).chain(tcp) {
+            match c {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!("webrtc: bad candidate {addr}: {e}"),
+            }
+        }
+    }
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| WebRtcError::Rejected(e.to_string()))?;
+    Ok((rtc, answer.to_sdp_string(), ufrag))
 }
 
 /// Feeds one datagram to a peer's `Rtc`; an unparsable one is dropped.

@@ -1,0 +1,69 @@
+//! Egress destinations and recording names from the network (the API) as strings:
+//! `egress::spec::RtmpUrl::parse` (with `redacted` and `tc_url`), `PathTemplate::parse`,
+//! `render` with a stream's names and `confine` under a recording root.
+//!
+//! Input: one byte (bit 0: a URL, or a template then a newline and a stream key), then the
+//! string.
+//! Invariants: no panic; a parsed URL has a host, an app and a key, and its redacted form
+//! does not contain the key (beyond its first two characters); a rendered template is
+//! relative and without `..`; a confined path stays under the root.
+#![no_main]
+
+use std::path::{Component, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use libfuzzer_sys::fuzz_target;
+use meshcast::egress::spec::{confine, PathTemplate, RtmpUrl};
+use meshcast::media::StreamKey;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(s) = std::str::from_utf8(rest) else {
+        return;
+    };
+    if mode & 1 == 0 {
+        if let Ok(u) = RtmpUrl::parse(s) {
+            assert!(!u.host.is_empty() && !u.app.is_empty() && !u.key.is_empty());
+            let red = u.redacted();
+            let elsewhere = u.host.contains(&u.key) || u.app.contains(&u.key);
+            if u.key.chars().count() > 6 && !elsewhere {
+                assert!(!red.contains(&u.key), "redacted URL shows the key");
+            }
+            let _ = u.tc_url();
+        }
+        return;
+    }
+    let (template, key) = s.split_once('\n').unwrap_or((s, "live/cam"));
+    let Ok(t) = PathTemplate::parse(template) else {
+        return;
+    };
+    // Any key a publisher may use, or a simulcast layer of one.
+    let Ok(key) = StreamKey::parse_relayable(key) else {
+        return;
+    };
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs((mode as u64) << 24);
+    let rel = t.render(&key, start, mode as u32, "mp4");
+    assert!(
+        rel.components().all(|c| matches!(c, Component::Normal(_))),
+        "template {template:?} renders to {rel:?}"
+    );
+    let root = root();
+    if let Ok(path) = confine(root, &rel) {
+        assert!(path.starts_with(root));
+    }
+    let _ = std::fs::remove_dir_all(root);
+    let _ = std::fs::create_dir_all(root);
+});
+
+/// A recording root of this process, emptied after each input.
+fn root() -> &'static PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let r = std::env::temp_dir().join(format!("meshcast-fuzz-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&r).unwrap();
+        r
+    })
+}

@@ -1,0 +1,67 @@
+//! The egress spec an API client (JSON body of `POST /api/egress`) or a config rule sends:
+//! `serde_json` into `egress::EgressRequest`, then `validate`, then what a valid spec is used
+//! for: `for_stream` on concrete streams and, for recordings, the template rendered and
+//! confined under a recording root.
+//!
+//! Input: one byte (bit 0: from a config rule or the API), then the JSON.
+//! Invariants: no panic; a valid RTMP spec's URL still parses with a real stream's names in
+//! it; a valid size segment is at least one MiB; a confined path stays under the root.
+#![no_main]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use libfuzzer_sys::fuzz_target;
+use meshcast::egress::spec::{confine, RtmpUrl};
+use meshcast::egress::{EgressRequest, Target};
+use meshcast::media::StreamKey;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, json)) = data.split_first() else {
+        return;
+    };
+    let Ok(req) = serde_json::from_slice::<EgressRequest>(json) else {
+        return;
+    };
+    let Ok(spec) = req.validate(mode & 1 != 0) else {
+        return;
+    };
+    for key in ["live/cam", "a-b/c_d.e"] {
+        let key = StreamKey::parse(key).unwrap(); // valid keys
+        let one = spec.for_stream(&key);
+        match &one.target {
+            Target::Rtmp(url) => {
+                RtmpUrl::parse(url).expect("a validated URL parses for a real stream");
+            }
+            Target::Record {
+                format,
+                template,
+                segment_bytes,
+                ..
+            } => {
+                if let Some(b) = segment_bytes {
+                    assert!(*b >= 1 << 20, "segment of {b} bytes");
+                }
+                let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+                let rel = template.render(&key, start, 3, format.extension());
+                let root = root();
+                if let Ok(path) = confine(root, &rel) {
+                    assert!(path.starts_with(root));
+                }
+                let _ = std::fs::remove_dir_all(root);
+                let _ = std::fs::create_dir_all(root);
+            }
+        }
+    }
+});
+
+/// A recording root of this process, emptied after each input.
+fn root() -> &'static PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let r = std::env::temp_dir().join(format!("meshcast-fuzz-root-{}", std::process::id()));
+        std::fs::create_dir_all(&r).unwrap();
+        r
+    })
+}
