@@ -345,6 +345,11 @@ pub struct FieldError {
     pub reason: String,
 }
 
+/// Longest segment a recording may ask for: a year.
+pub const MAX_SEGMENT_SECONDS: u64 = 365 * 24 * 3600;
+/// Largest segment a recording may ask for, in MiB: a pebibyte.
+pub const MAX_SEGMENT_MB: u64 = 1 << 30;
+
 impl EgressRequest {
     /// Validates the request. Config rules may use stream patterns and finish after
     /// `wait_seconds` (default 30) without their stream; API egresses name one stream and
@@ -418,15 +423,28 @@ impl EgressRequest {
                         None
                     }
                 };
+                // Bounded so that the sizes and times derived from them cannot wrap: a
+                // wrapped limit (`m << 20` reaching 0) would rotate at every keyframe.
+                for (field, value, max) in [
+                    ("segment_seconds", self.segment_seconds, MAX_SEGMENT_SECONDS),
+                    ("segment_mb", self.segment_mb, MAX_SEGMENT_MB),
+                ] {
+                    if value.is_some_and(|v| v > max) {
+                        err(field, format!("at most {max}"));
+                    }
+                }
                 match (format, template) {
                     (Some(format), Some(template)) => Some(Target::Record {
                         format,
                         template,
                         segment: self
                             .segment_seconds
-                            .filter(|s| *s > 0)
+                            .filter(|s| (1..=MAX_SEGMENT_SECONDS).contains(s))
                             .map(Duration::from_secs),
-                        segment_bytes: self.segment_mb.filter(|m| *m > 0).map(|m| m << 20),
+                        segment_bytes: self
+                            .segment_mb
+                            .filter(|m| (1..=MAX_SEGMENT_MB).contains(m))
+                            .map(|m| m << 20),
                     }),
                     _ => None,
                 }
@@ -491,6 +509,32 @@ impl EgressSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_limits_that_would_wrap_are_refused_not_turned_into_tiny_segments() {
+        // Found by fuzz/fuzz_targets/egress_request.rs: 2^44 MiB shifted into bytes wrapped
+        // to 0, and a recording asking for huge segments rotated at every keyframe.
+        let json = r#"{"stream":"live/a","kind":"record","segment_mb":17592186044416}"#;
+        let r: EgressRequest = serde_json::from_str(json).unwrap();
+        let errors = r.validate(false).unwrap_err();
+        assert_eq!(errors[0].field, "segment_mb");
+        let mut r = req("live/a", "record");
+        r.segment_seconds = Some(u64::MAX / 1000 + 1);
+        assert_eq!(r.validate(false).unwrap_err()[0].field, "segment_seconds");
+        r.segment_seconds = Some(MAX_SEGMENT_SECONDS);
+        r.segment_mb = Some(MAX_SEGMENT_MB);
+        match r.validate(false).unwrap().target {
+            Target::Record {
+                segment,
+                segment_bytes,
+                ..
+            } => {
+                assert_eq!(segment, Some(Duration::from_secs(MAX_SEGMENT_SECONDS)));
+                assert_eq!(segment_bytes, Some(1 << 50));
+            }
+            Target::Rtmp(_) => unreachable!("a record request"),
+        }
+    }
 
     fn req(stream: &str, kind: &str) -> EgressRequest {
         EgressRequest {
