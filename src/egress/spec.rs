@@ -108,13 +108,20 @@ impl RtmpUrl {
             Some("rtmps") => return Err("rtmps:// (RTMP over TLS) is not supported yet".into()),
             _ => return Err(format!("`{s}` is not an rtmp:// URL")),
         }
-        let host = uri
-            .host()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("`{s}` has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let host = uri.host().unwrap_or("");
+        // A bracketed host is an IPv6 literal and nothing else: `[]` is no host, and
+        // `[name]` must not turn into a DNS name.
+        let host = match host.strip_prefix('[') {
+            Some(inner) => inner
+                .strip_suffix(']')
+                .filter(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+                .ok_or_else(|| format!("`{s}` has a bracketed host that is not an IPv6 address"))?,
+            None => host,
+        };
+        if host.is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        let host = host.to_string();
         let port = uri.port_u16().unwrap_or(1935);
         let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
         let pq = pq.trim_start_matches('/');
@@ -143,12 +150,21 @@ impl RtmpUrl {
     /// The URL with its stream key hidden (keys are credentials at most CDNs).
     pub fn redacted(&self) -> String {
         let shown: String = self.key.chars().take(2).collect();
-        format!("rtmp://{}:{}/{}/{shown}***", self.host, self.port, self.app)
+        format!("rtmp://{}/{}/{shown}***", self.authority(), self.app)
     }
 
     /// `tcUrl` of the connect command.
     pub fn tc_url(&self) -> String {
-        format!("rtmp://{}:{}/{}", self.host, self.port, self.app)
+        format!("rtmp://{}/{}", self.authority(), self.app)
+    }
+
+    /// `host:port`, an IPv6 host in brackets again.
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -509,6 +525,19 @@ impl EgressSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bracketed_host_must_be_an_ipv6_address() {
+        // Found by fuzz/fuzz_targets/egress_paths.rs: `[]` passed the empty-host check
+        // before its brackets were trimmed, leaving an empty host.
+        assert!(RtmpUrl::parse("rtmp://[]p:/3:1/ec").is_err());
+        assert!(RtmpUrl::parse("rtmp://[]/app/key").is_err());
+        assert!(RtmpUrl::parse("rtmp://[cdn.example]/app/key").is_err());
+        let u = RtmpUrl::parse("rtmp://[2001:db8::1]:1936/live/key").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("2001:db8::1", 1936));
+        assert_eq!(u.tc_url(), "rtmp://[2001:db8::1]:1936/live");
+        assert_eq!(u.redacted(), "rtmp://[2001:db8::1]:1936/live/ke***");
+    }
 
     #[test]
     fn segment_limits_that_would_wrap_are_refused_not_turned_into_tiny_segments() {
