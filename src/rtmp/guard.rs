@@ -295,19 +295,32 @@ impl ChunkGuard {
                 }
                 self.chunk_size = size as usize;
             }
-            15 | 18 | 20 => check_amf0(body, self.limits.max_amf_depth)?,
+            15 | 18 => {
+                check_amf0(body, self.limits.max_amf_depth)?;
+            }
+            20 => check_command(body, self.limits.max_amf_depth)?,
             // rml_rtmp reads an "AMF3" command as AMF0 after a leading zero byte.
             17 => {
                 let amf = match body.first() {
                     Some(0) => &body[1..],
                     _ => body,
                 };
-                check_amf0(amf, self.limits.max_amf_depth)?
+                check_command(amf, self.limits.max_amf_depth)?
             }
             _ => {}
         }
         Ok(())
     }
+}
+
+/// An AMF0 command: rml_rtmp takes its first three values (name, transaction id, command
+/// object) with `drain(..3)`, which panics on fewer (found by the `rtmp_server` fuzz
+/// target), so a command of fewer values is refused here.
+fn check_command(amf: &[u8], max_depth: usize) -> Result<(), GuardError> {
+    if check_amf0(amf, max_depth)? < 3 {
+        return Err(GuardError::BadAmf("command with fewer than 3 values"));
+    }
+    Ok(())
 }
 
 /// Whether the guard keeps a message's body to look into it.
@@ -337,15 +350,20 @@ enum Value {
 
 /// Checks that `data` nests no deeper than `max_depth`, reading it the way rml_amf0 does
 /// (same markers, same short reads of strings, same end rules) but with an explicit stack
-/// instead of recursion. Linear in the input.
-pub fn check_amf0(data: &[u8], max_depth: usize) -> Result<(), GuardError> {
+/// instead of recursion; returns how many top-level values rml_amf0 will give. Linear in
+/// the input.
+pub fn check_amf0(data: &[u8], max_depth: usize) -> Result<usize, GuardError> {
     let mut r = Reader { data, at: 0 };
     let mut stack: Vec<Open> = Vec::new();
+    let mut top_level = 0;
     loop {
         let value = match stack.last_mut() {
             None => match r.value()? {
-                Value::End => return Ok(()),
-                v => v,
+                Value::End => return Ok(top_level),
+                v => {
+                    top_level += 1;
+                    v
+                }
             },
             Some(Open::Array(0)) => {
                 stack.pop();
@@ -572,6 +590,44 @@ mod tests {
                 check_amf0(&body[..cut], 32).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn commands_of_fewer_than_three_values_are_refused_before_rml_rtmp_panics() {
+        // Found by fuzz/fuzz_targets/rtmp_server.rs: rml_rtmp's command deserializer calls
+        // `drain(..3)` on the values and panicked on `"connect", 1` alone.
+        let two = command(&[
+            Amf0Value::Utf8String("connect".into()),
+            Amf0Value::Number(1.0),
+        ]);
+        for kind in [20u8, 17] {
+            let body = if kind == 17 {
+                [&[0][..], &two].concat()
+            } else {
+                two.clone()
+            };
+            let mut g = ChunkGuard::new(GuardLimits::default());
+            assert_eq!(
+                g.inspect(&chunks(3, kind, &body, 128)),
+                Err(GuardError::BadAmf("command with fewer than 3 values"))
+            );
+        }
+        // Three values pass, and so does AMF0 data (onMetaData) of any count.
+        let three = command(&[
+            Amf0Value::Utf8String("deleteStream".into()),
+            Amf0Value::Number(4.0),
+            Amf0Value::Null,
+        ]);
+        let mut g = ChunkGuard::new(GuardLimits::default());
+        g.inspect(&chunks(3, 20, &three, 128)).unwrap();
+        g.inspect(&chunks(3, 18, &two, 128)).unwrap();
+        // Through the server's path: an error for this connection, not a panic.
+        let (mut session, _) =
+            rml_rtmp::sessions::ServerSession::new(rml_rtmp::sessions::ServerSessionConfig::new())
+                .unwrap();
+        let mut g = ChunkGuard::new(GuardLimits::default());
+        let r = crate::rtmp::feed_server(&mut g, &mut session, &chunks(3, 20, &two, 128));
+        assert!(matches!(r, Err(crate::rtmp::RtmpError::Guard(_))));
     }
 
     #[test]
