@@ -295,17 +295,14 @@ impl ChunkGuard {
                 }
                 self.chunk_size = size as usize;
             }
-            15 | 18 => {
-                check_amf0(body, self.limits.max_amf_depth)?;
-            }
-            20 => check_command(body, self.limits.max_amf_depth)?,
+            15 | 18 | 20 => check_values(kind, body, self.limits.max_amf_depth)?,
             // rml_rtmp reads an "AMF3" command as AMF0 after a leading zero byte.
             17 => {
                 let amf = match body.first() {
                     Some(0) => &body[1..],
                     _ => body,
                 };
-                check_command(amf, self.limits.max_amf_depth)?
+                check_values(kind, amf, self.limits.max_amf_depth)?
             }
             _ => {}
         }
@@ -313,14 +310,35 @@ impl ChunkGuard {
     }
 }
 
-/// An AMF0 command: rml_rtmp takes its first three values (name, transaction id, command
-/// object) with `drain(..3)`, which panics on fewer (found by the `rtmp_server` fuzz
-/// target), so a command of fewer values is refused here.
-fn check_command(amf: &[u8], max_depth: usize) -> Result<(), GuardError> {
-    if check_amf0(amf, max_depth)? < 3 {
-        return Err(GuardError::BadAmf("command with fewer than 3 values"));
+/// Checks an AMF0 command or data message: its depth, and that it has the values rml_rtmp
+/// takes without looking (it indexes them and panics on fewer; found by the `rtmp_server`
+/// fuzz target). A message rml_rtmp would panic on is refused here instead.
+fn check_values(kind: u8, amf: &[u8], max_depth: usize) -> Result<(), GuardError> {
+    let values = check_amf0(amf, max_depth)?;
+    let (min, what) = match (kind, first_string(amf)) {
+        // Name, transaction id, null, stream key, publishing type.
+        (17 | 20, Some(b"publish")) => (5, "publish with fewer than 5 values"),
+        // Name, transaction id, null, stream key.
+        (17 | 20, Some(b"play")) => (4, "play with fewer than 4 values"),
+        // Name, transaction id, command object: every command (`drain(..3)`).
+        (17 | 20, _) => (3, "command with fewer than 3 values"),
+        // "@setDataFrame", "onMetaData", the metadata.
+        (15 | 18, Some(b"@setDataFrame")) => (3, "@setDataFrame with fewer than 3 values"),
+        _ => (0, ""),
+    };
+    if values < min {
+        return Err(GuardError::BadAmf(what));
     }
     Ok(())
+}
+
+/// The first value of an AMF0 message when it is a whole string.
+fn first_string(amf: &[u8]) -> Option<&[u8]> {
+    let (&0x02, rest) = amf.split_first()? else {
+        return None;
+    };
+    let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    rest.get(2..2 + len)
 }
 
 /// Whether the guard keeps a message's body to look into it.
@@ -595,7 +613,8 @@ mod tests {
     #[test]
     fn commands_of_fewer_than_three_values_are_refused_before_rml_rtmp_panics() {
         // Found by fuzz/fuzz_targets/rtmp_server.rs: rml_rtmp's command deserializer calls
-        // `drain(..3)` on the values and panicked on `"connect", 1` alone.
+        // `drain(..3)` on the values and panicked on `"connect", 1` alone; its publish and
+        // play handlers and its @setDataFrame handler index further values unchecked.
         let two = command(&[
             Amf0Value::Utf8String("connect".into()),
             Amf0Value::Number(1.0),
@@ -621,6 +640,35 @@ mod tests {
         let mut g = ChunkGuard::new(GuardLimits::default());
         g.inspect(&chunks(3, 20, &three, 128)).unwrap();
         g.inspect(&chunks(3, 18, &two, 128)).unwrap();
+        // Commands rml_rtmp reads further arguments of, and the metadata frame.
+        let string = |s: &str| Amf0Value::Utf8String(s.into());
+        let cases = [
+            (
+                20,
+                vec![
+                    string("publish"),
+                    Amf0Value::Number(5.0),
+                    Amf0Value::Null,
+                    string("k"),
+                ],
+            ),
+            (
+                20,
+                vec![string("play"), Amf0Value::Number(5.0), Amf0Value::Null],
+            ),
+            (18, vec![string("@setDataFrame"), string("onMetaData")]),
+            (18, vec![string("@setDataFrame")]),
+        ];
+        for (kind, values) in cases {
+            let mut g = ChunkGuard::new(GuardLimits::default());
+            assert!(
+                matches!(
+                    g.inspect(&chunks(3, kind, &command(&values), 128)),
+                    Err(GuardError::BadAmf(_))
+                ),
+                "{values:?}"
+            );
+        }
         // Through the server's path: an error for this connection, not a panic.
         let (mut session, _) =
             rml_rtmp::sessions::ServerSession::new(rml_rtmp::sessions::ServerSessionConfig::new())
