@@ -37,11 +37,16 @@ fuzz_target!(|data: &[u8]| {
             Target::Record {
                 format,
                 template,
+                segment,
                 segment_bytes,
                 ..
             } => {
                 if let Some(b) = segment_bytes {
                     assert!(*b >= 1 << 20, "segment of {b} bytes");
+                }
+                if let Some(d) = segment {
+                    // The recorder compares it in i64 milliseconds.
+                    assert!(d.as_millis() <= i64::MAX as u128, "segment of {d:?}");
                 }
                 let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
                 let rel = template.render(&key, start, 3, format.extension());

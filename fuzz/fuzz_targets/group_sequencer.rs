@@ -4,8 +4,8 @@
 //! `backbone::group::GroupSequencer` with timeouts.
 //!
 //! Input: a sequence of operations, each one tag byte then its operands: an item of group
-//! `g` (a group header's sequence, 8 bytes taken as a header field, or a small group
-//! number), the end of a group, or time passing.
+//! `g` (from a whole group header, from 8 bytes taken as its sequence field, or a small
+//! group number), the end of a group, or time passing.
 //! Invariants: no panic; nothing is delivered twice or out of thin air (delivered ≤ pushed);
 //! `poll_timeout` is honoured: `handle_timeout` before it delivers nothing.
 #![no_main]
@@ -36,6 +36,13 @@ fuzz_target!(|data: &[u8]| {
                     Ok(h) => h.sequence,
                     Err(_) => continue,
                 }
+            }
+            // A header's sequence field alone: any u64 a peer may put there.
+            3 => {
+                let Some(b) = take(&mut r, 8) else {
+                    return;
+                };
+                u64::from_be_bytes(b.try_into().unwrap()) // 8 bytes by `take`
             }
             _ => (tag >> 4) as u64,
         };

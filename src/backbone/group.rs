@@ -25,8 +25,9 @@ struct Pending {
 pub struct GroupSequencer {
     current: Option<u64>,
     last_progress: Option<Instant>,
-    /// Groups below this are over (delivered or abandoned).
-    floor: u64,
+    /// Groups below this are over (delivered or abandoned). Wider than a group number: a
+    /// peer chooses those, and the group after `u64::MAX` must be representable.
+    floor: u128,
     pending: BTreeMap<u64, Pending>,
     pending_items: usize,
     stall: Duration,
@@ -53,7 +54,7 @@ impl GroupSequencer {
 
     /// An item of `group` arrived; returns what can be delivered now, in order.
     pub fn push(&mut self, group: u64, item: MediaItem, now: Instant) -> Vec<MediaItem> {
-        if group < self.floor {
+        if u128::from(group) < self.floor {
             return vec![];
         }
         match self.current {
@@ -80,11 +81,11 @@ impl GroupSequencer {
 
     /// `group`'s stream finished (or broke); returns what can be delivered now.
     pub fn end(&mut self, group: u64, now: Instant) -> Vec<MediaItem> {
-        if group < self.floor {
+        if u128::from(group) < self.floor {
             return vec![];
         }
         if self.current == Some(group) {
-            self.floor = group + 1;
+            self.floor = after(group);
             self.current = None;
             return self.advance(now);
         }
@@ -92,7 +93,7 @@ impl GroupSequencer {
             self.pending.entry(group).or_default().ended = true;
         } else if self.current.is_none() {
             // An empty group: nothing to deliver, nothing to wait for.
-            self.floor = self.floor.max(group + 1);
+            self.floor = self.floor.max(after(group));
         }
         vec![]
     }
@@ -126,7 +127,7 @@ impl GroupSequencer {
     fn abandon_current(&mut self, now: Instant) -> Vec<MediaItem> {
         if let Some(c) = self.current.take() {
             self.dropped_groups += 1;
-            self.floor = c + 1;
+            self.floor = after(c);
         }
         self.advance(now)
     }
@@ -138,7 +139,7 @@ impl GroupSequencer {
             self.pending_items -= p.items.len();
             out.extend(p.items);
             if p.ended {
-                self.floor = group + 1;
+                self.floor = after(group);
             } else {
                 self.current = Some(group);
                 self.last_progress = Some(now);
@@ -147,6 +148,11 @@ impl GroupSequencer {
         }
         out
     }
+}
+
+/// The floor once `group` is over.
+fn after(group: u64) -> u128 {
+    u128::from(group) + 1
 }
 
 #[cfg(test)]
@@ -216,6 +222,34 @@ mod tests {
         assert!(s.push(0, f(1), t + Duration::from_millis(400)).is_empty());
         assert!(s.end(0, t + Duration::from_millis(400)).is_empty());
         assert_eq!(dts(&s.push(1, f(11), t)), vec![11]);
+    }
+
+    #[test]
+    fn the_last_group_number_a_peer_can_send_ends_without_overflow() {
+        // Found by fuzz/fuzz_targets/group_sequencer.rs: a group header with sequence
+        // u64::MAX, then the end of that group, overflowed `group + 1` (a panic in the
+        // feed's task with overflow checks on, as release builds have them).
+        let t = Instant::now();
+        let mut s = GroupSequencer::new(Duration::from_millis(300));
+        assert!(s.end(u64::MAX, t).is_empty());
+        assert!(s.push(u64::MAX, f(0), t).is_empty(), "the group is over");
+        let mut s = GroupSequencer::new(Duration::from_millis(300));
+        assert_eq!(dts(&s.push(u64::MAX - 1, f(0), t)), vec![0]);
+        assert!(s.push(u64::MAX, f(1), t).is_empty());
+        s.end(u64::MAX, t);
+        assert_eq!(dts(&s.end(u64::MAX - 1, t)), vec![1]);
+        assert!(s.push(u64::MAX, f(2), t).is_empty());
+        // Abandoning the last group by timeout as well.
+        let mut s = GroupSequencer::new(Duration::from_millis(300));
+        s.push(u64::MAX - 1, f(0), t);
+        s.push(u64::MAX, f(1), t);
+        assert_eq!(
+            dts(&s.handle_timeout(t + Duration::from_millis(300))),
+            vec![1]
+        );
+        assert!(s.handle_timeout(t + Duration::from_secs(1)).is_empty());
+        s.end(u64::MAX, t);
+        assert!(s.push(u64::MAX, f(3), t).is_empty());
     }
 
     #[test]

@@ -108,13 +108,20 @@ impl RtmpUrl {
             Some("rtmps") => return Err("rtmps:// (RTMP over TLS) is not supported yet".into()),
             _ => return Err(format!("`{s}` is not an rtmp:// URL")),
         }
-        let host = uri
-            .host()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("`{s}` has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let host = uri.host().unwrap_or("");
+        // A bracketed host is an IPv6 literal and nothing else: `[]` is no host, and
+        // `[name]` must not turn into a DNS name.
+        let host = match host.strip_prefix('[') {
+            Some(inner) => inner
+                .strip_suffix(']')
+                .filter(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+                .ok_or_else(|| format!("`{s}` has a bracketed host that is not an IPv6 address"))?,
+            None => host,
+        };
+        if host.is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        let host = host.to_string();
         let port = uri.port_u16().unwrap_or(1935);
         let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
         let pq = pq.trim_start_matches('/');
@@ -143,12 +150,21 @@ impl RtmpUrl {
     /// The URL with its stream key hidden (keys are credentials at most CDNs).
     pub fn redacted(&self) -> String {
         let shown: String = self.key.chars().take(2).collect();
-        format!("rtmp://{}:{}/{}/{shown}***", self.host, self.port, self.app)
+        format!("rtmp://{}/{}/{shown}***", self.authority(), self.app)
     }
 
     /// `tcUrl` of the connect command.
     pub fn tc_url(&self) -> String {
-        format!("rtmp://{}:{}/{}", self.host, self.port, self.app)
+        format!("rtmp://{}/{}", self.authority(), self.app)
+    }
+
+    /// `host:port`, an IPv6 host in brackets again.
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -345,6 +361,11 @@ pub struct FieldError {
     pub reason: String,
 }
 
+/// Longest segment a recording may ask for: a year.
+pub const MAX_SEGMENT_SECONDS: u64 = 365 * 24 * 3600;
+/// Largest segment a recording may ask for, in MiB: a pebibyte.
+pub const MAX_SEGMENT_MB: u64 = 1 << 30;
+
 impl EgressRequest {
     /// Validates the request. Config rules may use stream patterns and finish after
     /// `wait_seconds` (default 30) without their stream; API egresses name one stream and
@@ -418,15 +439,28 @@ impl EgressRequest {
                         None
                     }
                 };
+                // Bounded so that the sizes and times derived from them cannot wrap: a
+                // wrapped limit (`m << 20` reaching 0) would rotate at every keyframe.
+                for (field, value, max) in [
+                    ("segment_seconds", self.segment_seconds, MAX_SEGMENT_SECONDS),
+                    ("segment_mb", self.segment_mb, MAX_SEGMENT_MB),
+                ] {
+                    if value.is_some_and(|v| v > max) {
+                        err(field, format!("at most {max}"));
+                    }
+                }
                 match (format, template) {
                     (Some(format), Some(template)) => Some(Target::Record {
                         format,
                         template,
                         segment: self
                             .segment_seconds
-                            .filter(|s| *s > 0)
+                            .filter(|s| (1..=MAX_SEGMENT_SECONDS).contains(s))
                             .map(Duration::from_secs),
-                        segment_bytes: self.segment_mb.filter(|m| *m > 0).map(|m| m << 20),
+                        segment_bytes: self
+                            .segment_mb
+                            .filter(|m| (1..=MAX_SEGMENT_MB).contains(m))
+                            .map(|m| m << 20),
                     }),
                     _ => None,
                 }
@@ -491,6 +525,45 @@ impl EgressSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bracketed_host_must_be_an_ipv6_address() {
+        // Found by fuzz/fuzz_targets/egress_paths.rs: `[]` passed the empty-host check
+        // before its brackets were trimmed, leaving an empty host.
+        assert!(RtmpUrl::parse("rtmp://[]p:/3:1/ec").is_err());
+        assert!(RtmpUrl::parse("rtmp://[]/app/key").is_err());
+        assert!(RtmpUrl::parse("rtmp://[cdn.example]/app/key").is_err());
+        let u = RtmpUrl::parse("rtmp://[2001:db8::1]:1936/live/key").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("2001:db8::1", 1936));
+        assert_eq!(u.tc_url(), "rtmp://[2001:db8::1]:1936/live");
+        assert_eq!(u.redacted(), "rtmp://[2001:db8::1]:1936/live/ke***");
+    }
+
+    #[test]
+    fn segment_limits_that_would_wrap_are_refused_not_turned_into_tiny_segments() {
+        // Found by fuzz/fuzz_targets/egress_request.rs: 2^44 MiB shifted into bytes wrapped
+        // to 0, and a recording asking for huge segments rotated at every keyframe.
+        let json = r#"{"stream":"live/a","kind":"record","segment_mb":17592186044416}"#;
+        let r: EgressRequest = serde_json::from_str(json).unwrap();
+        let errors = r.validate(false).unwrap_err();
+        assert_eq!(errors[0].field, "segment_mb");
+        let mut r = req("live/a", "record");
+        r.segment_seconds = Some(u64::MAX / 1000 + 1);
+        assert_eq!(r.validate(false).unwrap_err()[0].field, "segment_seconds");
+        r.segment_seconds = Some(MAX_SEGMENT_SECONDS);
+        r.segment_mb = Some(MAX_SEGMENT_MB);
+        match r.validate(false).unwrap().target {
+            Target::Record {
+                segment,
+                segment_bytes,
+                ..
+            } => {
+                assert_eq!(segment, Some(Duration::from_secs(MAX_SEGMENT_SECONDS)));
+                assert_eq!(segment_bytes, Some(1 << 50));
+            }
+            Target::Rtmp(_) => unreachable!("a record request"),
+        }
+    }
 
     fn req(stream: &str, kind: &str) -> EgressRequest {
         EgressRequest {

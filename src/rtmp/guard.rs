@@ -295,19 +295,50 @@ impl ChunkGuard {
                 }
                 self.chunk_size = size as usize;
             }
-            15 | 18 | 20 => check_amf0(body, self.limits.max_amf_depth)?,
+            15 | 18 | 20 => check_values(kind, body, self.limits.max_amf_depth)?,
             // rml_rtmp reads an "AMF3" command as AMF0 after a leading zero byte.
             17 => {
                 let amf = match body.first() {
                     Some(0) => &body[1..],
                     _ => body,
                 };
-                check_amf0(amf, self.limits.max_amf_depth)?
+                check_values(kind, amf, self.limits.max_amf_depth)?
             }
             _ => {}
         }
         Ok(())
     }
+}
+
+/// Checks an AMF0 command or data message: its depth, and that it has the values rml_rtmp
+/// takes without looking (it indexes them and panics on fewer; found by the `rtmp_server`
+/// fuzz target). A message rml_rtmp would panic on is refused here instead.
+fn check_values(kind: u8, amf: &[u8], max_depth: usize) -> Result<(), GuardError> {
+    let values = check_amf0(amf, max_depth)?;
+    let (min, what) = match (kind, first_string(amf)) {
+        // Name, transaction id, null, stream key, publishing type.
+        (17 | 20, Some(b"publish")) => (5, "publish with fewer than 5 values"),
+        // Name, transaction id, null, stream key.
+        (17 | 20, Some(b"play")) => (4, "play with fewer than 4 values"),
+        // Name, transaction id, command object: every command (`drain(..3)`).
+        (17 | 20, _) => (3, "command with fewer than 3 values"),
+        // "@setDataFrame", "onMetaData", the metadata.
+        (15 | 18, Some(b"@setDataFrame")) => (3, "@setDataFrame with fewer than 3 values"),
+        _ => (0, ""),
+    };
+    if values < min {
+        return Err(GuardError::BadAmf(what));
+    }
+    Ok(())
+}
+
+/// The first value of an AMF0 message when it is a whole string.
+fn first_string(amf: &[u8]) -> Option<&[u8]> {
+    let (&0x02, rest) = amf.split_first()? else {
+        return None;
+    };
+    let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    rest.get(2..2 + len)
 }
 
 /// Whether the guard keeps a message's body to look into it.
@@ -337,15 +368,20 @@ enum Value {
 
 /// Checks that `data` nests no deeper than `max_depth`, reading it the way rml_amf0 does
 /// (same markers, same short reads of strings, same end rules) but with an explicit stack
-/// instead of recursion. Linear in the input.
-pub fn check_amf0(data: &[u8], max_depth: usize) -> Result<(), GuardError> {
+/// instead of recursion; returns how many top-level values rml_amf0 will give. Linear in
+/// the input.
+pub fn check_amf0(data: &[u8], max_depth: usize) -> Result<usize, GuardError> {
     let mut r = Reader { data, at: 0 };
     let mut stack: Vec<Open> = Vec::new();
+    let mut top_level = 0;
     loop {
         let value = match stack.last_mut() {
             None => match r.value()? {
-                Value::End => return Ok(()),
-                v => v,
+                Value::End => return Ok(top_level),
+                v => {
+                    top_level += 1;
+                    v
+                }
             },
             Some(Open::Array(0)) => {
                 stack.pop();
@@ -572,6 +608,74 @@ mod tests {
                 check_amf0(&body[..cut], 32).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn commands_of_fewer_than_three_values_are_refused_before_rml_rtmp_panics() {
+        // Found by fuzz/fuzz_targets/rtmp_server.rs: rml_rtmp's command deserializer calls
+        // `drain(..3)` on the values and panicked on `"connect", 1` alone; its publish and
+        // play handlers and its @setDataFrame handler index further values unchecked.
+        let two = command(&[
+            Amf0Value::Utf8String("connect".into()),
+            Amf0Value::Number(1.0),
+        ]);
+        for kind in [20u8, 17] {
+            let body = if kind == 17 {
+                [&[0][..], &two].concat()
+            } else {
+                two.clone()
+            };
+            let mut g = ChunkGuard::new(GuardLimits::default());
+            assert_eq!(
+                g.inspect(&chunks(3, kind, &body, 128)),
+                Err(GuardError::BadAmf("command with fewer than 3 values"))
+            );
+        }
+        // Three values pass, and so does AMF0 data (onMetaData) of any count.
+        let three = command(&[
+            Amf0Value::Utf8String("deleteStream".into()),
+            Amf0Value::Number(4.0),
+            Amf0Value::Null,
+        ]);
+        let mut g = ChunkGuard::new(GuardLimits::default());
+        g.inspect(&chunks(3, 20, &three, 128)).unwrap();
+        g.inspect(&chunks(3, 18, &two, 128)).unwrap();
+        // Commands rml_rtmp reads further arguments of, and the metadata frame.
+        let string = |s: &str| Amf0Value::Utf8String(s.into());
+        let cases = [
+            (
+                20,
+                vec![
+                    string("publish"),
+                    Amf0Value::Number(5.0),
+                    Amf0Value::Null,
+                    string("k"),
+                ],
+            ),
+            (
+                20,
+                vec![string("play"), Amf0Value::Number(5.0), Amf0Value::Null],
+            ),
+            (18, vec![string("@setDataFrame"), string("onMetaData")]),
+            (18, vec![string("@setDataFrame")]),
+        ];
+        for (kind, values) in cases {
+            let mut g = ChunkGuard::new(GuardLimits::default());
+            assert!(
+                matches!(
+                    g.inspect(&chunks(3, kind, &command(&values), 128)),
+                    Err(GuardError::BadAmf(_))
+                ),
+                "{values:?}"
+            );
+        }
+        // Through the server's path: an error for this connection, not a panic.
+        let (mut session, _) =
+            rml_rtmp::sessions::ServerSession::new(rml_rtmp::sessions::ServerSessionConfig::new())
+                .unwrap();
+        let mut g = ChunkGuard::new(GuardLimits::default());
+        let r = crate::rtmp::feed_server(&mut g, &mut session, &chunks(3, 20, &two, 128));
+        assert!(matches!(r, Err(crate::rtmp::RtmpError::Guard(_))));
     }
 
     #[test]

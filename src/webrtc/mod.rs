@@ -594,12 +594,35 @@ pub fn dtls_certificate() -> Option<str0m::config::DtlsCert> {
         .generate_certificate()
 }
 
+/// [`answer_offer_unguarded`] with str0m's panics contained: some offers make str0m's SDP
+/// handling panic (payload types claimed twice across bundled m-lines trip an assertion in
+/// its payload-type allocator, found by the `sdp_offer` fuzz target). The `Rtc` is built
+/// and dropped in here, so, as [`crate::rtmp::feed_server`] does for rml_rtmp, a panic is
+/// turned into a refused offer instead of unwinding through the HTTP handler.
+pub fn answer_offer(
+    offer: &str,
+    kind: PeerKind,
+    dtls_cert: &str0m::config::DtlsCert,
+    candidates: &[SocketAddr],
+    tcp: bool,
+) -> Result<(Rtc, String, String), WebRtcError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        answer_offer_unguarded(offer, kind, dtls_cert, candidates, tcp)
+    }))
+    .unwrap_or_else(|_| {
+        warn!("webrtc: an offer made the SDP library panic; refused");
+        Err(WebRtcError::BadOffer(
+            "the offer is inconsistent (refused)".into(),
+        ))
+    })
+}
+
 /// Answers an offer with a new ICE-lite, RTP-mode `Rtc` (H.264, VP8, Opus), with the
 /// header extensions and estimator `kind` needs: only simulcast viewers get a bandwidth
 /// estimate from their TWCC feedback (which also paces their video to it).
 /// Returns the `Rtc`, the answer and the local ufrag. Sans-IO: no socket, so the offer
-/// fuzz target calls it directly.
-pub fn answer_offer(
+/// fuzz target calls it (through [`answer_offer`]) directly.
+fn answer_offer_unguarded(
     offer: &str,
     kind: PeerKind,
     dtls_cert: &str0m::config::DtlsCert,
@@ -1220,4 +1243,52 @@ pub(crate) fn negotiated(
             })
             .cloned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offer_that_makes_str0m_panic_is_refused_not_unwound() {
+        // Found by fuzz/fuzz_targets/sdp_offer.rs: a payload type given two different H.264
+        // formats on two bundled m-lines trips str0m's "Pt locked multiple times"
+        // assertion inside accept_offer.
+        let offer = [
+        "v=0",
+        "o=- 1 1 IN IP4 0.0.0.0",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE v a",
+        "m=video 9 UDP/TLS/RTP/SAVPF 123",
+        "c=IN IP4 0.0.0.0",
+        "a=mid:v",
+        "a=sendrecv",
+        "a=ice-ufrag:abcd",
+        "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+        "a=fingerprint:sha-256 AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA",
+        "a=setup:actpass",
+        "a=rtpmap:123 H264/90000",
+        "a=fmtp:123 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+        "c=IN IP4 0.0.0.0",
+        "a=mid:a",
+        "a=sendrecv",
+        "a=ice-ufrag:abcd",
+        "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+        "a=fingerprint:sha-256 AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA:AA",
+        "a=setup:actpass",
+        "a=rtpmap:123 H264/90000",
+        "a=fmtp:123 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=4d001f",
+        "a=rtpmap:111 opus/48000/2",
+        ]
+        .map(|l| format!("{l}\r\n"))
+        .concat();
+        let cert = dtls_certificate().expect("a DTLS certificate");
+        let addr: SocketAddr = "192.0.2.10:8189".parse().unwrap();
+        for kind in [PeerKind::Publisher, PeerKind::Viewer] {
+            let r = answer_offer(&offer, kind, &cert, &[addr], false);
+            assert!(matches!(r, Err(WebRtcError::BadOffer(_))), "{kind:?}");
+        }
+    }
 }
