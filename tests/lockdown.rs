@@ -83,6 +83,18 @@ fn matrix(action: Action, stream: &str) -> (Vec<BadToken>, String) {
     (bad, token(action, &[stream]))
 }
 
+/// A 3-second ffmpeg publish to `url`, waited for: (succeeded, what ffmpeg printed).
+fn short_publish(url: &str) -> (bool, String) {
+    Publisher::start(
+        url,
+        PublishOpts {
+            seconds: 3,
+            ..Default::default()
+        },
+    )
+    .wait(Duration::from_secs(30))
+}
+
 fn with_token(url: &str, t: &Option<String>) -> String {
     match t {
         Some(t) => format!("{url}?token={t}"),
@@ -152,14 +164,7 @@ fn auth_matrix_over_rtmp_flv_webrtc_signalling_and_the_admin_api() {
     let (bad, valid) = matrix(Action::Publish, "live/cam");
     for (label, t, why) in &bad {
         let url = with_token(&node.rtmp_url("cam"), t);
-        let (ok, err) = Publisher::start(
-            &url,
-            PublishOpts {
-                seconds: 3,
-                ..Default::default()
-            },
-        )
-        .wait(Duration::from_secs(30));
+        let (ok, err) = short_publish(&url);
         assert!(!ok, "publish with a {label} token was accepted");
         assert!(err.contains(why), "publish, {label}: ffmpeg said {err}");
         all_tokens.extend(t.clone());
@@ -394,14 +399,7 @@ fn the_auth_webhook_allows_refuses_and_fails_closed() {
         "yes",
         PublishOpts::default(),
     );
-    let (ok, err) = Publisher::start(
-        &node.rtmp_url("no"),
-        PublishOpts {
-            seconds: 3,
-            ..Default::default()
-        },
-    )
-    .wait(Duration::from_secs(30));
+    let (ok, err) = short_publish(&node.rtmp_url("no"));
     assert!(!ok && err.contains("webhook"), "{err}");
     let (status, _, body) = http_raw(node.http, "GET", "/live/no.flv", "", "").unwrap();
     assert_eq!(status, 403, "{body}");
@@ -429,14 +427,7 @@ fn the_auth_webhook_allows_refuses_and_fails_closed() {
         extra: format!("\n[auth]\nwebhook = \"http://{closed}/auth\"\nwebhook_timeout_ms = 500\n"),
         ..NodeSpec::standalone()
     });
-    let (ok, err) = Publisher::start(
-        &down.rtmp_url("yes"),
-        PublishOpts {
-            seconds: 3,
-            ..Default::default()
-        },
-    )
-    .wait(Duration::from_secs(30));
+    let (ok, err) = short_publish(&down.rtmp_url("yes"));
     assert!(!ok && err.contains("did not answer"), "{err}");
 }
 
@@ -784,14 +775,7 @@ fn stream_and_viewer_limits_refuse_with_a_reason_and_count() {
         ..NodeSpec::standalone()
     });
     let _first = publish_and_wait(&node.rtmp_url("one"), &node, "one", PublishOpts::default());
-    let (ok, err) = Publisher::start(
-        &node.rtmp_url("two"),
-        PublishOpts {
-            seconds: 3,
-            ..Default::default()
-        },
-    )
-    .wait(Duration::from_secs(30));
+    let (ok, err) = short_publish(&node.rtmp_url("two"));
     assert!(!ok && err.contains("stream limit"), "{err}");
     // One viewer per stream: the first HTTP-FLV viewer plays, the second gets a 503.
     let mut first = TcpStream::connect(node.http).unwrap();
