@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use tracing::{info, warn, Instrument};
 
-use crate::hub::{
-    Hub, Packet, Publisher, Scope, Source, StreamEvent, SubscribeError, Subscription,
-};
+use crate::hub::{Hub, Publisher, Scope, Source, StreamEvent, SubscribeError, Subscription};
+use crate::media::Packet;
 use crate::media::{AudioConfig, Codec, StreamConfig, StreamKey, TrackKind, VideoConfig};
 use crate::transcode::{AudioTranscoder, TranscodeError, VideoTranscoder};
 

@@ -19,17 +19,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch, Notify};
 use tracing::info;
 
-use crate::api::metrics::Metrics;
 use crate::config::Limits;
-use crate::media::gop::{GopCache, HasFrame};
+use crate::media::gop::GopCache;
 use crate::media::splice::Splicer;
-use crate::media::{flv, Codec, Frame, SimulcastLayer, StreamConfig, StreamKey, TrackKind};
+use crate::media::{Codec, Packet, SimulcastLayer, StreamConfig, StreamKey};
+use crate::metrics::Metrics;
 
 /// How long a consumer waits for an upstream pull to deliver the stream's configuration.
 const PULL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,85 +36,6 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(10);
 const PLAY_WAIT_POLL: Duration = Duration::from_millis(50);
 /// The window in which `max_lag_events` lag events disconnect a consumer.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
-
-/// One frame as fanned out: the frame plus its encodings, each built at most once per node
-/// the first time a consumer needs it and then shared by every consumer.
-#[derive(Debug)]
-pub struct Packet {
-    pub frame: Frame,
-    flv_body: OnceLock<Bytes>,
-    flv_tag: OnceLock<Bytes>,
-    rtmp_chunks: OnceLock<Bytes>,
-    rtp_payloads: OnceLock<Vec<Arc<[u8]>>>,
-}
-
-impl Packet {
-    pub fn new(frame: Frame) -> Arc<Packet> {
-        Arc::new(Packet {
-            frame,
-            flv_body: OnceLock::new(),
-            flv_tag: OnceLock::new(),
-            rtmp_chunks: OnceLock::new(),
-            rtp_payloads: OnceLock::new(),
-        })
-    }
-
-    /// This packet's frame with other timestamps (`frame`), keeping a known FLV body (it
-    /// holds no absolute time).
-    fn retimed(&self, frame: Frame) -> Arc<Packet> {
-        match self.flv_body.get() {
-            Some(body) => Packet::with_flv_body(frame, body.clone()),
-            None => Packet::new(frame),
-        }
-    }
-
-    /// A packet whose FLV body is already known (RTMP ingest receives exactly that).
-    pub fn with_flv_body(frame: Frame, body: Bytes) -> Arc<Packet> {
-        let p = Packet {
-            frame,
-            flv_body: OnceLock::new(),
-            flv_tag: OnceLock::new(),
-            rtmp_chunks: OnceLock::new(),
-            rtp_payloads: OnceLock::new(),
-        };
-        let _ = p.flv_body.set(body);
-        Arc::new(p)
-    }
-
-    /// The FLV tag body (RTMP message payload).
-    pub fn flv_body(&self) -> &Bytes {
-        self.flv_body.get_or_init(|| flv::frame_body(&self.frame))
-    }
-
-    /// The complete FLV file tag, with PreviousTagSize.
-    pub fn flv_tag(&self) -> &Bytes {
-        self.flv_tag.get_or_init(|| {
-            let tag_type = match self.frame.track() {
-                TrackKind::Video => flv::TAG_VIDEO,
-                TrackKind::Audio => flv::TAG_AUDIO,
-            };
-            flv::tag(tag_type, self.frame.dts_ms() as u32, self.flv_body())
-        })
-    }
-
-    /// The RTMP chunks of this frame in the node's canonical chunking (built by `build` once).
-    pub fn rtmp_chunks(&self, build: impl FnOnce(&Packet) -> Bytes) -> &Bytes {
-        self.rtmp_chunks.get_or_init(|| build(self))
-    }
-}
-
-impl Packet {
-    /// The RTP payloads of this frame (WebRTC), built by `build` once and shared.
-    pub fn rtp_payloads(&self, build: impl FnOnce(&Packet) -> Vec<Arc<[u8]>>) -> &[Arc<[u8]>] {
-        self.rtp_payloads.get_or_init(|| build(self))
-    }
-}
-
-impl HasFrame for Arc<Packet> {
-    fn frame(&self) -> &Frame {
-        &self.frame
-    }
-}
 
 /// What a consumer receives, in order.
 #[derive(Clone, Debug)]
@@ -1297,7 +1217,8 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::{Timebase, VideoConfig};
+    use crate::media::{Frame, Timebase, VideoConfig};
+    use bytes::Bytes;
 
     fn hub(buffer: usize) -> Arc<Hub> {
         let limits = Limits {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod egress;
 pub mod hub;
 pub mod media;
+pub mod metrics;
 pub mod node;
 pub mod play;
 pub mod rtmp;

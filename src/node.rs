@@ -12,11 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::http::{AppState, NodeInfo};
-use crate::api::metrics::Metrics;
 use crate::backbone::Backbone;
 use crate::config::{Config, Role};
 use crate::egress::{Egress, EgressSettings};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::rtmp::RtmpSettings;
 
 /// This node's own addresses as the config names them (listeners and announced IPs).

@@ -985,7 +985,7 @@ fn a_hundred_edges_asking_for_a_keyframe_at_once_reach_the_publisher_once_per_in
             );
             let config =
                 meshcast::config::Config::parse(&text, "edge", std::path::Path::new(".")).unwrap();
-            let metrics = std::sync::Arc::new(meshcast::api::metrics::Metrics::new());
+            let metrics = std::sync::Arc::new(meshcast::metrics::Metrics::new());
             let hub = meshcast::hub::Hub::new(config.limits.clone(), metrics);
             let bb = meshcast::backbone::Backbone::start(&config, hub.clone(), shutdown.clone())
                 .unwrap();

@@ -27,12 +27,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
-use crate::api::metrics::Proto;
 use crate::auth::hooks::EventKind;
 use crate::auth::{Action as AuthAction, Auth, Denied};
 use crate::backbone::Backbone;
 use crate::hub::{Hub, SubscribeError};
 use crate::media::{Codec, StreamKey};
+use crate::metrics::Proto;
 
 /// What the API says about this node.
 #[derive(Clone, Debug, Serialize)]
@@ -164,7 +164,7 @@ async fn serve_connection(
     peer: SocketAddr,
     app: Router,
     limits: HttpLimits,
-    metrics: &crate::api::metrics::Metrics,
+    metrics: &crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) {
     use tower_service::Service;

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -41,13 +40,7 @@ impl EventKind {
     }
 }
 
-/// Counters of the event hook.
-#[derive(Clone, Debug, Default)]
-pub struct HookCounters {
-    pub delivered: Counter,
-    pub failed: Counter,
-    pub dropped: Counter,
-}
+pub use crate::metrics::HookCounters;
 
 /// The sending side of the event hook.
 #[derive(Clone)]

@@ -46,11 +46,12 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, Role};
 use crate::hub::{
-    BoxFuture, Hub, HubEvent, KeyframeRequester, Packet, Publisher, Scope, StreamEvent,
-    Subscription, SubscriptionEnd, Upstream,
+    BoxFuture, Hub, HubEvent, KeyframeRequester, Publisher, Scope, StreamEvent, Subscription,
+    SubscriptionEnd, Upstream,
 };
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
 use crate::media::splice::Splicer;
+use crate::media::Packet;
 use crate::media::{StreamConfig, StreamKey, TrackKind};
 use auth::Nonce;
 use directory::Directory;
@@ -320,7 +321,7 @@ impl Backbone {
             .hub
             .metrics()
             .links
-            .set_reader(move || me.upgrade().map(|b| b.links()).unwrap_or_default());
+            .set_reader(move || me.upgrade().map(|b| b.link_samples()).unwrap_or_default());
         if bb.listen.is_some() {
             if bb.token.is_empty() {
                 warn!(
@@ -365,6 +366,22 @@ impl Backbone {
     }
 
     /// Which origin announced each stream, as this node's directory has it (by stream).
+    /// The links' transport figures for `/metrics`.
+    fn link_samples(&self) -> Vec<crate::metrics::LinkSample> {
+        self.links()
+            .into_iter()
+            .map(|l| crate::metrics::LinkSample {
+                node: l.node,
+                direction: l.direction,
+                rtt_ms: l.rtt_ms,
+                sent_packets: l.sent_packets,
+                lost_packets: l.lost_packets,
+                sent_bytes: l.sent_bytes,
+                received_bytes: l.received_bytes,
+            })
+            .collect()
+    }
+
     pub fn directory(&self) -> Vec<(StreamKey, String)> {
         self.directory.lock().list()
     }
@@ -410,11 +427,11 @@ impl Backbone {
                     };
                     me.hub
                         .metrics()
-                        .count_connection(crate::api::metrics::Proto::Backbone);
+                        .count_connection(crate::metrics::Proto::Backbone);
                     if let Err(e) = me.clone().run_inbound(conn.clone()).await {
                         me.hub
                             .metrics()
-                            .count_session_error(crate::api::metrics::Proto::Backbone);
+                            .count_session_error(crate::metrics::Proto::Backbone);
                         info!("link closed: {e}");
                         conn.close(1u32.into(), e.to_string().as_bytes());
                     }
@@ -736,7 +753,7 @@ impl Backbone {
             let relays = self
                 .hub
                 .metrics()
-                .viewers_of(crate::api::metrics::Proto::Backbone);
+                .viewers_of(crate::metrics::Proto::Backbone);
             let viewers = (attached - relays).max(0) as u32;
             let by_viewers = (viewers as f64 / self.max_viewers as f64).min(1.0);
             let load = by_viewers.max(cpu.sample());
@@ -1248,7 +1265,7 @@ impl Backbone {
         idle: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> PullEnd {
         let metrics = self.hub.metrics().clone();
-        let (frames_in, bytes_in) = metrics.ingest(crate::api::metrics::Proto::Backbone);
+        let (frames_in, bytes_in) = metrics.ingest(crate::metrics::Proto::Backbone);
         let mut seq = GroupSequencer::new(GROUP_STALL);
         let keyframe_signal = relay.keyframe_signal();
         let mut gate = KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL);
@@ -1846,7 +1863,7 @@ async fn send_media(
     hub: Arc<Hub>,
 ) {
     let metrics = hub.metrics().clone();
-    let counters = metrics.proto(crate::api::metrics::Proto::Backbone);
+    let counters = metrics.proto(crate::metrics::Proto::Backbone);
     counters.viewers.inc();
     let mut config = Arc::new(StreamConfig::default());
     let mut group: Option<quinn::SendStream> = None;

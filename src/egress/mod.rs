@@ -35,11 +35,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::api::metrics::Metrics;
-use crate::hub::{
-    Hub, HubEvent, Packet, StreamEvent, SubscribeError, Subscription, SubscriptionEnd,
-};
+use crate::hub::{Hub, HubEvent, StreamEvent, SubscribeError, Subscription, SubscriptionEnd};
+use crate::media::Packet;
 use crate::media::{Codec, StreamConfig, StreamKey, TrackKind};
+use crate::metrics::Metrics;
 pub use spec::{EgressRequest, EgressSpec, FieldError, StreamMatch, Target};
 
 /// Items queued between an egress and its sink.

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::spec::{confine, PathTemplate, RecordFormat};
 use super::{Item, Shared, State};
-use crate::hub::Packet;
+use crate::media::Packet;
 use crate::media::{Codec, StreamConfig, StreamKey, TrackKind};
 
 /// What to record and where.

@@ -81,7 +81,7 @@ pub async fn run(
                             }
                             let ts = RtmpTimestamp::new(dts_ms as u32);
                             last_ts = dts_ms as u32;
-                            let body = packet.flv_body().clone();
+                            let body = crate::media::flv::body_of(&packet).clone();
                             let r = match packet.frame.track() {
                                 TrackKind::Video => conn.session.publish_video_data(body, ts, false),
                                 TrackKind::Audio => conn.session.publish_audio_data(body, ts, false),

@@ -7,7 +7,30 @@ use std::collections::HashMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use rml_amf0::Amf0Value;
 
-use super::{Frame, StreamConfig};
+use super::packet::{Encoding, Packet};
+use super::{Frame, StreamConfig, TrackKind};
+
+/// The FLV tag body of a packet's frame (the RTMP message payload). It holds no absolute
+/// time, so a re-timed packet keeps it; RTMP ingest seeds it with what it received.
+pub static BODY: Encoding<Bytes> = Encoding::timeless("flv body");
+/// The complete FLV file tag of a packet's frame, with PreviousTagSize.
+pub static TAG: Encoding<Bytes> = Encoding::new("flv tag");
+
+/// The FLV tag body of `p`, built once per packet.
+pub fn body_of(p: &Packet) -> &Bytes {
+    BODY.get(p, |p| frame_body(&p.frame))
+}
+
+/// The FLV file tag of `p`, built once per packet.
+pub fn tag_of(p: &Packet) -> &Bytes {
+    TAG.get(p, |p| {
+        let tag_type = match p.frame.track() {
+            TrackKind::Video => TAG_VIDEO,
+            TrackKind::Audio => TAG_AUDIO,
+        };
+        tag(tag_type, p.frame.dts_ms() as u32, body_of(p))
+    })
+}
 
 pub const TAG_AUDIO: u8 = 8;
 pub const TAG_VIDEO: u8 = 9;

@@ -10,6 +10,9 @@ pub mod avc;
 pub mod flv;
 pub mod gop;
 pub mod keyframe;
+pub mod packet;
+
+pub use packet::Packet;
 pub mod splice;
 
 use std::fmt;

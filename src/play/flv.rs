@@ -12,9 +12,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::api::metrics::ProtoCounters;
 use crate::hub::{StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::flv;
+use crate::metrics::ProtoCounters;
 
 /// Buffers between the pump and the HTTP body.
 const BODY_QUEUE: usize = 16;
@@ -89,7 +89,7 @@ async fn pump(
             StreamEvent::Frame(p) => {
                 last_ts = p.frame.dts_ms() as u32;
                 counters.frames_out.inc();
-                p.flv_tag().clone()
+                flv::tag_of(&p).clone()
             }
             StreamEvent::Discontinuity => {
                 counters.lag_skips.inc();

@@ -28,14 +28,15 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::api::metrics::{Proto, ProtoCounters};
 use crate::auth::hooks::EventKind;
 use crate::auth::Action;
-use crate::hub::{Hub, Packet, Publisher, StreamEvent, Subscription, SubscriptionEnd};
+use crate::hub::{Hub, Publisher, StreamEvent, Subscription, SubscriptionEnd};
+use crate::media::packet::{Encoding, Packet};
 use crate::media::{
     aac, avc, flv, AudioConfig, Codec, Frame, Metadata, StreamConfig, StreamKey, Timebase,
     TimestampUnwrapper, VideoConfig,
 };
+use crate::metrics::{Proto, ProtoCounters};
 
 /// Time a client has to complete the RTMP handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -924,7 +925,7 @@ impl Ingest {
             Some(IngestOutput::Frame { frame, body }) => {
                 self.frames_in.inc();
                 let packet = match body {
-                    Some(body) => Packet::with_flv_body(frame, body),
+                    Some(body) => Packet::with(frame, &flv::BODY, body),
                     None => Packet::new(frame),
                 };
                 self.publisher.push(packet);
@@ -1119,8 +1120,10 @@ impl Playback {
                 self.last_ts = ts;
                 let bytes = if self.stream_id == CANONICAL_STREAM_ID {
                     let chunk_size = self.chunk_size;
-                    packet
-                        .rtmp_chunks(|p| frame_chunks(p, CANONICAL_STREAM_ID, chunk_size))
+                    CANONICAL_CHUNKS
+                        .get(&packet, |p| {
+                            frame_chunks(p, CANONICAL_STREAM_ID, chunk_size)
+                        })
                         .clone()
                 } else {
                     frame_chunks(&packet, self.stream_id, self.chunk_size)
@@ -1140,6 +1143,10 @@ impl Playback {
     }
 }
 
+/// A frame's RTMP chunks in the node's canonical chunking (stream id
+/// [`CANONICAL_STREAM_ID`], the node's chunk size), built once per packet for every player.
+static CANONICAL_CHUNKS: Encoding<Bytes> = Encoding::new("rtmp chunks");
+
 fn frame_chunks(p: &Packet, stream_id: u32, chunk_size: usize) -> Bytes {
     let (csid, kind) = match p.frame.codec {
         Codec::H264 => (chunk::CSID_VIDEO, chunk::MSG_VIDEO),
@@ -1151,7 +1158,7 @@ fn frame_chunks(p: &Packet, stream_id: u32, chunk_size: usize) -> Bytes {
         kind,
         p.frame.dts_ms() as u32,
         stream_id,
-        p.flv_body(),
+        flv::body_of(p),
         chunk_size,
     )
 }

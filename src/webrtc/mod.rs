@@ -44,7 +44,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::hub::{Hub, Packet, Publisher, Scope, StreamEvent, Subscription, SubscriptionEnd};
+use crate::hub::{Hub, Publisher, Scope, StreamEvent, Subscription, SubscriptionEnd};
+use crate::media::packet::{Encoding, Packet};
 use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase, TrackKind};
 use simulcast::LayerChooser;
 
@@ -1132,7 +1133,7 @@ impl WhepPeer {
             Codec::Aac => return 0,
         };
         let Some(track) = track else { return 0 };
-        let payloads = p.rtp_payloads(|p| packetize(p, config));
+        let payloads = RTP_PAYLOADS.get(p, |p| packetize(p, config));
         let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
         let mut seq = rtp.seq;
         rtp.seq += payloads.len() as u64;
@@ -1159,6 +1160,9 @@ impl WhepPeer {
         }
     }
 }
+
+/// A frame's RTP payloads, shared by every viewer.
+static RTP_PAYLOADS: Encoding<Vec<Arc<[u8]>>> = Encoding::new("rtp payloads");
 
 /// A frame's RTP payloads, per codec (built once per frame per node).
 fn packetize(p: &Packet, config: &StreamConfig) -> Vec<Arc<[u8]>> {

@@ -34,9 +34,10 @@ use tracing::{debug, info, warn};
 
 use super::assemble::{H264Assembler, Vp8Assembler};
 use super::Datagram;
-use crate::hub::{Packet, Publisher};
+use crate::hub::Publisher;
 use crate::media::avc::decoder_config_record;
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
+use crate::media::Packet;
 use crate::media::{
     avc, valid_rid, AudioConfig, Codec, Frame, SimulcastLayer, StreamConfig, Timebase, VideoConfig,
 };

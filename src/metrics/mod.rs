@@ -1,6 +1,10 @@
 //! Prometheus metrics for every hop: frames and bytes in and out per protocol, viewers,
 //! lag skips and slow-viewer disconnects, backbone links and groups.
 //!
+//! The bottom of the house beside `media`: this module imports nothing of ours. Subsystems
+//! hold the counters they increment; what is read from elsewhere at scrape time (the
+//! backbone's links) arrives through a reader of plain [`LinkSample`]s.
+//!
 //! Hot paths clone the counter handles they need once (per connection) and increment the
 //! shared atomics directly; nothing here takes a lock per frame.
 
@@ -15,21 +19,50 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
+/// The protocol label of a series. WHIP and WHEP share `webrtc` (like RTMP publish and
+/// play share `rtmp`): ingest counters are publishers, output counters viewers.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Proto {
     Rtmp,
     Flv,
     Backbone,
+    WebRtc,
 }
 
 impl Proto {
+    /// Every protocol, for totals.
+    pub const ALL: [Proto; 4] = [Proto::Rtmp, Proto::Flv, Proto::Backbone, Proto::WebRtc];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Proto::Rtmp => "rtmp",
             Proto::Flv => "flv",
             Proto::Backbone => "backbone",
+            Proto::WebRtc => "webrtc",
         }
     }
+}
+
+/// One backbone link's transport figures, as the backbone reports them at each scrape.
+#[derive(Clone, Debug, Default)]
+pub struct LinkSample {
+    /// The node at the other end.
+    pub node: String,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    pub rtt_ms: f64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+}
+
+/// The event hook's delivery counters (shared with its delivery task).
+#[derive(Clone, Default, Debug)]
+pub struct HookCounters {
+    pub delivered: Counter,
+    pub failed: Counter,
+    pub dropped: Counter,
 }
 
 impl EncodeLabelValue for Proto {
@@ -99,13 +132,13 @@ pub struct Metrics {
     pub egress_dropped_frames: Counter,
     /// Requests and connections refused, by protocol and kind of reason.
     pub refused: Family<RefusedLabel, Counter>,
-    hook_counters: crate::auth::hooks::HookCounters,
+    hook_counters: HookCounters,
     /// Per-link transport figures, read from the backbone at each scrape.
     pub links: LinkCollector,
 }
 
-type LinkValue = fn(&crate::backbone::LinkInfo) -> u64;
-type LinkReader = Box<dyn Fn() -> Vec<crate::backbone::LinkInfo> + Send + Sync>;
+type LinkValue = fn(&LinkSample) -> u64;
+type LinkReader = Box<dyn Fn() -> Vec<LinkSample> + Send + Sync>;
 
 /// The backbone's links as metric families labelled by peer node and direction. The
 /// values are the QUIC connections' own counters, taken when Prometheus scrapes, so a
@@ -115,10 +148,7 @@ pub struct LinkCollector(Arc<std::sync::OnceLock<LinkReader>>);
 
 impl LinkCollector {
     /// Where the links are read from (the backbone, once it runs; set once).
-    pub fn set_reader(
-        &self,
-        read: impl Fn() -> Vec<crate::backbone::LinkInfo> + Send + Sync + 'static,
-    ) {
+    pub fn set_reader(&self, read: impl Fn() -> Vec<LinkSample> + Send + Sync + 'static) {
         let _ = self.0.set(Box::new(read));
     }
 }
@@ -135,7 +165,7 @@ impl Collector for LinkCollector {
         if links.is_empty() {
             return Ok(());
         }
-        let labels = |l: &crate::backbone::LinkInfo| {
+        let labels = |l: &LinkSample| {
             [
                 ("peer", l.node.clone()),
                 ("direction", l.direction.to_string()),
@@ -397,7 +427,7 @@ impl Metrics {
 
     /// Bytes sent to consumers and egress destinations so far, all protocols.
     pub fn bytes_out_total(&self) -> u64 {
-        [Proto::Rtmp, Proto::Flv, Proto::Backbone]
+        Proto::ALL
             .into_iter()
             .map(|proto| self.bytes_out.get_or_create(&ProtoLabel { proto }).get())
             .sum::<u64>()
@@ -422,7 +452,7 @@ impl Metrics {
     }
 
     /// The event hook's counters (shared with its delivery task).
-    pub fn hook_counters(&self) -> crate::auth::hooks::HookCounters {
+    pub fn hook_counters(&self) -> HookCounters {
         self.hook_counters.clone()
     }
 
