@@ -132,7 +132,7 @@ impl Node {
 
         if config.node.role == Role::Edge {
             if let Some(bb) = &backbone {
-                tasks.spawn(crate::egress::forward::run(
+                tasks.spawn(crate::cluster::forward::run(
                     hub.clone(),
                     bb.clone(),
                     egress.clone(),

@@ -17,7 +17,6 @@
 //! `transcode_video` and the destination cannot carry the codec (VP8 → H.264, shared the
 //! same way through a `~h264` bridge).
 
-pub mod forward;
 pub mod policy;
 pub mod record;
 pub mod retention;

@@ -16,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Egress, EgressRequest, State};
+use crate::egress::{Egress, EgressRequest, State};
 use crate::backbone::nodes::{rank, Action};
 use crate::backbone::Backbone;
 use crate::hub::{Hub, HubEvent};
