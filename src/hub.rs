@@ -309,9 +309,7 @@ impl Hub {
                 stream: base.to_string(),
                 protocol,
                 client: client.to_string(),
-                since_unix_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
+                since_unix_ms: crate::clock::unix_ms(),
                 kicked: kicked.clone(),
             },
         );
@@ -411,9 +409,7 @@ impl Hub {
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             started: Instant::now(),
-            started_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            started_ms: crate::clock::unix_ms(),
             evicted: watch::channel(None).0,
             session: AtomicU64::new(rand::random()),
             publishes: AtomicU64::new(1),

@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod backbone;
 pub mod bridge;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod egress;

@@ -96,10 +96,7 @@ impl EventHook {
             "client": client.ip().to_string(),
             "client_port": client.port(),
             "node": &*self.node_id,
-            "time_ms": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            "time_ms": crate::clock::unix_ms(),
         });
         let body = serde_json::to_vec(&body).unwrap_or_default();
         if self.tx.try_send(body).is_err() {

@@ -243,10 +243,7 @@ impl Keys {
 
 /// Seconds since the Unix epoch.
 pub fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::clock::unix_s()
 }
 
 #[cfg(test)]

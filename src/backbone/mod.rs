@@ -298,7 +298,7 @@ impl Backbone {
                 region: config.node.region.clone(),
                 http_url: config.public_http_url(),
                 rtmp_url: config.public_rtmp_url(),
-                incarnation: unix_ms(),
+                incarnation: crate::clock::unix_ms(),
                 age_ms: 0,
                 viewers: 0,
                 load_permille: 0,
@@ -1661,12 +1661,6 @@ fn fresh_nonce() -> Result<Nonce, LinkError> {
         .fill(&mut nonce)
         .map_err(|_| LinkError::Random)?;
     Ok(nonce)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// This process's CPU use, 0-1 of all cores, from `/proc/self/stat` between samples.

@@ -16,9 +16,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::egress::{Egress, EgressRequest, State};
 use crate::backbone::nodes::{rank, Action};
 use crate::backbone::Backbone;
+use crate::egress::{Egress, EgressRequest, State};
 use crate::hub::{Hub, HubEvent};
 use crate::media::StreamKey;
 

@@ -26,7 +26,7 @@ pub mod spec;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -340,10 +340,7 @@ impl Egress {
                 destination,
                 created_by,
                 state: State::Waiting,
-                started_unix_ms: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as u64,
+                started_unix_ms: crate::clock::unix_ms(),
                 bytes: 0,
                 frames: 0,
                 dropped_frames: 0,
