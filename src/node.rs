@@ -58,7 +58,7 @@ impl Node {
         let hub = Hub::new(config.limits.clone(), metrics);
         let mut tasks = JoinSet::new();
 
-        let events = match &config.events_hook {
+        let events = match &config.hooks.events {
             Some(url) => Some(
                 crate::auth::hooks::EventHook::start(
                     url,
@@ -104,26 +104,26 @@ impl Node {
         let egress = Egress::start(
             hub.clone(),
             EgressSettings {
-                recording_root: config.recording_root.clone(),
-                rules: config.egress.clone(),
+                recording_root: config.recording.root.clone(),
+                rules: config.egress.rules.clone(),
                 policy: Arc::new(crate::egress::policy::DestinationPolicy {
-                    patterns: config.egress_policy.destinations.clone(),
+                    patterns: config.egress.policy.destinations.clone(),
                     public_only: config.auth.is_on()
-                        && config.egress_policy.destinations.is_empty()
-                        && !config.egress_policy.allow_private_destinations,
+                        && config.egress.policy.destinations.is_empty()
+                        && !config.egress.policy.allow_private_destinations,
                     own: own_addresses(&config),
                 }),
-                max_jobs: config.egress_policy.max_jobs,
+                max_jobs: config.egress.policy.max_jobs,
                 auth: auth.clone(),
-                min_free_bytes: config.recording_min_free_bytes,
+                min_free_bytes: config.recording.min_free_bytes,
             },
             shutdown.clone(),
         );
 
-        let retention = &config.recording_retention;
+        let retention = &config.recording.retention;
         if retention.max_age.is_some() || retention.max_total_bytes.is_some() {
             tasks.spawn(crate::egress::retention::run(
-                config.recording_root.clone(),
+                config.recording.root.clone(),
                 retention.clone(),
                 egress.clone(),
                 shutdown.clone(),

@@ -15,34 +15,12 @@ pub mod token;
 pub mod webhook;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 pub use token::{Action, Claims, Keys, TokenError};
 
 use crate::media::StreamKey;
 
-/// `[auth]`, validated.
-#[derive(Clone, Debug, Default)]
-pub struct AuthConfig {
-    /// HS256 secrets: the first signs, all verify.
-    pub secrets: Vec<String>,
-    /// Ed25519 / ES256 public keys (PEM files) for tokens minted elsewhere.
-    pub public_keys: Vec<std::path::PathBuf>,
-    /// Asked before every publish and play (`http://...`).
-    pub webhook: Option<String>,
-    pub webhook_timeout: Duration,
-    /// How long an allow from the webhook is remembered for the same request.
-    pub webhook_cache: Duration,
-    /// Bearer token `/metrics` asks for (none: open).
-    pub metrics_token: Option<String>,
-}
-
-impl AuthConfig {
-    /// Whether `[auth]` asks for anything at all.
-    pub fn is_on(&self) -> bool {
-        !self.secrets.is_empty() || !self.public_keys.is_empty() || self.webhook.is_some()
-    }
-}
+pub use crate::config::AuthConfig;
 
 /// Where a request came from and what it asks for.
 #[derive(Clone, Debug)]

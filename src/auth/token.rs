@@ -12,6 +12,8 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{read_public_key, PublicKey};
+
 /// What a token allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -172,17 +174,9 @@ impl Keys {
                 Some(EncodingKey::from_secret(first.as_bytes()).map_err(|e| e.to_string())?);
         }
         for path in public_keys {
-            let path = path.as_ref();
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
-                keys.ed25519.push(k);
-            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
-                keys.es256.push(k);
-            } else {
-                return Err(format!(
-                    "{}: not an Ed25519 or ES256 (P-256) public key in PEM",
-                    path.display()
-                ));
+            match read_public_key(path.as_ref())? {
+                PublicKey::Ed25519(k) => keys.ed25519.push(k),
+                PublicKey::Es256(k) => keys.es256.push(k),
             }
         }
         Ok(keys)

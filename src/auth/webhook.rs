@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::Uri;
 use parking_lot::Mutex;
 use tracing::warn;
 
@@ -22,33 +21,7 @@ const MAX_CACHED: usize = 10_000;
 /// Bytes of a hook's answer read at most.
 const MAX_ANSWER: usize = 64 * 1024;
 
-/// A parsed `http://host:port/path` URL.
-#[derive(Clone, Debug)]
-pub struct HookUrl {
-    uri: Uri,
-    authority: String,
-}
-
-impl HookUrl {
-    pub fn parse(url: &str) -> Result<HookUrl, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(format!(
-                "`{url}`: only http:// hooks are supported (put a local proxy in front of https)"
-            ));
-        }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("`{url}` has no host"))?;
-        let authority = match authority.port_u16() {
-            Some(_) => authority.to_string(),
-            None => format!("{}:80", authority.host()),
-        };
-        Ok(HookUrl { uri, authority })
-    }
-}
+pub use crate::config::HookUrl;
 
 /// POSTs `body` as JSON to `url`; returns the status code. Everything (connect, send,
 /// answer) must fit in `timeout`.
@@ -59,7 +32,7 @@ pub async fn post_json(url: &HookUrl, body: Vec<u8>, timeout: Duration) -> Resul
 }
 
 async fn post_inner(url: &HookUrl, body: Vec<u8>) -> Result<u16, String> {
-    let stream = tokio::net::TcpStream::connect(&url.authority)
+    let stream = tokio::net::TcpStream::connect(url.authority())
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let io = hyper_util::rt::TokioIo::new(stream);
@@ -67,9 +40,9 @@ async fn post_inner(url: &HookUrl, body: Vec<u8>) -> Result<u16, String> {
         .await
         .map_err(|e| e.to_string())?;
     let driver = tokio::spawn(conn);
-    let path = url.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = url.path_and_query();
     let req = hyper::Request::post(path)
-        .header(hyper::header::HOST, &url.authority)
+        .header(hyper::header::HOST, url.authority())
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::USER_AGENT, "meshcast")
         .body(Full::new(Bytes::from(body)))

@@ -21,7 +21,7 @@ pub mod policy;
 pub mod record;
 pub mod retention;
 pub mod rtmp_push;
-pub mod spec;
+pub use crate::config::egress_spec as spec;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
