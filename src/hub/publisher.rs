@@ -1,0 +1,282 @@
+//! Claiming a name for a local publisher, and the [`Publisher`] handle: the single writer
+//! of a stream.
+
+use super::{Hub, HubEvent, PublishError, Source, Status, Stream, StreamEvent};
+use crate::media::splice::Splicer;
+use crate::media::{Packet, StreamConfig, StreamKey};
+use crate::metrics::Metrics;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info;
+
+impl Hub {
+    /// Claims `key` for a local publisher, as [`Hub::publish`], after asking the backbone
+    /// whether another live origin publishes it: then it is refused.
+    pub async fn publish_checked(
+        self: &Arc<Self>,
+        key: StreamKey,
+    ) -> Result<Publisher, PublishError> {
+        if let Some(up) = self.upstream.get() {
+            if let Some(node) = up.published_elsewhere(&key).await {
+                return Err(PublishError::PublishedElsewhere { key, node });
+            }
+        }
+        self.publish(key)
+    }
+
+    /// Claims `key` for a local publisher. Refused while the name is published on this
+    /// node. A stream held for its publisher ([`Limits::publisher_hold`]) is taken over:
+    /// its consumers carry on, the new publish spliced onto their timeline at its first
+    /// keyframe. A relay of the name (pulled from an origin that is gone, or the caller
+    /// would have been refused by [`Hub::publish_checked`]) gives the name up: its pull
+    /// feeds its viewers from this publish from then on (see `Backbone::run_pull`).
+    pub fn publish(self: &Arc<Self>, key: StreamKey) -> Result<Publisher, PublishError> {
+        let stream = {
+            let mut map = self.streams.lock();
+            if let Some(held) = map.get(&key).filter(|s| s.is_local()) {
+                let mut st = held.state.lock();
+                if st.held.take().is_none() {
+                    return Err(PublishError::AlreadyLive(key));
+                }
+                // Joiners wait for the new publisher's first keyframe.
+                st.gop.clear();
+                let n = held.publishes.fetch_add(1, Ordering::AcqRel) + 1;
+                info!(stream = %key, publishes = n, "the publisher came back; its viewers carry on");
+                let mut p = Publisher::new(self.clone(), held.clone());
+                p.has_video = st.config.video.is_some();
+                p.splice = Some(Splicer::continuing(held.session(), st.last_ns));
+                return Ok(p);
+            }
+            if map
+                .get(&key)
+                .is_some_and(|s| !matches!(*s.source.lock(), Source::Relay { .. }))
+            {
+                return Err(PublishError::AlreadyLive(key));
+            }
+            if !key.is_derived() {
+                self.check_stream_limits(&map, &key)?;
+            }
+            let stream = self.new_stream(key.clone(), Source::Local, Status::Live);
+            map.insert(key.clone(), stream.clone());
+            // Sent under the map lock, as `Unpublished` is: listeners (announces to other
+            // origins, edge forwards) see a name's publishes and unpublishes in order.
+            let _ = self.events.send(HubEvent::Published(key));
+            stream
+        };
+        self.metrics.local_streams.inc();
+        Ok(Publisher::new(self.clone(), stream))
+    }
+
+    /// Refuses a new local publish past `limits.max_streams` (node) or
+    /// `limits.max_streams_per_namespace`. Called under the streams map lock.
+    pub(super) fn check_stream_limits(
+        &self,
+        map: &HashMap<StreamKey, Arc<Stream>>,
+        key: &StreamKey,
+    ) -> Result<(), PublishError> {
+        let (mut total, mut in_ns) = (0, 0);
+        for s in map.values().filter(|s| s.is_local() && !s.key.is_derived()) {
+            total += 1;
+            if s.key.namespace() == key.namespace() {
+                in_ns += 1;
+            }
+        }
+        if total >= self.limits.max_streams {
+            return Err(PublishError::Limit(format!(
+                "this node is at its stream limit ({})",
+                self.limits.max_streams
+            )));
+        }
+        if in_ns >= self.limits.max_streams_per_namespace {
+            return Err(PublishError::Limit(format!(
+                "namespace {} is at its stream limit ({})",
+                key.namespace(),
+                self.limits.max_streams_per_namespace
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The owner's side of keyframe requests.
+#[derive(Clone)]
+pub struct KeyframeSignal(Arc<Stream>);
+
+impl KeyframeSignal {
+    /// Completes when some consumer asked for a keyframe since the last call.
+    pub async fn wanted(&self) {
+        self.0.keyframe_wanted.notified().await
+    }
+}
+
+/// The single writer of a stream. Dropping it ends the stream everywhere.
+pub struct Publisher {
+    hub: Arc<Hub>,
+    stream: Arc<Stream>,
+    has_video: bool,
+    /// A publisher that came back to its held stream: its frames are retimed onto the
+    /// stream's timeline (`bool`: whether the splice has begun).
+    splice: Option<Splicer>,
+    splice_begun: bool,
+}
+
+impl Publisher {
+    pub(super) fn new(hub: Arc<Hub>, stream: Arc<Stream>) -> Publisher {
+        Publisher {
+            hub,
+            stream,
+            has_video: false,
+            splice: None,
+            splice_begun: false,
+        }
+    }
+
+    pub fn key(&self) -> &StreamKey {
+        &self.stream.key
+    }
+
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+
+    pub fn config(&self) -> Arc<StreamConfig> {
+        self.stream.state.lock().config.clone()
+    }
+
+    /// Publishes simulcast layer `rid` of this stream as its own local stream
+    /// ([`StreamKey::layer`]).
+    pub fn publish_layer(&self, rid: &str) -> Result<Publisher, PublishError> {
+        self.hub.publish(self.stream.key.layer(rid))
+    }
+
+    /// Replaces the stream configuration; consumers see it before any later frame.
+    pub fn set_config(&mut self, config: StreamConfig) {
+        let mut st = self.stream.state.lock();
+        self.has_video = config.video.is_some();
+        if *st.config == config {
+            return;
+        }
+        let config = Arc::new(config);
+        st.config = config.clone();
+        if let Some(tx) = &st.tx {
+            let _ = tx.send(StreamEvent::Config(config));
+        }
+    }
+
+    /// Fans one frame out to every consumer and the GOP cache.
+    pub fn push(&mut self, mut packet: Arc<Packet>) {
+        self.stream.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.stream
+            .bytes_in
+            .fetch_add(packet.frame.payload.len() as u64, Ordering::Relaxed);
+        if let Some(splice) = &mut self.splice {
+            if !self.splice_begun {
+                // Any session other than the one `continuing` was given: a new timeline.
+                splice.begin(self.stream.session().wrapping_add(1), self.has_video);
+                self.splice_begun = true;
+            }
+            let Some(frame) = splice.frame(packet.frame.clone()) else {
+                return;
+            };
+            if frame.dts != packet.frame.dts {
+                packet = packet.retimed(frame);
+            }
+        }
+        let (track, dts_ns) = Splicer::position(&packet.frame);
+        let mut st = self.stream.state.lock();
+        st.last_ns[track] = Some(st.last_ns[track].map_or(dts_ns, |l| l.max(dts_ns)));
+        st.gop.push(packet.clone(), self.has_video);
+        if let Some(tx) = &st.tx {
+            // No receivers is fine: the GOP cache still serves the next joiner.
+            let _ = tx.send(StreamEvent::Frame(packet));
+        }
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.hub.metrics
+    }
+
+    /// Completes with the reason when this publisher is evicted ([`Hub::evict`]); the
+    /// ingest then ends its session.
+    pub fn evicted(&self) -> impl std::future::Future<Output = String> + 'static {
+        let mut rx = self.stream.evicted.subscribe();
+        async move {
+            loop {
+                if let Some(reason) = rx.borrow_and_update().clone() {
+                    return reason;
+                }
+                if rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
+    /// Marks a relay live (upstream answered with its configuration), naming its source.
+    pub fn set_live(&self, upstream_node: &str) {
+        *self.stream.source.lock() = Source::Relay {
+            node: upstream_node.to_string(),
+        };
+        self.stream.status.send_replace(Status::Live);
+    }
+
+    /// A relay: the number of publishers its upstream's stream has had (see
+    /// [`Subscription::publishes`]).
+    pub fn set_publishes(&self, n: u64) {
+        self.stream.publishes.store(n, Ordering::Release);
+    }
+
+    /// Names the timeline consumers get from now on (a relay: its upstream's session).
+    pub fn set_session(&self, session: u64) {
+        self.stream.session.store(session, Ordering::Release);
+    }
+
+    /// Marks a derived stream live (its first configuration is set).
+    pub fn set_derived_live(&self) {
+        self.stream.status.send_replace(Status::Live);
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.stream.subscribers()
+    }
+
+    /// Where consumers' keyframe requests arrive (merged).
+    pub fn keyframe_signal(&self) -> KeyframeSignal {
+        KeyframeSignal(self.stream.clone())
+    }
+
+    /// A future that completes once the stream has had no consumer for `grace`; the stream
+    /// is then already unregistered, so a new consumer starts a new pull. Owns what it needs,
+    /// so the caller can keep pushing frames while it waits.
+    pub fn idle_waiter(&self, grace: Duration) -> impl std::future::Future<Output = ()> + 'static {
+        let hub = self.hub.clone();
+        let stream = self.stream.clone();
+        async move {
+            loop {
+                if stream.subscribers() == 0 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(grace) => {
+                            if hub.remove_if_idle(&stream) {
+                                return;
+                            }
+                        }
+                        _ = stream.idle.notified() => {}
+                    }
+                } else {
+                    stream.idle.notified().await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if !self.hub.hold(&self.stream) {
+            self.hub.end(&self.stream, None);
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! One live stream's shared state, and its snapshot for the API.
+
+use super::{Source, Status, StreamEvent};
+use crate::media::gop::GopCache;
+use crate::media::{Codec, Packet, SimulcastLayer, StreamConfig, StreamKey};
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{broadcast, watch, Notify};
+
+pub(super) struct StreamState {
+    pub(super) config: Arc<StreamConfig>,
+    pub(super) gop: GopCache<Arc<Packet>>,
+    pub(super) tx: Option<broadcast::Sender<StreamEvent>>,
+    /// The newest dts sent per track (ns; video, audio): where a returning publisher's
+    /// timeline is spliced on.
+    pub(super) last_ns: [Option<i64>; 2],
+    /// While the local publisher is gone and the stream is held for it
+    /// (`limits.publisher_hold`): the publish count when it left.
+    pub(super) held: Option<u64>,
+}
+
+/// One live stream on this node.
+pub struct Stream {
+    pub(super) key: StreamKey,
+    pub(super) source: Mutex<Source>,
+    pub(super) state: Mutex<StreamState>,
+    pub(super) status: watch::Sender<Status>,
+    pub(super) subscribers: AtomicUsize,
+    pub(super) idle: Notify,
+    /// Consumers asking for a keyframe; merged (one permit) until the owner looks.
+    pub(super) keyframe_wanted: Notify,
+    /// Counts those requests (`meshcast_keyframe_requests_received_total`).
+    pub(super) keyframe_requests: prometheus_client::metrics::counter::Counter,
+    pub(super) frames_in: AtomicU64,
+    pub(super) bytes_in: AtomicU64,
+    pub(super) started: Instant,
+    /// When the stream started, in unix milliseconds (ranks rival publishers of one name).
+    pub(super) started_ms: u64,
+    /// Set when a local publisher is told to stop because the name belongs to another
+    /// node: why.
+    pub(super) evicted: watch::Sender<Option<String>>,
+    /// Identity of the timeline consumers get: random per local publish; a relay serves its
+    /// upstream's (see `media::splice`). A publisher coming back to its held stream is
+    /// spliced onto it, so the timeline and its session stay.
+    pub(super) session: AtomicU64,
+    /// How many publishers this stream has had (more than one after a publisher came back
+    /// within the hold).
+    pub(super) publishes: AtomicU64,
+}
+
+impl Stream {
+    pub fn session(&self) -> u64 {
+        self.session.load(Ordering::Acquire)
+    }
+
+    pub fn key(&self) -> &StreamKey {
+        &self.key
+    }
+
+    pub fn source(&self) -> Source {
+        self.source.lock().clone()
+    }
+
+    pub fn is_local(&self) -> bool {
+        *self.source.lock() == Source::Local
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Acquire)
+    }
+
+    pub(super) fn want_keyframe(&self) {
+        self.keyframe_requests.inc();
+        self.keyframe_wanted.notify_one();
+    }
+
+    /// When the stream started, in unix milliseconds.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    /// Why the stream's publisher was evicted, if it was.
+    pub fn evicted(&self) -> Option<String> {
+        self.evicted.borrow().clone()
+    }
+
+    /// How many publishers this stream has had.
+    pub fn publishes(&self) -> u64 {
+        self.publishes.load(Ordering::Acquire)
+    }
+
+    /// Whether its publisher left and it is held for it to come back.
+    pub fn held(&self) -> bool {
+        self.state.lock().held.is_some()
+    }
+}
+
+/// A snapshot of a stream for the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamInfo {
+    pub stream: StreamKey,
+    pub source: Source,
+    pub subscribers: usize,
+    pub video: Option<TrackInfo>,
+    pub audio: Option<TrackInfo>,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    pub uptime_ms: u64,
+    pub gop_cache_frames: usize,
+    /// Simulcast layers (each also listed as the stream `name~sim.RID`), smallest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub simulcast: Vec<SimulcastLayer>,
+    /// The publisher left and the stream is held for it (`limits.publisher_hold_ms`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_for_publisher: bool,
+    /// Publishers the stream has had: more than 1 when one came back within the hold.
+    pub publishes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrackInfo {
+    pub codec: Codec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u8>,
+}
