@@ -9,12 +9,14 @@
 //! relative and without `..`; a confined path stays under the root.
 #![no_main]
 
-use std::path::{Component, PathBuf};
-use std::sync::OnceLock;
+#[path = "common/mod.rs"]
+mod common;
+
+use std::path::Component;
 use std::time::{Duration, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
-use meshcast::egress::spec::{confine, PathTemplate, RtmpUrl};
+use meshcast::egress::spec::{PathTemplate, RtmpUrl};
 use meshcast::media::StreamKey;
 
 fuzz_target!(|data: &[u8]| {
@@ -53,20 +55,5 @@ fuzz_target!(|data: &[u8]| {
         rel.components().all(|c| matches!(c, Component::Normal(_))),
         "template {template:?} renders to {rel:?}"
     );
-    let root = root();
-    if let Ok(path) = confine(root, &rel) {
-        assert!(path.starts_with(root));
-    }
-    let _ = std::fs::remove_dir_all(root);
-    let _ = std::fs::create_dir_all(root);
+    common::assert_confined("paths", &rel);
 });
-
-/// A recording root of this process, emptied after each input.
-fn root() -> &'static PathBuf {
-    static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let r = std::env::temp_dir().join(format!("meshcast-fuzz-paths-{}", std::process::id()));
-        std::fs::create_dir_all(&r).unwrap();
-        r
-    })
-}

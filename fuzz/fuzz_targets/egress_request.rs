@@ -8,12 +8,13 @@
 //! it; a valid size segment is at least one MiB; a confined path stays under the root.
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
-use meshcast::egress::spec::{confine, RtmpUrl};
+use meshcast::egress::spec::RtmpUrl;
 use meshcast::egress::{EgressRequest, Target};
 use meshcast::media::StreamKey;
 
@@ -50,23 +51,8 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
                 let rel = template.render(&key, start, 3, format.extension());
-                let root = root();
-                if let Ok(path) = confine(root, &rel) {
-                    assert!(path.starts_with(root));
-                }
-                let _ = std::fs::remove_dir_all(root);
-                let _ = std::fs::create_dir_all(root);
+                common::assert_confined("root", &rel);
             }
         }
     }
 });
-
-/// A recording root of this process, emptied after each input.
-fn root() -> &'static PathBuf {
-    static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let r = std::env::temp_dir().join(format!("meshcast-fuzz-root-{}", std::process::id()));
-        std::fs::create_dir_all(&r).unwrap();
-        r
-    })
-}
