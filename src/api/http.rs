@@ -6,14 +6,13 @@
 //! links, the cluster and egress; creating and deleting egress; kicking publishers) sits
 //! behind [`admin_only`]: an admin token when `[auth]` has keys, else loopback clients only.
 //! It also refuses browser requests from foreign origins, and JSON bodies must say so
-//! (415), so no web page can drive it. The server itself ([`serve`]) bounds connections,
-//! the time to send headers (slowloris) and idle connections.
+//! (415), so no web page can drive it (`api::access`). The server loop ([`serve`],
+//! `api::server`) bounds connections, the time to send headers (slowloris) and idle
+//! connections.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
@@ -23,10 +22,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
+use super::access::{admin_only, admit, authorize, denied, request_token};
+pub use super::server::{serve, HttpLimits};
 use crate::auth::hooks::EventKind;
 use crate::auth::{Action as AuthAction, Auth, Denied};
 use crate::backbone::Backbone;
@@ -51,14 +50,6 @@ pub struct AppState {
     pub webrtc: Option<Arc<crate::webrtc::WebRtc>>,
     pub egress: Arc<crate::egress::Egress>,
     pub auth: Arc<Auth>,
-}
-
-/// Bounds on HTTP clients.
-#[derive(Clone, Copy, Debug)]
-pub struct HttpLimits {
-    pub max_connections: usize,
-    pub header_timeout: Duration,
-    pub idle_timeout: Duration,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -116,302 +107,6 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/{namespace}/{file}", get(flv))
         .with_state(state)
-}
-
-/// Serves HTTP until `shutdown`: one task per connection, at most
-/// `limits.max_connections` at once; a client that does not finish its headers within
-/// `header_timeout`, or whose connection sees no byte either way for `idle_timeout`, is
-/// dropped.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    limits: HttpLimits,
-    shutdown: CancellationToken,
-) {
-    let metrics = state.hub.metrics().clone();
-    let app = router(state);
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("http accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics.count_refused("http", "limit");
-            tracing::warn!(%peer, "http connection refused: at http.max_connections");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, peer, app, limits, &metrics, shutdown).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    app: Router,
-    limits: HttpLimits,
-    metrics: &crate::metrics::Metrics,
-    shutdown: CancellationToken,
-) {
-    use tower_service::Service;
-    let started = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
-    let io = hyper_util::rt::TokioIo::new(ActivityIo {
-        inner: stream,
-        started,
-        last: activity.clone(),
-    });
-    let service =
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let mut app = app.clone();
-            async move { app.call(req.map(Body::new)).await }
-        });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(64 * 1024);
-    let conn = builder.serve_connection(io, service).with_upgrades();
-    tokio::pin!(conn);
-    let mut tick = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
-    // When shutdown began: a connection still busy (a long HTTP-FLV body) 3 s later is cut.
-    let mut stopping: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    if e.is_timeout() {
-                        metrics.count_refused("http", "header_timeout");
-                        tracing::debug!(%peer, "http client did not send its headers in time");
-                    } else {
-                        tracing::debug!(%peer, "http connection ended: {e}");
-                    }
-                }
-                return;
-            }
-            _ = shutdown.cancelled(), if stopping.is_none() => {
-                stopping = Some(Instant::now());
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = tick.tick() => {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(last) > limits.idle_timeout {
-                    metrics.count_refused("http", "idle");
-                    tracing::debug!(%peer, "closing an idle http connection");
-                    return;
-                }
-                if stopping.is_some_and(|at| at.elapsed() > Duration::from_secs(3)) {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// A socket that remembers when a byte last went either way (ms since `started`).
-struct ActivityIo {
-    inner: tokio::net::TcpStream,
-    started: Instant,
-    last: Arc<AtomicU64>,
-}
-
-impl ActivityIo {
-    fn touch(&self) {
-        self.last
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-impl tokio::io::AsyncRead for ActivityIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.touch();
-        }
-        r
-    }
-}
-
-impl tokio::io::AsyncWrite for ActivityIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A refusal as HTTP: its status and a one-line JSON reason.
-fn denied(d: Denied) -> Response {
-    let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN);
-    let mut r = (status, Json(serde_json::json!({ "error": d.reason }))).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"meshcast\""),
-        );
-    }
-    r
-}
-
-/// The request's token: `Authorization: Bearer T`, else `?token=T`.
-fn request_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string())
-        .or_else(|| query.and_then(crate::auth::token_from_query))
-}
-
-/// Whether `origin` (a browser's `Origin` header) is this server (`Host`).
-fn same_origin(origin: &str, headers: &HeaderMap) -> bool {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let origin_host = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"))
-        .unwrap_or("");
-    !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
-}
-
-/// In front of every admin endpoint (see the module doc).
-async fn admin_only(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let headers = req.headers();
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        if !same_origin(origin, headers) {
-            s.hub.metrics().count_refused("api", "foreign_origin");
-            return denied(Denied {
-                status: 403,
-                reason: format!("requests from the web origin {origin} are refused"),
-            });
-        }
-    }
-    if s.auth.has_keys() {
-        let token = request_token(headers, req.uri().query());
-        if let Err(d) = s.auth.check_admin(token.as_deref()) {
-            s.hub.metrics().count_refused("api", "denied");
-            return denied(d);
-        }
-    } else if !peer.ip().to_canonical().is_loopback() {
-        s.hub.metrics().count_refused("api", "not_loopback");
-        return denied(Denied {
-            status: 403,
-            reason: "the admin API answers loopback clients only: configure [auth] secrets to use it from elsewhere".into(),
-        });
-    }
-    next.run(req).await
-}
-
-/// A viewer's place under the viewer limits, or a 503 saying which limit is reached.
-/// The event hook hears `play` now and `stop` when the viewer leaves.
-fn admit(
-    s: &AppState,
-    protocol: &'static str,
-    key: &StreamKey,
-    peer: SocketAddr,
-) -> Result<crate::hub::ViewerTicket, Box<Response>> {
-    let mut ticket = s.hub.admit_viewer(key, protocol, peer).map_err(|why| {
-        s.hub.metrics().count_refused(protocol, "limit");
-        Box::new(denied(Denied {
-            status: 503,
-            reason: why,
-        }))
-    })?;
-    let (auth, key) = (s.auth.clone(), key.clone());
-    ticket.on_release(move || auth.notify(EventKind::Stop, protocol, &key, peer));
-    Ok(ticket)
-}
-
-/// Asks [`Auth`] whether this HTTP client may publish or play `key`.
-async fn authorize(
-    s: &AppState,
-    action: AuthAction,
-    protocol: &'static str,
-    key: &StreamKey,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    query: Option<&str>,
-) -> Result<(), Response> {
-    let token = request_token(headers, query);
-    let access = crate::auth::Access {
-        action,
-        protocol,
-        stream: key,
-        client: peer,
-        query: query.unwrap_or(""),
-        token: token.as_deref(),
-    };
-    s.auth.check(&access).await.map_err(|d| {
-        s.hub.metrics().count_refused(protocol, "denied");
-        tracing::info!(%peer, stream = %key, "{protocol} {} refused: {}", action.as_str(), d.reason);
-        denied(d)
-    })
 }
 
 async fn console() -> Html<&'static str> {
