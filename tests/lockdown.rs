@@ -383,6 +383,68 @@ impl Drop for HookServer {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_under_a_slow_webhook_is_answered_and_its_connection_read_meanwhile() {
+    use rml_rtmp::sessions::{ClientSessionEvent, PublishRequestType};
+    use tokio::io::AsyncWriteExt;
+    const HOOK_DELAY: Duration = Duration::from_secs(2);
+    let hook = HookServer::start(|_| {
+        std::thread::sleep(HOOK_DELAY);
+        200
+    });
+    let node = NodeProc::start(NodeSpec {
+        extra: format!(
+            "\n[auth]\nwebhook = \"http://{}/auth\"\nwebhook_timeout_ms = 5000\n",
+            hook.addr
+        ),
+        ..NodeSpec::standalone()
+    });
+    let mut conn =
+        meshcast::rtmp::client::ClientConn::connect(&node.rtmp.to_string(), "live", None, None)
+            .await
+            .unwrap();
+    let asked = Instant::now();
+    let r = conn
+        .session
+        .request_publishing("slow".into(), PublishRequestType::Live);
+    conn.send(r).await.unwrap();
+    // createStream's answer comes at once; the client then sends its publish.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(300),
+        conn.until(Vec::new(), |_| None::<Result<(), _>>),
+    )
+    .await;
+    // While the hook decides, the connection is read: a ping is answered first.
+    let (ping, _) = conn.session.send_ping_request().unwrap();
+    conn.socket.write_all(&ping.bytes).await.unwrap();
+    let first = conn
+        .until(Vec::new(), |ev| match ev {
+            ClientSessionEvent::PingResponseReceived { .. } => Some(Ok("ping")),
+            ClientSessionEvent::PublishRequestAccepted => Some(Ok("publish")),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, "ping", "the publish was answered before the ping");
+    assert!(
+        asked.elapsed() < HOOK_DELAY,
+        "the ping waited for the hook: {:?}",
+        asked.elapsed()
+    );
+    // And the publish gets its answer once the hook has decided.
+    conn.until(Vec::new(), |ev| {
+        matches!(ev, ClientSessionEvent::PublishRequestAccepted).then_some(Ok(()))
+    })
+    .await
+    .unwrap();
+    let waited = asked.elapsed();
+    assert!(
+        waited >= HOOK_DELAY && waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    assert_eq!(hook.bodies.lock().unwrap().len(), 1);
+}
+
 #[test]
 fn the_auth_webhook_allows_refuses_and_fails_closed() {
     let hook = HookServer::start(|body| if body.contains("live/yes") { 200 } else { 403 });
