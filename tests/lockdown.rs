@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::egress_api::{egress_status, start_egress};
 use common::http::{http_get_bearer, http_raw};
 use common::*;
 use meshcast::auth::token::{now_s, OneOrMany};
@@ -785,24 +786,16 @@ async fn deep_amf0_closes_one_connection_and_the_node_serves_on() {
             }
         }
     });
-    let body = format!(
-        "{{\"stream\":\"live/ok\",\"kind\":\"rtmp\",\"url\":\"rtmp://{fake_addr}/live/x\"}}"
+    let id = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/ok", "kind": "rtmp", "url": format!("rtmp://{fake_addr}/live/x")}),
     );
-    let (status, created) = http_request(node.http, "POST", "/api/v1/egress", Some(&body)).unwrap();
-    assert_eq!(status, 201, "{created}");
-    let id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let n3 = node.clone();
     tokio::task::spawn_blocking(move || {
         wait_until(
             Duration::from_secs(20),
             "the egress refuses the deep reply",
-            || {
-                let (_, b) = http_get(n3.http, &format!("/api/v1/egress/{id}")).unwrap();
-                b.contains("nests deeper")
-            },
+            || egress_status(&n3, &id).to_string().contains("nests deeper"),
         );
     })
     .await
@@ -905,25 +898,16 @@ fn the_disk_floor_stops_a_recording_cleanly_and_keeps_what_was_written() {
             ..Default::default()
         },
     );
-    let (status, body) = http_request(
-        node.http,
-        "POST",
-        "/api/v1/egress",
-        Some(r#"{"stream":"live/rec","kind":"record","format":"mp4","segment_seconds":2}"#),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/rec", "kind": "record", "format": "mp4", "segment_seconds": 2}),
+    );
     let mut last = serde_json::Value::Null;
     wait_until(
         Duration::from_secs(90),
         "the recording stops at the floor",
         || {
-            let (_, b) = http_get(node.http, &format!("/api/v1/egress/{id}")).unwrap();
-            last = serde_json::from_str(&b).unwrap();
+            last = egress_status(&node, &id);
             last["state"] == "failed"
         },
     );
@@ -1057,29 +1041,17 @@ fn the_event_hook_hears_publish_play_stop_unpublish_and_viewers_can_be_kicked() 
     assert_eq!(viewers[0]["stream"], "live/ev");
     assert_eq!(viewers[0]["protocol"], "flv");
     let id = viewers[0]["id"].as_str().unwrap().to_string();
-    let (status, _, _) = http_raw(
-        node.http,
-        "DELETE",
-        &format!("/api/v1/viewers/{id}"),
-        "",
-        "",
-    )
-    .unwrap();
-    assert_eq!(status, 204);
+    let kick = |id: &str| {
+        let path = format!("/api/v1/viewers/{id}");
+        http_raw(node.http, "DELETE", &path, "", "").unwrap().0
+    };
+    assert_eq!(kick(&id), 204);
     wait_until(Duration::from_secs(10), "the kicked viewer cut off", || {
         watcher.ended().is_some()
     });
     let (_, b) = http_get(node.http, "/api/v1/viewers").unwrap();
     assert!(b.contains("\"viewers\":[]"), "{b}");
-    let (status, _, _) = http_raw(
-        node.http,
-        "DELETE",
-        &format!("/api/v1/viewers/{id}"),
-        "",
-        "",
-    )
-    .unwrap();
-    assert_eq!(status, 404);
+    assert_eq!(kick(&id), 404);
     // An RTMP viewer, then the publisher leaves.
     let (ok, err, _) = try_probe(&node.rtmp_url("ev"), 1);
     assert!(ok, "{err}");
