@@ -168,24 +168,37 @@ pub enum IngestOutput {
 /// messages in, codec configuration and frames with monotonic timestamps out. It owns the
 /// media parsers network input reaches on ingest (FLV tag, AVC decoder configuration, AAC
 /// AudioSpecificConfig); it knows nothing of sockets, the hub or metrics.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct IngestMedia {
     pub config: StreamConfig,
-    video_ts: TimestampUnwrapper,
-    audio_ts: TimestampUnwrapper,
-    last_video_dts: i64,
-    last_audio_dts: i64,
+    video_clock: TrackClock,
+    audio_clock: TrackClock,
 }
 
-impl Default for IngestMedia {
+/// One track's RTMP timestamps, unwrapped past 32 bits and never going backwards.
+#[derive(Debug)]
+struct TrackClock {
+    unwrapper: TimestampUnwrapper,
+    last_dts: i64,
+}
+
+impl Default for TrackClock {
     fn default() -> Self {
-        IngestMedia {
-            config: StreamConfig::default(),
-            video_ts: TimestampUnwrapper::default(),
-            audio_ts: TimestampUnwrapper::default(),
-            last_video_dts: i64::MIN,
-            last_audio_dts: i64::MIN,
+        TrackClock {
+            unwrapper: TimestampUnwrapper::default(),
+            last_dts: i64::MIN,
         }
+    }
+}
+
+impl TrackClock {
+    /// The message's timestamp unwrapped (`raw`), and the dts to use: `raw`, or the last dts
+    /// when `raw` went backwards.
+    fn next(&mut self, timestamp: u32) -> (i64, i64) {
+        let raw = self.unwrapper.unwrap(timestamp);
+        let dts = raw.max(self.last_dts);
+        self.last_dts = dts;
+        (raw, dts)
     }
 }
 
@@ -223,9 +236,7 @@ impl IngestMedia {
                     debug!("video frame before its sequence header: dropped");
                     return Ok(None);
                 }
-                let raw = self.video_ts.unwrap(timestamp);
-                let dts = raw.max(self.last_video_dts);
-                self.last_video_dts = dts;
+                let (raw, dts) = self.video_clock.next(timestamp);
                 let pts = (dts + cts as i64).max(dts);
                 let exact = dts == raw && cts >= 0;
                 let frame = Frame {
@@ -271,9 +282,7 @@ impl IngestMedia {
                 if self.config.audio.is_none() {
                     return Ok(None);
                 }
-                let raw = self.audio_ts.unwrap(timestamp);
-                let dts = raw.max(self.last_audio_dts);
-                self.last_audio_dts = dts;
+                let (raw, dts) = self.audio_clock.next(timestamp);
                 let frame = Frame {
                     codec: Codec::Aac,
                     dts,

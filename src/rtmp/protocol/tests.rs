@@ -125,6 +125,33 @@ impl Pair {
         }
     }
 
+    /// Connected, with a publish of `live/demo` waiting for its answer (events taken).
+    fn waiting_publish() -> Pair {
+        let mut pair = Pair::connected();
+        pair.publish("demo");
+        pair.take_events();
+        pair
+    }
+
+    /// Connected and publishing `live/demo` (events taken).
+    fn publishing() -> Pair {
+        let mut pair = Pair::waiting_publish();
+        pair.server.accept_publish().unwrap();
+        pair.deliver();
+        pair.take_events();
+        pair
+    }
+
+    /// Connected and playing `live/demo` (events taken).
+    fn playing() -> Pair {
+        let mut pair = Pair::connected();
+        pair.play("demo");
+        pair.server.accept_play().unwrap();
+        pair.deliver();
+        pair.take_events();
+        pair
+    }
+
     fn publish(&mut self, key: &str) {
         let r = self
             .client
@@ -166,6 +193,14 @@ fn video_message(timestamp: u32) -> Bytes {
     )
 }
 
+/// Asserts `events` is one video message stamped `timestamp`.
+fn assert_one_video(events: &[ProtocolEvent], timestamp: u32) {
+    assert!(
+        matches!(events, [ProtocolEvent::Video { timestamp: t, .. }] if *t == timestamp),
+        "{events:?}"
+    );
+}
+
 fn requested(events: &[ProtocolEvent]) -> Option<&Request> {
     events.iter().find_map(|e| match e {
         ProtocolEvent::PublishRequested(r) | ProtocolEvent::PlayRequested(r) => Some(r),
@@ -198,26 +233,16 @@ fn a_publish_waits_for_the_driver_with_its_key_and_query() {
 
 #[test]
 fn an_accepted_publish_starts_and_its_media_flows() {
-    let mut pair = Pair::connected();
-    pair.publish("demo");
-    pair.take_events();
-    pair.server.accept_publish().unwrap();
-    pair.deliver();
+    let mut pair = Pair::publishing();
     assert!(pair.client_saw(|e| matches!(e, ClientSessionEvent::PublishRequestAccepted)));
     assert_eq!(pair.last_status().2, "NetStream.Publish.Start");
     pair.send_bytes(&video_message(40));
-    let events = pair.take_events();
-    assert!(
-        matches!(events[..], [ProtocolEvent::Video { timestamp: 40, .. }]),
-        "{events:?}"
-    );
+    assert_one_video(&pair.take_events(), 40);
 }
 
 #[test]
 fn media_sent_before_the_answer_is_dropped() {
-    let mut pair = Pair::connected();
-    pair.publish("demo");
-    pair.take_events();
+    let mut pair = Pair::waiting_publish();
     pair.send_bytes(&video_message(0));
     pair.send_bytes(&video_message(33));
     assert!(
@@ -227,18 +252,12 @@ fn media_sent_before_the_answer_is_dropped() {
     pair.server.accept_publish().unwrap();
     pair.deliver();
     pair.send_bytes(&video_message(66));
-    let events = pair.take_events();
-    assert!(
-        matches!(events[..], [ProtocolEvent::Video { timestamp: 66, .. }]),
-        "{events:?}"
-    );
+    assert_one_video(&pair.take_events(), 66);
 }
 
 #[test]
 fn pings_are_answered_while_a_publish_waits_for_its_answer() {
-    let mut pair = Pair::connected();
-    pair.publish("demo");
-    pair.take_events();
+    let mut pair = Pair::waiting_publish();
     let (ping, _) = pair.client.send_ping_request().unwrap();
     pair.send_bytes(&ping.bytes);
     assert!(pair.client_saw(|e| matches!(e, ClientSessionEvent::PingResponseReceived { .. })));
@@ -247,9 +266,7 @@ fn pings_are_answered_while_a_publish_waits_for_its_answer() {
 
 #[test]
 fn a_refused_publish_is_told_its_code_and_reason() {
-    let mut pair = Pair::connected();
-    pair.publish("demo");
-    pair.take_events();
+    let mut pair = Pair::waiting_publish();
     let refusal = pair
         .server
         .refuse(Refused::Unauthorized, "a token is required".into())
@@ -280,9 +297,7 @@ fn a_name_that_is_no_stream_key_is_refused_by_the_protocol() {
 
 #[test]
 fn a_second_request_while_one_waits_is_refused_as_busy() {
-    let mut pair = Pair::connected();
-    pair.publish("demo");
-    pair.take_events();
+    let mut pair = Pair::waiting_publish();
     // A `play` on the same stream, as a raw command (the client session would not send it).
     let play = RtmpMessage::Amf0Command {
         command_name: "play".into(),
@@ -370,10 +385,7 @@ fn every_publish_refusal_closes_and_has_its_code() {
 
 #[test]
 fn an_evicted_publisher_is_told_why_in_an_error_status() {
-    let mut pair = Pair::connected();
-    pair.publish("demo");
-    pair.server.accept_publish().unwrap();
-    pair.deliver();
+    let mut pair = Pair::publishing();
     pair.server.evict("kicked by the admin API").unwrap();
     pair.deliver();
     let (command, level, code, description) = pair.last_status();
@@ -389,10 +401,7 @@ fn an_evicted_publisher_is_told_why_in_an_error_status() {
 
 #[test]
 fn the_end_of_a_played_stream_is_sent_as_play_complete() {
-    let mut pair = Pair::connected();
-    pair.play("demo");
-    pair.server.accept_play().unwrap();
-    pair.deliver();
+    let mut pair = Pair::playing();
     pair.server.end_of_stream();
     pair.deliver();
     assert_eq!(pair.last_status().2, "NetStream.Play.Complete");
@@ -401,11 +410,7 @@ fn the_end_of_a_played_stream_is_sent_as_play_complete() {
 
 #[test]
 fn closing_a_publish_or_a_play_is_reported_once() {
-    let mut pair = Pair::connected();
-    pair.publish("demo");
-    pair.server.accept_publish().unwrap();
-    pair.deliver();
-    pair.take_events();
+    let mut pair = Pair::publishing();
     let stop = pair.client.stop_publishing().unwrap();
     pair.send(stop);
     let events = pair.take_events();
@@ -414,11 +419,7 @@ fn closing_a_publish_or_a_play_is_reported_once() {
         "{events:?}"
     );
 
-    let mut pair = Pair::connected();
-    pair.play("demo");
-    pair.server.accept_play().unwrap();
-    pair.deliver();
-    pair.take_events();
+    let mut pair = Pair::playing();
     let stop = pair.client.stop_playback().unwrap();
     pair.send(stop);
     let events = pair.take_events();
