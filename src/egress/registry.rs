@@ -1,6 +1,6 @@
 //! The node's egress jobs, as the API and the config see them: [`Egress`] creates them
 //! (API requests under the destination policy and the job cap, config rules, an edge's
-//! forwards), lists, stops, and starts one [`EgressTask`] per job.
+//! forwards), lists, stops, and starts one `EgressTask` ([`super::task`]) per job.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! The play path out of the hub: admitting a player (auth, the viewer limits, the
 //! subscription, which on an edge may wait for the stream's pull), and turning the hub's
 //! [`StreamEvent`]s into RTMP chunks. A frame's chunks are built once per packet for every
-//! player on the canonical message stream ([`CANONICAL_CHUNKS`]).
+//! player on the canonical message stream (`CANONICAL_CHUNKS`).
 //!
 //! Admission is a future the connection polls beside its reads ([`super::server`]).
 

@@ -1,7 +1,7 @@
 //! The server side of one RTMP session, sans-IO: bytes a peer sent in, bytes to send and
 //! [`ProtocolEvent`]s out.
 //!
-//! [`ServerProtocol`] wraps rml_rtmp's `ServerSession` behind the [`guard`](super::guard)
+//! [`ServerProtocol`] wraps rml_rtmp's `ServerSession` behind the [`guard`]
 //! and owns every reply the server sends: it accepts `connect` and `createStream`, answers
 //! pings and acknowledgements (rml_rtmp does), and turns a `publish` or `play` into a
 //! [`ProtocolEvent::PublishRequested`] / [`ProtocolEvent::PlayRequested`] that the driver

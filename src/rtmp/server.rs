@@ -2,8 +2,8 @@
 //! does the handshake, reads into the [`ServerProtocol`], writes what it has to send, and
 //! keeps the timeouts (handshake, idle, write).
 //!
-//! A connection is idle, admitting (a publish or play waits for [`ingest::admit_publish`] /
-//! [`playback::admit_play`]), publishing or playing. The admission future lives in the
+//! A connection is idle, admitting (a publish or play waits for its answer: [`super::ingest`]
+//! and [`super::playback`] decide), publishing or playing. The admission future lives in the
 //! connection's state and is polled by the same `select!` that reads the socket, so a slow
 //! webhook or publish race never stops the connection being read: pings and
 //! acknowledgements are answered meanwhile, a second request is refused as busy, and media
