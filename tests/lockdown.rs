@@ -384,10 +384,58 @@ impl Drop for HookServer {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_under_a_slow_webhook_is_answered_and_its_connection_read_meanwhile() {
-    use rml_rtmp::sessions::{ClientSessionEvent, PublishRequestType};
+/// Sends `request` (a publish or play) on `conn` and, while the node waits for its auth
+/// hook (`hook_delay`), a ping: the ping must be answered before the request and before the
+/// hook could have answered (the connection is read meanwhile), and the request once the
+/// hook has (`accepted` says which event that is).
+async fn answered_while_the_hook_decides(
+    conn: &mut meshcast::rtmp::client::ClientConn,
+    request: Result<
+        rml_rtmp::sessions::ClientSessionResult,
+        rml_rtmp::sessions::ClientSessionError,
+    >,
+    accepted: fn(&rml_rtmp::sessions::ClientSessionEvent) -> bool,
+    hook_delay: Duration,
+) {
+    use rml_rtmp::sessions::ClientSessionEvent;
     use tokio::io::AsyncWriteExt;
+    let asked = Instant::now();
+    conn.send(request).await.unwrap();
+    // createStream's answer comes at once; the client then sends its publish or play.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(300),
+        conn.until(Vec::new(), |_| None::<Result<(), _>>),
+    )
+    .await;
+    let (ping, _) = conn.session.send_ping_request().unwrap();
+    conn.socket.write_all(&ping.bytes).await.unwrap();
+    let first = conn
+        .until(Vec::new(), |ev| match ev {
+            ClientSessionEvent::PingResponseReceived { .. } => Some(Ok("ping")),
+            ev if accepted(ev) => Some(Ok("request")),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, "ping", "the request was answered before the ping");
+    assert!(
+        asked.elapsed() < hook_delay,
+        "the ping waited for the hook: {:?}",
+        asked.elapsed()
+    );
+    conn.until(Vec::new(), |ev| accepted(ev).then_some(Ok(())))
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    assert!(
+        waited >= hook_delay && waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_or_play_under_a_slow_webhook_is_answered_and_its_connection_read_meanwhile() {
+    use rml_rtmp::sessions::{ClientSessionEvent, PublishRequestType};
     const HOOK_DELAY: Duration = Duration::from_secs(2);
     let hook = HookServer::start(|_| {
         std::thread::sleep(HOOK_DELAY);
@@ -400,50 +448,29 @@ async fn a_publish_under_a_slow_webhook_is_answered_and_its_connection_read_mean
         ),
         ..NodeSpec::standalone()
     });
-    let mut conn =
-        meshcast::rtmp::client::ClientConn::connect(&node.rtmp.to_string(), "live", None, None)
-            .await
-            .unwrap();
-    let asked = Instant::now();
-    let r = conn
+    let rtmp = node.rtmp.to_string();
+    let connect = || meshcast::rtmp::client::ClientConn::connect(&rtmp, "live", None, None);
+    let mut publisher = connect().await.unwrap();
+    let publish = publisher
         .session
         .request_publishing("slow".into(), PublishRequestType::Live);
-    conn.send(r).await.unwrap();
-    // createStream's answer comes at once; the client then sends its publish.
-    let _ = tokio::time::timeout(
-        Duration::from_millis(300),
-        conn.until(Vec::new(), |_| None::<Result<(), _>>),
+    answered_while_the_hook_decides(
+        &mut publisher,
+        publish,
+        |ev| matches!(ev, ClientSessionEvent::PublishRequestAccepted),
+        HOOK_DELAY,
     )
     .await;
-    // While the hook decides, the connection is read: a ping is answered first.
-    let (ping, _) = conn.session.send_ping_request().unwrap();
-    conn.socket.write_all(&ping.bytes).await.unwrap();
-    let first = conn
-        .until(Vec::new(), |ev| match ev {
-            ClientSessionEvent::PingResponseReceived { .. } => Some(Ok("ping")),
-            ClientSessionEvent::PublishRequestAccepted => Some(Ok("publish")),
-            _ => None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(first, "ping", "the publish was answered before the ping");
-    assert!(
-        asked.elapsed() < HOOK_DELAY,
-        "the ping waited for the hook: {:?}",
-        asked.elapsed()
-    );
-    // And the publish gets its answer once the hook has decided.
-    conn.until(Vec::new(), |ev| {
-        matches!(ev, ClientSessionEvent::PublishRequestAccepted).then_some(Ok(()))
-    })
-    .await
-    .unwrap();
-    let waited = asked.elapsed();
-    assert!(
-        waited >= HOOK_DELAY && waited < Duration::from_secs(10),
-        "answered after {waited:?}"
-    );
-    assert_eq!(hook.bodies.lock().unwrap().len(), 1);
+    let mut player = connect().await.unwrap();
+    let play = player.session.request_playback("slow".into());
+    answered_while_the_hook_decides(
+        &mut player,
+        play,
+        |ev| matches!(ev, ClientSessionEvent::PlaybackRequestAccepted),
+        HOOK_DELAY,
+    )
+    .await;
+    assert_eq!(hook.bodies.lock().unwrap().len(), 2);
 }
 
 #[test]
