@@ -39,4 +39,4 @@ pub use registry::{CreateError, Egress, EgressSettings};
 pub use retimer::Retimer;
 pub use sink::{Item, SinkError, SinkHandle};
 pub use spec::{EgressRequest, EgressSpec, FieldError, StreamMatch, Target};
-pub use status::{EgressStatus, Shared, State};
+pub use status::{EgressStatus, SharedStatus, State};

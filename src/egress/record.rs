@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::spec::{confine, PathTemplate, RecordFormat};
-use super::{Item, Shared, SinkError, State};
+use super::{Item, SharedStatus, SinkError, State};
 use crate::media::Packet;
 use crate::media::{Codec, StreamConfig, StreamKey, TrackKind};
 
@@ -40,7 +40,11 @@ pub struct Job {
 
 /// Records what arrives on `rx` until it closes (files finished cleanly) or a file cannot be
 /// written (the error; the egress task starts a new sink after a pause).
-pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Result<(), SinkError> {
+pub fn run(
+    job: Job,
+    mut rx: mpsc::Receiver<Item>,
+    shared: Arc<SharedStatus>,
+) -> Result<(), SinkError> {
     ff::init().map_err(|e| SinkError::File(format!("ffmpeg: {e}")))?;
     let mut config: Option<Arc<StreamConfig>> = None;
     let mut file: Option<OutFile> = None;
@@ -134,7 +138,7 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn finish(file: Option<OutFile>, shared: &Shared) {
+fn finish(file: Option<OutFile>, shared: &SharedStatus) {
     if let Some(mut f) = file {
         if let Err(e) = f.octx.write_trailer() {
             warn!(file = %f.relative, "finishing the file: {e}");

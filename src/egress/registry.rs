@@ -14,7 +14,7 @@ use tracing::{info, warn, Instrument};
 use super::policy;
 use super::sink::CLOSE_WAIT;
 use super::spec::{self, EgressRequest, EgressSpec, FieldError, StreamMatch, Target};
-use super::status::{EgressStatus, Shared, State};
+use super::status::{EgressStatus, SharedStatus, State};
 use super::task::EgressTask;
 use crate::hub::{Hub, HubEvent};
 use crate::media::StreamKey;
@@ -51,7 +51,7 @@ pub enum CreateError {
 }
 
 struct Entry {
-    shared: Arc<Shared>,
+    shared: Arc<SharedStatus>,
     cancel: CancellationToken,
     done: tokio::sync::watch::Receiver<bool>,
 }
@@ -181,7 +181,7 @@ impl Egress {
                 .unwrap_or_default(),
             Target::Record { format, .. } => format.extension().to_string(),
         };
-        let shared = Arc::new(Shared::new(
+        let shared = Arc::new(SharedStatus::new(
             EgressStatus {
                 id: id.clone(),
                 stream: key.to_string(),

@@ -20,7 +20,7 @@ use tracing::{debug, info};
 
 use super::policy::DestinationPolicy;
 use super::spec::RtmpUrl;
-use super::{Item, Shared, SinkError, State};
+use super::{Item, SharedStatus, SinkError, State};
 use crate::media::{flv, Codec, StreamConfig, TrackKind};
 use crate::rtmp::client::{collect, ClientConn, PlayError};
 
@@ -41,7 +41,7 @@ pub async fn run(
     url: RtmpUrl,
     policy: Option<Arc<DestinationPolicy>>,
     mut rx: mpsc::Receiver<Item>,
-    shared: Arc<Shared>,
+    shared: Arc<SharedStatus>,
 ) -> Result<(), SinkError> {
     shared.set_state(State::Connecting);
     // Under a policy, dial exactly the address it checked (no second lookup to rebind).

@@ -1,5 +1,5 @@
 //! What one egress is doing, as the API shows it: its [`State`], counters and files
-//! ([`EgressStatus`]), kept in [`Shared`] between the egress task, its sink and the API.
+//! ([`EgressStatus`]), kept in [`SharedStatus`] between the egress task, its sink and the API.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,16 +59,17 @@ pub struct EgressStatus {
     pub files: Vec<String>,
 }
 
-/// Shared between an egress task, its sink and the API.
-pub struct Shared {
+/// One egress's status, shared between its task, its sink and the API; sinks report
+/// through it (state, bytes and frames sent, files).
+pub struct SharedStatus {
     pub(super) status: Mutex<EgressStatus>,
     live_since: Mutex<Option<std::time::Instant>>,
     metrics: Arc<Metrics>,
 }
 
-impl Shared {
-    pub(super) fn new(status: EgressStatus, metrics: Arc<Metrics>) -> Shared {
-        Shared {
+impl SharedStatus {
+    pub(super) fn new(status: EgressStatus, metrics: Arc<Metrics>) -> SharedStatus {
+        SharedStatus {
             status: Mutex::new(status),
             live_since: Mutex::new(None),
             metrics,

@@ -14,7 +14,7 @@ use tracing::{info, warn, Instrument};
 use super::retimer::Retimer;
 use super::sink::{close, Item, SinkError, SinkHandle};
 use super::spec::{self, EgressSpec, Target};
-use super::status::{Shared, State};
+use super::status::{SharedStatus, State};
 use super::{policy, record, rtmp_push};
 use crate::hub::{Hub, HubEvent, StreamEvent, SubscribeError, Subscription, SubscriptionEnd};
 use crate::media::{Codec, StreamConfig, StreamKey};
@@ -63,7 +63,7 @@ pub(super) struct EgressTask {
     pub(super) hub: Arc<Hub>,
     pub(super) key: StreamKey,
     pub(super) spec: EgressSpec,
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<SharedStatus>,
     pub(super) cancel: CancellationToken,
     pub(super) recording_root: PathBuf,
     /// Recording stops when the disk has less free space than this.
