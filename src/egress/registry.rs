@@ -100,12 +100,13 @@ impl Egress {
         }
         if let Target::Rtmp(url) = &spec.target {
             let policy = &self.settings.policy;
-            policy.check_url(url).map_err(CreateError::Forbidden)?;
+            let refused = |e: policy::PolicyError| CreateError::Forbidden(e.to_string());
+            policy.check_url(url).map_err(refused)?;
             let parsed = spec::RtmpUrl::parse(url).map_err(CreateError::Forbidden)?;
             policy
                 .resolve(&parsed.host, parsed.port)
                 .await
-                .map_err(CreateError::Forbidden)?;
+                .map_err(refused)?;
         }
         Ok(self.spawn(spec, "api"))
     }

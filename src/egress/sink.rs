@@ -37,7 +37,10 @@ pub enum Item {
 pub enum SinkError {
     /// The destination policy refused the address the destination resolved to.
     #[error("{destination}: refused: {reason}")]
-    Refused { destination: String, reason: String },
+    Refused {
+        destination: String,
+        reason: super::policy::PolicyError,
+    },
     #[error("{destination}: no answer within {timeout:?}")]
     ConnectTimeout {
         destination: String,
