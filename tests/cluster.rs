@@ -4,18 +4,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::flv_watch::{longest_gap, timestamp_faults, FlvWatcher};
 use common::*;
 
-/// These tests kill nodes and measure freezes: one at a time keeps 2 cores honest.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+// These tests kill nodes and measure freezes: `one_at_a_time` keeps 2 cores honest.
 
 /// Origins meshed with each other (every origin lists all the others), links up.
 fn mesh(ids: &[&str]) -> Vec<NodeProc> {

@@ -8,31 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::egress_api::{delete_egress, egress_status, post_egress};
 use common::nginx::Nginx;
 use common::*;
 use serde_json::{json, Value};
-
-fn post_egress(node: &NodeProc, body: Value) -> (u16, Value) {
-    let (status, text) =
-        http_request(node.http, "POST", "/api/v1/egress", Some(&body.to_string())).unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text })),
-    )
-}
-
-fn egress(node: &NodeProc, id: &str) -> Value {
-    let (status, text) = http_get(node.http, &format!("/api/v1/egress/{id}")).unwrap();
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str(&text).unwrap()
-}
-
-fn delete_egress(node: &NodeProc, id: &str) -> Value {
-    let (status, text) =
-        http_request(node.http, "DELETE", &format!("/api/v1/egress/{id}"), None).unwrap();
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str(&text).unwrap()
-}
 
 /// ffprobe of a file: its streams and its format (duration...).
 fn probe_file(path: &Path) -> (Vec<Value>, Value) {
@@ -148,7 +127,7 @@ fn push_to_nginx_keeps_codecs_and_sync_while_a_dead_destination_retries() {
     );
 
     wait_until(Duration::from_secs(10), "push live", || {
-        egress(&node, &live_id)["state"] == "live"
+        egress_status(&node, &live_id)["state"] == "live"
     });
     // What nginx serves: H.264 + AAC at the source's rate, timestamps sane.
     let probe = ffprobe(&nginx.url("pushed"), 5);
@@ -169,9 +148,12 @@ fn push_to_nginx_keeps_codecs_and_sync_while_a_dead_destination_retries() {
 
     // The dead destination retried meanwhile, visibly; the live one never reconnected.
     wait_until(Duration::from_secs(25), "dead destination retried", || {
-        egress(&node, &dead_id)["reconnects"].as_u64().unwrap_or(0) >= 1
+        egress_status(&node, &dead_id)["reconnects"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
     });
-    let d = egress(&node, &dead_id);
+    let d = egress_status(&node, &dead_id);
     assert!(
         d["last_error"].as_str().unwrap_or("").contains("no answer"),
         "{d}"
@@ -181,7 +163,7 @@ fn push_to_nginx_keeps_codecs_and_sync_while_a_dead_destination_retries() {
         "{d}"
     );
     assert!(node.metric("meshcast_egress_reconnects_total") >= 1.0);
-    let l = egress(&node, &live_id);
+    let l = egress_status(&node, &live_id);
     assert_eq!(l["state"], "live", "{l}");
     assert_eq!(l["reconnects"], 0, "{l}");
     // (The marks stream is black video and mostly silence: small.)
@@ -314,7 +296,7 @@ fn recordings_continue_across_a_publisher_reconnect_in_sync() {
     assert!(ok, "{err}");
     let mut statuses = vec![];
     for id in &ids {
-        let e = egress(&node, id);
+        let e = egress_status(&node, id);
         assert_eq!(e["publisher_reconnects"], 1, "{e}");
         statuses.push(delete_egress(&node, id));
     }
@@ -434,7 +416,7 @@ fn an_edge_records_a_stream_it_pulls_and_new_segment_splits_at_a_reconnect() {
     };
     let first = publish_and_wait(&origin.rtmp_url("far"), &origin, "far", opts());
     wait_until(Duration::from_secs(15), "edge recording", || {
-        egress(&edge, &id)["state"] == "live"
+        egress_status(&edge, &id)["state"] == "live"
     });
     assert!(edge
         .stream("far")
@@ -444,7 +426,7 @@ fn an_edge_records_a_stream_it_pulls_and_new_segment_splits_at_a_reconnect() {
     let second = publish_and_wait(&origin.rtmp_url("far"), &origin, "far", opts());
     assert!(second.wait(Duration::from_secs(20)).0);
     wait_until(Duration::from_secs(10), "two files", || {
-        egress(&edge, &id)["files"].as_array().unwrap().len() == 2
+        egress_status(&edge, &id)["files"].as_array().unwrap().len() == 2
     });
     let status = delete_egress(&edge, &id);
     assert_eq!(status["publisher_reconnects"], 1, "{status}");

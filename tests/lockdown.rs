@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::egress_api::{egress_status, start_egress};
 use common::http::{http_get_bearer, http_raw};
 use common::*;
 use meshcast::auth::token::{now_s, OneOrMany};
@@ -383,6 +384,95 @@ impl Drop for HookServer {
     }
 }
 
+/// Sends `request` (a publish or play) on `conn` and, while the node waits for its auth
+/// hook (`hook_delay`), a ping: the ping must be answered before the request and before the
+/// hook could have answered (the connection is read meanwhile), and the request once the
+/// hook has (`accepted` says which event that is).
+async fn answered_while_the_hook_decides(
+    conn: &mut meshcast::rtmp::client::ClientConn,
+    request: Result<
+        rml_rtmp::sessions::ClientSessionResult,
+        rml_rtmp::sessions::ClientSessionError,
+    >,
+    accepted: fn(&rml_rtmp::sessions::ClientSessionEvent) -> bool,
+    hook_delay: Duration,
+) {
+    use rml_rtmp::sessions::ClientSessionEvent;
+    use tokio::io::AsyncWriteExt;
+    let asked = Instant::now();
+    conn.send(request).await.unwrap();
+    // createStream's answer comes at once; the client then sends its publish or play.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(300),
+        conn.until(Vec::new(), |_| None::<Result<(), _>>),
+    )
+    .await;
+    let (ping, _) = conn.session.send_ping_request().unwrap();
+    conn.socket.write_all(&ping.bytes).await.unwrap();
+    let first = conn
+        .until(Vec::new(), |ev| match ev {
+            ClientSessionEvent::PingResponseReceived { .. } => Some(Ok("ping")),
+            ev if accepted(ev) => Some(Ok("request")),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, "ping", "the request was answered before the ping");
+    assert!(
+        asked.elapsed() < hook_delay,
+        "the ping waited for the hook: {:?}",
+        asked.elapsed()
+    );
+    conn.until(Vec::new(), |ev| accepted(ev).then_some(Ok(())))
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    assert!(
+        waited >= hook_delay && waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_or_play_under_a_slow_webhook_is_answered_and_its_connection_read_meanwhile() {
+    use rml_rtmp::sessions::{ClientSessionEvent, PublishRequestType};
+    const HOOK_DELAY: Duration = Duration::from_secs(2);
+    let hook = HookServer::start(|_| {
+        std::thread::sleep(HOOK_DELAY);
+        200
+    });
+    let node = NodeProc::start(NodeSpec {
+        extra: format!(
+            "\n[auth]\nwebhook = \"http://{}/auth\"\nwebhook_timeout_ms = 5000\n",
+            hook.addr
+        ),
+        ..NodeSpec::standalone()
+    });
+    let rtmp = node.rtmp.to_string();
+    let connect = || meshcast::rtmp::client::ClientConn::connect(&rtmp, "live", None, None);
+    let mut publisher = connect().await.unwrap();
+    let publish = publisher
+        .session
+        .request_publishing("slow".into(), PublishRequestType::Live);
+    answered_while_the_hook_decides(
+        &mut publisher,
+        publish,
+        |ev| matches!(ev, ClientSessionEvent::PublishRequestAccepted),
+        HOOK_DELAY,
+    )
+    .await;
+    let mut player = connect().await.unwrap();
+    let play = player.session.request_playback("slow".into());
+    answered_while_the_hook_decides(
+        &mut player,
+        play,
+        |ev| matches!(ev, ClientSessionEvent::PlaybackRequestAccepted),
+        HOOK_DELAY,
+    )
+    .await;
+    assert_eq!(hook.bodies.lock().unwrap().len(), 2);
+}
+
 #[test]
 fn the_auth_webhook_allows_refuses_and_fails_closed() {
     let hook = HookServer::start(|body| if body.contains("live/yes") { 200 } else { 403 });
@@ -723,24 +813,16 @@ async fn deep_amf0_closes_one_connection_and_the_node_serves_on() {
             }
         }
     });
-    let body = format!(
-        "{{\"stream\":\"live/ok\",\"kind\":\"rtmp\",\"url\":\"rtmp://{fake_addr}/live/x\"}}"
+    let id = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/ok", "kind": "rtmp", "url": format!("rtmp://{fake_addr}/live/x")}),
     );
-    let (status, created) = http_request(node.http, "POST", "/api/v1/egress", Some(&body)).unwrap();
-    assert_eq!(status, 201, "{created}");
-    let id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let n3 = node.clone();
     tokio::task::spawn_blocking(move || {
         wait_until(
             Duration::from_secs(20),
             "the egress refuses the deep reply",
-            || {
-                let (_, b) = http_get(n3.http, &format!("/api/v1/egress/{id}")).unwrap();
-                b.contains("nests deeper")
-            },
+            || egress_status(&n3, &id).to_string().contains("nests deeper"),
         );
     })
     .await
@@ -843,25 +925,16 @@ fn the_disk_floor_stops_a_recording_cleanly_and_keeps_what_was_written() {
             ..Default::default()
         },
     );
-    let (status, body) = http_request(
-        node.http,
-        "POST",
-        "/api/v1/egress",
-        Some(r#"{"stream":"live/rec","kind":"record","format":"mp4","segment_seconds":2}"#),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/rec", "kind": "record", "format": "mp4", "segment_seconds": 2}),
+    );
     let mut last = serde_json::Value::Null;
     wait_until(
         Duration::from_secs(90),
         "the recording stops at the floor",
         || {
-            let (_, b) = http_get(node.http, &format!("/api/v1/egress/{id}")).unwrap();
-            last = serde_json::from_str(&b).unwrap();
+            last = egress_status(&node, &id);
             last["state"] == "failed"
         },
     );
@@ -995,29 +1068,17 @@ fn the_event_hook_hears_publish_play_stop_unpublish_and_viewers_can_be_kicked() 
     assert_eq!(viewers[0]["stream"], "live/ev");
     assert_eq!(viewers[0]["protocol"], "flv");
     let id = viewers[0]["id"].as_str().unwrap().to_string();
-    let (status, _, _) = http_raw(
-        node.http,
-        "DELETE",
-        &format!("/api/v1/viewers/{id}"),
-        "",
-        "",
-    )
-    .unwrap();
-    assert_eq!(status, 204);
+    let kick = |id: &str| {
+        let path = format!("/api/v1/viewers/{id}");
+        http_raw(node.http, "DELETE", &path, "", "").unwrap().0
+    };
+    assert_eq!(kick(&id), 204);
     wait_until(Duration::from_secs(10), "the kicked viewer cut off", || {
         watcher.ended().is_some()
     });
     let (_, b) = http_get(node.http, "/api/v1/viewers").unwrap();
     assert!(b.contains("\"viewers\":[]"), "{b}");
-    let (status, _, _) = http_raw(
-        node.http,
-        "DELETE",
-        &format!("/api/v1/viewers/{id}"),
-        "",
-        "",
-    )
-    .unwrap();
-    assert_eq!(status, 404);
+    assert_eq!(kick(&id), 404);
     // An RTMP viewer, then the publisher leaves.
     let (ok, err, _) = try_probe(&node.rtmp_url("ev"), 1);
     assert!(ok, "{err}");

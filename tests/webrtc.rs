@@ -14,13 +14,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// Serializes this file's tests: each loads the 2-core machine (a browser, 200 viewers, a
-/// simulcast encoder) and their timing-based outcomes (bandwidth estimates, 200 DTLS
-/// handshakes) suffer when two run at once.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+// This file's tests run `one_at_a_time`: each loads the 2-core machine (a browser, 200
+// viewers, a simulcast encoder) and their timing-based outcomes (bandwidth estimates, 200
+// DTLS handshakes) suffer when two run at once.
 
 /// True inside the namespace (run the test body); false outside, after running the test in
 /// a namespace and checking it passed.

@@ -16,6 +16,23 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::auth::token::pattern_matches;
 
+/// Why the policy refused a destination (the API answers 403 with it; a push that meets it
+/// on a reconnect retries later).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("the destination is not in [egress] destinations")]
+    NotListed,
+    #[error("destination address {0} is loopback, private, link-local or this node's own (set [egress] allow_private_destinations or list it in destinations)")]
+    NotPublic(IpAddr),
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{0} did not resolve")]
+    NoAddress(String),
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct DestinationPolicy {
     /// URL patterns allowed; empty: any (subject to the address rule).
@@ -30,7 +47,7 @@ impl DestinationPolicy {
     /// Checks a URL against the allow-list. The host (with its port, 1935 when left out)
     /// and the path are matched apart, so a `*` in a host pattern cannot reach into the
     /// path (`rtmp://*.cdn.example/*` does not take `rtmp://evil.example/x?.cdn.example/`).
-    pub fn check_url(&self, url: &str) -> Result<(), String> {
+    pub fn check_url(&self, url: &str) -> Result<(), PolicyError> {
         if self.patterns.is_empty()
             || self
                 .patterns
@@ -44,32 +61,33 @@ impl DestinationPolicy {
         {
             Ok(())
         } else {
-            Err("the destination is not in [egress] destinations".into())
+            Err(PolicyError::NotListed)
         }
     }
 
     /// Checks an address the node is about to dial.
-    pub fn check_addr(&self, addr: SocketAddr) -> Result<(), String> {
+    pub fn check_addr(&self, addr: SocketAddr) -> Result<(), PolicyError> {
         if !self.public_only {
             return Ok(());
         }
         let ip = addr.ip().to_canonical();
         if !is_public(ip) || self.own.contains(&ip) {
-            return Err(format!(
-                "destination address {ip} is loopback, private, link-local or this node's own (set [egress] allow_private_destinations or list it in destinations)"
-            ));
+            return Err(PolicyError::NotPublic(ip));
         }
         Ok(())
     }
 
     /// Resolves `host:port` and returns the first address that passes
     /// [`check_addr`](Self::check_addr): the caller must dial exactly that address.
-    pub async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, String> {
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, PolicyError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
             .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .map_err(|source| PolicyError::Resolve {
+                host: host.to_string(),
+                source,
+            })?
             .collect();
-        let mut last = format!("{host} did not resolve");
+        let mut last = PolicyError::NoAddress(host.to_string());
         for a in addrs {
             match self.check_addr(a) {
                 Ok(()) => return Ok(a),

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::spec::{confine, PathTemplate, RecordFormat};
-use super::{Item, Shared, State};
+use super::{Item, SharedStatus, SinkError, State};
 use crate::media::Packet;
 use crate::media::{Codec, StreamConfig, StreamKey, TrackKind};
 
@@ -40,8 +40,12 @@ pub struct Job {
 
 /// Records what arrives on `rx` until it closes (files finished cleanly) or a file cannot be
 /// written (the error; the egress task starts a new sink after a pause).
-pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Result<(), String> {
-    ff::init().map_err(|e| format!("ffmpeg: {e}"))?;
+pub fn run(
+    job: Job,
+    mut rx: mpsc::Receiver<Item>,
+    shared: Arc<SharedStatus>,
+) -> Result<(), SinkError> {
+    ff::init().map_err(|e| SinkError::File(format!("ffmpeg: {e}")))?;
     let mut config: Option<Arc<StreamConfig>> = None;
     let mut file: Option<OutFile> = None;
     let mut seq = 0u32;
@@ -74,8 +78,8 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
                         if !starts {
                             continue;
                         }
-                        check_free_space(&job, &shared)?;
-                        let f = OutFile::open(&job, cfg, seq, dts_ms)?;
+                        check_free_space(&job)?;
+                        let f = OutFile::open(&job, cfg, seq, dts_ms).map_err(SinkError::File)?;
                         seq += 1;
                         info!(file = %f.relative, "recording");
                         shared.file_opened(f.relative.clone());
@@ -83,11 +87,11 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
                         file = Some(f);
                     }
                     let f = file.as_mut().expect("opened above");
-                    let n = f.write(&packet, dts_ms, pts_ms)?;
+                    let n = f.write(&packet, dts_ms, pts_ms).map_err(SinkError::File)?;
                     shared.sent(n, 1);
                     // Look at the disk again after every MiB written.
                     if f.bytes / FREE_SPACE_EVERY != (f.bytes - n) / FREE_SPACE_EVERY {
-                        check_free_space(&job, &shared)?;
+                        check_free_space(&job)?;
                     }
                 }
             }
@@ -101,9 +105,9 @@ pub fn run(job: Job, mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Resul
 /// Bytes written between two looks at the disk's free space.
 const FREE_SPACE_EVERY: u64 = 1 << 20;
 
-/// Fails the recording for good when the disk under `job.root` is at its floor (the caller
+/// Fails the recording for good ([`SinkError::DiskFull`]) when the disk under `job.root` is at its floor (the caller
 /// finishes the open file cleanly on the way out).
-fn check_free_space(job: &Job, shared: &Shared) -> Result<(), String> {
+fn check_free_space(job: &Job) -> Result<(), SinkError> {
     if job.min_free_bytes == 0 {
         return Ok(());
     }
@@ -115,8 +119,7 @@ fn check_free_space(job: &Job, shared: &Shared) -> Result<(), String> {
                 free >> 20,
                 job.min_free_bytes >> 20
             );
-            shared.fail_permanently(&why);
-            Err(why)
+            Err(SinkError::DiskFull(why))
         }
         _ => Ok(()),
     }
@@ -135,7 +138,7 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn finish(file: Option<OutFile>, shared: &Shared) {
+fn finish(file: Option<OutFile>, shared: &SharedStatus) {
     if let Some(mut f) = file {
         if let Err(e) = f.octx.write_trailer() {
             warn!(file = %f.relative, "finishing the file: {e}");

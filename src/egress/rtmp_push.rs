@@ -20,12 +20,16 @@ use tracing::{debug, info};
 
 use super::policy::DestinationPolicy;
 use super::spec::RtmpUrl;
-use super::{Item, Shared, State};
+use super::{Item, SharedStatus, SinkError, State};
 use crate::media::{flv, Codec, StreamConfig, TrackKind};
 use crate::rtmp::client::{collect, ClientConn, PlayError};
 
 /// Connecting, handshaking and being allowed to publish must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A new publish on the same connection (a new segment) must be accepted within this.
+const REPUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The unpublish at the end gets this long to be written before the connection closes.
+const UNPUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// One write to the destination blocking this long fails the sink.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Items written per batch at most.
@@ -37,22 +41,31 @@ pub async fn run(
     url: RtmpUrl,
     policy: Option<Arc<DestinationPolicy>>,
     mut rx: mpsc::Receiver<Item>,
-    shared: Arc<Shared>,
-) -> Result<(), String> {
+    shared: Arc<SharedStatus>,
+) -> Result<(), SinkError> {
     shared.set_state(State::Connecting);
     // Under a policy, dial exactly the address it checked (no second lookup to rebind).
     let addr = match &policy {
         Some(p) => p
             .resolve(&url.host, url.port)
             .await
-            .map_err(|e| format!("{}: refused: {e}", url.redacted()))?
+            .map_err(|reason| SinkError::Refused {
+                destination: url.redacted(),
+                reason,
+            })?
             .to_string(),
         None => format!("{}:{}", url.host, url.port),
     };
     let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, connect(&addr, &url))
         .await
-        .map_err(|_| format!("{}: no answer within {CONNECT_TIMEOUT:?}", url.redacted()))?
-        .map_err(|e| format!("{}: {e}", url.redacted()))?;
+        .map_err(|_| SinkError::ConnectTimeout {
+            destination: url.redacted(),
+            timeout: CONNECT_TIMEOUT,
+        })?
+        .map_err(|source| SinkError::Connect {
+            destination: url.redacted(),
+            source,
+        })?;
     info!(destination = %url.redacted(), "publishing");
     shared.set_state(State::Live);
     let mut last_ts = 0u32;
@@ -63,10 +76,10 @@ pub async fn run(
             n = rx.recv_many(&mut batch, BATCH) => {
                 if n == 0 {
                     // The egress ended: unpublish cleanly.
-                    let r = conn.session.stop_publishing().map_err(|e| format!("{e:?}"))?;
+                    let r = conn.session.stop_publishing().map_err(SinkError::session)?;
                     let mut out = Vec::new();
                     collect(&r, &mut out);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.socket.write_all(&out)).await;
+                    let _ = tokio::time::timeout(UNPUBLISH_TIMEOUT, conn.socket.write_all(&out)).await;
                     let _ = conn.socket.shutdown().await;
                     return Ok(());
                 }
@@ -86,7 +99,7 @@ pub async fn run(
                                 TrackKind::Video => conn.session.publish_video_data(body, ts, false),
                                 TrackKind::Audio => conn.session.publish_audio_data(body, ts, false),
                             };
-                            collect(std::slice::from_ref(&r.map_err(|e| format!("{e:?}"))?), &mut out);
+                            collect(std::slice::from_ref(&r.map_err(SinkError::session)?), &mut out);
                             frames += 1;
                         }
                         Item::NewSegment => {
@@ -100,20 +113,18 @@ pub async fn run(
                 shared.sent(out.len() as u64, frames);
             }
             n = conn.socket.read(&mut buf) => {
-                let n = n.map_err(|e| format!("reading from the destination: {e}"))?;
+                let n = n.map_err(SinkError::Read)?;
                 if n == 0 {
-                    return Err("the destination closed the connection".into());
+                    return Err(SinkError::Closed);
                 }
-                let results = conn
-                    .feed(&buf[..n])
-                    .map_err(|e| format!("bad RTMP from the destination: {e}"))?;
+                let results = conn.feed(&buf[..n]).map_err(SinkError::BadInput)?;
                 let mut out = Vec::new();
                 collect(&results, &mut out);
                 write(&mut conn, &out).await?;
                 for r in &results {
                     if let ClientSessionResult::RaisedEvent(ClientSessionEvent::UnhandleableOnStatusCode { code }) = r {
                         if is_error_status(code) {
-                            return Err(format!("the destination said {code}"));
+                            return Err(SinkError::Status(code.clone()));
                         }
                         debug!(code, "status from the destination");
                     }
@@ -175,22 +186,19 @@ fn refusal(values: &[rml_amf0::Amf0Value]) -> Option<String> {
 }
 
 /// Ends the current publish and starts another on the same connection (a new segment).
-async fn republish(conn: &mut ClientConn, url: &RtmpUrl) -> Result<(), String> {
-    let r = conn
-        .session
-        .stop_publishing()
-        .map_err(|e| format!("{e:?}"))?;
+async fn republish(conn: &mut ClientConn, url: &RtmpUrl) -> Result<(), SinkError> {
+    let r = conn.session.stop_publishing().map_err(SinkError::session)?;
     let mut out = Vec::new();
     collect(&r, &mut out);
     write(conn, &out).await?;
     let r = conn
         .session
         .request_publishing(url.key.clone(), PublishRequestType::Live);
-    conn.send(r).await.map_err(|e| e.to_string())?;
-    tokio::time::timeout(CONNECT_TIMEOUT, wait_publish(conn))
+    conn.send(r).await.map_err(SinkError::Republish)?;
+    tokio::time::timeout(REPUBLISH_TIMEOUT, wait_publish(conn))
         .await
-        .map_err(|_| "the destination did not accept a new publish".to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| SinkError::RepublishTimeout)?
+        .map_err(SinkError::Republish)
 }
 
 fn is_error_status(code: &str) -> bool {
@@ -212,7 +220,7 @@ fn encode_config(
     config: &StreamConfig,
     ts: u32,
     out: &mut Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), SinkError> {
     let mut meta = StreamMetadata::new();
     if let Some(v) = &config.video {
         meta.video_width = Some(v.width);
@@ -227,7 +235,7 @@ fn encode_config(
     }
     meta.video_frame_rate = config.metadata.frame_rate.map(|f| f as f32);
     meta.encoder = Some(concat!("meshcast ", env!("CARGO_PKG_VERSION")).to_string());
-    let e = |e: rml_rtmp::sessions::ClientSessionError| format!("{e:?}");
+    let e = SinkError::session;
     let ts = RtmpTimestamp::new(ts);
     let mut results = vec![conn.session.publish_metadata(&meta).map_err(e)?];
     if let Some(v) = config.video.as_ref().filter(|v| v.codec == Codec::H264) {
@@ -250,15 +258,13 @@ fn encode_config(
     Ok(())
 }
 
-async fn write(conn: &mut ClientConn, bytes: &[u8]) -> Result<(), String> {
+async fn write(conn: &mut ClientConn, bytes: &[u8]) -> Result<(), SinkError> {
     if bytes.is_empty() {
         return Ok(());
     }
     match tokio::time::timeout(WRITE_TIMEOUT, conn.socket.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("writing to the destination: {e}")),
-        Err(_) => Err(format!(
-            "the destination did not read for {WRITE_TIMEOUT:?}"
-        )),
+        Ok(Err(e)) => Err(SinkError::Write(e)),
+        Err(_) => Err(SinkError::WriteTimeout(WRITE_TIMEOUT)),
     }
 }

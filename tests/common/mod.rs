@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod bounded;
+pub mod egress_api;
 pub mod flv_watch;
 pub mod http;
 pub mod impair;
@@ -587,4 +588,13 @@ pub fn av_offsets(input: &str, seconds: u32) -> Vec<f64> {
                 .min_by(|a, b| a.abs().total_cmp(&b.abs()))
         })
         .collect()
+}
+
+/// Serialises the tests of one test binary that load the 2-core machine (browsers, hundreds
+/// of viewers, nodes killed while freezes are measured): their timing-based outcomes suffer
+/// when two run at once. Hold the guard for the whole test; a test that panicked while
+/// holding it does not block the others.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,0 +1,288 @@
+//! The node's egress jobs, as the API and the config see them: [`Egress`] creates them
+//! (API requests under the destination policy and the job cap, config rules, an edge's
+//! forwards), lists, stops, and starts one `EgressTask` ([`super::task`]) per job.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use super::policy;
+use super::sink::CLOSE_WAIT;
+use super::spec::{self, EgressRequest, EgressSpec, FieldError, StreamMatch, Target};
+use super::status::{EgressStatus, SharedStatus, State};
+use super::task::EgressTask;
+use crate::hub::{Hub, HubEvent};
+use crate::media::StreamKey;
+
+/// Where sinks write and how they start.
+#[derive(Clone, Debug)]
+pub struct EgressSettings {
+    /// Recordings go under this directory.
+    pub recording_root: PathBuf,
+    /// Static rules from the config file.
+    pub rules: Vec<EgressSpec>,
+    /// Where API-created pushes may go.
+    pub policy: Arc<policy::DestinationPolicy>,
+    /// API-created and rule egress at most.
+    pub max_jobs: usize,
+    /// Signs the tokens an edge's forwards present to origins.
+    pub auth: Arc<crate::auth::Auth>,
+    /// Recordings stop when the disk holding them has less free space than this.
+    pub min_free_bytes: u64,
+}
+
+/// Why an egress was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// Fields of the request are invalid (400).
+    #[error("invalid request ({} fields)", .0.len())]
+    Invalid(Vec<FieldError>),
+    /// The destination policy refuses it (403).
+    #[error("destination refused: {0}")]
+    Forbidden(String),
+    /// `max_jobs` egress already run (429).
+    #[error("at most {0} egress jobs may run")]
+    TooMany(usize),
+}
+
+struct Entry {
+    shared: Arc<SharedStatus>,
+    cancel: CancellationToken,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Every egress of this node.
+pub struct Egress {
+    hub: Arc<Hub>,
+    settings: EgressSettings,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+    shutdown: CancellationToken,
+}
+
+impl Egress {
+    /// Starts the manager and the config rules.
+    pub fn start(
+        hub: Arc<Hub>,
+        settings: EgressSettings,
+        shutdown: CancellationToken,
+    ) -> Arc<Egress> {
+        let egress = Arc::new(Egress {
+            hub,
+            settings,
+            entries: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        if !egress.settings.rules.is_empty() {
+            tokio::spawn(egress.clone().run_rules());
+        }
+        egress
+    }
+
+    /// Starts an egress from an API request, under the destination policy and the job cap.
+    pub async fn create(
+        self: &Arc<Self>,
+        req: &EgressRequest,
+    ) -> Result<EgressStatus, CreateError> {
+        let spec = req.validate(false).map_err(CreateError::Invalid)?;
+        let jobs = self
+            .entries
+            .lock()
+            .values()
+            .filter(|e| e.shared.status.lock().created_by != "forward")
+            .count();
+        if jobs >= self.settings.max_jobs {
+            return Err(CreateError::TooMany(self.settings.max_jobs));
+        }
+        if let Target::Rtmp(url) = &spec.target {
+            let policy = &self.settings.policy;
+            let refused = |e: policy::PolicyError| CreateError::Forbidden(e.to_string());
+            policy.check_url(url).map_err(refused)?;
+            let parsed = spec::RtmpUrl::parse(url).map_err(CreateError::Forbidden)?;
+            policy
+                .resolve(&parsed.host, parsed.port)
+                .await
+                .map_err(refused)?;
+        }
+        Ok(self.spawn(spec, "api"))
+    }
+
+    /// Starts an edge's forward of a local publish to an origin: a cluster-internal push
+    /// that the destination policy does not apply to (origins are often on private
+    /// addresses) and that does not count against `max_jobs`.
+    ///
+    /// Under `[auth]` the push presents a publish token for exactly this stream, signed with
+    /// the node's first secret (a day long: a forward lives as long as its publish).
+    pub fn create_forward(
+        self: &Arc<Self>,
+        req: &EgressRequest,
+    ) -> Result<EgressStatus, Vec<FieldError>> {
+        let mut req = req.clone();
+        if let (Some(keys), Some(url)) = (self.settings.auth.keys(), req.url.as_mut()) {
+            let claims = crate::auth::Claims {
+                act: crate::auth::token::OneOrMany::One(crate::auth::Action::Publish),
+                streams: vec![req.stream.clone()],
+                exp: crate::auth::token::now_s() + 86_400,
+                nbf: None,
+                iat: Some(crate::auth::token::now_s()),
+                sub: Some("edge-forward".into()),
+            };
+            match keys.mint(&claims) {
+                Ok(t) => url.push_str(&format!("?token={t}")),
+                Err(e) => warn!("cannot sign a forward's token: {e}"),
+            }
+        }
+        let spec = req.validate(false)?;
+        Ok(self.spawn(spec, "forward"))
+    }
+
+    pub fn list(&self) -> Vec<EgressStatus> {
+        let mut v: Vec<_> = self
+            .entries
+            .lock()
+            .values()
+            .map(|e| e.shared.snapshot())
+            .collect();
+        v.sort_by(|a, b| (a.started_unix_ms, &a.id).cmp(&(b.started_unix_ms, &b.id)));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<EgressStatus> {
+        self.entries.lock().get(id).map(|e| e.shared.snapshot())
+    }
+
+    /// Stops an egress, waits (briefly) for its sink to close cleanly, and returns its last
+    /// status.
+    pub async fn stop(&self, id: &str) -> Option<EgressStatus> {
+        let entry = self.entries.lock().remove(id)?;
+        entry.cancel.cancel();
+        let mut done = entry.done.clone();
+        let _ = tokio::time::timeout(CLOSE_WAIT, done.wait_for(|d| *d)).await;
+        Some(entry.shared.snapshot())
+    }
+
+    /// Stops every egress (files finished, publishes ended), waiting a few seconds at most.
+    pub async fn stop_all(&self) {
+        let ids: Vec<String> = self.entries.lock().keys().cloned().collect();
+        futures_util::future::join_all(ids.iter().map(|id| self.stop(id))).await;
+    }
+
+    fn spawn(self: &Arc<Self>, spec: EgressSpec, created_by: &'static str) -> EgressStatus {
+        let id = format!("eg_{:012x}", rand::random::<u64>() >> 16);
+        let StreamMatch::Exact(key) = spec.stream.clone() else {
+            unreachable!("egresses are spawned for one stream");
+        };
+        let destination = match &spec.target {
+            Target::Rtmp(url) => spec::RtmpUrl::parse(url)
+                .map(|u| u.redacted())
+                .unwrap_or_default(),
+            Target::Record { format, .. } => format.extension().to_string(),
+        };
+        let shared = Arc::new(SharedStatus::new(
+            EgressStatus {
+                id: id.clone(),
+                stream: key.to_string(),
+                kind: spec.kind(),
+                destination,
+                created_by,
+                state: State::Waiting,
+                started_unix_ms: crate::clock::unix_ms(),
+                bytes: 0,
+                frames: 0,
+                dropped_frames: 0,
+                reconnects: 0,
+                publisher_reconnects: 0,
+                last_error: None,
+                current_file: None,
+                files: vec![],
+            },
+            self.hub.metrics().clone(),
+        ));
+        let cancel = self.shutdown.child_token();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+        let entry = Arc::new(Entry {
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+            done,
+        });
+        self.entries.lock().insert(id.clone(), entry);
+        let status = shared.snapshot();
+        let me = self.clone();
+        let span = tracing::info_span!("egress", %id, stream = %key, kind = spec.kind());
+        tokio::spawn(
+            async move {
+                me.hub.metrics().egress_active.inc();
+                let task = EgressTask {
+                    hub: me.hub.clone(),
+                    key,
+                    spec,
+                    shared: shared.clone(),
+                    cancel,
+                    recording_root: me.settings.recording_root.clone(),
+                    min_free_bytes: me.settings.min_free_bytes,
+                    policy: (created_by == "api").then(|| me.settings.policy.clone()),
+                };
+                let end = task.run().await;
+                shared.set_state(end);
+                me.hub.metrics().egress_active.dec();
+                info!(state = ?end, "egress ended");
+                let _ = done_tx.send(true);
+                if end == State::Finished {
+                    me.entries.lock().remove(&id);
+                }
+            }
+            .instrument(span),
+        );
+        status
+    }
+
+    /// Starts rule egresses: exact-name rules at once (they wait for their stream, pulling
+    /// it on an edge), pattern rules whenever a matching stream is published on this node.
+    async fn run_rules(self: Arc<Self>) {
+        let mut events = self.hub.events();
+        let rules = self.settings.rules.clone();
+        let mut running: HashMap<(usize, StreamKey), String> = HashMap::new();
+        let mut start = |me: &Arc<Egress>, i: usize, key: &StreamKey| {
+            // Forget finished egresses; one still running means the publisher came back
+            // within its wait.
+            running.retain(|_, id| me.entries.lock().contains_key(id));
+            let slot = (i, key.clone());
+            if running.contains_key(&slot) {
+                return;
+            }
+            let status = me.spawn(rules[i].for_stream(key), "config");
+            running.insert(slot, status.id);
+        };
+        for (i, rule) in rules.iter().enumerate() {
+            if let StreamMatch::Exact(key) = &rule.stream {
+                start(&self, i, key);
+            }
+        }
+        let mut pending: Vec<StreamKey> = self.hub.local_streams();
+        loop {
+            // Simulcast layers are parts of a stream, not streams a rule should take.
+            for key in pending.drain(..).filter(|k| !k.is_derived()) {
+                for (i, rule) in rules.iter().enumerate() {
+                    if matches!(rule.stream, StreamMatch::Pattern { .. })
+                        && rule.stream.matches(&key)
+                    {
+                        start(&self, i, &key);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                ev = events.recv() => match ev {
+                    Ok(HubEvent::Published(key)) => pending.push(key),
+                    Ok(HubEvent::Unpublished(_)) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => pending = self.hub.local_streams(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
