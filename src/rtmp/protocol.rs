@@ -223,6 +223,11 @@ impl ServerProtocol {
         self.events.pop_front()
     }
 
+    /// Bytes the guard holds between reads (a header and one command message at most).
+    pub fn held_bytes(&self) -> usize {
+        self.guard.held_bytes()
+    }
+
     /// Whether a publish or play waits for the driver's answer.
     pub fn awaits_answer(&self) -> bool {
         matches!(self.phase, Phase::Pending { .. })
@@ -489,8 +494,8 @@ fn rtmp_names(app: &str, stream_key: &str) -> (String, String, String) {
 
 /// Feeds bytes a peer sent after the handshake to the session once the guard passed them;
 /// a panic inside the parser becomes an error for this connection only. [`ServerProtocol`]
-/// and the fuzz target (`fuzz/fuzz_targets/rtmp_server.rs`) both go through here, so the
-/// target exercises exactly what a socket's bytes reach.
+/// goes through here, and the fuzz target (`fuzz/fuzz_targets/rtmp_server.rs`) drives
+/// [`ServerProtocol`] itself, so it exercises exactly what a socket's bytes reach.
 pub fn feed_server(
     guard: &mut guard::ChunkGuard,
     session: &mut ServerSession,
