@@ -29,11 +29,11 @@ use str0m::rtp::{RtpPacket, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::assemble::{H264Assembler, Vp8Assembler};
-use super::Datagram;
+use super::io::Io;
+use super::sessions::{Registered, SessionEnd, PUBLISHER_CONNECT_TIMEOUT};
 use crate::hub::Publisher;
 use crate::media::avc::decoder_config_record;
 use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
@@ -44,8 +44,6 @@ use crate::media::{
 
 /// Keyframes are requested at least this often.
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
-/// A session that is not connected within this time is dropped.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the stream waits for a simulcast publisher's other layers before choosing its
 /// largest one so far.
 pub const LAYER_WAIT: Duration = Duration::from_millis(1500);
@@ -131,7 +129,7 @@ impl TrackClock {
 pub(super) struct WhipPeer {
     pub rtc: Box<Rtc>,
     pub publisher: Publisher,
-    pub io: Arc<super::Io>,
+    pub io: Arc<Io>,
     pub local_addr: SocketAddr,
 }
 
@@ -187,11 +185,12 @@ struct Ingest {
 }
 
 impl WhipPeer {
-    pub async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Datagram>,
-        cancel: CancellationToken,
-    ) -> Result<&'static str, str0m::RtcError> {
+    pub async fn run(mut self, session: Registered) -> SessionEnd {
+        let Registered {
+            mut datagrams,
+            cancel,
+            ..
+        } = session;
         let started = Instant::now();
         let mut connected = false;
         let (layer_requests_tx, layer_requests) = mpsc::channel(16);
@@ -260,7 +259,7 @@ impl WhipPeer {
             if !self.rtc.is_alive() {
                 return Ok("peer closed");
             }
-            if !connected && started.elapsed() > CONNECT_TIMEOUT {
+            if !connected && started.elapsed() > PUBLISHER_CONNECT_TIMEOUT {
                 return Ok("ICE did not connect in time");
             }
             for i in 0..ingest.videos.len() {
@@ -280,9 +279,9 @@ impl WhipPeer {
                 Some(i) = ingest.layer_requests.recv() => {
                     self.maybe_request_keyframe(&mut ingest, i, true);
                 }
-                d = rx.recv() => {
+                d = datagrams.recv() => {
                     let Some(d) = d else { return Ok("closed") };
-                    super::receive(&mut self.rtc, self.local_addr, &d)?;
+                    d.feed(&mut self.rtc, self.local_addr)?;
                 }
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.rtc.handle_input(Input::Timeout(Instant::now()))?;
