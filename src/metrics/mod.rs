@@ -100,10 +100,23 @@ pub struct ProtoCounters {
     pub viewers: Gauge,
 }
 
+/// Counters of one publisher-facing protocol, cloned once per publisher.
+#[derive(Clone, Default)]
+pub struct IngestCounters {
+    pub frames_in: Counter,
+    pub bytes_in: Counter,
+    /// Packets received (RTP for WebRTC).
+    pub packets_in: Counter,
+    pub publishers: Gauge,
+}
+
 pub struct Metrics {
     registry: Registry,
     frames_in: Family<ProtoLabel, Counter>,
     bytes_in: Family<ProtoLabel, Counter>,
+    packets_in: Family<ProtoLabel, Counter>,
+    packets_out: Family<ProtoLabel, Counter>,
+    publishers: Family<ProtoLabel, Gauge>,
     frames_out: Family<ProtoLabel, Counter>,
     bytes_out: Family<ProtoLabel, Counter>,
     lag_skips: Family<ProtoLabel, Counter>,
@@ -235,6 +248,9 @@ impl Metrics {
         let m = Metrics {
             frames_in: Family::default(),
             bytes_in: Family::default(),
+            packets_in: Family::default(),
+            packets_out: Family::default(),
+            publishers: Family::default(),
             frames_out: Family::default(),
             bytes_out: Family::default(),
             lag_skips: Family::default(),
@@ -296,6 +312,21 @@ impl Metrics {
             m.slow_disconnects.clone(),
         );
         registry.register("viewers", "Consumers attached now", m.viewers.clone());
+        registry.register(
+            "packets_in",
+            "Packets received from publishers (RTP for WebRTC)",
+            m.packets_in.clone(),
+        );
+        registry.register(
+            "packets_out",
+            "Packets sent to consumers (RTP for WebRTC)",
+            m.packets_out.clone(),
+        );
+        registry.register(
+            "publishers",
+            "Publishers attached now",
+            m.publishers.clone(),
+        );
         registry.register("connections", "Connections accepted", m.connections.clone());
         registry.register(
             "session_errors",
@@ -423,6 +454,25 @@ impl Metrics {
             self.frames_in.get_or_create(&l).clone(),
             self.bytes_in.get_or_create(&l).clone(),
         )
+    }
+
+    /// Counters of a publisher over `proto` (frames, bytes and packets in, and the
+    /// publishers gauge).
+    pub fn publisher_counters(&self, proto: Proto) -> IngestCounters {
+        let l = ProtoLabel { proto };
+        IngestCounters {
+            frames_in: self.frames_in.get_or_create(&l).clone(),
+            bytes_in: self.bytes_in.get_or_create(&l).clone(),
+            packets_in: self.packets_in.get_or_create(&l).clone(),
+            publishers: self.publishers.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Packets sent to consumers over `proto` (RTP for WebRTC).
+    pub fn packets_out(&self, proto: Proto) -> Counter {
+        self.packets_out
+            .get_or_create(&ProtoLabel { proto })
+            .clone()
     }
 
     /// Bytes sent to consumers and egress destinations so far, all protocols.

@@ -45,6 +45,11 @@ pub(crate) struct Datagram {
 }
 
 impl Datagram {
+    /// Its size on the wire (the datagram, or the frame without its length prefix).
+    pub(crate) fn len(&self) -> usize {
+        self.data.len()
+    }
+
     /// Feeds it to a peer's `Rtc` as received at `local_addr`; an unparsable one is
     /// dropped.
     pub(crate) fn feed(

@@ -186,12 +186,7 @@ impl WebRtc {
         let session = self.sessions.register(&stream, ufrag);
         let id = session.id.clone();
         let span = tracing::info_span!("whip", session = %id, %stream);
-        let peer = whip::WhipPeer {
-            rtc: Box::new(rtc),
-            publisher,
-            io: self.io.clone(),
-            local_addr: self.ice_address(),
-        };
+        let peer = whip::WhipPeer::new(rtc, publisher, self.io.clone(), self.ice_address());
         self.sessions.spawn(id.clone(), span, peer.run(session));
         Ok(Created { id, answer })
     }

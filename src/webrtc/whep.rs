@@ -28,6 +28,7 @@ use super::{h264, vp8};
 use crate::hub::{Hub, Scope, StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::packet::{Encoding, Packet};
 use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase, TrackKind};
+use crate::metrics::{Proto, ProtoCounters};
 
 /// RTP payload bytes per packet (leaves room for RTP header, extensions and SRTP tag).
 const RTP_MTU: usize = 1100;
@@ -66,6 +67,17 @@ pub(super) struct WhepPeer {
     audio_rtp: RtpState,
     /// An error met while sending a frame, returned by the next [`Self::drain`].
     failed: Option<str0m::RtcError>,
+    /// This viewer in the `webrtc` series: counted from its offer's answer to its end.
+    counters: ProtoCounters,
+    packets_out: prometheus_client::metrics::counter::Counter,
+    /// Bytes handed to the socket since the last [`Self::drain`] (counted there, once).
+    unsent_bytes: u64,
+}
+
+impl Drop for WhepPeer {
+    fn drop(&mut self) {
+        self.counters.viewers.dec();
+    }
 }
 
 impl WhepPeer {
@@ -79,6 +91,10 @@ impl WhepPeer {
         io: Arc<Io>,
         local_addr: SocketAddr,
     ) -> WhepPeer {
+        let metrics = hub.metrics();
+        let counters = metrics.proto(Proto::WebRtc);
+        let packets_out = metrics.packets_out(Proto::WebRtc);
+        counters.viewers.inc();
         WhepPeer {
             video_codec,
             rtc: Box::new(rtc),
@@ -95,6 +111,9 @@ impl WhepPeer {
             video_rtp: RtpState::new(),
             audio_rtp: RtpState::new(),
             failed: None,
+            counters,
+            packets_out,
+            unsent_bytes: 0,
         }
     }
 
@@ -255,6 +274,10 @@ impl WhepPeer {
     fn drain(&mut self) -> Result<Instant, str0m::RtcError> {
         let next = self.poll();
         self.io.flush();
+        let sent = std::mem::take(&mut self.unsent_bytes);
+        if sent > 0 {
+            self.counters.bytes_out.inc_by(sent);
+        }
         next
     }
 
@@ -275,7 +298,10 @@ impl WhepPeer {
                     self.rtc.handle_input(Input::Timeout(Instant::now()))?;
                 }
                 Output::Timeout(t) => return Ok(t),
-                Output::Transmit(t) => self.io.transmit(&t),
+                Output::Transmit(t) => {
+                    self.unsent_bytes += t.contents.len() as u64;
+                    self.io.transmit(&t);
+                }
                 Output::Event(ev) => self.on_event(ev),
             }
         }
@@ -335,6 +361,8 @@ impl WhepPeer {
         let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
         let mut seq = rtp.seq;
         rtp.seq += payloads.len() as u64;
+        self.counters.frames_out.inc();
+        self.packets_out.inc_by(payloads.len() as u64);
         let mut chunks = payloads.chunks(SEND_CHUNK).peekable();
         while let Some(chunk) = chunks.next() {
             let last_chunk = chunks.peek().is_none();

@@ -41,6 +41,7 @@ use crate::media::Packet;
 use crate::media::{
     avc, valid_rid, AudioConfig, Codec, Frame, SimulcastLayer, StreamConfig, Timebase, VideoConfig,
 };
+use crate::metrics::{IngestCounters, Proto};
 
 /// Keyframes are requested at least this often.
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
@@ -127,10 +128,18 @@ impl TrackClock {
 }
 
 pub(super) struct WhipPeer {
-    pub rtc: Box<Rtc>,
-    pub publisher: Publisher,
-    pub io: Arc<Io>,
-    pub local_addr: SocketAddr,
+    rtc: Box<Rtc>,
+    publisher: Publisher,
+    io: Arc<Io>,
+    local_addr: SocketAddr,
+    /// This publisher in the `webrtc` series: counted from its offer's answer to its end.
+    counters: IngestCounters,
+}
+
+impl Drop for WhipPeer {
+    fn drop(&mut self) {
+        self.counters.publishers.dec();
+    }
 }
 
 /// One incoming video encoding: the only one, or one simulcast layer.
@@ -185,6 +194,24 @@ struct Ingest {
 }
 
 impl WhipPeer {
+    /// A publisher feeding `publisher`, whose negotiated `rtc` talks through `io`.
+    pub(super) fn new(
+        rtc: Rtc,
+        publisher: Publisher,
+        io: Arc<Io>,
+        local_addr: SocketAddr,
+    ) -> WhipPeer {
+        let counters = publisher.metrics().publisher_counters(Proto::WebRtc);
+        counters.publishers.inc();
+        WhipPeer {
+            rtc: Box::new(rtc),
+            publisher,
+            io,
+            local_addr,
+            counters,
+        }
+    }
+
     pub async fn run(mut self, session: Registered) -> SessionEnd {
         let Registered {
             mut datagrams,
@@ -249,6 +276,7 @@ impl WhipPeer {
                             }
                         }
                         Event::RtpPacket(p) => {
+                            self.counters.packets_in.inc();
                             self.on_rtp(&mut ingest, p);
                         }
                         Event::SenderFeedback(f) => on_sender_report(&mut ingest, &f.sender_info),
@@ -281,6 +309,7 @@ impl WhipPeer {
                 }
                 d = datagrams.recv() => {
                     let Some(d) = d else { return Ok("closed") };
+                    self.counters.bytes_in.inc_by(d.len() as u64);
                     d.feed(&mut self.rtc, self.local_addr)?;
                 }
                 _ = tokio::time::sleep_until(timeout.into()) => {
@@ -374,6 +403,7 @@ impl WhipPeer {
                 keyframe: f.keyframe,
                 payload: Bytes::from(f.avcc),
             });
+            self.counters.frames_in.inc();
             if let Some(layer) = &mut video.layer {
                 layer.push(packet.clone());
             }
@@ -528,6 +558,7 @@ impl WhipPeer {
             return; // audio waits for video to be configured, so tracks start together
         }
         let pts = ingest.audio_clock.pts(p.header.timestamp, p.timestamp, t0);
+        self.counters.frames_in.inc();
         self.publisher.push(Packet::new(Frame {
             codec: Codec::Opus,
             dts: pts,
