@@ -100,6 +100,24 @@ pub struct ProtoCounters {
     pub viewers: Gauge,
 }
 
+/// One place taken in a gauge (a viewer, a publisher): the gauge counts it while the seat
+/// lives, so an early return or a panic cannot leave it counted.
+#[derive(Debug)]
+pub struct Seat(Gauge);
+
+impl Seat {
+    pub fn take(gauge: &Gauge) -> Seat {
+        gauge.inc();
+        Seat(gauge.clone())
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Counters of one publisher-facing protocol, cloned once per publisher.
 #[derive(Clone, Default)]
 pub struct IngestCounters {

@@ -32,6 +32,7 @@ mod io;
 pub mod layers;
 mod offer;
 mod sessions;
+mod track_clock;
 pub mod vp8;
 mod whep;
 mod whip;

@@ -28,7 +28,7 @@ use super::{h264, vp8};
 use crate::hub::{Hub, Scope, StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::packet::{Encoding, Packet};
 use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase, TrackKind};
-use crate::metrics::{Proto, ProtoCounters};
+use crate::metrics::{Proto, ProtoCounters, Seat};
 
 /// RTP payload bytes per packet (leaves room for RTP header, extensions and SRTP tag).
 const RTP_MTU: usize = 1100;
@@ -67,17 +67,13 @@ pub(super) struct WhepPeer {
     audio_rtp: RtpState,
     /// An error met while sending a frame, returned by the next [`Self::drain`].
     failed: Option<str0m::RtcError>,
-    /// This viewer in the `webrtc` series: counted from its offer's answer to its end.
+    /// The `webrtc` series this viewer counts in.
     counters: ProtoCounters,
+    /// This viewer in the `viewers` gauge, from its offer's answer to its end.
+    _seat: Seat,
     packets_out: prometheus_client::metrics::counter::Counter,
     /// Bytes handed to the socket since the last [`Self::drain`] (counted there, once).
     unsent_bytes: u64,
-}
-
-impl Drop for WhepPeer {
-    fn drop(&mut self) {
-        self.counters.viewers.dec();
-    }
 }
 
 impl WhepPeer {
@@ -94,8 +90,8 @@ impl WhepPeer {
         let metrics = hub.metrics();
         let counters = metrics.proto(Proto::WebRtc);
         let packets_out = metrics.packets_out(Proto::WebRtc);
-        counters.viewers.inc();
         WhepPeer {
+            _seat: Seat::take(&counters.viewers),
             video_codec,
             rtc: Box::new(rtc),
             sub,
