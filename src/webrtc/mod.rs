@@ -31,6 +31,7 @@ pub mod h264;
 mod io;
 pub mod layers;
 mod offer;
+mod primary;
 mod sessions;
 mod track_clock;
 pub mod vp8;

@@ -10,10 +10,8 @@
 //! ([`StreamKey::layer`](crate::media::StreamKey::layer)), video only, so each is cached,
 //! relayed over the backbone and requested keyframes for on its own. The stream itself
 //! carries the largest layer's video (for RTMP, FLV, egress) and the audio, and lists the
-//! layers in its configuration, which is how WHEP viewers anywhere find them. The largest
-//! layer is chosen once every announced layer has a configuration, or [`LAYER_WAIT`] after
-//! the first one (a browser starts its top layers only as its bandwidth estimate grows); a
-//! larger layer that starts later takes over at its first keyframe.
+//! layers in its configuration, which is how WHEP viewers anywhere find them. Which layer
+//! that is, and when, [`super::primary`] decides.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::assemble::{H264Assembler, Vp8Assembler};
 use super::io::Io;
+use super::primary::{EncodingInfo, PrimaryChoice};
 use super::sessions::{Registered, SessionEnd, PUBLISHER_CONNECT_TIMEOUT};
 use super::track_clock::TrackClock;
 use crate::hub::Publisher;
@@ -46,9 +45,6 @@ use crate::metrics::{IngestCounters, Proto, Seat};
 
 /// Keyframes are requested at least this often.
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
-/// How long the stream waits for a simulcast publisher's other layers before choosing its
-/// largest one so far.
-pub const LAYER_WAIT: Duration = Duration::from_millis(1500);
 /// Encodings taken from one publisher; more are ignored.
 const MAX_ENCODINGS: usize = 4;
 
@@ -91,22 +87,11 @@ struct VideoIn {
     resync_after: Option<(i64, bool)>,
 }
 
-impl VideoIn {
-    fn pixels(&self) -> u64 {
-        self.config
-            .as_ref()
-            .map_or(0, |c| c.width as u64 * c.height as u64)
-    }
-}
-
 struct Ingest {
     codecs: HashMap<Pt, RtcCodec>,
     videos: Vec<VideoIn>,
-    /// Rids the publisher announced (`a=simulcast:send`); empty without simulcast.
-    rids: Vec<String>,
-    /// The encoding whose video the stream itself carries.
-    primary: Option<usize>,
-    first_layer_configured: Option<Instant>,
+    /// Which encoding's video the stream itself carries.
+    primary: PrimaryChoice,
     config: StreamConfig,
     t0: Option<Instant>,
     audio_clock: TrackClock,
@@ -148,9 +133,7 @@ impl WhipPeer {
         let mut ingest = Ingest {
             codecs: HashMap::new(),
             videos: Vec::new(),
-            rids: Vec::new(),
-            primary: None,
-            first_layer_configured: None,
+            primary: PrimaryChoice::default(),
             config: StreamConfig::default(),
             t0: None,
             audio_clock: TrackClock::new(48_000),
@@ -184,9 +167,10 @@ impl WhipPeer {
                             debug!(mid = %m.mid, kind = ?m.kind, simulcast = ?m.simulcast, "media added");
                             if m.kind == MediaKind::Video {
                                 if let Some(s) = &m.simulcast {
-                                    ingest.rids =
+                                    let rids: Vec<String> =
                                         s.recv.iter().map(|l| l.rid.to_string()).collect();
-                                    info!(rids = ?ingest.rids, "simulcast publisher");
+                                    info!(?rids, "simulcast publisher");
+                                    ingest.primary.announced(rids);
                                 }
                             }
                             if m.kind == MediaKind::Audio {
@@ -224,7 +208,7 @@ impl WhipPeer {
                 .fold(timeout, Instant::min);
             tokio::select! {
                 _ = keyframe_signal.wanted() => {
-                    if let Some(i) = ingest.primary {
+                    if let Some(i) = ingest.primary.primary() {
                         self.maybe_request_keyframe(&mut ingest, i, true);
                     }
                 }
@@ -334,7 +318,7 @@ impl WhipPeer {
             if f.keyframe {
                 self.maybe_promote(ingest, idx);
             }
-            if ingest.primary == Some(idx) {
+            if ingest.primary.primary() == Some(idx) {
                 self.publisher.push(packet);
             }
         }
@@ -348,7 +332,7 @@ impl WhipPeer {
         if ingest.videos.len() >= MAX_ENCODINGS {
             return None;
         }
-        let rid = if ingest.rids.is_empty() {
+        let rid = if !ingest.primary.is_simulcast() {
             None
         } else {
             // str0m learned the layer from the rid header extension of the first packets.
@@ -401,9 +385,7 @@ impl WhipPeer {
             aligned: false,
             resync_after: None,
         });
-        if ingest.rids.is_empty() {
-            ingest.primary = Some(idx);
-        }
+        ingest.primary.encoding_added(idx);
         Some(idx)
     }
 
@@ -419,9 +401,7 @@ impl WhipPeer {
             layer.set_derived_live();
         }
         if video.layer.is_some() {
-            ingest
-                .first_layer_configured
-                .get_or_insert_with(Instant::now);
+            ingest.primary.layer_configured(Instant::now());
             let mut layers: Vec<SimulcastLayer> = ingest
                 .videos
                 .iter()
@@ -437,7 +417,7 @@ impl WhipPeer {
             layers.sort_by_key(|l| (l.pixels(), l.rid.clone()));
             ingest.config.simulcast = layers;
         }
-        if ingest.primary == Some(idx) {
+        if ingest.primary.primary() == Some(idx) {
             ingest.config.video = ingest.videos[idx].config.clone();
         }
         if ingest.config.video.is_some() {
@@ -445,34 +425,20 @@ impl WhipPeer {
         }
     }
 
-    /// At a keyframe of encoding `idx`: makes it the stream's video if it is the largest
-    /// layer and the choice is due (see the module notes).
+    /// At a keyframe of encoding `idx`: makes it the stream's video if the choice says so.
     fn maybe_promote(&mut self, ingest: &mut Ingest, idx: usize) {
-        if ingest.rids.is_empty() || ingest.primary == Some(idx) {
+        let encodings: Vec<EncodingInfo> = ingest
+            .videos
+            .iter()
+            .map(|v| EncodingInfo {
+                rid: v.rid.as_deref(),
+                pixels: v.config.as_ref().map(|c| c.width as u64 * c.height as u64),
+            })
+            .collect();
+        if !ingest.primary.keyframe(Instant::now(), idx, &encodings) {
             return;
-        }
-        let largest = (0..ingest.videos.len())
-            .filter(|&i| ingest.videos[i].config.is_some())
-            .max_by_key(|&i| ingest.videos[i].pixels());
-        if largest != Some(idx) {
-            return;
-        }
-        if ingest.primary.is_none() {
-            let all = ingest.rids.iter().all(|r| {
-                ingest
-                    .videos
-                    .iter()
-                    .any(|v| v.rid.as_ref() == Some(r) && v.config.is_some())
-            });
-            let waited = ingest
-                .first_layer_configured
-                .is_some_and(|t| t.elapsed() >= LAYER_WAIT);
-            if !all && !waited {
-                return;
-            }
         }
         info!(rid = ?ingest.videos[idx].rid, "simulcast layer carries the stream's video");
-        ingest.primary = Some(idx);
         ingest.config.video = ingest.videos[idx].config.clone();
         self.publisher.set_config(ingest.config.clone());
     }
