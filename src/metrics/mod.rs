@@ -507,6 +507,17 @@ impl Metrics {
         self.viewers.get_or_create(&ProtoLabel { proto }).get()
     }
 
+    /// Viewers attached now over every client protocol (RTMP, HTTP-FLV, WebRTC). Other
+    /// nodes pulling over the backbone are relays, not viewers, and internal consumers
+    /// (audio bridges, egress) count in no `viewers` series.
+    pub fn viewers_total(&self) -> i64 {
+        Proto::ALL
+            .into_iter()
+            .filter(|&p| p != Proto::Backbone)
+            .map(|p| self.viewers_of(p))
+            .sum()
+    }
+
     pub fn count_connection(&self, proto: Proto) {
         self.connections.get_or_create(&ProtoLabel { proto }).inc();
     }
@@ -536,5 +547,37 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viewers_total_counts_client_protocols_not_relays() {
+        let m = Metrics::new();
+        let webrtc = m.proto(Proto::WebRtc);
+        let _viewer = Seat::take(&webrtc.viewers);
+        let _relay = Seat::take(&m.proto(Proto::Backbone).viewers);
+        {
+            let _rtmp = Seat::take(&m.proto(Proto::Rtmp).viewers);
+            assert_eq!(m.viewers_total(), 2);
+        }
+        assert_eq!(m.viewers_total(), 1, "a seat counts while it lives");
+        assert_eq!(m.viewers_of(Proto::Backbone), 1);
+    }
+
+    #[test]
+    fn webrtc_bytes_reach_the_total_the_node_reports() {
+        let m = Metrics::new();
+        m.proto(Proto::WebRtc).bytes_out.inc_by(1200);
+        m.proto(Proto::Rtmp).bytes_out.inc_by(800);
+        assert_eq!(m.bytes_out_total(), 2000);
+        let out = m.render();
+        assert!(
+            out.contains("meshcast_bytes_out_total{proto=\"webrtc\"} 1200"),
+            "{out}"
+        );
     }
 }
