@@ -15,7 +15,6 @@ use str0m::{Candidate, IceCreds, Rtc};
 use tracing::warn;
 
 use super::layers::INITIAL_ESTIMATE_BPS;
-use super::sessions::random_token;
 use crate::media::Codec;
 
 /// Why an offer got no session. The API answers by kind: [`Self::MissingCodec`] is 406,
@@ -171,6 +170,16 @@ fn answer_offer_unguarded(
         .accept_offer(offer)
         .map_err(WebRtcError::Rejected)?;
     Ok((rtc, answer.to_sdp_string(), ufrag))
+}
+
+/// Random URL-safe token (ICE credentials, session ids).
+pub(crate) fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 /// The negotiated payload of `codec` on an m-line (H.264 only with packetization-mode 1).

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
 use super::io::{Datagram, Io};
+use super::offer::random_token;
 use super::WebRtcError;
 use crate::media::StreamKey;
 
@@ -145,14 +146,4 @@ impl Sessions {
     pub(crate) fn count(&self) -> usize {
         self.entries.lock().len()
     }
-}
-
-/// Random URL-safe token (session ids, ICE credentials).
-pub(crate) fn random_token(len: usize) -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
 }
