@@ -1,6 +1,6 @@
 //! Which simulcast layer a WHEP viewer gets, and when it switches (sans-IO, explicit `now`).
 //!
-//! Two plain state machines; the viewer's peer ([`super::whep`]) drives them and does the
+//! Two plain state machines; the viewer's peer (`whep.rs`) drives them and does the
 //! subscribing and sending:
 //!
 //! * [`LayerChooser`] picks the layer the viewer's bandwidth fits.

@@ -4,16 +4,18 @@
 //! [`WebRtc`] is the facade the HTTP API calls: it answers an offer, registers the session
 //! and starts its peer. The parts, by job:
 //!
-//! * [`io`]: the shared UDP socket and ICE-TCP connections; reading, routing
+//! * `io`: the shared UDP socket and ICE-TCP connections; reading, routing
 //!   ([`demux`]: by source address once known, else by the ufrag of a STUN request) and
-//!   batched sending ([`batch`], GSO). Peers send straight on the shared socket without
+//!   batched sending (`batch`, GSO). Peers send straight on the shared socket without
 //!   waiting: a full socket buffer drops the datagram, as the network would, and NACK/RTX
 //!   repairs it. **ICE over TCP** is the fallback for clients that cannot use UDP: each
 //!   peer also gets a passive TCP host candidate (lower priority than UDP) on the same port.
-//! * [`sessions`]: the registry of sessions (ids, streams, the session limit, their tasks).
-//! * [`offer`]: answering an SDP offer (sans-IO), and the errors that decide the HTTP answer.
-//! * [`whip`]: a publisher's peer, RTP in ([`assemble`]) and frames out to the hub.
-//! * [`whep`]: a viewer's peer, frames from the hub out as RTP ([`h264`], [`vp8`]).
+//! * `sessions`: the registry of sessions (ids, streams, the session limit, their tasks).
+//! * `offer`: answering an SDP offer (sans-IO), and the errors that decide the HTTP answer.
+//! * `whip`: a publisher's peer, RTP in ([`assemble`]) and frames out to the hub; its
+//!   decisions are sans-IO: `track_clock` puts the tracks on one timeline, `primary` picks
+//!   the simulcast layer the stream itself carries.
+//! * `whep`: a viewer's peer, frames from the hub out as RTP ([`h264`], [`vp8`]).
 //! * [`layers`]: which simulcast layer a viewer gets and when it switches (sans-IO).
 //! * [`client`]: str0m WHEP/WHIP clients for tests and load generation.
 //!

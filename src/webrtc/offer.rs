@@ -84,7 +84,7 @@ pub fn dtls_certificate() -> Option<str0m::config::DtlsCert> {
         .generate_certificate()
 }
 
-/// [`answer_offer_unguarded`] with str0m's panics contained: some offers make str0m's SDP
+/// `answer_offer_unguarded` with str0m's panics contained: some offers make str0m's SDP
 /// handling panic (payload types claimed twice across bundled m-lines trip an assertion in
 /// its payload-type allocator, found by the `sdp_offer` fuzz target). The `Rtc` is built
 /// and dropped in here, so, as [`crate::rtmp::feed_server`] does for rml_rtmp, a panic is
