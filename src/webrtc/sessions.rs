@@ -147,3 +147,61 @@ impl Sessions {
         self.entries.lock().len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sessions(max: usize) -> Arc<Sessions> {
+        let (io, _) = Io::bind("127.0.0.1:0".parse().unwrap(), false)
+            .await
+            .unwrap();
+        Arc::new(Sessions::new(Arc::new(io), max, CancellationToken::new()))
+    }
+
+    #[tokio::test]
+    async fn sessions_past_the_limit_are_refused_until_one_ends() {
+        let s = sessions(2).await;
+        let key = StreamKey::new("live", "a").unwrap();
+        let first = s.register(&key, "u1".into());
+        s.check_capacity().unwrap();
+        let _second = s.register(&key, "u2".into());
+        assert!(matches!(
+            s.check_capacity(),
+            Err(WebRtcError::TooManySessions(2))
+        ));
+        // The first session's peer ends when it is deleted; its task removes it.
+        let cancel = first.cancel.clone();
+        s.spawn(first.id.clone(), tracing::Span::none(), async move {
+            cancel.cancelled().await;
+            Ok("deleted")
+        });
+        assert!(s.exists(&key, &first.id));
+        assert!(s.delete(&key, &first.id));
+        for _ in 0..100 {
+            if s.count() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.count(), 1);
+        assert!(!s.exists(&key, &first.id));
+        s.check_capacity().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_is_deleted_only_under_its_own_stream() {
+        let s = sessions(10).await;
+        let (a, b) = (
+            StreamKey::new("live", "a").unwrap(),
+            StreamKey::new("live", "b").unwrap(),
+        );
+        let session = s.register(&a, "u1".into());
+        assert!(!s.exists(&b, &session.id));
+        assert!(!s.delete(&b, &session.id), "another stream's session");
+        assert!(!session.cancel.is_cancelled());
+        assert!(!s.delete(&a, "no-such-id"));
+        assert!(s.delete(&a, &session.id));
+        assert!(session.cancel.is_cancelled());
+    }
+}
