@@ -507,17 +507,6 @@ impl Metrics {
         self.viewers.get_or_create(&ProtoLabel { proto }).get()
     }
 
-    /// Viewers attached now over every client protocol (RTMP, HTTP-FLV, WebRTC). Other
-    /// nodes pulling over the backbone are relays, not viewers, and internal consumers
-    /// (audio bridges, egress) count in no `viewers` series.
-    pub fn viewers_total(&self) -> i64 {
-        Proto::ALL
-            .into_iter()
-            .filter(|&p| p != Proto::Backbone)
-            .map(|p| self.viewers_of(p))
-            .sum()
-    }
-
     pub fn count_connection(&self, proto: Proto) {
         self.connections.get_or_create(&ProtoLabel { proto }).inc();
     }
@@ -555,17 +544,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn viewers_total_counts_client_protocols_not_relays() {
+    fn a_seat_counts_while_it_lives() {
         let m = Metrics::new();
         let webrtc = m.proto(Proto::WebRtc);
         let _viewer = Seat::take(&webrtc.viewers);
-        let _relay = Seat::take(&m.proto(Proto::Backbone).viewers);
         {
-            let _rtmp = Seat::take(&m.proto(Proto::Rtmp).viewers);
-            assert_eq!(m.viewers_total(), 2);
+            let _another = Seat::take(&webrtc.viewers);
+            assert_eq!(m.viewers_of(Proto::WebRtc), 2);
         }
-        assert_eq!(m.viewers_total(), 1, "a seat counts while it lives");
-        assert_eq!(m.viewers_of(Proto::Backbone), 1);
+        assert_eq!(m.viewers_of(Proto::WebRtc), 1);
+        assert_eq!(m.viewers_of(Proto::Rtmp), 0);
     }
 
     #[test]
