@@ -56,6 +56,7 @@ pub(super) struct WhipPeer {
     publisher: Publisher,
     io: Arc<Io>,
     local_addr: SocketAddr,
+    connected: bool,
     /// The `webrtc` series this publisher counts in.
     counters: IngestCounters,
     /// This publisher in the `publishers` gauge, from its offer's answer to its end.
@@ -117,6 +118,7 @@ impl WhipPeer {
             publisher,
             io,
             local_addr,
+            connected: false,
             counters,
         }
     }
@@ -128,7 +130,6 @@ impl WhipPeer {
             ..
         } = session;
         let started = Instant::now();
-        let mut connected = false;
         let (layer_requests_tx, layer_requests) = mpsc::channel(16);
         let mut ingest = Ingest {
             codecs: HashMap::new(),
@@ -155,47 +156,13 @@ impl WhipPeer {
                         break t;
                     }
                     Output::Transmit(t) => self.io.transmit(&t),
-                    Output::Event(ev) => match ev {
-                        Event::Connected => {
-                            info!("connected");
-                            connected = true;
-                        }
-                        Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                            self.rtc.disconnect();
-                        }
-                        Event::MediaAdded(m) => {
-                            debug!(mid = %m.mid, kind = ?m.kind, simulcast = ?m.simulcast, "media added");
-                            if m.kind == MediaKind::Video {
-                                if let Some(s) = &m.simulcast {
-                                    let rids: Vec<String> =
-                                        s.recv.iter().map(|l| l.rid.to_string()).collect();
-                                    info!(?rids, "simulcast publisher");
-                                    ingest.primary.announced(rids);
-                                }
-                            }
-                            if m.kind == MediaKind::Audio {
-                                ingest.config.audio = Some(AudioConfig {
-                                    codec: Codec::Opus,
-                                    specific: Bytes::new(),
-                                    sample_rate: 48_000,
-                                    channels: 2,
-                                });
-                                self.publisher.set_config(ingest.config.clone());
-                            }
-                        }
-                        Event::RtpPacket(p) => {
-                            self.counters.packets_in.inc();
-                            self.on_rtp(&mut ingest, p);
-                        }
-                        Event::SenderFeedback(f) => on_sender_report(&mut ingest, &f.sender_info),
-                        _ => {}
-                    },
+                    Output::Event(ev) => self.on_event(&mut ingest, ev),
                 }
             };
             if !self.rtc.is_alive() {
                 return Ok("peer closed");
             }
-            if !connected && started.elapsed() > PUBLISHER_CONNECT_TIMEOUT {
+            if !self.connected && started.elapsed() > PUBLISHER_CONNECT_TIMEOUT {
                 return Ok("ICE did not connect in time");
             }
             for i in 0..ingest.videos.len() {
@@ -233,6 +200,44 @@ impl WhipPeer {
                     return Ok("evicted: the stream name belongs to another origin");
                 }
             }
+        }
+    }
+
+    /// Handles one of str0m's events.
+    fn on_event(&mut self, ingest: &mut Ingest, ev: Event) {
+        match ev {
+            Event::Connected => {
+                info!("connected");
+                self.connected = true;
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.rtc.disconnect();
+            }
+            Event::MediaAdded(m) => {
+                debug!(mid = %m.mid, kind = ?m.kind, simulcast = ?m.simulcast, "media added");
+                if m.kind == MediaKind::Video {
+                    if let Some(s) = &m.simulcast {
+                        let rids: Vec<String> = s.recv.iter().map(|l| l.rid.to_string()).collect();
+                        info!(?rids, "simulcast publisher");
+                        ingest.primary.announced(rids);
+                    }
+                }
+                if m.kind == MediaKind::Audio {
+                    ingest.config.audio = Some(AudioConfig {
+                        codec: Codec::Opus,
+                        specific: Bytes::new(),
+                        sample_rate: 48_000,
+                        channels: 2,
+                    });
+                    self.publisher.set_config(ingest.config.clone());
+                }
+            }
+            Event::RtpPacket(p) => {
+                self.counters.packets_in.inc();
+                self.on_rtp(ingest, p);
+            }
+            Event::SenderFeedback(f) => on_sender_report(ingest, &f.sender_info),
+            _ => {}
         }
     }
 
