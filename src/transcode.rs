@@ -6,8 +6,9 @@
 //! timestamps follow the input's: they start at the first input frame and are re-anchored
 //! whenever the input jumps (a publisher gap or a consumer skipping to a keyframe).
 //!
-//! One transcoder runs per stream per node, only while some consumer needs the other codec:
-//! see [`crate::bridge`].
+//! A protocol-layer part, below the hub: it knows frames and codecs only. The driver that
+//! runs one transcoder per stream per node, only while some consumer needs the other codec,
+//! is the audio bridge, a hub subscriber above this layer; nothing here refers to it.
 
 use bytes::Bytes;
 use ff::codec::{self, Context};

@@ -345,6 +345,99 @@ fn rtmp_publish_plays_in_chromium_over_whep() {
     });
 }
 
+/// The viewers the node's viewer API lists now.
+fn listed_viewers(node: &NodeProc) -> Vec<serde_json::Value> {
+    let (_, body) =
+        common::http::http_get_bearer(node.http, "/api/v1/viewers", node.admin_token.as_deref())
+            .expect("viewers API");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["viewers"].as_array().cloned().unwrap_or_default()
+}
+
+/// Plays `stream` over WHEP in Chromium and, once `/metrics` shows a WebRTC viewer, calls
+/// `watching`; returns what the page saw.
+fn while_watching(node: &NodeProc, stream: &str, watching: impl FnOnce()) -> serde_json::Value {
+    std::thread::scope(|scope| {
+        let viewer = scope.spawn(|| whep_in_chromium(node, stream, 6, "viewer").1);
+        wait_until(
+            Duration::from_secs(30),
+            "a WebRTC viewer in /metrics",
+            || node.metric("meshcast_viewers{proto=\"webrtc\"}") == 1.0,
+        );
+        watching();
+        viewer.join().unwrap()
+    })
+}
+
+#[test]
+fn whip_and_whep_sessions_are_in_the_metrics_counted_once() {
+    if !in_private_network("whip_and_whep_sessions_are_in_the_metrics_counted_once") {
+        return;
+    }
+    let node = webrtc_node();
+    let webrtc = |family: &str| node.metric(&format!("meshcast_{family}{{proto=\"webrtc\"}}"));
+    let viewers_of = |proto: &str| node.metric(&format!("meshcast_viewers{{proto=\"{proto}\"}}"));
+
+    // A WHIP publisher and a WHEP viewer of its stream.
+    let (publisher, published) = whip_from_chromium(&node, "counted", "video/H264");
+    let v: serde_json::Value = serde_json::from_str(&published).unwrap();
+    assert!(v["error"].is_null(), "publisher error: {v}");
+    wait_until(Duration::from_secs(20), "WHIP stream live", || {
+        node.stream("counted")
+            .is_some_and(|s| !s["video"].is_null())
+    });
+    assert_eq!(webrtc("publishers"), 1.0);
+    let v = while_watching(&node, "counted", || {
+        assert_eq!(webrtc("publishers"), 1.0, "the viewer is no publisher");
+    });
+    assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 30, "{v}");
+    assert_eq!(v["deleteStatus"], 200, "{v}");
+    wait_until(Duration::from_secs(10), "the WebRTC viewer gone", || {
+        webrtc("viewers") == 0.0
+    });
+    for family in [
+        "frames_in_total",
+        "bytes_in_total",
+        "packets_in_total",
+        "frames_out_total",
+        "bytes_out_total",
+        "packets_out_total",
+    ] {
+        assert!(webrtc(family) > 0.0, "{family}{{proto=\"webrtc\"}}");
+    }
+    assert!(
+        webrtc("packets_out_total") > webrtc("frames_out_total"),
+        "video frames span several packets"
+    );
+    drop(publisher);
+    wait_until(Duration::from_secs(30), "the WHIP publisher gone", || {
+        webrtc("publishers") == 0.0
+    });
+
+    // A WHEP viewer of an RTMP publish gets its audio bridged to Opus: the bridge
+    // subscribes too, but the viewer counts once, as WebRTC.
+    let _p = publish_for_webrtc(&node, "bridged");
+    let v = while_watching(&node, "bridged", || {
+        assert!(
+            node.stream("bridged~opus").is_some(),
+            "the audio is bridged"
+        );
+        assert_eq!(viewers_of("rtmp"), 0.0);
+        assert_eq!(viewers_of("flv"), 0.0);
+        assert_eq!(viewers_of("backbone"), 0.0);
+        assert_eq!(
+            listed_viewers(&node).len(),
+            1,
+            "{:?}",
+            listed_viewers(&node)
+        );
+    });
+    assert!(v["audioPackets"].as_u64().unwrap_or(0) > 50, "{v}");
+    wait_until(Duration::from_secs(10), "the WebRTC viewer gone", || {
+        webrtc("viewers") == 0.0
+    });
+}
+
 #[test]
 fn whep_rejects_bad_requests_clearly() {
     let node = webrtc_node();

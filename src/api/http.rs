@@ -826,7 +826,7 @@ fn session_created(
             cors(h);
             r
         }
-        Err(e @ crate::webrtc::WebRtcError::NoVideo(_)) => {
+        Err(e @ crate::webrtc::WebRtcError::MissingCodec(_)) => {
             with_cors(error(StatusCode::NOT_ACCEPTABLE, e.to_string()))
         }
         Err(e @ crate::webrtc::WebRtcError::TooManySessions(_)) => with_cors(denied(Denied {

@@ -100,10 +100,41 @@ pub struct ProtoCounters {
     pub viewers: Gauge,
 }
 
+/// One place taken in a gauge (a viewer, a publisher): the gauge counts it while the seat
+/// lives, so an early return or a panic cannot leave it counted.
+#[derive(Debug)]
+pub struct Seat(Gauge);
+
+impl Seat {
+    pub fn take(gauge: &Gauge) -> Seat {
+        gauge.inc();
+        Seat(gauge.clone())
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Counters of one publisher-facing protocol, cloned once per publisher.
+#[derive(Clone, Default)]
+pub struct IngestCounters {
+    pub frames_in: Counter,
+    pub bytes_in: Counter,
+    /// Packets received (RTP for WebRTC).
+    pub packets_in: Counter,
+    pub publishers: Gauge,
+}
+
 pub struct Metrics {
     registry: Registry,
     frames_in: Family<ProtoLabel, Counter>,
     bytes_in: Family<ProtoLabel, Counter>,
+    packets_in: Family<ProtoLabel, Counter>,
+    packets_out: Family<ProtoLabel, Counter>,
+    publishers: Family<ProtoLabel, Gauge>,
     frames_out: Family<ProtoLabel, Counter>,
     bytes_out: Family<ProtoLabel, Counter>,
     lag_skips: Family<ProtoLabel, Counter>,
@@ -235,6 +266,9 @@ impl Metrics {
         let m = Metrics {
             frames_in: Family::default(),
             bytes_in: Family::default(),
+            packets_in: Family::default(),
+            packets_out: Family::default(),
+            publishers: Family::default(),
             frames_out: Family::default(),
             bytes_out: Family::default(),
             lag_skips: Family::default(),
@@ -296,6 +330,21 @@ impl Metrics {
             m.slow_disconnects.clone(),
         );
         registry.register("viewers", "Consumers attached now", m.viewers.clone());
+        registry.register(
+            "packets_in",
+            "Packets received from publishers (RTP for WebRTC)",
+            m.packets_in.clone(),
+        );
+        registry.register(
+            "packets_out",
+            "Packets sent to consumers (RTP for WebRTC)",
+            m.packets_out.clone(),
+        );
+        registry.register(
+            "publishers",
+            "Publishers attached now",
+            m.publishers.clone(),
+        );
         registry.register("connections", "Connections accepted", m.connections.clone());
         registry.register(
             "session_errors",
@@ -425,6 +474,25 @@ impl Metrics {
         )
     }
 
+    /// Counters of a publisher over `proto` (frames, bytes and packets in, and the
+    /// publishers gauge).
+    pub fn publisher_counters(&self, proto: Proto) -> IngestCounters {
+        let l = ProtoLabel { proto };
+        IngestCounters {
+            frames_in: self.frames_in.get_or_create(&l).clone(),
+            bytes_in: self.bytes_in.get_or_create(&l).clone(),
+            packets_in: self.packets_in.get_or_create(&l).clone(),
+            publishers: self.publishers.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Packets sent to consumers over `proto` (RTP for WebRTC).
+    pub fn packets_out(&self, proto: Proto) -> Counter {
+        self.packets_out
+            .get_or_create(&ProtoLabel { proto })
+            .clone()
+    }
+
     /// Bytes sent to consumers and egress destinations so far, all protocols.
     pub fn bytes_out_total(&self) -> u64 {
         Proto::ALL
@@ -468,5 +536,36 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seat_counts_while_it_lives() {
+        let m = Metrics::new();
+        let webrtc = m.proto(Proto::WebRtc);
+        let _viewer = Seat::take(&webrtc.viewers);
+        {
+            let _another = Seat::take(&webrtc.viewers);
+            assert_eq!(m.viewers_of(Proto::WebRtc), 2);
+        }
+        assert_eq!(m.viewers_of(Proto::WebRtc), 1);
+        assert_eq!(m.viewers_of(Proto::Rtmp), 0);
+    }
+
+    #[test]
+    fn webrtc_bytes_reach_the_total_the_node_reports() {
+        let m = Metrics::new();
+        m.proto(Proto::WebRtc).bytes_out.inc_by(1200);
+        m.proto(Proto::Rtmp).bytes_out.inc_by(800);
+        assert_eq!(m.bytes_out_total(), 2000);
+        let out = m.render();
+        assert!(
+            out.contains("meshcast_bytes_out_total{proto=\"webrtc\"} 1200"),
+            "{out}"
+        );
     }
 }

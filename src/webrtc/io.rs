@@ -1,0 +1,328 @@
+//! The WebRTC port's IO: one UDP socket shared by every peer, and ICE-TCP connections on the
+//! same port number; reading and routing what arrives, and sending what peers hand over.
+//!
+//! Reading: one task reads the UDP socket and routes each datagram to its peer's queue
+//! ([`super::demux`]): by source address once known, else by the ufrag of a STUN binding
+//! request (we chose each session's ufrag, so it names the session). An ICE-TCP connection
+//! (RFC 4571 framing: 16-bit length prefix) is routed the same way, by the ufrag of its first
+//! STUN request, and each of its frames becomes a [`Datagram`].
+//!
+//! Sending: peers send without waiting. A full socket buffer or connection queue drops the
+//! packet, as a congested link would, and NACK/RTX repairs it. UDP sends are batched per
+//! worker thread with GSO ([`super::batch`]).
+//!
+//! This module knows no sessions, streams or peers' state: only queues keyed by ufrag.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use str0m::net::{Protocol, Receive};
+use str0m::{Input, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::batch;
+use super::demux::Routes;
+
+/// Receive buffer of the shared socket: join bursts overflow the default (FIELD-NOTES).
+const SOCKET_RCVBUF: usize = 4 << 20;
+/// Packets queued toward one ICE-TCP connection before it drops them.
+const TCP_QUEUE: usize = 512;
+/// A TCP connection must name its session (a STUN request) within this time.
+const TCP_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A datagram (or RFC 4571 frame) for a peer.
+pub(crate) struct Datagram {
+    at: Instant,
+    from: SocketAddr,
+    proto: Protocol,
+    data: Vec<u8>,
+}
+
+impl Datagram {
+    /// Its size on the wire (the datagram, or the frame without its length prefix).
+    pub(crate) fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Feeds it to a peer's `Rtc` as received at `local_addr`; an unparsable one is
+    /// dropped.
+    pub(crate) fn feed(
+        &self,
+        rtc: &mut Rtc,
+        local_addr: SocketAddr,
+    ) -> Result<(), str0m::RtcError> {
+        match Receive::new(self.proto, self.from, local_addr, &self.data) {
+            Ok(r) => rtc.handle_input(Input::Receive(self.at, r)),
+            Err(e) => {
+                debug!("unparsable datagram: {e}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The queue of one peer's incoming datagrams.
+pub(crate) type PeerQueue = mpsc::Sender<Datagram>;
+
+/// The shared UDP socket, the writers of ICE-TCP connections (which take packets already
+/// framed), and the routes from both to peers' queues.
+pub(crate) struct Io {
+    udp: UdpSocket,
+    /// Batched (GSO) sends on `udp`.
+    udp_state: quinn_udp::UdpSocketState,
+    tcp: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+    routes: Mutex<Routes<PeerQueue>>,
+}
+
+impl Io {
+    /// Binds the UDP socket on `listen` (and a TCP listener on the same address if `tcp`).
+    pub(crate) async fn bind(
+        listen: SocketAddr,
+        tcp: bool,
+    ) -> std::io::Result<(Io, Option<tokio::net::TcpListener>)> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(listen),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        if let Err(e) = socket.set_recv_buffer_size(SOCKET_RCVBUF) {
+            warn!("webrtc: cannot set SO_RCVBUF: {e}");
+        }
+        let _ = socket.set_send_buffer_size(SOCKET_RCVBUF);
+        socket.set_nonblocking(true)?;
+        socket.bind(&listen.into())?;
+        let udp = UdpSocket::from_std(socket.into())?;
+        let listener = if tcp {
+            Some(tokio::net::TcpListener::bind(udp.local_addr()?).await?)
+        } else {
+            None
+        };
+        let udp_state = quinn_udp::UdpSocketState::new((&udp).into())?;
+        // quinn-udp turns on receive offload (UDP_GRO), which would hand the reader several
+        // datagrams in one buffer; this socket's reader takes them one at a time.
+        disable_udp_gro(&udp);
+        let io = Io {
+            udp,
+            udp_state,
+            tcp: Mutex::new(HashMap::new()),
+            routes: Mutex::new(Routes::default()),
+        };
+        Ok((io, listener))
+    }
+
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    /// Routes datagrams naming `ufrag` (and then their source address) to `queue`.
+    pub(crate) fn add_route(&self, ufrag: String, queue: PeerQueue) {
+        self.routes.lock().insert(ufrag, queue);
+    }
+
+    pub(crate) fn remove_route(&self, ufrag: &str) {
+        self.routes.lock().remove(ufrag);
+    }
+
+    /// Sends one of a peer's packets without waiting (see the module notes). UDP packets
+    /// join this thread's GSO batch, which [`Io::flush`] must send before the peer waits.
+    pub(crate) fn transmit(&self, t: &str0m::net::Transmit) {
+        if t.proto != Protocol::Udp {
+            return self.send_tcp(t);
+        }
+        let max_segments = self.udp_state.max_gso_segments();
+        batch::BATCH.with_borrow_mut(|b| {
+            if !b.push(t.destination, &t.contents, max_segments) {
+                self.send_batch(b);
+                b.push(t.destination, &t.contents, max_segments);
+            }
+        });
+    }
+
+    /// Sends this thread's batch.
+    pub(crate) fn flush(&self) {
+        batch::BATCH.with_borrow_mut(|b| self.send_batch(b));
+    }
+
+    fn send_batch(&self, b: &mut batch::Batch) {
+        if let Some((destination, contents, segment_size)) = b.contents() {
+            let t = quinn_udp::Transmit {
+                destination,
+                ecn: None,
+                contents,
+                segment_size,
+                src_ip: None,
+            };
+            let _ = self.udp.try_io(tokio::io::Interest::WRITABLE, || {
+                self.udp_state.send((&self.udp).into(), &t)
+            });
+        }
+        b.clear();
+    }
+
+    /// Sends over an ICE-TCP connection (RFC 4571 framing, built here so the packet is
+    /// copied once); a full connection queue drops the packet.
+    fn send_tcp(&self, t: &str0m::net::Transmit) {
+        if let Some(tx) = self.tcp.lock().get(&t.destination) {
+            let mut framed = Vec::with_capacity(2 + t.contents.len());
+            framed.extend_from_slice(&(t.contents.len() as u16).to_be_bytes());
+            framed.extend_from_slice(&t.contents);
+            let _ = tx.try_send(framed);
+        }
+    }
+
+    /// The queue of the peer a packet from `from` belongs to.
+    fn route(&self, from: SocketAddr, packet: &[u8]) -> Option<PeerQueue> {
+        self.routes.lock().route(from, packet)
+    }
+
+    /// Reads the UDP socket until `shutdown`, routing each datagram to its peer.
+    pub(crate) async fn read_udp(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, from) = tokio::select! {
+                r = self.udp.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // ICMP errors surface here on Linux; they concern one peer only.
+                        debug!("webrtc recv: {e}");
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let packet = &buf[..n];
+            let Some(queue) = self.route(from, packet) else {
+                continue;
+            };
+            // A full queue drops the datagram, like a congested link would.
+            let _ = queue.try_send(Datagram {
+                at: Instant::now(),
+                from,
+                proto: Protocol::Udp,
+                data: packet.to_vec(),
+            });
+        }
+    }
+
+    /// Accepts ICE-TCP connections until `shutdown`, each served by its own task.
+    pub(crate) async fn accept_tcp(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let (stream, from) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        debug!("webrtc tcp accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                match me.serve_tcp(stream, from, shutdown).await {
+                    Ok(()) => debug!(%from, "ICE-TCP connection closed"),
+                    Err(e) => debug!(%from, "ICE-TCP connection ended: {e}"),
+                }
+                me.tcp.lock().remove(&from);
+            });
+        }
+    }
+
+    /// One ICE-TCP connection: RFC 4571 frames in, routed like datagrams; the peer's
+    /// packets for `from` out through a bounded queue. Ends when either side closes, when
+    /// its session is gone, or when its first frame names no session.
+    async fn serve_tcp(
+        &self,
+        stream: tokio::net::TcpStream,
+        from: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        self.tcp.lock().insert(from, tx);
+        let writer = async move {
+            while let Some(framed) = rx.recv().await {
+                wr.write_all(&framed).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let reader = async {
+            let mut buf = vec![0u8; u16::MAX as usize];
+            let mut first = true;
+            loop {
+                let read = async {
+                    let len = rd.read_u16().await? as usize;
+                    rd.read_exact(&mut buf[..len]).await?;
+                    Ok::<usize, std::io::Error>(len)
+                };
+                let len = if first {
+                    tokio::time::timeout(TCP_FIRST_PACKET_TIMEOUT, read)
+                        .await
+                        .map_err(|_| std::io::Error::other("no STUN request in time"))??
+                } else {
+                    read.await?
+                };
+                let packet = &buf[..len];
+                let Some(queue) = self.route(from, packet) else {
+                    if first {
+                        return Err(std::io::Error::other("first frame names no session"));
+                    }
+                    continue;
+                };
+                first = false;
+                let d = Datagram {
+                    at: Instant::now(),
+                    from,
+                    proto: Protocol::Tcp,
+                    data: packet.to_vec(),
+                };
+                if let Err(mpsc::error::TrySendError::Closed(_)) = queue.try_send(d) {
+                    return Ok(()); // the session ended
+                }
+            }
+        };
+        tokio::select! {
+            r = writer => r,
+            r = reader => r,
+            _ = shutdown.cancelled() => Ok(()),
+        }
+    }
+}
+
+/// Turns off `UDP_GRO` on `socket` (Linux; elsewhere there is nothing to turn off).
+fn disable_udp_gro(socket: &UdpSocket) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let off: libc::c_int = 0;
+        // SAFETY: a valid socket descriptor and an int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            debug!("webrtc: UDP_GRO off: {}", std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
+}
