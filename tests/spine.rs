@@ -27,6 +27,9 @@ fn standalone_serves_rtmp_and_flv_with_bframes() {
     );
     let flv = ffprobe(&node.flv_url("demo"), 3);
     assert_synthetic_stream(&flv, 3);
+    // The publisher is one RTMP publisher in the metrics, whose frames are counted in.
+    assert_eq!(node.metric("meshcast_publishers{proto=\"rtmp\"}"), 1.0);
+    assert!(node.metric("meshcast_frames_in_total{proto=\"rtmp\"}") > 0.0);
 }
 
 #[test]

@@ -74,17 +74,20 @@ pub(super) struct Ingest {
     media: IngestMedia,
     frames_in: prometheus_client::metrics::counter::Counter,
     bytes_in: prometheus_client::metrics::counter::Counter,
+    /// This connection in `meshcast_publishers{proto="rtmp"}` while it publishes.
+    _seat: crate::metrics::Seat,
 }
 
 impl Ingest {
     pub(super) fn new(hub: &Hub, key: StreamKey, publisher: Publisher) -> Ingest {
-        let (frames_in, bytes_in) = hub.metrics().ingest(Proto::Rtmp);
+        let counters = hub.metrics().publisher_counters(Proto::Rtmp);
         Ingest {
             key,
             publisher,
             media: IngestMedia::default(),
-            frames_in,
-            bytes_in,
+            frames_in: counters.frames_in,
+            bytes_in: counters.bytes_in,
+            _seat: crate::metrics::Seat::take(&counters.publishers),
         }
     }
 
