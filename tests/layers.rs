@@ -36,6 +36,8 @@ const SANS_IO: &[&str] = &[
     "src/backbone/group.rs",
     "src/rtmp/guard.rs",
     "src/rtmp/chunk.rs",
+    "src/rtmp/protocol.rs",
+    "src/egress/retimer.rs",
     "src/webrtc/demux.rs",
     "src/webrtc/assemble.rs",
     "src/webrtc/h264.rs",
