@@ -1,53 +1,51 @@
-//! Announces: the directory updates and the publish race.
+//! Announces: what this node announces of its own streams, the directory updates from
+//! other origins' announces, and the publish race they may start (decided in `race.rs`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::link::*;
+use super::liveness::{Answer, AnswerWait};
+use super::race::{self, Publish, Verdict};
 use super::session::PeerInfo;
 use super::wire::Announcement;
 use super::Backbone;
-use crate::config::Role;
 use crate::media::StreamKey;
 
-/// Rival publishes of one name started this close together count as a race (the message
-/// to the loser says so); farther apart, the later one was simply late.
-pub(super) const RACE_WINDOW_MS: u64 = 1000;
+/// How often a holder's link is looked at while waiting for it to answer.
+const ANSWER_POLL: Duration = Duration::from_millis(25);
+
 impl Backbone {
-    /// Records an origin's announce. A name published on two origins (two publishers raced,
-    /// or a publisher started on one origin while another holds the name) goes to the
-    /// publish that ranks first ([`Announcement::rank`]): every node computes the same
-    /// winner. The origin holding the loser evicts its publisher, telling it why; viewers
-    /// pulling the loser's copy re-home to the winner ([`code::MOVED`]). The winner answers
-    /// a rival's announce by announcing again, so the rival learns it lost even when the
-    /// winner's first announce reached it before its own publish began.
+    /// Records an origin's announce, and settles a name published both here and there
+    /// ([`race::settle`]): this node's publisher is evicted if it lost; if it won, its
+    /// announce goes out again so the rival learns it lost.
     pub(super) fn on_announce(&self, peer: &PeerInfo, a: Announcement) {
         debug!(stream = %a.stream, session = a.session, "announced");
         let key = a.stream.clone();
-        let theirs = (a.started_ms, peer.node_id.clone());
+        let started_ms = a.started_ms;
         self.directory.lock().announce(&peer.node_id, a);
         let Some(local) = self.hub.get(&key).filter(|s| s.is_local()) else {
             return;
         };
-        let mine = (local.started_ms(), self.local.node_id.clone());
-        if theirs < mine {
-            let earlier = mine.0.saturating_sub(theirs.0);
-            let reason = if earlier < RACE_WINDOW_MS {
-                format!(
-                    "lost the publish race for {key} to {} (published {earlier} ms earlier)",
-                    theirs.1
-                )
-            } else {
-                format!("{key} is already published on {}", theirs.1)
-            };
-            warn!("{reason}");
-            self.hub.evict(&key, &reason);
-        } else {
-            info!(stream = %key, rival = %theirs.1,
-                "{key} is also published on {}; this node's publish came first and keeps it",
-                theirs.1);
-            self.hub.reannounce(&key);
+        let mine = Publish {
+            started_ms: local.started_ms(),
+            node: &self.local.node_id,
+        };
+        let theirs = Publish {
+            started_ms,
+            node: &peer.node_id,
+        };
+        match race::settle(&key, mine, theirs) {
+            Verdict::EvictMine(reason) => {
+                warn!("{reason}");
+                self.hub.evict(&key, &reason);
+            }
+            Verdict::KeepMine => {
+                info!(stream = %key, rival = %peer.node_id,
+                    "{key} is also published on {}; this node's publish came first and keeps it",
+                    peer.node_id);
+                self.hub.reannounce(&key);
+            }
         }
     }
 
@@ -62,25 +60,26 @@ impl Backbone {
             _ => None,
         });
         let owner = self.directory.lock().owner(key).map(|o| o.node.clone());
-        let node = match (self.role, relayed_from) {
-            (Role::Edge, Some(node)) => node,
-            _ => owner?,
-        };
+        let node = race::holder_to_check(self.role, relayed_from, owner)?;
         let conn = self
             .outbound
             .lock()
             .values()
             .find(|l| l.peer.node_id == node)
             .map(|l| l.conn.clone())?;
-        let heard = conn.stats().udp_rx.datagrams;
-        let deadline = Instant::now() + self.link_timeout;
-        while Instant::now() < deadline && conn.close_reason().is_none() {
-            if conn.stats().udp_rx.datagrams > heard {
-                return Some(node);
+        let wait = AnswerWait::new(
+            conn.stats().udp_rx.datagrams,
+            Instant::now(),
+            self.link_timeout,
+        );
+        loop {
+            let datagrams = conn.stats().udp_rx.datagrams;
+            match wait.observe(datagrams, conn.close_reason().is_some(), Instant::now()) {
+                Answer::Alive => return Some(node),
+                Answer::Gone => return None,
+                Answer::Waiting => tokio::time::sleep(ANSWER_POLL).await,
             }
-            tokio::time::sleep(LIVENESS_TICK / 2).await;
         }
-        None
     }
 
     pub(super) fn local_announcements(&self) -> Vec<Announcement> {

@@ -7,8 +7,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
-use super::link::*;
-use super::media::*;
+use super::link::{
+    channel_binding, flush, fresh_nonce, read_until_ready, say_last_words, InboundLink, LinkError,
+    HELLO_TIMEOUT,
+};
+use super::media::send_media;
 use super::nodes::NODE_STATE_INTERVAL;
 use super::session::{ControlSession, SessionEvent};
 use super::wire::code;

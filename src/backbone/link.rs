@@ -5,15 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
 use super::auth::{self, Nonce};
-use super::pull::*;
 use super::session::{ControlSession, PeerInfo, SessionError, SessionEvent};
+use super::upstream_link::LinkCommand;
 use super::wire::PeerRole;
 use super::{pki, tls, Backbone};
-use crate::media::StreamKey;
 
 /// Time for a peer to complete the hello exchange (from the QUIC handshake's end, control
 /// stream included).
@@ -51,53 +50,6 @@ pub enum LinkError {
     Certificate(String),
 }
 
-/// How often a link's liveness is checked.
-pub(super) const LIVENESS_TICK: Duration = Duration::from_millis(50);
-
-/// Watches that datagrams keep arriving on a connection. QUIC keep-alives
-/// ([`tls::KEEP_ALIVE`]) make a live peer answer several times per timeout even when no
-/// media flows, so silence means the peer or the path is gone: a dead origin is noticed
-/// in `timeout`, not the QUIC idle timeout.
-pub(super) struct Silence {
-    pub(super) datagrams: u64,
-    pub(super) since: Instant,
-    pub(super) timeout: Duration,
-}
-
-impl Silence {
-    pub(super) fn new(conn: &quinn::Connection, timeout: Duration) -> Silence {
-        Silence {
-            datagrams: conn.stats().udp_rx.datagrams,
-            since: Instant::now(),
-            timeout,
-        }
-    }
-
-    /// How long the link has been silent, once that exceeds the timeout.
-    pub(super) fn check(&mut self, conn: &quinn::Connection, now: Instant) -> Option<Duration> {
-        self.observe(conn.stats().udp_rx.datagrams, now)
-    }
-
-    pub(super) fn observe(&mut self, datagrams: u64, now: Instant) -> Option<Duration> {
-        if datagrams != self.datagrams {
-            self.datagrams = datagrams;
-            self.since = now;
-            return None;
-        }
-        let silent = now.saturating_duration_since(self.since);
-        (silent >= self.timeout).then_some(silent)
-    }
-}
-
-pub(super) enum LinkCommand {
-    Subscribe {
-        stream: StreamKey,
-        reply: oneshot::Sender<Result<Accepted, String>>,
-    },
-    Unsubscribe(u64),
-    KeyframeRequest(u64),
-}
-
 /// An established link this node dialed.
 pub(super) struct OutboundLink {
     pub(super) peer: PeerInfo,
@@ -116,21 +68,22 @@ pub(super) struct InboundLink {
 /// A link as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkInfo {
-    pub(super) node: String,
-    pub(super) role: PeerRole,
-    pub(super) region: String,
-    pub(super) address: String,
-    pub(super) direction: &'static str,
-    pub(super) rtt_ms: f64,
+    pub node: String,
+    pub role: PeerRole,
+    pub region: String,
+    pub address: String,
+    pub direction: &'static str,
+    pub rtt_ms: f64,
     /// QUIC packets sent, and those declared lost, since the link came up.
-    pub(super) sent_packets: u64,
-    pub(super) lost_packets: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
     /// `lost_packets / sent_packets`.
-    pub(super) loss: f64,
+    pub loss: f64,
     /// UDP bytes each way since the link came up.
-    pub(super) sent_bytes: u64,
-    pub(super) received_bytes: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
 }
+
 impl Backbone {
     pub(super) async fn accept_loop(self: Arc<Self>) {
         loop {
@@ -341,26 +294,5 @@ pub(super) async fn read_until_ready(
             };
             return Ok((peer, events));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    pub(super) fn silence_is_measured_from_the_last_datagram() {
-        let t0 = Instant::now();
-        let ms = |n| t0 + Duration::from_millis(n);
-        let mut s = Silence {
-            datagrams: 10,
-            since: t0,
-            timeout: Duration::from_millis(700),
-        };
-        assert_eq!(s.observe(10, ms(500)), None);
-        // A keep-alive answer arrives: the clock restarts.
-        assert_eq!(s.observe(11, ms(600)), None);
-        assert_eq!(s.observe(11, ms(1250)), None);
-        assert_eq!(s.observe(11, ms(1300)), Some(Duration::from_millis(700)));
     }
 }

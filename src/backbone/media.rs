@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use super::downstream_link::*;
-use super::link::*;
+use super::downstream_link::Internal;
+use super::link::HELLO_TIMEOUT;
 use super::wire::{self, code, GroupHeader, MediaItem, GROUP_HEADER_LEN};
 use crate::hub::{Hub, StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::{StreamConfig, TrackKind};

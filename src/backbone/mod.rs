@@ -23,24 +23,34 @@
 //! Without a `backbone.token` the node refuses every incoming connection (said once in the
 //! log): an empty token authenticates nobody.
 
-mod announce;
+// Sans-IO: protocol and decisions (no sockets, no clock of their own).
 pub mod auth;
 pub mod directory;
-mod downstream_link;
 pub mod group;
+pub mod handover;
+pub mod liveness;
+pub mod nodes;
+pub mod race;
+pub mod rehome;
+pub mod select;
+pub mod session;
+pub mod wire;
+
+// Drivers: QUIC IO and timers.
+mod announce;
+mod downstream_link;
+mod feed;
 mod link;
 mod media;
-pub mod nodes;
 pub mod pki;
 mod pull;
 mod report;
-pub mod session;
 pub mod tls;
 mod upstream_link;
-pub mod wire;
 
 pub use link::{channel_binding, LinkError, LinkInfo, MAX_INBOUND_LINKS};
 use link::{link_info, InboundLink, OutboundLink};
+pub use pull::PullError;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -56,6 +66,7 @@ use crate::hub::{BoxFuture, Hub, Publisher, Upstream};
 use crate::media::StreamKey;
 use directory::Directory;
 use nodes::NodeTable;
+use select::PullSelection;
 use session::PeerInfo;
 use wire::{NodeRecord, PeerRole};
 
@@ -71,6 +82,8 @@ pub struct Backbone {
     client_config: quinn::ClientConfig,
     /// Addresses to dial, in preference order.
     upstreams: Vec<SocketAddr>,
+    /// Which of them a pull subscribes over.
+    selection: PullSelection,
     outbound: Mutex<HashMap<SocketAddr, OutboundLink>>,
     inbound: Mutex<HashMap<usize, InboundLink>>,
     /// Inbound connections held now, authenticated or not (at most [`MAX_INBOUND_LINKS`]).
@@ -132,6 +145,7 @@ impl Backbone {
             endpoint,
             client_config,
             upstreams,
+            selection: PullSelection::new(role, bb.return_after),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS)),

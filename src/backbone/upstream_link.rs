@@ -3,18 +3,51 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, Instrument};
 
-use super::link::*;
-use super::media::*;
+use super::link::{
+    channel_binding, flush, fresh_nonce, read_until_ready, say_last_words, LinkError, OutboundLink,
+    HELLO_TIMEOUT,
+};
+use super::liveness::Silence;
+use super::media::{accept_groups, FeedItem};
 use super::nodes::NODE_STATE_INTERVAL;
-use super::pull::*;
+use super::pull::Refusal;
 use super::session::{ControlSession, PeerInfo, SessionEvent};
 use super::Backbone;
+use crate::media::StreamKey;
+
+/// How often a link's liveness is checked.
+const LIVENESS_TICK: Duration = Duration::from_millis(50);
+/// Items buffered between group readers and a pull.
+const FEED_QUEUE: usize = 512;
+
+/// What a pull asks of the link it subscribes over.
+pub(super) enum LinkCommand {
+    Subscribe {
+        stream: StreamKey,
+        reply: oneshot::Sender<Result<Accepted, Refusal>>,
+    },
+    Unsubscribe(u64),
+    KeyframeRequest(u64),
+}
+
+/// An accepted upstream subscription: its id, timeline and media.
+pub(super) struct Accepted {
+    pub(super) id: u64,
+    pub(super) session: u64,
+    pub(super) feed: mpsc::Receiver<FeedItem>,
+}
+
+/// A subscribe sent, waiting for its answer.
+struct PendingSubscribe {
+    reply: oneshot::Sender<Result<Accepted, Refusal>>,
+    feed: mpsc::Receiver<FeedItem>,
+}
 
 impl Backbone {
     /// Drives a link this node dialed: hello, announces in, subscriptions out, media in.
@@ -74,7 +107,8 @@ impl Backbone {
                 self.on_dialer_event(&peer, link_id, ev, &feeds, &mut pending)?;
             }
             let mut buf = vec![0u8; 16 * 1024];
-            let mut watchdog = Silence::new(&conn, self.link_timeout);
+            let mut watchdog =
+                Silence::new(conn.stats().udp_rx.datagrams, Instant::now(), self.link_timeout);
             let mut tick = tokio::time::interval(LIVENESS_TICK);
             let mut state_tick = tokio::time::interval(NODE_STATE_INTERVAL);
             loop {
@@ -88,7 +122,7 @@ impl Backbone {
                         }
                     }
                     _ = tick.tick() => {
-                        if let Some(silent) = watchdog.check(&conn, Instant::now()) {
+                        if let Some(silent) = watchdog.observe(conn.stats().udp_rx.datagrams, Instant::now()) {
                             self.hub.metrics().backbone_links_timed_out.inc();
                             let reason = format!("nothing heard for {} ms", silent.as_millis());
                             conn.close(2u32.into(), reason.as_bytes());
@@ -133,7 +167,7 @@ impl Backbone {
         result
     }
 
-    pub(super) fn on_dialer_event(
+    fn on_dialer_event(
         &self,
         peer: &PeerInfo,
         link_id: usize,
@@ -160,7 +194,7 @@ impl Backbone {
             SessionEvent::SubscribeRejected { id, code, reason } => {
                 feeds.lock().remove(&id);
                 if let Some(p) = pending.remove(&id) {
-                    let _ = p.reply.send(Err(format!("{code} {reason}")));
+                    let _ = p.reply.send(Err(Refusal { code, reason }));
                 }
             }
             SessionEvent::SubscriptionDone { id, code, reason } => {
@@ -177,8 +211,4 @@ impl Backbone {
         }
         Ok(())
     }
-}
-pub(super) struct PendingSubscribe {
-    pub(super) reply: oneshot::Sender<Result<Accepted, String>>,
-    pub(super) feed: mpsc::Receiver<FeedItem>,
 }
