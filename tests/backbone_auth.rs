@@ -106,22 +106,7 @@ impl Rogue {
 }
 
 fn record(node: &str, http: &str) -> NodeRecord {
-    NodeRecord {
-        node: node.into(),
-        role: PeerRole::Edge,
-        region: "r".into(),
-        http_url: http.into(),
-        rtmp_url: "rtmp://192.0.2.9:1935".into(),
-        incarnation: 1,
-        age_ms: 0,
-        viewers: 0,
-        load_permille: 0,
-        egress: 0,
-        out_bps: 0,
-        links: vec![],
-        streams: vec![],
-        pulls: vec![],
-    }
+    NodeRecord::idle(node, PeerRole::Edge, "r", http, "rtmp://192.0.2.9:1935", 1)
 }
 
 fn cluster_nodes(node: &NodeProc) -> Vec<serde_json::Value> {

@@ -51,6 +51,7 @@ mod upstream_link;
 pub use link::{channel_binding, LinkError, LinkInfo, MAX_INBOUND_LINKS};
 use link::{link_info, InboundLink, OutboundLink};
 pub use pull::PullError;
+pub use report::{LoadProbe, NodeLoad};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -61,7 +62,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{warn, Instrument};
 
-use crate::config::{Config, Role};
+use crate::config::{BackboneConfig, Role};
 use crate::hub::{BoxFuture, Hub, Publisher, Upstream};
 use crate::media::StreamKey;
 use directory::Directory;
@@ -69,6 +70,28 @@ use nodes::NodeTable;
 use select::PullSelection;
 use session::PeerInfo;
 use wire::{NodeRecord, PeerRole};
+
+/// Who this node is, as the backbone tells its peers and the cluster.
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub id: String,
+    pub role: Role,
+    pub region: String,
+    /// Base URLs clients are sent to (the route API).
+    pub http_url: String,
+    pub rtmp_url: String,
+}
+
+/// What the backbone needs to start, handed down by `node`.
+pub struct BackboneSettings {
+    /// The `[backbone]` section.
+    pub config: BackboneConfig,
+    pub node: NodeIdentity,
+    /// How long a peer may take to accept a media write (`limits.viewer_write_timeout`).
+    pub write_timeout: Duration,
+    /// This node's load, for its record.
+    pub load: LoadProbe,
+}
 
 pub struct Backbone {
     me: Weak<Backbone>,
@@ -93,7 +116,6 @@ pub struct Backbone {
     /// The other nodes' records; this node's own.
     nodes: Mutex<NodeTable>,
     me_record: Mutex<NodeRecord>,
-    max_viewers: u32,
     idle_grace: Duration,
     link_timeout: Duration,
     rehome_window: Duration,
@@ -105,14 +127,19 @@ pub struct Backbone {
 impl Backbone {
     /// Binds the QUIC endpoint and starts accepting and dialing.
     pub fn start(
-        config: &Config,
+        settings: BackboneSettings,
         hub: Arc<Hub>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Backbone>> {
-        let bb = &config.backbone;
-        let client_config = tls::client_config(bb)?;
+        let BackboneSettings {
+            config: bb,
+            node,
+            write_timeout,
+            load,
+        } = settings;
+        let client_config = tls::client_config(&bb)?;
         let endpoint = match bb.listen {
-            Some(addr) => quinn::Endpoint::server(tls::server_config(bb)?, addr)?,
+            Some(addr) => quinn::Endpoint::server(tls::server_config(&bb)?, addr)?,
             None => {
                 let ip = bb.bind.unwrap_or(match bb.origins.first() {
                     Some(SocketAddr::V6(_)) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
@@ -121,7 +148,7 @@ impl Backbone {
                 quinn::Endpoint::client(SocketAddr::new(ip, 0))?
             }
         };
-        let role = config.node.role;
+        let role = node.role;
         let upstreams = match role {
             Role::Edge => bb.origins.clone(),
             _ => bb.peers.clone(),
@@ -135,13 +162,13 @@ impl Backbone {
             me: me.clone(),
             hub,
             local: PeerInfo {
-                node_id: config.node.id.clone(),
+                node_id: node.id.clone(),
                 role: peer_role,
-                region: config.node.region.clone(),
+                region: node.region.clone(),
             },
             role,
             token: bb.token.clone(),
-            node_certs: tls::node_certificates(bb),
+            node_certs: tls::node_certificates(&bb),
             endpoint,
             client_config,
             upstreams,
@@ -150,29 +177,20 @@ impl Backbone {
             inbound: Mutex::new(HashMap::new()),
             inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS)),
             directory: Mutex::new(Directory::default()),
-            nodes: Mutex::new(NodeTable::new(&config.node.id)),
-            me_record: Mutex::new(NodeRecord {
-                node: config.node.id.clone(),
-                role: peer_role,
-                region: config.node.region.clone(),
-                http_url: config.public_http_url(),
-                rtmp_url: config.public_rtmp_url(),
-                incarnation: crate::clock::unix_ms(),
-                age_ms: 0,
-                viewers: 0,
-                load_permille: 0,
-                egress: 0,
-                out_bps: 0,
-                links: vec![],
-                streams: vec![],
-                pulls: vec![],
-            }),
-            max_viewers: config.node.max_viewers,
+            nodes: Mutex::new(NodeTable::new(&node.id)),
+            me_record: Mutex::new(NodeRecord::idle(
+                &node.id,
+                peer_role,
+                &node.region,
+                &node.http_url,
+                &node.rtmp_url,
+                crate::clock::unix_ms(),
+            )),
             idle_grace: bb.idle_grace,
             link_timeout: bb.link_timeout,
             rehome_window: bb.rehome_window,
             return_after: bb.return_after,
-            write_timeout: config.limits.viewer_write_timeout,
+            write_timeout,
             shutdown,
         });
         let me = Arc::downgrade(&backbone);
@@ -190,7 +208,7 @@ impl Backbone {
             }
             tokio::spawn(backbone.clone().accept_loop());
         }
-        tokio::spawn(backbone.clone().state_loop());
+        tokio::spawn(backbone.clone().state_loop(load));
         for (i, addr) in backbone.upstreams.clone().into_iter().enumerate() {
             tokio::spawn(backbone.clone().dial_loop(addr, i));
         }

@@ -1,4 +1,7 @@
-//! This node's record and the gossip of node records.
+//! This node's record and the gossip of node records: what this node tells its peers
+//! about itself every second, and what it takes from and passes on to them (the rules are
+//! in `nodes.rs` and `session.rs`). The load figures in the record come from above
+//! ([`LoadProbe`]); the backbone only carries them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +13,23 @@ use super::nodes::{self, NODE_STATE_INTERVAL};
 use super::session::PeerInfo;
 use super::wire::{self, NodeRecord, PeerRole};
 use super::Backbone;
+
+/// This node's load as its record reports it (measured above the backbone, by
+/// `cluster::load`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    /// Players attached now (every consumer protocol; not other nodes' pulls).
+    pub viewers: u32,
+    /// 0-1000: the larger of viewers against the node's maximum and CPU use.
+    pub load_permille: u16,
+    /// Egresses running.
+    pub egress: u32,
+    /// Bits per second sent to viewers, downstream nodes and egress.
+    pub out_bps: u64,
+}
+
+/// Measures this node's load when its record is refreshed (every [`NODE_STATE_INTERVAL`]).
+pub type LoadProbe = Box<dyn FnMut(Instant) -> NodeLoad + Send>;
 
 impl Backbone {
     /// Records the session let through (see `session` for whose records each side takes).
@@ -41,26 +61,17 @@ impl Backbone {
         out
     }
 
-    /// Refreshes this node's own record every [`NODE_STATE_INTERVAL`]: viewers, load
-    /// (viewers against `node.max_viewers`, and CPU), measured link RTTs, streams held.
-    pub(super) async fn state_loop(self: Arc<Self>) {
-        let mut cpu = CpuSampler::new();
-        let mut sent = (self.hub.metrics().bytes_out_total(), Instant::now());
+    /// Refreshes this node's own record every [`NODE_STATE_INTERVAL`]: its load (from
+    /// `load`), measured link RTTs, the streams it holds and which upstream serves them.
+    pub(super) async fn state_loop(self: Arc<Self>, mut load: LoadProbe) {
         let mut tick = tokio::time::interval(NODE_STATE_INTERVAL);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.shutdown.cancelled() => return,
             }
+            let figures = load(Instant::now());
             let streams = self.hub.list();
-            let attached: i64 = streams.iter().map(|s| s.subscribers as i64).sum();
-            let relays = self
-                .hub
-                .metrics()
-                .viewers_of(crate::metrics::Proto::Backbone);
-            let viewers = (attached - relays).max(0) as u32;
-            let by_viewers = (viewers as f64 / self.max_viewers as f64).min(1.0);
-            let load = by_viewers.max(cpu.sample());
             let mut links: Vec<(String, u32)> = self
                 .links()
                 .into_iter()
@@ -68,11 +79,6 @@ impl Backbone {
                 .collect();
             links.sort();
             links.dedup_by(|a, b| a.0 == b.0);
-            let metrics = self.hub.metrics();
-            let now = (metrics.bytes_out_total(), Instant::now());
-            let secs = now.1.duration_since(sent.1).as_secs_f64().max(1e-3);
-            let out_bps = (now.0.saturating_sub(sent.0) as f64 * 8.0 / secs) as u64;
-            sent = now;
             let mut pulls: HashMap<String, u32> = HashMap::new();
             for s in &streams {
                 if let crate::hub::Source::Relay { node } = &s.source {
@@ -82,11 +88,11 @@ impl Backbone {
             let mut pulls: Vec<(String, u32)> = pulls.into_iter().collect();
             pulls.sort();
             let mut me = self.me_record.lock();
-            me.viewers = viewers;
-            me.egress = metrics.egress_active.get().max(0) as u32;
-            me.out_bps = out_bps;
+            me.viewers = figures.viewers;
+            me.egress = figures.egress;
+            me.out_bps = figures.out_bps;
+            me.load_permille = figures.load_permille;
             me.pulls = pulls;
-            me.load_permille = (load * 1000.0).round() as u16;
             me.links = links;
             me.streams = streams
                 .into_iter()
@@ -97,47 +103,4 @@ impl Backbone {
                 .collect();
         }
     }
-}
-
-/// This process's CPU use, 0-1 of all cores, from `/proc/self/stat` between samples.
-pub(super) struct CpuSampler {
-    pub(super) last: Option<(u64, Instant)>,
-    pub(super) cores: f64,
-}
-
-impl CpuSampler {
-    pub(super) fn new() -> CpuSampler {
-        CpuSampler {
-            last: None,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
-        }
-    }
-
-    pub(super) fn sample(&mut self) -> f64 {
-        let Some(ticks) = process_cpu_ticks() else {
-            return 0.0;
-        };
-        let now = Instant::now();
-        let used = match self.last {
-            Some((t, at)) => {
-                let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-                // Linux counts CPU time in USER_HZ ticks, 100 per second.
-                ticks.saturating_sub(t) as f64 / 100.0 / secs / self.cores
-            }
-            None => 0.0,
-        };
-        self.last = Some((ticks, now));
-        used.clamp(0.0, 1.0)
-    }
-}
-
-/// utime + stime of this process, in clock ticks.
-pub(super) fn process_cpu_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at state (field 3).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
 }

@@ -815,22 +815,7 @@ mod tests {
     }
 
     fn record(node: &str, role: PeerRole) -> NodeRecord {
-        NodeRecord {
-            node: node.into(),
-            role,
-            region: "eu".into(),
-            http_url: "http://x".into(),
-            rtmp_url: "rtmp://x".into(),
-            incarnation: 1,
-            age_ms: 0,
-            viewers: 0,
-            load_permille: 0,
-            egress: 0,
-            out_bps: 0,
-            links: vec![],
-            streams: vec![],
-            pulls: vec![],
-        }
+        NodeRecord::idle(node, role, "eu", "http://x", "rtmp://x", 1)
     }
 
     #[test]

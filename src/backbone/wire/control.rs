@@ -89,6 +89,35 @@ pub struct NodeRecord {
     pub pulls: Vec<(String, u32)>,
 }
 
+impl NodeRecord {
+    /// The record of a node with nothing measured yet: no viewers, load, links or streams.
+    pub fn idle(
+        node: &str,
+        role: PeerRole,
+        region: &str,
+        http_url: &str,
+        rtmp_url: &str,
+        incarnation: u64,
+    ) -> NodeRecord {
+        NodeRecord {
+            node: node.into(),
+            role,
+            region: region.into(),
+            http_url: http_url.into(),
+            rtmp_url: rtmp_url.into(),
+            incarnation,
+            age_ms: 0,
+            viewers: 0,
+            load_permille: 0,
+            egress: 0,
+            out_bps: 0,
+            links: vec![],
+            streams: vec![],
+            pulls: vec![],
+        }
+    }
+}
+
 /// At most this many links and streams go in one record.
 pub const MAX_RECORD_ITEMS: usize = 1024;
 
