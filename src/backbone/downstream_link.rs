@@ -45,7 +45,7 @@ impl Backbone {
             Ok(Ok((peer, early))) => {
                 // No welcome for a peer whose certificate is for another node.
                 if let Err(e) = self.check_certificate(&conn, &peer) {
-                    conn.close(1u32.into(), e.to_string().as_bytes());
+                    conn.close(code::CLOSE_ERROR.into(), e.to_string().as_bytes());
                     return Err(e);
                 }
                 // The welcome.

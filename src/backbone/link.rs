@@ -11,7 +11,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::auth::{self, Nonce};
 use super::session::{ControlSession, PeerInfo, SessionError, SessionEvent};
 use super::upstream_link::LinkCommand;
-use super::wire::PeerRole;
+use super::wire::{code, PeerRole};
 use super::{pki, tls, Backbone};
 
 /// Time for a peer to complete the hello exchange (from the QUIC handshake's end, control
@@ -40,14 +40,14 @@ pub enum LinkError {
     ControlClosed,
     #[error("peer went away: {0}")]
     GoAway(String),
-    #[error("peer presumed dead: {0}")]
-    Silent(String),
+    #[error("peer presumed dead: nothing heard for {} ms", .0.as_millis())]
+    Silent(Duration),
     #[error("no random nonce from the OS")]
     Random,
     #[error("cannot export the TLS channel binding")]
     ChannelBinding,
     #[error("{0}")]
-    Certificate(String),
+    Certificate(#[from] pki::CertificateError),
 }
 
 /// An established link this node dialed.
@@ -126,7 +126,7 @@ impl Backbone {
                             .metrics()
                             .count_session_error(crate::metrics::Proto::Backbone);
                         info!("link closed: {e}");
-                        conn.close(1u32.into(), e.to_string().as_bytes());
+                        conn.close(code::CLOSE_ERROR.into(), e.to_string().as_bytes());
                     }
                 }
                 .instrument(span)
@@ -199,9 +199,8 @@ impl Backbone {
         if !self.node_certs {
             return Ok(());
         }
-        let cert = pki::peer_certificate(conn)
-            .ok_or_else(|| LinkError::Certificate("the peer showed no certificate".into()))?;
-        pki::names_node(&cert, &peer.node_id).map_err(LinkError::Certificate)
+        let cert = pki::peer_certificate(conn).ok_or(pki::CertificateError::Missing)?;
+        Ok(pki::names_node(&cert, &peer.node_id)?)
     }
 }
 pub(super) fn link_info(

@@ -58,7 +58,7 @@ pub(super) async fn read_group(
             Ok(h) => h,
             Err(e) => {
                 warn!("bad group stream: {e}");
-                let _ = stream.stop(1u32.into());
+                let _ = stream.stop(code::STREAM_MALFORMED.into());
                 return;
             }
         },
@@ -66,7 +66,7 @@ pub(super) async fn read_group(
     };
     let Some(tx) = feeds.lock().get(&header.subscription).cloned() else {
         // Unsubscribed meanwhile.
-        let _ = stream.stop(0u32.into());
+        let _ = stream.stop(code::STREAM_UNWANTED.into());
         return;
     };
     let group = header.sequence;
@@ -74,7 +74,7 @@ pub(super) async fn read_group(
         match read_item(&mut stream).await {
             Ok(Some(item)) => {
                 if tx.send(FeedItem::Media { group, item }).await.is_err() {
-                    let _ = stream.stop(0u32.into());
+                    let _ = stream.stop(code::STREAM_UNWANTED.into());
                     return;
                 }
             }
@@ -83,7 +83,7 @@ pub(super) async fn read_group(
                 debug!(group, "group stream ended early: {e}");
                 if matches!(e, ItemError::Wire(_)) {
                     warn!(group, "malformed media item: {e}");
-                    let _ = stream.stop(1u32.into());
+                    let _ = stream.stop(code::STREAM_MALFORMED.into());
                 }
                 break;
             }
@@ -151,7 +151,7 @@ pub(super) async fn send_media(
     let (code, reason) = loop {
         let ev = tokio::select! {
             ev = sub.next() => ev,
-            _ = cancel.cancelled() => break (0, "unsubscribed".to_string()),
+            _ = cancel.cancelled() => break (code::GONE, "unsubscribed".to_string()),
         };
         let ev = match ev {
             Ok(ev) => ev,
@@ -177,7 +177,7 @@ pub(super) async fn send_media(
             StreamEvent::Discontinuity => {
                 counters.lag_skips.inc();
                 if let Some(mut g) = group.take() {
-                    let _ = g.reset(1u32.into());
+                    let _ = g.reset(code::STREAM_ABANDONED.into());
                 }
                 continue;
             }
@@ -196,7 +196,7 @@ pub(super) async fn send_media(
                     }
                     let s = match conn.open_uni().await {
                         Ok(s) => s,
-                        Err(e) => break (0, format!("link lost: {e}")),
+                        Err(e) => break (code::GONE, format!("link lost: {e}")),
                     };
                     // Newer groups win the bandwidth.
                     let _ = s.set_priority(next_sequence.min(i32::MAX as u64) as i32);

@@ -265,7 +265,8 @@ impl Backbone {
 
     /// Closes every link and the endpoint.
     pub async fn close(&self) {
-        self.endpoint.close(0u32.into(), b"shutdown");
+        self.endpoint
+            .close(wire::code::CLOSE_SHUTDOWN.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }

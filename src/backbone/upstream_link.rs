@@ -18,6 +18,7 @@ use super::media::{accept_groups, FeedItem};
 use super::nodes::NODE_STATE_INTERVAL;
 use super::pull::Refusal;
 use super::session::{ControlSession, PeerInfo, SessionEvent};
+use super::wire::code;
 use super::Backbone;
 use crate::media::StreamKey;
 
@@ -74,12 +75,12 @@ impl Backbone {
             Ok(ready) => ready,
             Err(e) => {
                 say_last_words(&mut session, &mut send).await;
-                conn.close(1u32.into(), e.to_string().as_bytes());
+                conn.close(code::CLOSE_ERROR.into(), e.to_string().as_bytes());
                 return Err(e);
             }
         };
         if let Err(e) = self.check_certificate(&conn, &peer) {
-            conn.close(1u32.into(), e.to_string().as_bytes());
+            conn.close(code::CLOSE_ERROR.into(), e.to_string().as_bytes());
             return Err(e);
         }
         info!(node = %peer.node_id, role = ?peer.role, region = %peer.region, "link up");
@@ -124,9 +125,9 @@ impl Backbone {
                     _ = tick.tick() => {
                         if let Some(silent) = watchdog.observe(conn.stats().udp_rx.datagrams, Instant::now()) {
                             self.hub.metrics().backbone_links_timed_out.inc();
-                            let reason = format!("nothing heard for {} ms", silent.as_millis());
-                            conn.close(2u32.into(), reason.as_bytes());
-                            return Err(LinkError::Silent(reason));
+                            let e = LinkError::Silent(silent);
+                            conn.close(code::CLOSE_SILENT.into(), e.to_string().as_bytes());
+                            return Err(e);
                         }
                         continue;
                     }

@@ -70,17 +70,49 @@ pub enum WireError {
     Version(u16),
 }
 
-/// Error and completion codes in SubscribeError / SubscribeDone.
+/// Every code the backbone puts on the wire, by name (the table in
+/// `docs/backbone-protocol.md`, "Codes", lists the same).
+///
+/// * `u16` result codes of SubscribeError and SubscribeDone: what the subscriber does next
+///   (`backbone::rehome::UpstreamEnd::of`: only [`ENDED`] ends a pull; any other code
+///   makes it look for another upstream).
+/// * `u32` QUIC application codes: `CLOSE_*` close a connection, `STREAM_*` stop or reset
+///   a media (group) stream. The reason phrase that goes with a close is for logs.
 pub mod code {
-    pub const NOT_FOUND: u16 = 404;
-    pub const TIMEOUT: u16 = 504;
+    /// SubscribeDone: the publisher ended the stream.
     pub const ENDED: u16 = 200;
-    pub const TOO_SLOW: u16 = 429;
-    /// The stream lives on, published elsewhere (its publisher here lost the name to
-    /// another origin): look it up again.
+    /// SubscribeError: the stream is not published here (nor, for an edge's subscribe,
+    /// anywhere this node can pull it from).
+    pub const NOT_FOUND: u16 = 404;
+    /// SubscribeDone: the stream lives on, published elsewhere (its publisher here lost the
+    /// name to another origin): look it up again.
     pub const MOVED: u16 = 409;
+    /// SubscribeDone: the subscriber fell too far behind, or stopped reading.
+    pub const TOO_SLOW: u16 = 429;
+    /// SubscribeError: this node's own pull of the stream did not go live in time.
+    pub const TIMEOUT: u16 = 504;
+    /// SubscribeDone (never seen by a live subscriber): the subscriber unsubscribed, or the
+    /// link went away while the media was being written.
+    pub const GONE: u16 = 0;
+
+    /// Connection close: the node is shutting down.
+    pub const CLOSE_SHUTDOWN: u32 = 0;
+    /// Connection close: the hello failed (version, authentication, certificate) or the
+    /// link broke the protocol; the reason says which.
+    pub const CLOSE_ERROR: u32 = 1;
+    /// Connection close: nothing arrived within the link timeout (the peer is presumed dead).
+    pub const CLOSE_SILENT: u32 = 2;
+
+    /// Media stream STOP_SENDING: nobody reads this group (unsubscribed, or the pull ended).
+    pub const STREAM_UNWANTED: u32 = 0;
+    /// Media stream STOP_SENDING: its header or an item was malformed.
+    pub const STREAM_MALFORMED: u32 = 1;
+    /// Media stream RESET: the sender abandoned the group (its subscriber lagged; the next
+    /// group starts at a keyframe).
+    pub const STREAM_ABANDONED: u32 = 1;
 }
 
+/// Splits a byte stream into `(type, body)` frames.
 ///
 /// It holds only the bytes pushed so far (never a buffer sized from an announced length)
 /// and refuses a frame announced above its limit as soon as the length prefix is in.

@@ -359,3 +359,83 @@ fn random_bytes_never_panic() {
         let _ = MediaItem::decode(t % 4, Bytes::from(bytes));
     }
 }
+
+/// `docs/backbone-protocol.md`, which must agree with the constants here.
+const PROTOCOL_DOC: &str = include_str!("../../../docs/backbone-protocol.md");
+
+/// The rows of the markdown table that follows `heading`, split into trimmed cells.
+fn doc_table(heading: &str) -> Vec<Vec<String>> {
+    let start = PROTOCOL_DOC
+        .find(heading)
+        .unwrap_or_else(|| panic!("the doc has a {heading:?} section"));
+    PROTOCOL_DOC[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2) // header and separator
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().trim_matches('`').to_string())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_protocol_doc_names_the_versions_in_the_code() {
+    let title = format!("# Backbone protocol, version {VERSION}\n");
+    assert!(
+        PROTOCOL_DOC.starts_with(&title),
+        "doc title is not {title:?}"
+    );
+    let header = format!("\"MG\"  u8 version ({})", VERSION as u8);
+    assert!(
+        PROTOCOL_DOC.contains(&header),
+        "the media-stream header in the doc is not {header:?}"
+    );
+    let alpn = format!("ALPN `{}`", String::from_utf8_lossy(ALPN));
+    assert!(PROTOCOL_DOC.contains(&alpn), "the doc does not say {alpn}");
+}
+
+#[test]
+fn the_protocol_docs_codec_table_is_the_codes_codec_ids() {
+    let rows = doc_table("### Codec ids");
+    let documented: Vec<(u8, String)> = rows
+        .iter()
+        .map(|r| (r[0].parse().expect("a codec id"), r[1].clone()))
+        .collect();
+    let in_code: Vec<(u8, String)> = (0..=u8::MAX)
+        .filter_map(|id| Codec::from_wire_id(id).map(|c| (id, format!("{c:?}"))))
+        .collect();
+    assert_eq!(documented, in_code);
+    for (id, _) in &in_code {
+        assert_eq!(Codec::from_wire_id(*id).map(Codec::wire_id), Some(*id));
+    }
+}
+
+#[test]
+fn the_protocol_docs_code_table_is_wire_code() {
+    let documented: Vec<(String, u32)> = doc_table("## Codes")
+        .iter()
+        .map(|r| (r[0].clone(), r[1].parse().expect("a code value")))
+        .collect();
+    let in_code: Vec<(String, u32)> = [
+        ("ENDED", code::ENDED as u32),
+        ("NOT_FOUND", code::NOT_FOUND as u32),
+        ("MOVED", code::MOVED as u32),
+        ("TOO_SLOW", code::TOO_SLOW as u32),
+        ("TIMEOUT", code::TIMEOUT as u32),
+        ("GONE", code::GONE as u32),
+        ("CLOSE_SHUTDOWN", code::CLOSE_SHUTDOWN),
+        ("CLOSE_ERROR", code::CLOSE_ERROR),
+        ("CLOSE_SILENT", code::CLOSE_SILENT),
+        ("STREAM_UNWANTED", code::STREAM_UNWANTED),
+        ("STREAM_MALFORMED", code::STREAM_MALFORMED),
+        ("STREAM_ABANDONED", code::STREAM_ABANDONED),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v))
+    .collect();
+    assert_eq!(documented, in_code);
+}
