@@ -28,7 +28,7 @@ use meshcast::backbone::directory::Directory;
 use meshcast::backbone::rehome::{NoUpstream, Rehome};
 use meshcast::backbone::select::{LinkedUpstream, PullSelection};
 use meshcast::backbone::session::{ControlSession, PeerInfo, SessionEvent};
-use meshcast::backbone::wire::{Announcement, ControlMessage, FrameDecoder, PeerRole};
+use meshcast::backbone::wire::{Announcement, ControlMessage, FrameDecoder};
 use meshcast::config::Role;
 use meshcast::media::StreamKey;
 
@@ -245,11 +245,7 @@ impl Sim {
     fn connect(&mut self, dialer: usize, acceptor: usize) {
         let info = |n: &Node| PeerInfo {
             node_id: n.id.clone(),
-            role: if n.origin {
-                PeerRole::Origin
-            } else {
-                PeerRole::Edge
-            },
+            role: if n.origin { Role::Origin } else { Role::Edge },
             region: format!("r{}", n.region),
         };
         // Nonces need only differ per session here (the driver draws them from the OS).

@@ -11,8 +11,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::auth::{self, Nonce};
 use super::session::{ControlSession, PeerInfo, SessionError, SessionEvent};
 use super::upstream_link::LinkCommand;
-use super::wire::{code, PeerRole};
+use super::wire::code;
 use super::{pki, tls, Backbone};
+use crate::config::Role;
 
 /// Time for a peer to complete the hello exchange (from the QUIC handshake's end, control
 /// stream included).
@@ -69,7 +70,7 @@ pub(super) struct InboundLink {
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkInfo {
     pub node: String,
-    pub role: PeerRole,
+    pub role: Role,
     pub region: String,
     pub address: String,
     pub direction: &'static str,

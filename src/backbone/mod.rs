@@ -69,7 +69,7 @@ use directory::Directory;
 use nodes::NodeTable;
 use select::PullSelection;
 use session::PeerInfo;
-use wire::{NodeRecord, PeerRole};
+use wire::NodeRecord;
 
 /// Who this node is, as the backbone tells its peers and the cluster.
 #[derive(Clone, Debug)]
@@ -153,17 +153,12 @@ impl Backbone {
             Role::Edge => bb.origins.clone(),
             _ => bb.peers.clone(),
         };
-        let peer_role = match role {
-            Role::Origin => PeerRole::Origin,
-            Role::Edge => PeerRole::Edge,
-            Role::Standalone => PeerRole::Standalone,
-        };
         let backbone = Arc::new_cyclic(|me| Backbone {
             me: me.clone(),
             hub,
             local: PeerInfo {
                 node_id: node.id.clone(),
-                role: peer_role,
+                role,
                 region: node.region.clone(),
             },
             role,
@@ -180,7 +175,7 @@ impl Backbone {
             nodes: Mutex::new(NodeTable::new(&node.id)),
             me_record: Mutex::new(NodeRecord::idle(
                 &node.id,
-                peer_role,
+                role,
                 &node.region,
                 &node.http_url,
                 &node.rtmp_url,

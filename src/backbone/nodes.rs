@@ -19,7 +19,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::wire::{NodeRecord, PeerRole};
+use super::wire::NodeRecord;
+use crate::config::Role;
 
 /// A record older than this is ignored (its node is presumed gone).
 pub const RECORD_TTL: Duration = Duration::from_secs(3);
@@ -103,7 +104,7 @@ impl NodeTable {
     }
 
     /// What to pass on: to an origin, records heard directly; to an edge, all.
-    pub fn to_pass_on(&self, to: PeerRole, now: Instant) -> Vec<NodeRecord> {
+    pub fn to_pass_on(&self, to: Role, now: Instant) -> Vec<NodeRecord> {
         let direct_only = to.is_origin();
         let mut out: Vec<NodeRecord> = self
             .entries
@@ -150,7 +151,7 @@ pub fn fit_streams(records: &mut [NodeRecord], budget: usize) -> usize {
 
 /// A record with no load, links or streams, for tests.
 #[cfg(test)]
-pub(crate) fn test_record(node: &str, role: PeerRole, region: &str) -> NodeRecord {
+pub(crate) fn test_record(node: &str, role: Role, region: &str) -> NodeRecord {
     NodeRecord::idle(
         node,
         role,
@@ -164,10 +165,9 @@ pub(crate) fn test_record(node: &str, role: PeerRole, region: &str) -> NodeRecor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backbone::wire::PeerRole;
     use crate::media::StreamKey;
 
-    fn rec(node: &str, role: PeerRole, region: &str) -> NodeRecord {
+    fn rec(node: &str, role: Role, region: &str) -> NodeRecord {
         test_record(node, role, region)
     }
 
@@ -180,7 +180,7 @@ mod tests {
         };
         let mut records: Vec<NodeRecord> = (0..5)
             .map(|i| {
-                let mut r = rec(&format!("n{i}"), PeerRole::Edge, "us");
+                let mut r = rec(&format!("n{i}"), Role::Edge, "us");
                 r.streams = many(100);
                 r
             })
@@ -196,26 +196,23 @@ mod tests {
     fn records_age_and_a_restarted_node_replaces_its_old_record() {
         let t0 = Instant::now();
         let mut table = NodeTable::new("origin-us");
-        let mut edge = rec("edge-eu1", PeerRole::Edge, "eu");
+        let mut edge = rec("edge-eu1", Role::Edge, "eu");
         edge.age_ms = 500;
         table.update(
-            vec![rec("origin-eu", PeerRole::Origin, "eu"), edge.clone()],
+            vec![rec("origin-eu", Role::Origin, "eu"), edge.clone()],
             "origin-eu",
             1,
             t0,
         );
         assert_eq!(table.fresh(t0).len(), 2);
         // Passed on to origins: only what came directly; to edges: everything.
-        assert_eq!(
-            names_of(&table.to_pass_on(PeerRole::Origin, t0)),
-            ["origin-eu"]
-        );
-        assert_eq!(table.to_pass_on(PeerRole::Edge, t0).len(), 2);
+        assert_eq!(names_of(&table.to_pass_on(Role::Origin, t0)), ["origin-eu"]);
+        assert_eq!(table.to_pass_on(Role::Edge, t0).len(), 2);
         // The relayed record expires by its own age.
         let later = t0 + RECORD_TTL - Duration::from_millis(400);
         assert_eq!(names_of(&table.fresh(later)), ["origin-eu"]);
         // A new incarnation wins even when older-looking.
-        let mut reborn = rec("origin-eu", PeerRole::Origin, "eu");
+        let mut reborn = rec("origin-eu", Role::Origin, "eu");
         reborn.incarnation = 2;
         reborn.age_ms = 900;
         table.update(vec![reborn], "origin-eu", 1, t0);
@@ -230,7 +227,7 @@ mod tests {
         );
         // Our own record coming back is ignored.
         table.update(
-            vec![rec("origin-us", PeerRole::Origin, "us")],
+            vec![rec("origin-us", Role::Origin, "us")],
             "origin-eu",
             1,
             t0,
@@ -242,15 +239,10 @@ mod tests {
     fn records_leave_with_the_link_they_came_over() {
         let t0 = Instant::now();
         let mut table = NodeTable::new("edge-1");
-        let origin = rec("origin-a", PeerRole::Origin, "eu");
-        let relayed = rec("edge-2", PeerRole::Edge, "eu");
+        let origin = rec("origin-a", Role::Origin, "eu");
+        let relayed = rec("edge-2", Role::Edge, "eu");
         table.update(vec![origin.clone(), relayed], "origin-a", 7, t0);
-        table.update(
-            vec![rec("origin-b", PeerRole::Origin, "us")],
-            "origin-b",
-            8,
-            t0,
-        );
+        table.update(vec![rec("origin-b", Role::Origin, "us")], "origin-b", 8, t0);
         table.forget_link(7);
         assert_eq!(names_of(&table.fresh(t0)), ["origin-b"]);
         // Heard again (over another link): back at once.

@@ -11,8 +11,9 @@ use tracing::debug;
 
 use super::nodes::{self, NODE_STATE_INTERVAL};
 use super::session::PeerInfo;
-use super::wire::{self, NodeRecord, PeerRole};
+use super::wire::{self, NodeRecord};
 use super::Backbone;
+use crate::config::Role;
 
 /// This node's load as its record reports it (measured above the backbone, by
 /// `cluster::load`).
@@ -42,7 +43,7 @@ impl Backbone {
     /// The node records to send to a peer of `role`: this node's, then (origins only, and
     /// only on links the peer dialed: `pass_on`) what it passes on
     /// ([`NodeTable::to_pass_on`]).
-    pub(super) fn records_for(&self, role: PeerRole, pass_on: bool) -> Vec<NodeRecord> {
+    pub(super) fn records_for(&self, role: Role, pass_on: bool) -> Vec<NodeRecord> {
         let mut out = vec![self.me_record.lock().clone()];
         if pass_on && self.local.role.is_origin() {
             out.extend(self.nodes.lock().to_pass_on(role, Instant::now()));

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::backbone::wire::{NodeRecord, PeerRole};
+use crate::backbone::wire::NodeRecord;
+use crate::config::Role;
 use crate::media::StreamKey;
 
 /// Nodes this loaded (per mille) take no new clients.
@@ -47,7 +48,7 @@ pub enum Action {
 #[derive(Clone, Debug, Serialize)]
 pub struct Choice {
     pub node: String,
-    pub role: PeerRole,
+    pub role: Role,
     pub region: String,
     pub http_url: String,
     pub rtmp_url: String,
@@ -105,18 +106,18 @@ pub fn rank(
     action: Action,
 ) -> Vec<Choice> {
     let rtts = region_rtts(records);
-    let serves = |r: &NodeRecord, roles: &[PeerRole]| {
+    let serves = |r: &NodeRecord, roles: &[Role]| {
         roles.contains(&r.role) && r.load_permille < FULL_PERMILLE && !r.http_url.is_empty()
     };
-    let roles: &[PeerRole] = match action {
+    let roles: &[Role] = match action {
         Action::Play
             if records
                 .iter()
-                .any(|r| serves(r, &[PeerRole::Edge, PeerRole::Standalone])) =>
+                .any(|r| serves(r, &[Role::Edge, Role::Standalone])) =>
         {
-            &[PeerRole::Edge, PeerRole::Standalone]
+            &[Role::Edge, Role::Standalone]
         }
-        _ => &[PeerRole::Origin, PeerRole::Standalone],
+        _ => &[Role::Origin, Role::Standalone],
     };
     let name = stream.to_string();
     let mut out: Vec<(Choice, u64)> = records
@@ -168,7 +169,7 @@ mod tests {
     use super::*;
     use crate::backbone::nodes::test_record;
 
-    fn rec(node: &str, role: PeerRole, region: &str) -> NodeRecord {
+    fn rec(node: &str, role: Role, region: &str) -> NodeRecord {
         test_record(node, role, region)
     }
 
@@ -178,11 +179,11 @@ mod tests {
 
     /// Origins us, eu, ap with measured RTTs us-eu 60, us-ap 150, eu-ap 120 ms.
     fn world() -> Vec<NodeRecord> {
-        let mut us = rec("origin-us", PeerRole::Origin, "us");
+        let mut us = rec("origin-us", Role::Origin, "us");
         us.links = vec![("origin-eu".into(), 60_000), ("origin-ap".into(), 150_000)];
-        let mut eu = rec("origin-eu", PeerRole::Origin, "eu");
+        let mut eu = rec("origin-eu", Role::Origin, "eu");
         eu.links = vec![("origin-us".into(), 62_000), ("origin-ap".into(), 120_000)];
-        let ap = rec("origin-ap", PeerRole::Origin, "ap");
+        let ap = rec("origin-ap", Role::Origin, "ap");
         vec![us, eu, ap]
     }
 
@@ -200,10 +201,10 @@ mod tests {
     #[test]
     fn players_go_to_the_nearest_edge_then_the_least_loaded_then_a_warm_one() {
         let mut w = world();
-        let mut us1 = rec("edge-us1", PeerRole::Edge, "us");
-        let us2 = rec("edge-us2", PeerRole::Edge, "us");
-        let eu1 = rec("edge-eu1", PeerRole::Edge, "eu");
-        let ap1 = rec("edge-ap1", PeerRole::Edge, "ap");
+        let mut us1 = rec("edge-us1", Role::Edge, "us");
+        let us2 = rec("edge-us2", Role::Edge, "us");
+        let eu1 = rec("edge-eu1", Role::Edge, "eu");
+        let ap1 = rec("edge-ap1", Role::Edge, "ap");
         us1.load_permille = 500;
         w.extend([us1.clone(), us2.clone(), eu1, ap1]);
         let r = rank(&w, &key(), "us", Action::Play);
@@ -219,8 +220,8 @@ mod tests {
         // No edge in us: the nearest region by RTT (eu at 62 ms before ap at 150).
         let mut w3 = world();
         w3.extend([
-            rec("edge-ap1", PeerRole::Edge, "ap"),
-            rec("edge-eu1", PeerRole::Edge, "eu"),
+            rec("edge-ap1", Role::Edge, "ap"),
+            rec("edge-eu1", Role::Edge, "eu"),
         ]);
         assert_eq!(
             names(&rank(&w3, &key(), "us", Action::Play)),
@@ -231,7 +232,7 @@ mod tests {
     #[test]
     fn publishers_go_to_origins_and_full_or_unknown_nodes_come_last_or_not_at_all() {
         let mut w = world();
-        w.push(rec("edge-us1", PeerRole::Edge, "us"));
+        w.push(rec("edge-us1", Role::Edge, "us"));
         w[0].load_permille = 990;
         let r = rank(&w, &key(), "us", Action::Publish);
         assert_eq!(
@@ -248,7 +249,7 @@ mod tests {
     #[test]
     fn streams_spread_over_equal_nodes_and_each_sticks_to_one() {
         let mut w = world();
-        w.extend((0..4).map(|i| rec(&format!("edge-us{i}"), PeerRole::Edge, "us")));
+        w.extend((0..4).map(|i| rec(&format!("edge-us{i}"), Role::Edge, "us")));
         let first = |n: usize| {
             let k = StreamKey::new("live", &format!("s{n}")).unwrap();
             rank(&w, &k, "us", Action::Play)[0].node.clone()

@@ -4,38 +4,25 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{put_frame, put_str, Reader, WireError, VERSION};
 use crate::backbone::auth::{Nonce, Proof};
+use crate::config::Role;
 use crate::media::StreamKey;
 
-/// The role a node announces in its hello.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerRole {
-    Origin,
-    Edge,
-    Standalone,
+/// The role a node announces in its hello and its records is its configured [`Role`],
+/// one byte on the wire.
+pub(crate) fn role_to_u8(role: Role) -> u8 {
+    match role {
+        Role::Origin => 1,
+        Role::Edge => 2,
+        Role::Standalone => 3,
+    }
 }
 
-impl PeerRole {
-    pub(crate) fn to_u8(self) -> u8 {
-        match self {
-            PeerRole::Origin => 1,
-            PeerRole::Edge => 2,
-            PeerRole::Standalone => 3,
-        }
-    }
-
-    fn from_u8(v: u8) -> Result<PeerRole, WireError> {
-        match v {
-            1 => Ok(PeerRole::Origin),
-            2 => Ok(PeerRole::Edge),
-            3 => Ok(PeerRole::Standalone),
-            _ => Err(WireError::Invalid("unknown role")),
-        }
-    }
-
-    /// Origins and standalone nodes hold publishers and belong to the mesh.
-    pub fn is_origin(self) -> bool {
-        matches!(self, PeerRole::Origin | PeerRole::Standalone)
+fn role_from_u8(v: u8) -> Result<Role, WireError> {
+    match v {
+        1 => Ok(Role::Origin),
+        2 => Ok(Role::Edge),
+        3 => Ok(Role::Standalone),
+        _ => Err(WireError::Invalid("unknown role")),
     }
 }
 
@@ -63,7 +50,7 @@ impl Announcement {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NodeRecord {
     pub node: String,
-    pub role: PeerRole,
+    pub role: Role,
     pub region: String,
     /// Base URLs clients are sent to.
     pub http_url: String,
@@ -93,7 +80,7 @@ impl NodeRecord {
     /// The record of a node with nothing measured yet: no viewers, load, links or streams.
     pub fn idle(
         node: &str,
-        role: PeerRole,
+        role: Role,
         region: &str,
         http_url: &str,
         rtmp_url: &str,
@@ -128,7 +115,7 @@ pub enum ControlMessage {
     Hello {
         version: u16,
         node_id: String,
-        role: PeerRole,
+        role: Role,
         region: String,
         nonce: Nonce,
     },
@@ -137,7 +124,7 @@ pub enum ControlMessage {
     Challenge {
         version: u16,
         node_id: String,
-        role: PeerRole,
+        role: Role,
         region: String,
         nonce: Nonce,
     },
@@ -226,7 +213,7 @@ impl ControlMessage {
             } => {
                 body.put_u16(*version);
                 put_str(&mut body, node_id);
-                body.put_u8(role.to_u8());
+                body.put_u8(role_to_u8(*role));
                 put_str(&mut body, region);
                 body.put_slice(nonce);
                 if matches!(self, ControlMessage::Hello { .. }) {
@@ -307,12 +294,8 @@ impl ControlMessage {
                 if version != VERSION {
                     return Err(WireError::Version(version));
                 }
-                let (node_id, role, region, nonce) = (
-                    r.string()?,
-                    PeerRole::from_u8(r.u8()?)?,
-                    r.string()?,
-                    r.array()?,
-                );
+                let (node_id, role, region, nonce) =
+                    (r.string()?, role_from_u8(r.u8()?)?, r.string()?, r.array()?);
                 if t == T_HELLO {
                     ControlMessage::Hello {
                         version,
@@ -381,7 +364,7 @@ impl ControlMessage {
 
 pub(super) fn put_record(out: &mut BytesMut, r: &NodeRecord) {
     put_str(out, &r.node);
-    out.put_u8(r.role.to_u8());
+    out.put_u8(role_to_u8(r.role));
     put_str(out, &r.region);
     put_str(out, &r.http_url);
     put_str(out, &r.rtmp_url);
@@ -422,7 +405,7 @@ impl Reader {
 
     pub(super) fn record(&mut self) -> Result<NodeRecord, WireError> {
         let node = self.string()?;
-        let role = PeerRole::from_u8(self.u8()?)?;
+        let role = role_from_u8(self.u8()?)?;
         let region = self.string()?;
         let http_url = self.string()?;
         let rtmp_url = self.string()?;

@@ -18,7 +18,11 @@ mod media;
 #[cfg(test)]
 mod tests;
 
-pub use control::{Announcement, ControlMessage, NodeRecord, PeerRole, MAX_RECORD_ITEMS};
+/// The role in a hello or a node record is the node's configured role: one type, with
+/// this older name kept for the fuzz targets and examples that use it.
+pub use crate::config::Role as PeerRole;
+pub(crate) use control::role_to_u8;
+pub use control::{Announcement, ControlMessage, NodeRecord, MAX_RECORD_ITEMS};
 pub use media::{GroupHeader, MediaItem};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};

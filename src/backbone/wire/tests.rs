@@ -3,6 +3,7 @@
 use super::control::*;
 use super::media::*;
 use super::*;
+use crate::config::Role;
 use crate::media::{
     AudioConfig, Codec, Frame, Metadata, SimulcastLayer, StreamConfig, StreamKey, Timebase,
     VideoConfig,
@@ -25,14 +26,14 @@ fn all_messages() -> Vec<ControlMessage> {
         ControlMessage::Hello {
             version: VERSION,
             node_id: "a".into(),
-            role: PeerRole::Origin,
+            role: Role::Origin,
             region: "eu".into(),
             nonce: [7; 32],
         },
         ControlMessage::Challenge {
             version: VERSION,
             node_id: "b".into(),
-            role: PeerRole::Edge,
+            role: Role::Edge,
             region: "us".into(),
             nonce: [8; 32],
         },
@@ -41,7 +42,7 @@ fn all_messages() -> Vec<ControlMessage> {
         ControlMessage::Announce(announcement()),
         ControlMessage::NodeState(vec![NodeRecord {
             node: "edge-1".into(),
-            role: PeerRole::Edge,
+            role: Role::Edge,
             region: "eu".into(),
             http_url: "http://10.0.0.1:8080".into(),
             rtmp_url: "rtmp://10.0.0.1:1935".into(),
@@ -198,7 +199,7 @@ fn hello_has_exact_bytes_and_another_version_is_named_not_parsed() {
     ControlMessage::Hello {
         version: VERSION,
         node_id: "a".into(),
-        role: PeerRole::Edge,
+        role: Role::Edge,
         region: "eu".into(),
         nonce: [7; 32],
     }
