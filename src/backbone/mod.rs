@@ -1,15 +1,33 @@
-//! The backbone: QUIC links between nodes (quinn), driving the sans-IO [`session`] and
-//! [`wire`] code.
+//! The backbone: QUIC links between nodes (quinn), the protocol they speak, and the
+//! per-stream decisions of pulling over them. This file is only the [`Backbone`] facade.
 //!
 //! * Every node dials the addresses in its config (origins: the other origins; edges: their
 //!   origins) and keeps redialing. The dialer of a connection subscribes; the acceptor
 //!   announces its local streams (to origins) and sends media. Two origins that list each
 //!   other hold one connection per direction.
-//! * A subscription's media travels one QUIC unidirectional stream per group (GOP), written by
-//!   [`send_media`] and put back in order by [`group::GroupSequencer`].
-//! * [`Backbone`] implements the hub's [`Upstream`]: an edge pulls from the first origin of its
-//!   list that is connected; an origin pulls from the origin whose announce it holds, and never
-//!   passes on another origin's stream to a third origin (one hop).
+//! * A subscription's media travels one QUIC unidirectional stream per group (GOP), written
+//!   by `media.rs` and put back in order by [`group::GroupSequencer`].
+//! * [`Backbone`] implements the hub's [`Upstream`]: an edge pulls from the first origin of
+//!   its list that is connected; an origin pulls from the origin whose announce it holds,
+//!   and never passes on another origin's stream to a third origin (one hop).
+//!
+//! The folder, by job. **Sans-IO** (no sockets, no clock of their own; unit-tested):
+//! [`wire`] (the bytes), [`session`] (the control-stream state machine), [`auth`] (the
+//! hello's proofs), [`directory`] (who publishes what), [`nodes`] (the gossip of node
+//! records), [`select`] (which link a pull uses), [`rehome`] (what a pull does when its
+//! upstream is lost), [`handover`] (an edge's make-before-break return to its preferred
+//! origin), [`race`] (one name published on two origins), [`liveness`] (is a peer alive),
+//! [`group`] (putting group streams back in order). **Drivers** (IO and timers only):
+//! `link.rs` (the link registry, dial and accept loops, the hello), `upstream_link.rs` (a
+//! link this node dialed), `downstream_link.rs` (a link a peer dialed), `announce.rs`,
+//! `report.rs` (this node's record), `pull.rs` and `feed.rs` (feeding a relay from
+//! upstream), `media.rs` (group streams), [`tls`] and [`pki`]. To change a decision, change
+//! its sans-IO type; the drivers only carry out what it answers.
+//!
+//! What it may not touch: anything above the drivers. It never imports `cluster`, `api` or
+//! `node`; what it needs from above (this node's load) is handed down by `node` as a
+//! closure ([`LoadProbe`]), and it takes its own settings ([`BackboneSettings`]), never the
+//! whole config.
 //!
 //! One task per connection owns its control stream; one task per served subscription writes
 //! its groups; one task per received group stream reads it. Queues are bounded: a served
@@ -17,7 +35,7 @@
 //!
 //! Nothing a peer sends makes a node grow without bound: at most [`MAX_INBOUND_LINKS`]
 //! inbound connections, QUIC stream limits per connection ([`tls`]), a hello that must
-//! complete within [`HELLO_TIMEOUT`] and [`wire::HANDSHAKE_MESSAGE`] bytes per message, and
+//! complete within five seconds and [`wire::HANDSHAKE_MESSAGE`] bytes per message, and
 //! media items read into buffers that grow as their bytes arrive (never to an announced
 //! length). The nonces of the hello come from the OS generator here, not in the session.
 //! Without a `backbone.token` the node refuses every incoming connection (said once in the

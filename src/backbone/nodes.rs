@@ -128,7 +128,7 @@ pub const STATE_STREAM_BYTES: usize = 256 << 10;
 /// Keeps a node-state message small whatever the cluster's size: once the records' stream
 /// lists pass `budget` bytes of names, the remaining records (the sender's own record comes
 /// first and is kept whole if it fits) go without theirs. Those lists only decide "warm"
-/// in [`rank`], the last tie-break before the hash, so a large cluster loses a preference,
+/// in `cluster::route::rank`, the last tie-break before the hash, so a large cluster loses a preference,
 /// never a route. Returns how many records lost their list.
 pub fn fit_streams(records: &mut [NodeRecord], budget: usize) -> usize {
     let mut used = 0;

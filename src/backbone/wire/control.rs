@@ -128,7 +128,7 @@ pub enum ControlMessage {
         region: String,
         nonce: Nonce,
     },
-    /// Dialer → acceptor: the dialer's proof of the token ([`super::auth`]).
+    /// Dialer → acceptor: the dialer's proof of the token ([`crate::backbone::auth`]).
     Auth { proof: Proof },
     /// Acceptor → dialer, once the dialer's proof checked out: the acceptor's proof. The
     /// session is up on both sides once this is verified.
@@ -250,21 +250,20 @@ impl ControlMessage {
                 body.put_u64(*session);
                 T_SUBSCRIBE_OK
             }
-            ControlMessage::SubscribeError { id, code, reason } => {
+            ControlMessage::SubscribeError { id, code, reason }
+            | ControlMessage::SubscribeDone { id, code, reason } => {
                 body.put_u64(*id);
                 body.put_u16(*code);
                 put_str(&mut body, reason);
-                T_SUBSCRIBE_ERROR
+                if matches!(self, ControlMessage::SubscribeError { .. }) {
+                    T_SUBSCRIBE_ERROR
+                } else {
+                    T_SUBSCRIBE_DONE
+                }
             }
             ControlMessage::Unsubscribe { id } => {
                 body.put_u64(*id);
                 T_UNSUBSCRIBE
-            }
-            ControlMessage::SubscribeDone { id, code, reason } => {
-                body.put_u64(*id);
-                body.put_u16(*code);
-                put_str(&mut body, reason);
-                T_SUBSCRIBE_DONE
             }
             ControlMessage::KeyframeRequest { id } => {
                 body.put_u64(*id);

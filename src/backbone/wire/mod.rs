@@ -78,7 +78,7 @@ pub enum WireError {
 /// `docs/backbone-protocol.md`, "Codes", lists the same).
 ///
 /// * `u16` result codes of SubscribeError and SubscribeDone: what the subscriber does next
-///   (`backbone::rehome::UpstreamEnd::of`: only [`ENDED`] ends a pull; any other code
+///   (`backbone::rehome::UpstreamEnd::of`: only [`code::ENDED`] ends a pull; any other code
 ///   makes it look for another upstream).
 /// * `u32` QUIC application codes: `CLOSE_*` close a connection, `STREAM_*` stop or reset
 ///   a media (group) stream. The reason phrase that goes with a close is for logs.
