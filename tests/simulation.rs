@@ -28,7 +28,7 @@ use meshcast::backbone::directory::Directory;
 use meshcast::backbone::rehome::{NoUpstream, Rehome};
 use meshcast::backbone::select::{LinkedUpstream, PullSelection};
 use meshcast::backbone::session::{ControlSession, PeerInfo, SessionEvent};
-use meshcast::backbone::wire::{Announcement, ControlMessage, FrameDecoder};
+use meshcast::backbone::wire::{code, Announcement, ControlMessage, FrameDecoder};
 use meshcast::config::Role;
 use meshcast::media::StreamKey;
 
@@ -490,7 +490,10 @@ impl Sim {
 
     fn refuse(&mut self, l: usize, id: u64) {
         if self.links[l].up {
-            self.links[l].a.reject(id, 404, "not here").unwrap();
+            self.links[l]
+                .a
+                .reject(id, code::NOT_FOUND, "not here")
+                .unwrap();
             self.flush(l);
         }
     }
@@ -614,7 +617,7 @@ impl Sim {
                     let until = self.now + PLAY_WAIT_MS;
                     self.play_wait(node, l, id, idx, until);
                 } else {
-                    self.links[l].a.reject(id, 404, "not here").unwrap();
+                    self.refuse(l, id);
                 }
             }
             SessionEvent::Unsubscribed(id) => {

@@ -1,6 +1,7 @@
 //! Announces: what this node announces of its own streams, the directory updates from
 //! other origins' announces, and the publish race they may start (decided in `race.rs`).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -11,6 +12,31 @@ use super::session::PeerInfo;
 use super::wire::Announcement;
 use super::Backbone;
 use crate::media::StreamKey;
+
+/// What one link has been told is published here (sans-IO), so that after missed hub
+/// events ([`Self::resync`]) it can withdraw what ended meanwhile.
+#[derive(Debug, Default)]
+pub(super) struct AnnouncedSet(HashSet<StreamKey>);
+
+impl AnnouncedSet {
+    pub(super) fn announced(&mut self, key: &StreamKey) {
+        self.0.insert(key.clone());
+    }
+
+    pub(super) fn withdrawn(&mut self, key: &StreamKey) {
+        self.0.remove(key);
+    }
+
+    /// Events were missed: `now` is what is published now (all of it is announced again).
+    /// Returns what was announced and has ended since, to withdraw.
+    pub(super) fn resync(&mut self, now: &[Announcement]) -> Vec<StreamKey> {
+        let current: HashSet<StreamKey> = now.iter().map(|a| a.stream.clone()).collect();
+        let mut gone: Vec<StreamKey> = self.0.difference(&current).cloned().collect();
+        gone.sort_by_key(|k| k.to_string());
+        self.0 = current;
+        gone
+    }
+}
 
 /// How often a holder's link is looked at while waiting for it to answer.
 const ANSWER_POLL: Duration = Duration::from_millis(25);
@@ -98,5 +124,35 @@ impl Backbone {
             started_ms: stream.started_ms(),
             stream: key,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> StreamKey {
+        StreamKey::new("live", n).unwrap()
+    }
+
+    fn ann(n: &str) -> Announcement {
+        Announcement {
+            stream: key(n),
+            session: 1,
+            started_ms: 1,
+        }
+    }
+
+    #[test]
+    fn after_missed_events_what_ended_is_withdrawn_and_the_rest_remembered() {
+        let mut set = AnnouncedSet::default();
+        set.announced(&key("a"));
+        set.announced(&key("b"));
+        set.announced(&key("c"));
+        set.withdrawn(&key("c"));
+        // Missed: b ended, d started.
+        assert_eq!(set.resync(&[ann("a"), ann("d")]), vec![key("b")]);
+        assert_eq!(set.resync(&[ann("a"), ann("d")]), vec![], "nothing more");
+        assert_eq!(set.resync(&[]), vec![key("a"), key("d")]);
     }
 }

@@ -1,12 +1,13 @@
 //! A link a peer dialed: this node announces its streams and serves subscriptions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
+use super::announce::AnnouncedSet;
 use super::link::{
     channel_binding, flush, fresh_nonce, read_until_ready, say_last_words, InboundLink, LinkError,
     HELLO_TIMEOUT,
@@ -73,10 +74,10 @@ impl Backbone {
         let announce = peer.role.is_origin();
         let mut hub_events = self.hub.events();
         // What this link has been told is published here (to withdraw what a lag hid).
-        let mut announced: HashSet<StreamKey> = HashSet::new();
+        let mut announced = AnnouncedSet::default();
         if announce {
             for a in self.local_announcements() {
-                announced.insert(a.stream.clone());
+                announced.announced(&a.stream);
                 session.announce(a)?;
             }
         }
@@ -173,27 +174,24 @@ impl Backbone {
                     ev = hub_events.recv(), if announce => match ev {
                         Ok(HubEvent::Published(s)) => {
                             if let Some(a) = self.announcement(s) {
-                                announced.insert(a.stream.clone());
+                                announced.announced(&a.stream);
                                 session.announce(a)?;
                             }
                         }
                         Ok(HubEvent::Unpublished(s)) => {
-                            announced.remove(&s);
+                            announced.withdrawn(&s);
                             session.withdraw(s)?;
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                             // Events were missed: announce what is published now and
                             // withdraw what was announced and has ended since.
                             let now = self.local_announcements();
-                            let current: HashSet<StreamKey> =
-                                now.iter().map(|a| a.stream.clone()).collect();
-                            for gone in announced.difference(&current) {
-                                session.withdraw(gone.clone())?;
+                            for gone in announced.resync(&now) {
+                                session.withdraw(gone)?;
                             }
                             for a in now {
                                 session.announce(a)?;
                             }
-                            announced = current;
                         }
                         Err(_) => {}
                     },
