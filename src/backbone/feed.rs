@@ -258,7 +258,7 @@ impl Backbone {
             async move {
                 if let Err(Ok(feed)) = tx.send(subscribe_on(link, &key).await) {
                     // The pull ended meanwhile: nobody takes this subscription.
-                    feed.unsubscribe_now();
+                    feed.unsubscribe().await;
                 }
             }
             .instrument(tracing::Span::current()),

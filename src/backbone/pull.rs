@@ -78,6 +78,11 @@ impl Feed {
             .await;
     }
 
+    /// Ends the subscription.
+    pub(super) async fn unsubscribe(&self) {
+        let _ = self.commands.send(LinkCommand::Unsubscribe(self.id)).await;
+    }
+
     /// Ends the subscription without waiting for room in the link's queue.
     pub(super) fn unsubscribe_now(&self) {
         let _ = self.commands.try_send(LinkCommand::Unsubscribe(self.id));
@@ -192,7 +197,7 @@ impl Backbone {
                     return;
                 }
                 PullEnd::Idle => {
-                    let _ = up.commands.send(LinkCommand::Unsubscribe(up.id)).await;
+                    up.unsubscribe().await;
                     return self.released(&key);
                 }
                 PullEnd::Upstream(UpstreamEnd::Lost(reason)) => {
