@@ -14,6 +14,7 @@ use tracing::{debug, info, Instrument};
 
 use super::group::GroupSequencer;
 use super::handover::{Handover, RETURN_CHECK};
+use super::intake::{Intake, Tell};
 use super::media::FeedItem;
 use super::pull::{subscribe_on, Feed, PullEnd, PullError};
 use super::rehome::UpstreamEnd;
@@ -24,7 +25,6 @@ use crate::media::keyframe::{KeyframeRequestGate, KEYFRAME_REQUEST_INTERVAL};
 use crate::media::splice::Splicer;
 use crate::media::{Packet, StreamKey};
 use crate::metrics::Metrics;
-use prometheus_client::metrics::counter::Counter;
 
 /// A group that makes no progress this long while a newer one waits is abandoned.
 pub(super) const GROUP_STALL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -56,56 +56,6 @@ impl Drop for CandidateFeed {
     }
 }
 
-/// What the relay has been told so far by one pump.
-struct Intake {
-    configured: bool,
-    /// The timeline the relay serves (see `Splicer::timeline`).
-    served: Option<u64>,
-    frames_in: Counter,
-    bytes_in: Counter,
-}
-
-impl Intake {
-    /// Passes one ordered item to the relay.
-    fn apply(
-        &mut self,
-        item: MediaItem,
-        relay: &mut Publisher,
-        splice: &mut Splicer,
-        gate: &mut KeyframeRequestGate,
-        node: &str,
-    ) {
-        match item {
-            MediaItem::Config(c) => {
-                relay.set_config(c);
-                if !self.configured {
-                    // Named before consumers can subscribe (they wait for live).
-                    self.served = splice.timeline();
-                    relay.set_session(self.served.unwrap_or_default());
-                    relay.set_live(node);
-                    self.configured = true;
-                }
-            }
-            MediaItem::Frame(f) if self.configured => {
-                let Some(f) = splice.frame(f) else { return };
-                if splice.timeline() != self.served {
-                    // A new session's shift is fixed at its first keyframe.
-                    self.served = splice.timeline();
-                    relay.set_session(self.served.unwrap_or_default());
-                }
-                if f.is_video_keyframe() {
-                    gate.keyframe_seen();
-                }
-                self.frames_in.inc();
-                self.bytes_in.inc_by(f.payload.len() as u64);
-                relay.push(Packet::new(f));
-            }
-            MediaItem::Frame(_) => {}
-            MediaItem::Publishes(n) => relay.set_publishes(n),
-        }
-    }
-}
-
 /// Asks `up` for a keyframe when the gate lets a request through.
 async fn ask_keyframe(allowed: bool, up: &Feed, metrics: &Metrics) {
     if allowed {
@@ -128,12 +78,7 @@ impl Backbone {
     ) -> PullEnd {
         let metrics = self.hub.metrics().clone();
         let (frames_in, bytes_in) = metrics.ingest(crate::metrics::Proto::Backbone);
-        let mut intake = Intake {
-            configured: false,
-            served: None,
-            frames_in,
-            bytes_in,
-        };
+        let mut intake = Intake::default();
         let mut seq = GroupSequencer::new(GROUP_STALL);
         let keyframe_signal = relay.keyframe_signal();
         let mut gate = KeyframeRequestGate::new(KEYFRAME_REQUEST_INTERVAL);
@@ -166,7 +111,7 @@ impl Backbone {
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     Got::Current(seq.handle_timeout(Instant::now()))
                 }
-                _ = return_tick.tick(), if returns && intake.configured => {
+                _ = return_tick.tick(), if returns && intake.configured() => {
                     if handover.may_try(Instant::now()) {
                         attempt = self.try_return(&up.node, relay.key());
                         if attempt.is_some() {
@@ -243,7 +188,28 @@ impl Backbone {
                 dropped = seq.dropped_groups();
             }
             for item in items {
-                intake.apply(item, relay, splice, &mut gate, &up.node);
+                match intake.item(item, splice) {
+                    Tell::Config { config, go_live } => {
+                        relay.set_config(config);
+                        if let Some(timeline) = go_live {
+                            relay.set_session(timeline);
+                            relay.set_live(&up.node);
+                        }
+                    }
+                    Tell::Frame { frame, timeline } => {
+                        if let Some(timeline) = timeline {
+                            relay.set_session(timeline);
+                        }
+                        if frame.is_video_keyframe() {
+                            gate.keyframe_seen();
+                        }
+                        frames_in.inc();
+                        bytes_in.inc_by(frame.payload.len() as u64);
+                        relay.push(Packet::new(frame));
+                    }
+                    Tell::Publishes(n) => relay.set_publishes(n),
+                    Tell::Nothing => {}
+                }
             }
         }
     }

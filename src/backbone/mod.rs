@@ -17,7 +17,8 @@
 //! records), [`select`] (which link a pull uses), [`rehome`] (what a pull does when its
 //! upstream is lost), [`handover`] (an edge's make-before-break return to its preferred
 //! origin), [`race`] (one name published on two origins), [`liveness`] (is a peer alive),
-//! [`group`] (putting group streams back in order). **Drivers** (IO and timers only):
+//! [`group`] (putting group streams back in order), [`intake`] (what a relay is told of
+//! its upstream's items). **Drivers** (IO and timers only):
 //! `link.rs` (the link registry, dial and accept loops, the hello), `upstream_link.rs` (a
 //! link this node dialed), `downstream_link.rs` (a link a peer dialed), `announce.rs`,
 //! `report.rs` (this node's record), `pull.rs` and `feed.rs` (feeding a relay from
@@ -46,6 +47,7 @@ pub mod auth;
 pub mod directory;
 pub mod group;
 pub mod handover;
+pub mod intake;
 pub mod liveness;
 pub mod nodes;
 pub mod race;
