@@ -1,4 +1,8 @@
-//! Links: the registry of live links, the dial and accept loops, and the hello.
+//! Links: the registry of live links (what the API and `/metrics` show), the dial and
+//! accept loops (redial with backoff; at most [`MAX_INBOUND_LINKS`] inbound), and the
+//! hello's IO around the sans-IO `session` (nonces from the OS, the TLS channel binding,
+//! the certificate check). What a link does once up is in `upstream_link.rs` (dialed) and
+//! `downstream_link.rs` (accepted).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -136,7 +140,7 @@ impl Backbone {
         }
     }
 
-    pub(super) async fn dial_loop(self: Arc<Self>, addr: SocketAddr, index: usize) {
+    pub(super) async fn dial_loop(self: Arc<Self>, addr: SocketAddr) {
         let span = tracing::info_span!("backbone", peer = %addr, dir = "out");
         async move {
             let mut backoff = REDIAL_MIN;
@@ -178,7 +182,6 @@ impl Backbone {
                     backoff = REDIAL_MIN;
                     refusal_said = false;
                 }
-                let _ = index;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = self.shutdown.cancelled() => return,

@@ -224,8 +224,8 @@ impl Backbone {
             tokio::spawn(backbone.clone().accept_loop());
         }
         tokio::spawn(backbone.clone().state_loop(load));
-        for (i, addr) in backbone.upstreams.clone().into_iter().enumerate() {
-            tokio::spawn(backbone.clone().dial_loop(addr, i));
+        for addr in backbone.upstreams.clone() {
+            tokio::spawn(backbone.clone().dial_loop(addr));
         }
         Ok(backbone)
     }
