@@ -12,12 +12,33 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::http::{AppState, NodeInfo};
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, BackboneSettings, NodeIdentity};
 use crate::config::{Config, Role};
 use crate::egress::{Egress, EgressSettings};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::rtmp::RtmpSettings;
+
+/// What the backbone takes from the config, and this node's load meter.
+pub fn backbone_settings(config: &Config, metrics: Arc<Metrics>) -> BackboneSettings {
+    let load = crate::cluster::load::LoadMeter::new(
+        metrics,
+        config.node.max_viewers,
+        std::time::Instant::now(),
+    );
+    BackboneSettings {
+        config: config.backbone.clone(),
+        node: NodeIdentity {
+            id: config.node.id.clone(),
+            role: config.node.role,
+            region: config.node.region.clone(),
+            http_url: config.public_http_url(),
+            rtmp_url: config.public_rtmp_url(),
+        },
+        write_timeout: config.limits.viewer_write_timeout,
+        load: load.into_probe(),
+    }
+}
 
 /// This node's own addresses as the config names them (listeners and announced IPs).
 fn own_addresses(config: &Config) -> Vec<std::net::IpAddr> {
@@ -89,8 +110,12 @@ impl Node {
             || !config.backbone.peers.is_empty()
             || !config.backbone.origins.is_empty()
         {
-            let bb = Backbone::start(&config, hub.clone(), shutdown.clone())
-                .context("starting the backbone")?;
+            let bb = Backbone::start(
+                backbone_settings(&config, hub.metrics().clone()),
+                hub.clone(),
+                shutdown.clone(),
+            )
+            .context("starting the backbone")?;
             hub.set_upstream(bb.clone());
             Some(bb)
         } else {

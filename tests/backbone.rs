@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use meshcast::backbone::session::{ControlSession, PeerInfo, SessionEvent};
-use meshcast::backbone::wire::{GroupHeader, MediaItem, PeerRole};
+use meshcast::backbone::wire::{GroupHeader, MediaItem};
+use meshcast::config::Role;
 use meshcast::media::{Codec, StreamConfig, VideoConfig};
 
 async fn read_events(
@@ -74,7 +75,7 @@ async fn malformed_media_from_upstream_is_dropped_and_the_edge_keeps_serving() {
     let mut session = ControlSession::acceptor(
         PeerInfo {
             node_id: "fake-origin".into(),
-            role: PeerRole::Origin,
+            role: Role::Origin,
             region: "r".into(),
         },
         TEST_TOKEN,

@@ -11,7 +11,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use meshcast::backbone::session::{ControlSession, PeerInfo, SessionError, SessionEvent};
-use meshcast::backbone::wire::{ControlMessage, NodeRecord, PeerRole};
+use meshcast::backbone::wire::{ControlMessage, NodeRecord};
+use meshcast::config::Role;
 
 /// A rogue's control stream, hello sent.
 struct Rogue {
@@ -43,7 +44,7 @@ async fn dial(node: SocketAddr, id: &str, token: &str) -> Result<Rogue, quinn::C
     let mut session = ControlSession::dialer(
         PeerInfo {
             node_id: id.into(),
-            role: PeerRole::Edge,
+            role: Role::Edge,
             region: "r".into(),
         },
         token,
@@ -106,22 +107,7 @@ impl Rogue {
 }
 
 fn record(node: &str, http: &str) -> NodeRecord {
-    NodeRecord {
-        node: node.into(),
-        role: PeerRole::Edge,
-        region: "r".into(),
-        http_url: http.into(),
-        rtmp_url: "rtmp://192.0.2.9:1935".into(),
-        incarnation: 1,
-        age_ms: 0,
-        viewers: 0,
-        load_permille: 0,
-        egress: 0,
-        out_bps: 0,
-        links: vec![],
-        streams: vec![],
-        pulls: vec![],
-    }
+    NodeRecord::idle(node, Role::Edge, "r", http, "rtmp://192.0.2.9:1935", 1)
 }
 
 fn cluster_nodes(node: &NodeProc) -> Vec<serde_json::Value> {

@@ -981,7 +981,8 @@ fn a_hundred_edges_asking_for_a_keyframe_at_once_reach_the_publisher_once_per_in
                 meshcast::config::Config::parse(&text, "edge", std::path::Path::new(".")).unwrap();
             let metrics = std::sync::Arc::new(meshcast::metrics::Metrics::new());
             let hub = meshcast::hub::Hub::new(config.limits.clone(), metrics);
-            let bb = meshcast::backbone::Backbone::start(&config, hub.clone(), shutdown.clone())
+            let settings = meshcast::node::backbone_settings(&config, hub.metrics().clone());
+            let bb = meshcast::backbone::Backbone::start(settings, hub.clone(), shutdown.clone())
                 .unwrap();
             hub.set_upstream(bb.clone());
             edges.push((hub, bb));

@@ -4,13 +4,16 @@
 //!
 //! What is real: the control protocol (meshcast's sans-IO `ControlSession` on both ends of
 //! every link, every message encoded and decoded as bytes by `wire`), the stream
-//! `Directory`, and the announce rank. What is modelled: the network (per-link one-way
-//! delay, virtual clock), and the few lines of the backbone's pull policy around them (an
-//! edge pulls from its first live origin; an origin serves edges from its own publish or
-//! pulls from the directory's owner, once per stream; origins serve origins only their
-//! own streams), which are stated next to the code they mirror (`Backbone::choose_link`,
-//! `run_inbound`, `run_pull`). Media is not simulated; a served subscription is one copy
-//! of the stream over one link.
+//! `Directory` and its announce rank, and the pull decisions the node runs: which link a
+//! pull subscribes over (`backbone::select::PullSelection`) and what a pull does when its
+//! upstream is lost (`backbone::rehome::Rehome`), the same types `backbone/pull.rs`
+//! drives. What is modelled: the network (per-link one-way delay, a virtual clock turned
+//! into `Instant`s from a fixed start), link liveness (a dead peer's links close a link
+//! timeout after it died), and the hub around the pulls: a relay is shared by every
+//! consumer (one pull per stream and node), an origin serves other origins only its own
+//! streams, and a subscribe for a name nobody announced yet waits up to the hub's play
+//! wait, looking again every 50 ms. Media is not simulated; a served subscription is one
+//! copy of the stream over one link.
 //!
 //! It checks the bounds of `docs/cluster.md`: control messages per stream start, copies
 //! per stream (a stream crosses the mesh at most once per origin), and that the directory
@@ -19,9 +22,14 @@
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use bytes::Bytes;
+use std::time::{Duration, Instant};
+
 use meshcast::backbone::directory::Directory;
+use meshcast::backbone::rehome::{NoUpstream, Rehome};
+use meshcast::backbone::select::{LinkedUpstream, PullSelection};
 use meshcast::backbone::session::{ControlSession, PeerInfo, SessionEvent};
-use meshcast::backbone::wire::{Announcement, ControlMessage, FrameDecoder, PeerRole};
+use meshcast::backbone::wire::{code, Announcement, ControlMessage, FrameDecoder};
+use meshcast::config::Role;
 use meshcast::media::StreamKey;
 
 const ORIGINS: usize = 20;
@@ -33,9 +41,13 @@ const VIEWER_JOINS: usize = 5000;
 const LINK_TIMEOUT_MS: u64 = 700;
 /// How long a publisher takes to reconnect to another origin.
 const REPUBLISH_MS: u64 = 1000;
-/// A pull without an upstream retries this often (REHOME_RETRY), for the rehome window.
-const RETRY_MS: u64 = 100;
+/// The backbone's rehome window (`backbone.rehome_window_ms`).
 const REHOME_WINDOW_MS: u64 = 5000;
+/// The backbone's return hold-down (`backbone.return_after_ms`).
+const RETURN_AFTER_MS: u64 = 3000;
+/// The hub's play wait (`limits.play_wait_ms`) and how often it looks again.
+const PLAY_WAIT_MS: u64 = 1000;
+const PLAY_WAIT_POLL_MS: u64 = 50;
 
 /// A small deterministic generator (no dependency, same numbers every run).
 struct Lcg(u64);
@@ -57,6 +69,8 @@ struct Link {
     a: ControlSession,
     delay_ms: u64,
     up: bool,
+    /// When the link came up (virtual ms).
+    since: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -71,7 +85,19 @@ struct Relay {
     upstream: Option<(usize, u64)>,
     /// Downstream subscriptions waiting for the pull to go live: (link, id).
     waiting: Vec<(usize, u64)>,
-    since_lost: Option<u64>,
+    /// The node's re-homing decisions for this pull.
+    rehome: Rehome,
+}
+
+impl Relay {
+    fn new(waiting: Vec<(usize, u64)>) -> Relay {
+        Relay {
+            state: Upstream::Pending,
+            upstream: None,
+            waiting,
+            rehome: Rehome::new(Duration::from_millis(REHOME_WINDOW_MS)),
+        }
+    }
 }
 
 struct Node {
@@ -79,6 +105,8 @@ struct Node {
     origin: bool,
     region: usize,
     alive: bool,
+    /// The node's pull selection (its role and return hold-down).
+    selection: PullSelection,
     dir: Directory,
     local: HashMap<StreamKey, Announcement>,
     relays: HashMap<StreamKey, Relay>,
@@ -113,6 +141,14 @@ enum Ev {
         node: usize,
         stream: usize,
     },
+    /// The hub's play wait looks again for a subscribe (link, id) it holds.
+    PlayWait {
+        node: usize,
+        link: usize,
+        id: u64,
+        stream: usize,
+        until: u64,
+    },
 }
 
 #[derive(Default, Clone)]
@@ -134,6 +170,8 @@ impl Counts {
 const TOKEN: &str = "simulated-cluster-token";
 
 struct Sim {
+    /// The `Instant` virtual time 0 stands for.
+    t0: Instant,
     now: u64,
     seq: u64,
     queue: BinaryHeap<std::cmp::Reverse<(u64, u64, Ev)>>,
@@ -160,6 +198,7 @@ impl Sim {
             }
         }
         let mut sim = Sim {
+            t0: Instant::now(),
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -206,11 +245,7 @@ impl Sim {
     fn connect(&mut self, dialer: usize, acceptor: usize) {
         let info = |n: &Node| PeerInfo {
             node_id: n.id.clone(),
-            role: if n.origin {
-                PeerRole::Origin
-            } else {
-                PeerRole::Edge
-            },
+            role: if n.origin { Role::Origin } else { Role::Edge },
             region: format!("r{}", n.region),
         };
         // Nonces need only differ per session here (the driver draws them from the OS).
@@ -226,11 +261,21 @@ impl Sim {
             a: ControlSession::acceptor(info(&self.nodes[acceptor]), TOKEN, nonce(1), [0; 32]),
             delay_ms: self.delay(dialer, acceptor),
             up: true,
+            since: self.now,
         };
         self.links.push(link);
         let l = self.links.len() - 1;
         self.nodes[dialer].dials.push(l);
         self.flush(l);
+    }
+
+    /// Virtual time as the node's machines take it.
+    fn instant(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.t0).as_millis() as u64
     }
 
     fn push(&mut self, at: u64, ev: Ev) {
@@ -329,6 +374,13 @@ impl Sim {
             }
             Ev::LinkDown { link } => self.link_down(link),
             Ev::Retry { node, stream } => self.pull(node, stream),
+            Ev::PlayWait {
+                node,
+                link,
+                id,
+                stream,
+                until,
+            } => self.play_wait(node, link, id, stream, until),
         }
     }
 
@@ -342,7 +394,9 @@ impl Sim {
         self.nodes[origin].local.insert(key.clone(), a.clone());
         // `Hub::publish` + `run_pull`: a relay of the name on this node now feeds from the
         // local publish, and serves whoever waited for it.
+        let now = self.instant(self.now);
         if let Some(r) = self.nodes[origin].relays.get_mut(&key) {
+            r.rehome.taken_over_locally(now);
             r.state = Upstream::Live;
             r.upstream = None;
             let waiting = std::mem::take(&mut r.waiting);
@@ -365,34 +419,31 @@ impl Sim {
         if self.nodes[edge].relays.contains_key(&key) {
             return; // A viewer more of a stream the edge already pulls: no message.
         }
-        self.nodes[edge].relays.insert(
-            key,
-            Relay {
-                state: Upstream::Pending,
-                upstream: None,
-                waiting: Vec::new(),
-                since_lost: None,
-            },
-        );
+        self.nodes[edge].relays.insert(key, Relay::new(Vec::new()));
         self.pull(edge, stream);
     }
 
-    /// `Backbone::choose_link`: an edge takes its first live origin (config order); an
-    /// origin takes the directory's owner of the stream.
+    /// The link `node`'s [`PullSelection`] picks for `key`, from its dialed links in
+    /// preference order and its directory's owner of the stream.
     fn choose_link(&self, node: usize, key: &StreamKey) -> Option<usize> {
         let n = &self.nodes[node];
-        if n.origin {
-            let owner = &n.dir.owner(key)?.node;
-            n.dials
-                .iter()
-                .copied()
-                .find(|&l| self.links[l].up && self.nodes[self.links[l].acceptor].id == *owner)
-        } else {
-            n.dials.iter().copied().find(|&l| self.links[l].up)
-        }
+        let view: Vec<Option<LinkedUpstream>> = n
+            .dials
+            .iter()
+            .map(|&l| {
+                let link = &self.links[l];
+                link.up.then(|| LinkedUpstream {
+                    node: &self.nodes[link.acceptor].id,
+                    since: self.instant(link.since),
+                })
+            })
+            .collect();
+        let owner = n.dir.owner(key).map(|o| o.node.as_str());
+        n.selection.choose(&view, owner).map(|i| n.dials[i])
     }
 
-    /// `run_pull`: subscribe through the chosen link, or retry within the rehome window.
+    /// A pull's attempt (`Backbone::run_pull`): subscribe over the chosen link, or ask the
+    /// pull's [`Rehome`] what to do without one.
     fn pull(&mut self, node: usize, stream: usize) {
         let key = self.keys[stream].clone();
         if !self.nodes[node].alive {
@@ -410,21 +461,81 @@ impl Sim {
                 self.nodes[node].relays.get_mut(&key).unwrap().upstream = Some((l, id));
                 self.flush(l);
             }
-            None => {
-                let since = *self.nodes[node]
-                    .relays
-                    .get_mut(&key)
-                    .unwrap()
-                    .since_lost
-                    .get_or_insert(self.now);
-                if self.now - since < REHOME_WINDOW_MS {
-                    self.push(self.now + RETRY_MS, Ev::Retry { node, stream });
-                } else {
-                    self.failed_pulls += 1;
-                    self.nodes[node].relays.remove(&key);
+            None => self.no_upstream(node, stream),
+        }
+    }
+
+    /// A pull found no upstream (none to ask, or the one asked refused).
+    fn no_upstream(&mut self, node: usize, stream: usize) {
+        let key = &self.keys[stream];
+        let now = self.instant(self.now);
+        let Some(relay) = self.nodes[node].relays.get_mut(key) else {
+            return;
+        };
+        relay.upstream = None;
+        match relay.rehome.no_upstream(now) {
+            NoUpstream::RetryAt(at) => {
+                let at = self.ms(at);
+                self.push(at, Ev::Retry { node, stream });
+            }
+            NoUpstream::NeverPulled | NoUpstream::WindowOver(_) => {
+                self.failed_pulls += 1;
+                let relay = self.nodes[node].relays.remove(key).unwrap();
+                for (wl, wid) in relay.waiting {
+                    self.refuse(wl, wid);
                 }
             }
         }
+    }
+
+    fn refuse(&mut self, l: usize, id: u64) {
+        if self.links[l].up {
+            self.links[l]
+                .a
+                .reject(id, code::NOT_FOUND, "not here")
+                .unwrap();
+            self.flush(l);
+        }
+    }
+
+    /// The hub's play wait for a subscribe from an edge: once some origin announces the
+    /// name, a relay pulls it (one per stream and node); past the wait, a refusal.
+    fn play_wait(&mut self, node: usize, l: usize, id: u64, stream: usize, until: u64) {
+        let key = self.keys[stream].clone();
+        if !self.links[l].up || !self.nodes[node].alive {
+            return;
+        }
+        let n = &self.nodes[node];
+        if n.local.contains_key(&key) {
+            return self.serve(l, id, &key);
+        }
+        if let Some(r) = self.nodes[node].relays.get_mut(&key) {
+            if r.state == Upstream::Live {
+                return self.serve(l, id, &key);
+            }
+            r.waiting.push((l, id));
+            return;
+        }
+        if self.choose_link(node, &key).is_some() {
+            self.nodes[node]
+                .relays
+                .insert(key, Relay::new(vec![(l, id)]));
+            return self.pull(node, stream);
+        }
+        if self.now >= until {
+            return self.refuse(l, id);
+        }
+        let next = (self.now + PLAY_WAIT_POLL_MS).min(until);
+        self.push(
+            next,
+            Ev::PlayWait {
+                node,
+                link: l,
+                id,
+                stream,
+                until,
+            },
+        );
     }
 
     fn on_dialer(&mut self, l: usize, e: SessionEvent) {
@@ -442,6 +553,7 @@ impl Sim {
                 n.dir_changed = self.now;
             }
             SessionEvent::SubscribeAccepted { id, .. } => {
+                let now = self.instant(self.now);
                 let n = &mut self.nodes[node];
                 let Some((key, relay)) = n
                     .relays
@@ -451,22 +563,22 @@ impl Sim {
                     return;
                 };
                 relay.state = Upstream::Live;
-                relay.since_lost = None;
+                relay.rehome.subscribed(now);
                 let (key, waiting) = (key.clone(), std::mem::take(&mut relay.waiting));
                 for (wl, wid) in waiting {
                     self.serve(wl, wid, &key);
                 }
             }
             SessionEvent::SubscribeRejected { id, .. } => {
-                let n = &mut self.nodes[node];
+                let n = &self.nodes[node];
                 if let Some(key) = n
                     .relays
                     .iter()
                     .find(|(_, r)| r.upstream == Some((l, id)))
                     .map(|(k, _)| k.clone())
                 {
-                    n.relays.remove(&key);
-                    self.failed_pulls += 1;
+                    let stream = self.keys.iter().position(|k| *k == key).unwrap();
+                    self.no_upstream(node, stream);
                 }
             }
             _ => {}
@@ -501,23 +613,11 @@ impl Sim {
                 if live {
                     self.serve(l, id, &stream);
                 } else if !from_origin && n.origin {
-                    if let Some(r) = self.nodes[node].relays.get_mut(&stream) {
-                        r.waiting.push((l, id));
-                    } else {
-                        self.nodes[node].relays.insert(
-                            stream.clone(),
-                            Relay {
-                                state: Upstream::Pending,
-                                upstream: None,
-                                waiting: vec![(l, id)],
-                                since_lost: None,
-                            },
-                        );
-                        let idx = self.keys.iter().position(|k| *k == stream).unwrap();
-                        self.pull(node, idx);
-                    }
+                    let idx = self.keys.iter().position(|k| *k == stream).unwrap();
+                    let until = self.now + PLAY_WAIT_MS;
+                    self.play_wait(node, l, id, idx, until);
                 } else {
-                    self.links[l].a.reject(id, 404, "not here").unwrap();
+                    self.refuse(l, id);
                 }
             }
             SessionEvent::Unsubscribed(id) => {
@@ -545,10 +645,11 @@ impl Sim {
             .filter(|(_, r)| r.upstream.is_some_and(|(ul, _)| ul == l))
             .map(|(k, _)| k.clone())
             .collect();
+        let now = self.t0 + Duration::from_millis(self.now);
         for key in &lost {
             let r = n.relays.get_mut(key).unwrap();
             r.upstream = None;
-            r.since_lost = Some(self.now);
+            r.rehome.upstream_lost(now);
         }
         for key in lost {
             let idx = self.keys.iter().position(|k| *k == key).unwrap();
@@ -576,11 +677,13 @@ impl Sim {
 
 impl Node {
     fn new(id: String, origin: bool, region: usize) -> Node {
+        let role = if origin { Role::Origin } else { Role::Edge };
         Node {
             id,
             origin,
             region,
             alive: true,
+            selection: PullSelection::new(role, Duration::from_millis(RETURN_AFTER_MS)),
             dir: Directory::default(),
             local: HashMap::new(),
             relays: HashMap::new(),

@@ -210,7 +210,7 @@ async fn cluster(State(s): State<AppState>) -> impl IntoResponse {
         .as_ref()
         .map(|b| b.node_records())
         .unwrap_or_default();
-    let regions: Vec<_> = crate::backbone::nodes::region_rtts(&nodes)
+    let regions: Vec<_> = crate::cluster::route::region_rtts(&nodes)
         .into_iter()
         .map(|((a, b), rtt)| serde_json::json!({ "regions": [a, b], "rtt_ms": rtt }))
         .collect();
@@ -239,7 +239,7 @@ struct RouteAsk {
     action: Action,
 }
 
-use crate::backbone::nodes::{Action, Choice};
+use crate::cluster::route::{Action, Choice};
 
 impl RouteAsk {
     /// The client's region: `?region=`, else `X-Meshcast-Region`, else this node's. A
@@ -273,12 +273,13 @@ impl RouteAsk {
             .as_ref()
             .map(|b| b.node_records())
             .unwrap_or_default();
-        let region = if records.iter().any(|r| r.region == self.region) {
-            self.region.as_str()
-        } else {
-            s.node.region.as_str()
-        };
-        crate::backbone::nodes::rank(&records, &self.key, region, self.action)
+        crate::cluster::route::route(
+            &records,
+            &self.key,
+            &self.region,
+            &s.node.region,
+            self.action,
+        )
     }
 }
 

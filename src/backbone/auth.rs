@@ -90,7 +90,7 @@ pub fn transcript(prover: Side, h: &Handshake<'_>) -> Vec<u8> {
     out.put_slice(h.acceptor_nonce);
     for p in [h.dialer, h.acceptor] {
         put_str(&mut out, &p.node_id);
-        out.put_u8(p.role.to_u8());
+        out.put_u8(super::wire::role_to_u8(p.role));
         put_str(&mut out, &p.region);
     }
     out
@@ -107,9 +107,9 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backbone::wire::PeerRole;
+    use crate::config::Role;
 
-    fn peer(id: &str, role: PeerRole) -> PeerInfo {
+    fn peer(id: &str, role: Role) -> PeerInfo {
         PeerInfo {
             node_id: id.into(),
             role,
@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn the_transcript_has_exact_bytes() {
-        let (d, a) = (peer("e", PeerRole::Edge), peer("o", PeerRole::Origin));
+        let (d, a) = (peer("e", Role::Edge), peer("o", Role::Origin));
         let h = Handshake {
             channel: &[5; 32],
             dialer: &d,
@@ -139,7 +139,7 @@ mod tests {
 
     #[test]
     fn a_proof_is_bound_to_key_side_nonces_and_identities() {
-        let (d, a) = (peer("e", PeerRole::Edge), peer("o", PeerRole::Origin));
+        let (d, a) = (peer("e", Role::Edge), peer("o", Role::Origin));
         let h = Handshake {
             channel: &[5; 32],
             dialer: &d,
@@ -166,7 +166,7 @@ mod tests {
             !key.verify(Side::Dialer, &relayed, &proof),
             "other TLS session"
         );
-        let liar = peer("o2", PeerRole::Origin);
+        let liar = peer("o2", Role::Origin);
         let spliced = Handshake {
             acceptor: &liar,
             ..fresh

@@ -37,13 +37,26 @@ pub fn node_dns_name(id: &str) -> String {
 
 /// Whether `cert` (a peer's end-entity certificate, already verified against the CA by
 /// TLS) names node `id`.
-pub fn names_node(cert: &CertificateDer<'_>, id: &str) -> Result<(), String> {
+pub fn names_node(cert: &CertificateDer<'_>, id: &str) -> Result<(), CertificateError> {
     let name = ServerName::try_from(node_dns_name(id))
-        .map_err(|_| format!("node id {id} makes no certificate name"))?;
+        .map_err(|_| CertificateError::NoName(id.to_string()))?;
     let ee = webpki::EndEntityCert::try_from(cert)
-        .map_err(|e| format!("unreadable peer certificate: {e}"))?;
+        .map_err(|e| CertificateError::Unreadable(e.to_string()))?;
     ee.verify_is_valid_for_subject_name(&name)
-        .map_err(|_| format!("the peer's certificate does not name node {id}"))
+        .map_err(|_| CertificateError::OtherNode(id.to_string()))
+}
+
+/// Why a peer's certificate does not vouch for the node its hello names.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CertificateError {
+    #[error("the peer showed no certificate")]
+    Missing,
+    #[error("node id {0} makes no certificate name")]
+    NoName(String),
+    #[error("unreadable peer certificate: {0}")]
+    Unreadable(String),
+    #[error("the peer's certificate does not name node {0}")]
+    OtherNode(String),
 }
 
 /// The certificate the peer of `conn` presented, if any.

@@ -25,15 +25,16 @@ use bytes::{Bytes, BytesMut};
 
 use super::auth::{self, ChannelBinding, ClusterKey, Handshake, Nonce};
 use super::wire::{
-    self, Announcement, ControlMessage, FrameDecoder, NodeRecord, PeerRole, WireError, VERSION,
+    self, Announcement, ControlMessage, FrameDecoder, NodeRecord, WireError, VERSION,
 };
+use crate::config::Role;
 use crate::media::StreamKey;
 
 /// Who a node is, as said in the hello.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PeerInfo {
     pub node_id: String,
-    pub role: PeerRole,
+    pub role: Role,
     pub region: String,
 }
 
@@ -603,11 +604,10 @@ fn unknown(id: u64) -> SessionError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backbone::wire::PeerRole;
 
     const TOKEN: &str = "a-cluster-token-of-32-characters";
 
-    fn info(id: &str, role: PeerRole) -> PeerInfo {
+    fn info(id: &str, role: Role) -> PeerInfo {
         PeerInfo {
             node_id: id.into(),
             role,
@@ -637,11 +637,11 @@ mod tests {
     }
 
     fn edge(token: &str) -> ControlSession {
-        ControlSession::dialer(info("edge-1", PeerRole::Edge), token, [1; 32], [0; 32])
+        ControlSession::dialer(info("edge-1", Role::Edge), token, [1; 32], [0; 32])
     }
 
     fn origin(token: &str) -> ControlSession {
-        ControlSession::acceptor(info("origin-a", PeerRole::Origin), token, [2; 32], [0; 32])
+        ControlSession::acceptor(info("origin-a", Role::Origin), token, [2; 32], [0; 32])
     }
 
     /// Hello → Challenge → Auth → Welcome.
@@ -652,18 +652,18 @@ mod tests {
         assert!(!edge.is_ready() && !origin.is_ready());
         assert_eq!(
             pump(&mut edge, &mut origin),
-            vec![SessionEvent::Ready(info("edge-1", PeerRole::Edge))]
+            vec![SessionEvent::Ready(info("edge-1", Role::Edge))]
         );
         assert_eq!(
             pump(&mut origin, &mut edge),
-            vec![SessionEvent::Ready(info("origin-a", PeerRole::Origin))]
+            vec![SessionEvent::Ready(info("origin-a", Role::Origin))]
         );
         (edge, origin)
     }
 
     #[test]
     fn hello_is_the_exact_first_bytes_and_carries_no_token() {
-        let mut d = ControlSession::dialer(info("a", PeerRole::Origin), "k", [9; 32], [0; 32]);
+        let mut d = ControlSession::dialer(info("a", Role::Origin), "k", [9; 32], [0; 32]);
         let bytes = d.poll_transmit().unwrap();
         let mut expected = vec![0, 0, 0, 43, 1, 0, 5, 0, 1, b'a', 1, 0, 2, b'e', b'u'];
         expected.extend([9; 32]);
@@ -743,7 +743,7 @@ mod tests {
         // Replayed into a session with a fresh acceptor nonce: refused.
         let mut replayer = edge(TOKEN);
         let mut a2 =
-            ControlSession::acceptor(info("origin-a", PeerRole::Origin), TOKEN, [3; 32], [0; 32]);
+            ControlSession::acceptor(info("origin-a", Role::Origin), TOKEN, [3; 32], [0; 32]);
         pump(&mut replayer, &mut a2);
         let _ = a2.poll_transmit();
         assert_eq!(
@@ -751,8 +751,7 @@ mod tests {
             Err(SessionError::Unauthorized)
         );
         // A rogue acceptor replaying a recorded welcome to a dialer with a fresh nonce.
-        let mut d2 =
-            ControlSession::dialer(info("edge-1", PeerRole::Edge), TOKEN, [4; 32], [0; 32]);
+        let mut d2 = ControlSession::dialer(info("edge-1", Role::Edge), TOKEN, [4; 32], [0; 32]);
         let mut rogue = origin("not-the-token-at-all");
         pump(&mut d2, &mut rogue);
         pump(&mut rogue, &mut d2);
@@ -779,7 +778,7 @@ mod tests {
     fn proofs_from_another_tls_session_are_refused() {
         // A man-in-the-middle terminating TLS toward each side relays the hello messages:
         // each side's channel binding differs, so neither proof holds.
-        let mut d = ControlSession::dialer(info("edge-1", PeerRole::Edge), TOKEN, [1; 32], [7; 32]);
+        let mut d = ControlSession::dialer(info("edge-1", Role::Edge), TOKEN, [1; 32], [7; 32]);
         let mut a = origin(TOKEN);
         pump(&mut d, &mut a);
         pump(&mut a, &mut d);
@@ -814,35 +813,20 @@ mod tests {
         ));
     }
 
-    fn record(node: &str, role: PeerRole) -> NodeRecord {
-        NodeRecord {
-            node: node.into(),
-            role,
-            region: "eu".into(),
-            http_url: "http://x".into(),
-            rtmp_url: "rtmp://x".into(),
-            incarnation: 1,
-            age_ms: 0,
-            viewers: 0,
-            load_permille: 0,
-            egress: 0,
-            out_bps: 0,
-            links: vec![],
-            streams: vec![],
-            pulls: vec![],
-        }
+    fn record(node: &str, role: Role) -> NodeRecord {
+        NodeRecord::idle(node, role, "eu", "http://x", "rtmp://x", 1)
     }
 
     #[test]
     fn a_dialer_may_only_describe_itself() {
         let (mut edge, mut origin) = pair();
-        let own = record("edge-1", PeerRole::Edge);
+        let own = record("edge-1", Role::Edge);
         edge.node_state(vec![own.clone()]);
         assert_eq!(
             pump(&mut edge, &mut origin),
             vec![SessionEvent::NodeState(vec![own.clone()])]
         );
-        edge.node_state(vec![own, record("edge-2", PeerRole::Edge)]);
+        edge.node_state(vec![own, record("edge-2", Role::Edge)]);
         let err = try_pump(&mut edge, &mut origin).unwrap_err();
         assert!(
             matches!(&err, SessionError::Protocol(m) if m.contains("edge-2")),
@@ -850,7 +834,7 @@ mod tests {
         );
         // Its own record under another role than its hello's.
         let (mut edge, mut origin) = pair();
-        edge.node_state(vec![record("edge-1", PeerRole::Origin)]);
+        edge.node_state(vec![record("edge-1", Role::Origin)]);
         assert!(try_pump(&mut edge, &mut origin).is_err());
     }
 
@@ -858,16 +842,16 @@ mod tests {
     fn the_acceptor_passes_on_records_to_the_dialer_that_chose_it() {
         let (mut edge, mut origin) = pair();
         let records = vec![
-            record("origin-a", PeerRole::Origin),
-            record("edge-9", PeerRole::Edge),
-            record("origin-b", PeerRole::Origin),
+            record("origin-a", Role::Origin),
+            record("edge-9", Role::Edge),
+            record("origin-b", Role::Origin),
         ];
         origin.node_state(records.clone());
         assert_eq!(
             pump(&mut origin, &mut edge),
             vec![SessionEvent::NodeState(records)]
         );
-        origin.node_state(vec![record("origin-a", PeerRole::Edge)]);
+        origin.node_state(vec![record("origin-a", Role::Edge)]);
         assert!(try_pump(&mut origin, &mut edge).is_err(), "role != hello");
     }
 
@@ -944,7 +928,7 @@ mod tests {
         ControlMessage::Hello {
             version: 99,
             node_id: "x".into(),
-            role: PeerRole::Origin,
+            role: Role::Origin,
             region: "r".into(),
             nonce: [0; 32],
         }
@@ -960,7 +944,7 @@ mod tests {
 
     #[test]
     fn messages_in_the_wrong_direction_or_state_are_errors() {
-        let mut a = ControlSession::acceptor(info("y", PeerRole::Origin), TOKEN, [2; 32], [0; 32]);
+        let mut a = ControlSession::acceptor(info("y", Role::Origin), TOKEN, [2; 32], [0; 32]);
         let mut buf = BytesMut::new();
         ControlMessage::Subscribe {
             id: 1,

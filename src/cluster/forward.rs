@@ -16,8 +16,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::backbone::nodes::{rank, Action};
 use crate::backbone::Backbone;
+use crate::cluster::route::{rank, Action};
 use crate::egress::{Egress, EgressRequest, State};
 use crate::hub::{Hub, HubEvent};
 use crate::media::StreamKey;

@@ -3,3 +3,5 @@
 //! sent, how nodes are ranked. The drivers carry bytes; this module decides where.
 
 pub mod forward;
+pub mod load;
+pub mod route;
