@@ -230,7 +230,7 @@ impl Node {
                 node: NodeInfo {
                     id: config.node.id.clone(),
                     region: config.node.region.clone(),
-                    role: config.node.role.as_str(),
+                    role: config.node.role,
                     version: env!("CARGO_PKG_VERSION"),
                 },
                 backbone: backbone.clone(),

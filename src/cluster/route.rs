@@ -19,6 +19,14 @@ const FULL_PERMILLE: u16 = 950;
 /// Distance given to a region no link measures.
 const UNKNOWN_MS: f64 = 1.0e6;
 
+/// Whether a node in `role` takes WebRTC publishers itself. Edges hold no publishes of
+/// their own in the mesh (only origins announce): an RTMP publish to an edge is forwarded
+/// to an origin (`cluster::forward`), and a WHIP publish is sent to the best origin with a
+/// 307, which its SDP offer follows.
+pub fn takes_webrtc_publishers(role: Role) -> bool {
+    role.is_origin()
+}
+
 /// Where a client of `client_region` should go to `action` `stream`, best first: [`rank`]
 /// from the client's region if some node is in it, else from `own_region` (this node's).
 pub fn route(

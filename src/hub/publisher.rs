@@ -1,15 +1,17 @@
 //! Claiming a name for a local publisher, and the [`Publisher`] handle: the single writer
 //! of a stream.
 
-use super::{Hub, HubEvent, PublishError, Source, Status, Stream, StreamEvent};
-use crate::media::splice::Splicer;
-use crate::media::{Packet, StreamConfig, StreamKey};
-use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
 use tracing::info;
+
+use super::{Hub, HubEvent, PublishError, Source, Status, Stream, StreamEvent};
+use crate::media::splice::Splicer;
+use crate::media::{Packet, StreamConfig, StreamKey};
+use crate::metrics::Metrics;
 
 impl Hub {
     /// Claims `key` for a local publisher, as [`Hub::publish`], after asking the backbone

@@ -1,11 +1,13 @@
 //! The map of streams: lookups, listings, eviction, and the end of a stream (held for a
 //! returning publisher, or removed).
 
-use super::{Hub, HubEvent, Source, Status, Stream, StreamInfo, TrackInfo};
-use crate::media::StreamKey;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
 use tracing::info;
+
+use super::{Hub, HubEvent, Source, Status, Stream, StreamInfo, TrackInfo};
+use crate::media::StreamKey;
 
 impl Hub {
     pub fn get(&self, key: &StreamKey) -> Option<Arc<Stream>> {

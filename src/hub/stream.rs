@@ -1,14 +1,16 @@
 //! One live stream's shared state, and its snapshot for the API.
 
-use super::{Source, Status, StreamEvent};
-use crate::media::gop::GopCache;
-use crate::media::{Codec, Packet, SimulcastLayer, StreamConfig, StreamKey};
-use parking_lot::Mutex;
-use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::Serialize;
 use tokio::sync::{broadcast, watch, Notify};
+
+use super::{Source, Status, StreamEvent};
+use crate::media::gop::GopCache;
+use crate::media::{Codec, Packet, SimulcastLayer, StreamConfig, StreamKey};
 
 pub(super) struct StreamState {
     pub(super) config: Arc<StreamConfig>,

@@ -1,16 +1,18 @@
 //! Attaching consumers: finding, deriving or pulling a stream, then the [`Subscription`]
 //! that reads its GOP cache and live ring with the overflow policy.
 
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
 use super::{
     Hub, HubEvent, Publisher, Scope, Source, Status, Stream, StreamEvent, SubscribeError,
     SubscriptionEnd, Upstream, ViewerTicket, LAG_WINDOW, PLAY_WAIT_POLL, PULL_TIMEOUT,
 };
 use crate::media::{StreamConfig, StreamKey};
-use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
 
 impl Hub {
     /// Attaches a consumer to `key`, pulling it from upstream first if allowed and needed.

@@ -1,8 +1,9 @@
 //! The hub's unit tests: publish, subscribe, overflow, holds, limits.
 
+use bytes::Bytes;
+
 use super::*;
 use crate::media::{Codec, Frame, Timebase, VideoConfig};
-use bytes::Bytes;
 
 fn hub(buffer: usize) -> Arc<Hub> {
     let limits = Limits {

@@ -1,12 +1,14 @@
 //! Viewer admission under the viewer limits, and the list the admin API shows and kicks
 //! from.
 
-use super::Hub;
-use crate::media::StreamKey;
-use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::Hub;
+use crate::media::StreamKey;
 
 impl Hub {
     /// Admits a viewer of `key` (RTMP, HTTP-FLV, WHEP) under `limits.max_viewers` and
