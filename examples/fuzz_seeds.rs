@@ -154,10 +154,10 @@ fn main() -> anyhow::Result<()> {
     for m in [
         ControlMessage::Announce(Announcement {
             stream: key.clone(),
-            session: 9,
+            timeline: 9,
             started_ms: 1000,
         }),
-        ControlMessage::SubscribeOk { id: 1, session: 9 },
+        ControlMessage::SubscribeOk { id: 1, timeline: 9 },
         ControlMessage::SubscribeDone {
             id: 1,
             code: 0,
@@ -201,7 +201,7 @@ fn main() -> anyhow::Result<()> {
     acceptor.handle_input(&after_hello)?;
     acceptor.announce(Announcement {
         stream: key.clone(),
-        session: 9,
+        timeline: 9,
         started_ms: 1000,
     })?;
     acceptor.accept(id, 9)?;

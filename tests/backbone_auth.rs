@@ -256,15 +256,7 @@ async fn a_node_without_a_token_refuses_every_backbone_connection() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join("node.log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info,meshcast=debug")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = spawn_node(&path, &dir);
     let node = NodeProc {
         name: "lonely".into(),
         child,

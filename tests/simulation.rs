@@ -388,7 +388,7 @@ impl Sim {
         let key = self.keys[stream].clone();
         let a = Announcement {
             stream: key.clone(),
-            session: stream as u64 + 1,
+            timeline: stream as u64 + 1,
             started_ms: 1_700_000_000_000 + self.now,
         };
         self.nodes[origin].local.insert(key.clone(), a.clone());

@@ -65,7 +65,7 @@ pub(super) async fn preflight(State(s): State<AppState>) -> Response {
 
 /// The WebRTC server and the stream named, if this node has one, the request carries an
 /// SDP offer and the name is valid.
-pub(super) fn webrtc_for_offer(
+fn webrtc_for_offer(
     s: &AppState,
     headers: &HeaderMap,
     namespace: &str,
@@ -92,6 +92,24 @@ pub(super) fn webrtc_for_offer(
     }
 }
 
+/// An offer this client may make: [`webrtc_for_offer`], then [`authorize`] for `action`
+/// over `protocol` (`whip`, `whep`). Every refusal carries the CORS headers.
+async fn offer_allowed(
+    s: &AppState,
+    headers: &HeaderMap,
+    (namespace, stream): (&str, &str),
+    peer: SocketAddr,
+    query: Option<&str>,
+    action: AuthAction,
+    protocol: &'static str,
+) -> Result<(Arc<crate::webrtc::WebRtc>, StreamKey), Response> {
+    let (webrtc, key) = webrtc_for_offer(s, headers, namespace, stream).map_err(|r| *r)?;
+    authorize(s, action, protocol, &key, peer, headers, query)
+        .await
+        .map_err(with_cors)?;
+    Ok((webrtc, key))
+}
+
 pub(super) fn is_sdp(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -107,23 +125,20 @@ pub(super) async fn whep_post(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let (webrtc, key) = match webrtc_for_offer(&s, &headers, &namespace, &stream) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    if let Err(r) = authorize(
+    let (webrtc, key) = match offer_allowed(
         &s,
+        &headers,
+        (&namespace, &stream),
+        peer,
+        query.as_deref(),
         AuthAction::Play,
         "whep",
-        &key,
-        peer,
-        &headers,
-        query.as_deref(),
     )
     .await
     {
-        return with_cors(r);
-    }
+        Ok(x) => x,
+        Err(r) => return r,
+    };
     let ticket = match admit(&s, "whep", &key, peer) {
         Ok(t) => t,
         Err(r) => return with_cors(*r),
@@ -159,23 +174,20 @@ pub(super) async fn whip_post(
             return redirect(&s, &ask, &path);
         }
     }
-    let (webrtc, key) = match webrtc_for_offer(&s, &headers, &namespace, &stream) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    if let Err(r) = authorize(
+    let (webrtc, key) = match offer_allowed(
         &s,
+        &headers,
+        (&namespace, &stream),
+        peer,
+        query.as_deref(),
         AuthAction::Publish,
         "whip",
-        &key,
-        peer,
-        &headers,
-        query.as_deref(),
     )
     .await
     {
-        return with_cors(r);
-    }
+        Ok(x) => x,
+        Err(r) => return r,
+    };
     let publisher = match s.hub.publish_checked(key.clone()).await {
         Ok(p) => p,
         Err(e @ crate::hub::PublishError::Limit(_)) => {

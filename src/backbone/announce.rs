@@ -46,7 +46,7 @@ impl Backbone {
     /// ([`race::settle`]): this node's publisher is evicted if it lost; if it won, its
     /// announce goes out again so the rival learns it lost.
     pub(super) fn on_announce(&self, peer: &PeerInfo, a: Announcement) {
-        debug!(stream = %a.stream, session = a.session, "announced");
+        debug!(stream = %a.stream, timeline = a.timeline, "announced");
         let key = a.stream.clone();
         let started_ms = a.started_ms;
         self.directory.lock().announce(&peer.node_id, a);
@@ -120,7 +120,7 @@ impl Backbone {
     pub(super) fn announcement(&self, key: StreamKey) -> Option<Announcement> {
         let stream = self.hub.get(&key).filter(|s| s.is_local())?;
         Some(Announcement {
-            session: stream.session(),
+            timeline: stream.timeline(),
             started_ms: stream.started_ms(),
             stream: key,
         })
@@ -138,7 +138,7 @@ mod tests {
     fn ann(n: &str) -> Announcement {
         Announcement {
             stream: key(n),
-            session: 1,
+            timeline: 1,
             started_ms: 1,
         }
     }

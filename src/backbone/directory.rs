@@ -92,7 +92,7 @@ mod tests {
     fn at(started_ms: u64) -> Announcement {
         Announcement {
             stream: key(),
-            session: started_ms,
+            timeline: started_ms,
             started_ms,
         }
     }

@@ -138,7 +138,7 @@ impl Backbone {
                     _ = state_tick.tick() => session.node_state(self.records_for(peer.role, true)),
                     msg = internal_rx.recv() => match msg {
                         Some(Internal::Subscribed { id, stream, result: Ok(sub) }) => {
-                            if session.accept(id, sub.session())? {
+                            if session.accept(id, sub.timeline())? {
                                 let token = self.shutdown.child_token();
                                 senders.insert(id, (token.clone(), sub.keyframe_requester()));
                                 let span = tracing::info_span!("send", sub = id, %stream);

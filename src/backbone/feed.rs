@@ -122,16 +122,16 @@ impl Backbone {
                 }
                 r = recv_attempt(&mut attempt) => {
                     attempt = None;
-                    let session = r.as_ref().ok().map(|f| f.session);
+                    let timeline = r.as_ref().ok().map(|f| f.timeline);
                     match r {
-                        Ok(feed) if handover.answered(Instant::now(), session, splice.session()) => {
+                        Ok(feed) if handover.answered(Instant::now(), timeline, splice.input_timeline()) => {
                             info!(node = %feed.node, "returning: subscribed to the preferred origin");
                             candidate = Some(CandidateFeed(Some(feed)));
                         }
                         // Another publish there: not the same stream to splice into.
                         Ok(feed) => feed.unsubscribe_now(),
                         Err(e) => {
-                            handover.answered(Instant::now(), None, splice.session());
+                            handover.answered(Instant::now(), None, splice.input_timeline());
                             debug!("cannot return to the preferred origin yet: {e}");
                         }
                     }
@@ -192,13 +192,13 @@ impl Backbone {
                     Tell::Config { config, go_live } => {
                         relay.set_config(config);
                         if let Some(timeline) = go_live {
-                            relay.set_session(timeline);
+                            relay.set_timeline(timeline);
                             relay.set_live(&up.node);
                         }
                     }
                     Tell::Frame { frame, timeline } => {
                         if let Some(timeline) = timeline {
-                            relay.set_session(timeline);
+                            relay.set_timeline(timeline);
                         }
                         if frame.is_video_keyframe() {
                             gate.keyframe_seen();

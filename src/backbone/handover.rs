@@ -6,7 +6,7 @@
 //!
 //! 1. Every [`RETURN_CHECK`] the driver asks [`Handover::may_try`]; with a preferred
 //!    upstream at hand it subscribes there too ([`Handover::trying`]).
-//! 2. The answer ([`Handover::answered`]): the same publish (session) as the current
+//! 2. The answer ([`Handover::answered`]): the same publish (timeline) as the current
 //!    feed makes the new feed a **candidate**, read alongside the current one; another
 //!    publish, or a refusal, backs off for `return_after`.
 //! 3. The candidate's items go to [`Handover::offer`]. Its latest audio and its
@@ -83,14 +83,14 @@ impl Handover {
         self.state = State::Subscribing;
     }
 
-    /// The preferred upstream answered: `Some(session)` it serves, or `None` (refused, no
-    /// answer, link gone). `current` is the session the relay is fed from. `true`: read
+    /// The preferred upstream answered: `Some(timeline)` it serves, or `None` (refused, no
+    /// answer, link gone). `current` is the timeline the relay is fed from. `true`: read
     /// the new feed as the candidate; `false`: drop it (unsubscribe if it was accepted).
-    pub fn answered(&mut self, now: Instant, session: Option<u64>, current: Option<u64>) -> bool {
+    pub fn answered(&mut self, now: Instant, timeline: Option<u64>, current: Option<u64>) -> bool {
         if !matches!(self.state, State::Subscribing) {
             return false;
         }
-        match session {
+        match timeline {
             Some(s) if Some(s) == current => {
                 self.state = State::Candidate(Candidate {
                     seq: GroupSequencer::new(self.stall),
@@ -195,7 +195,7 @@ mod tests {
         })
     }
 
-    /// A splicer that has sent video up to dts 100 and audio up to 90 of session 7.
+    /// A splicer that has sent video up to dts 100 and audio up to 90 of timeline 7.
     fn sent() -> Splicer {
         let mut s = Splicer::new();
         s.begin(7, true);

@@ -64,8 +64,8 @@ pub(super) struct Feed {
     pub(super) node: String,
     pub(super) commands: mpsc::Sender<LinkCommand>,
     pub(super) id: u64,
-    /// The timeline it serves (SubscribeOk's session).
-    pub(super) session: u64,
+    /// The timeline it serves (SubscribeOk's).
+    pub(super) timeline: u64,
     pub(super) feed: mpsc::Receiver<FeedItem>,
 }
 
@@ -181,7 +181,7 @@ impl Backbone {
                 },
             };
             let has_video = relay.config().video.is_some();
-            let join = splice.begin(up.session, has_video);
+            let join = splice.begin(up.timeline, has_video);
             if let Some(lost_for) = rehome.subscribed(Instant::now()) {
                 self.hub.metrics().backbone_rehomes.inc();
                 info!(stream = %key, node = %up.node, ?join, "re-homed after {lost_for:?}");
@@ -225,7 +225,7 @@ impl Backbone {
     }
 
     /// Feeds `relay` from this node's own publish of the name, through the splicer (a new
-    /// session: it resumes at a keyframe, timestamps continuing), until that publish ends
+    /// timeline: it resumes at a keyframe, timestamps continuing), until that publish ends
     /// or the relay goes idle.
     async fn pump_local(
         &self,
@@ -239,7 +239,7 @@ impl Backbone {
             return;
         };
         let has_video = relay.config().video.is_some();
-        splice.begin(local.session(), has_video);
+        splice.begin(local.timeline(), has_video);
         relay.set_live(&self.local.node_id);
         sub.request_keyframe();
         let keyframe_signal = relay.keyframe_signal();
@@ -256,7 +256,7 @@ impl Backbone {
                 Ok(StreamEvent::Config(c)) => relay.set_config((*c).clone()),
                 Ok(StreamEvent::Frame(p)) => {
                     if let Some(f) = splice.frame(p.frame.clone()) {
-                        relay.set_session(splice.timeline().unwrap_or_default());
+                        relay.set_timeline(splice.timeline().unwrap_or_default());
                         relay.push(Packet::new(f));
                     }
                 }
@@ -291,11 +291,11 @@ pub(super) async fn subscribe_on(
         return Err(PullError::LinkClosed(node));
     }
     match tokio::time::timeout(SUBSCRIBE_TIMEOUT, reply_rx).await {
-        Ok(Ok(Ok(Accepted { id, session, feed }))) => Ok(Feed {
+        Ok(Ok(Ok(Accepted { id, timeline, feed }))) => Ok(Feed {
             node,
             commands,
             id,
-            session,
+            timeline,
             feed,
         }),
         Ok(Ok(Err(Refusal { code, reason }))) => Err(PullError::Refused { node, code, reason }),

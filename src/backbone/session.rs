@@ -70,10 +70,10 @@ pub enum SessionEvent {
     // Dialer side.
     Announced(Announcement),
     Withdrawn(StreamKey),
-    /// Subscription `id` accepted; its media is on timeline `session`.
+    /// Subscription `id` accepted; its media is on timeline `timeline`.
     SubscribeAccepted {
         id: u64,
-        session: u64,
+        timeline: u64,
     },
     SubscribeRejected {
         id: u64,
@@ -251,12 +251,12 @@ impl ControlSession {
             }
             (Side::Dialer, M::Announce(a)) => SessionEvent::Announced(a),
             (Side::Dialer, M::Withdraw { stream }) => SessionEvent::Withdrawn(stream),
-            (Side::Dialer, M::SubscribeOk { id, session }) => {
+            (Side::Dialer, M::SubscribeOk { id, timeline }) => {
                 let Some(stream) = self.take_requested(id)? else {
                     return Err(unknown(id));
                 };
                 self.active.insert(id, stream);
-                SessionEvent::SubscribeAccepted { id, session }
+                SessionEvent::SubscribeAccepted { id, timeline }
             }
             (Side::Dialer, M::SubscribeError { id, code, reason }) => {
                 if self.take_requested(id)?.is_none() {
@@ -534,10 +534,10 @@ impl ControlSession {
 
     /// Accepts subscription `id`, served on timeline `session`; `false` if it was
     /// unsubscribed meanwhile.
-    pub fn accept(&mut self, id: u64, session: u64) -> Result<bool, SessionError> {
+    pub fn accept(&mut self, id: u64, timeline: u64) -> Result<bool, SessionError> {
         self.require(Side::Acceptor)?;
         if self.active.contains_key(&id) {
-            self.send(ControlMessage::SubscribeOk { id, session });
+            self.send(ControlMessage::SubscribeOk { id, timeline });
             return Ok(true);
         }
         Ok(false)
@@ -866,7 +866,7 @@ mod tests {
         origin.accept(id, 5).unwrap();
         assert_eq!(
             pump(&mut origin, &mut edge),
-            vec![SessionEvent::SubscribeAccepted { id, session: 5 }]
+            vec![SessionEvent::SubscribeAccepted { id, timeline: 5 }]
         );
         origin.done(id, 200, "ended").unwrap();
         assert_eq!(
@@ -884,7 +884,7 @@ mod tests {
         let (mut edge, mut origin) = pair();
         let a = Announcement {
             stream: key(),
-            session: 5,
+            timeline: 5,
             started_ms: 6,
         };
         origin.announce(a.clone()).unwrap();
@@ -974,7 +974,11 @@ mod tests {
     fn answer_for_unknown_subscription_is_an_error() {
         let (mut edge, _origin) = pair();
         let mut buf = BytesMut::new();
-        ControlMessage::SubscribeOk { id: 42, session: 1 }.encode(&mut buf);
+        ControlMessage::SubscribeOk {
+            id: 42,
+            timeline: 1,
+        }
+        .encode(&mut buf);
         assert!(matches!(
             edge.handle_input(&buf),
             Err(SessionError::Protocol(_))

@@ -59,7 +59,7 @@ enum End {
 
 /// QUIC transport tuned for the backbone: fast liveness (keep-alive 150 ms, idle 5 s), BBR
 /// unless configured otherwise (random loss does not cut its rate), 1500-byte initial MTU
-/// (see FIELD-NOTES), and per connection only the streams the protocol uses: a dialer may
+/// (quinn's default leaves 1162-byte datagrams; this raises it to 1434), and per connection only the streams the protocol uses: a dialer may
 /// open one bidirectional stream (control), an acceptor [`MAX_GROUP_STREAMS`]
 /// unidirectional ones (groups). Receive windows bound what a peer can have in flight.
 fn transport(congestion: Congestion, end: End) -> Arc<quinn::TransportConfig> {

@@ -40,7 +40,7 @@ pub(super) enum LinkCommand {
 /// An accepted upstream subscription: its id, timeline and media.
 pub(super) struct Accepted {
     pub(super) id: u64,
-    pub(super) session: u64,
+    pub(super) timeline: u64,
     pub(super) feed: mpsc::Receiver<FeedItem>,
 }
 
@@ -183,11 +183,11 @@ impl Backbone {
                 debug!(%stream, "withdrawn");
                 self.directory.lock().withdraw(&peer.node_id, &stream);
             }
-            SessionEvent::SubscribeAccepted { id, session } => {
+            SessionEvent::SubscribeAccepted { id, timeline } => {
                 if let Some(p) = pending.remove(&id) {
                     let _ = p.reply.send(Ok(Accepted {
                         id,
-                        session,
+                        timeline,
                         feed: p.feed,
                     }));
                 }

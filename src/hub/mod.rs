@@ -191,7 +191,7 @@ impl Hub {
             started: Instant::now(),
             started_ms: crate::clock::unix_ms(),
             evicted: watch::channel(None).0,
-            session: AtomicU64::new(rand::random()),
+            timeline: AtomicU64::new(rand::random()),
             publishes: AtomicU64::new(1),
         })
     }

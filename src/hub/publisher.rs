@@ -48,7 +48,7 @@ impl Hub {
                 info!(stream = %key, publishes = n, "the publisher came back; its viewers carry on");
                 let mut p = Publisher::new(self.clone(), held.clone());
                 p.has_video = st.config.video.is_some();
-                p.splice = Some(Splicer::continuing(held.session(), st.last_ns));
+                p.splice = Some(Splicer::continuing(held.timeline(), st.last_ns));
                 return Ok(p);
             }
             if map
@@ -175,8 +175,8 @@ impl Publisher {
             .fetch_add(packet.frame.payload.len() as u64, Ordering::Relaxed);
         if let Some(splice) = &mut self.splice {
             if !self.splice_begun {
-                // Any session other than the one `continuing` was given: a new timeline.
-                splice.begin(self.stream.session().wrapping_add(1), self.has_video);
+                // Any timeline other than the one `continuing` was given: a new one.
+                splice.begin(self.stream.timeline().wrapping_add(1), self.has_video);
                 self.splice_begun = true;
             }
             let Some(frame) = splice.frame(packet.frame.clone()) else {
@@ -231,9 +231,9 @@ impl Publisher {
         self.stream.publishes.store(n, Ordering::Release);
     }
 
-    /// Names the timeline consumers get from now on (a relay: its upstream's session).
-    pub fn set_session(&self, session: u64) {
-        self.stream.session.store(session, Ordering::Release);
+    /// Names the timeline consumers get from now on (a relay: its upstream's).
+    pub fn set_timeline(&self, timeline: u64) {
+        self.stream.timeline.store(timeline, Ordering::Release);
     }
 
     /// Marks a derived stream live (its first configuration is set).

@@ -46,16 +46,16 @@ pub struct Stream {
     pub(super) evicted: watch::Sender<Option<String>>,
     /// Identity of the timeline consumers get: random per local publish; a relay serves its
     /// upstream's (see `media::splice`). A publisher coming back to its held stream is
-    /// spliced onto it, so the timeline and its session stay.
-    pub(super) session: AtomicU64,
+    /// spliced onto it, so its timeline stays.
+    pub(super) timeline: AtomicU64,
     /// How many publishers this stream has had (more than one after a publisher came back
     /// within the hold).
     pub(super) publishes: AtomicU64,
 }
 
 impl Stream {
-    pub fn session(&self) -> u64 {
-        self.session.load(Ordering::Acquire)
+    pub fn timeline(&self) -> u64 {
+        self.timeline.load(Ordering::Acquire)
     }
 
     pub fn key(&self) -> &StreamKey {

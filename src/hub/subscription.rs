@@ -215,9 +215,9 @@ impl Subscription {
         self._guard.0.evicted()
     }
 
-    /// The timeline this subscription's frames are on (see [`Stream::session`]).
-    pub fn session(&self) -> u64 {
-        self._guard.0.session()
+    /// The timeline this subscription's frames are on (see [`Stream::timeline`]).
+    pub fn timeline(&self) -> u64 {
+        self._guard.0.timeline()
     }
 
     /// How many publishers the stream has had: it grows when one comes back to the

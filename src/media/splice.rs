@@ -4,12 +4,12 @@
 //! viewers stay connected. What the new upstream sends must continue what they already
 //! have: no frame twice, no jump back in time, and a decodable picture.
 //!
-//! * **Same session** (the new upstream serves the same publish): timestamps are kept.
+//! * **Same timeline** (the new upstream serves the same publish): timestamps are kept.
 //!   The new upstream starts with its cached group, which usually begins before the last
 //!   frame sent, so frames at or before it are dropped per track. Video resumes at the
 //!   frame after the last one sent if that frame came through (proof the two runs touch),
 //!   else at the next keyframe.
-//! * **New session** (the publisher itself reconnected): video resumes at a keyframe and
+//! * **New timeline** (the publisher itself reconnected): video resumes at a keyframe and
 //!   every track is shifted so the new timeline starts one frame interval after the last
 //!   frame sent; audio before that keyframe is dropped so both tracks keep one offset (A/V
 //!   sync as the publisher sent it).
@@ -24,7 +24,8 @@ const SESSION_GAP_NS: i64 = 33_333_333;
 
 #[derive(Debug, Default)]
 pub struct Splicer {
-    session: Option<u64>,
+    /// The timeline of the current upstream's input.
+    input: Option<u64>,
     /// Added to input timestamps, in ns.
     offset_ns: i64,
     /// The last output dts per track (video, audio), in ns.
@@ -53,8 +54,8 @@ enum Rejoin {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Join {
     First,
-    SameSession,
-    NewSession,
+    SameTimeline,
+    NewTimeline,
 }
 
 impl Splicer {
@@ -63,11 +64,11 @@ impl Splicer {
     }
 
     /// A splicer whose output continues a timeline that last output `last` (ns; video,
-    /// audio) from session `session`: the next [`Self::begin`] of another session is a new
-    /// session (a publisher coming back to a stream held for it).
-    pub fn continuing(session: u64, last: [Option<i64>; 2]) -> Splicer {
+    /// audio) from input timeline `timeline`: the next [`Self::begin`] of another timeline
+    /// is a new one (a publisher coming back to a stream held for it).
+    pub fn continuing(timeline: u64, last: [Option<i64>; 2]) -> Splicer {
         Splicer {
-            session: Some(session),
+            input: Some(timeline),
             last,
             ..Splicer::default()
         }
@@ -82,38 +83,38 @@ impl Splicer {
         (t, f.timebase.rescale(f.dts, NANOS))
     }
 
-    /// A new upstream starts serving timeline `session`.
-    pub fn begin(&mut self, session: u64, has_video: bool) -> Join {
+    /// A new upstream starts serving timeline `timeline`.
+    pub fn begin(&mut self, timeline: u64, has_video: bool) -> Join {
         self.has_video = has_video;
-        let join = match self.session {
+        let join = match self.input {
             None => Join::First,
-            Some(s) if s == session => Join::SameSession,
-            Some(_) => Join::NewSession,
+            Some(s) if s == timeline => Join::SameTimeline,
+            Some(_) => Join::NewTimeline,
         };
-        self.session = Some(session);
+        self.input = Some(timeline);
         self.rejoining = match join {
             Join::First => None,
-            Join::SameSession => Some(Rejoin::Same { touching: false }),
-            Join::NewSession => Some(Rejoin::New),
+            Join::SameTimeline => Some(Rejoin::Same { touching: false }),
+            Join::NewTimeline => Some(Rejoin::New),
         };
         join
     }
 
     /// The timeline the output is on, for consumers that may later join another upstream
-    /// (a relay's `SubscribeOk.session`): the input's session while timestamps pass
-    /// unchanged; once they are shifted, another timeline, named by the session and the
-    /// shift (two relays that shift one session alike serve the same timestamps).
+    /// (a relay's `SubscribeOk.timeline`): the input's timeline while timestamps pass
+    /// unchanged; once they are shifted, another timeline, named by the input's and the
+    /// shift (two relays that shift one input alike serve the same timestamps).
     pub fn timeline(&self) -> Option<u64> {
-        let session = self.session?;
-        Some(session.wrapping_add(self.offset_ns as u64))
+        let input = self.input?;
+        Some(input.wrapping_add(self.offset_ns as u64))
     }
 
-    /// The session of the current upstream's input.
-    pub fn session(&self) -> Option<u64> {
-        self.session
+    /// The timeline of the current upstream's input.
+    pub fn input_timeline(&self) -> Option<u64> {
+        self.input
     }
 
-    /// For make-before-break (a second upstream of the same session fed in parallel):
+    /// For make-before-break (a second upstream of the same timeline fed in parallel):
     /// whether the second feed, from frame `f` on, continues what was output without a
     /// gap: `f` is a primary-track frame already output (so every later frame of that feed
     /// follows it), or a keyframe newer than anything output.
@@ -297,7 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn same_session_drops_what_was_sent_and_resumes_after_it() {
+    fn same_timeline_drops_what_was_sent_and_resumes_after_it() {
         let mut s = Splicer::new();
         s.begin(1, true);
         run(
@@ -305,7 +306,7 @@ mod tests {
             vec![v(0, true), a(5), v(33, false), a(26), v(66, false)],
         );
         // The new upstream replays its group from the keyframe, then goes on.
-        assert_eq!(s.begin(1, true), Join::SameSession);
+        assert_eq!(s.begin(1, true), Join::SameTimeline);
         assert!(s.waiting_for_keyframe());
         let out = run(
             &mut s,
@@ -324,7 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn same_session_with_a_hole_waits_for_the_next_keyframe() {
+    fn same_timeline_with_a_hole_waits_for_the_next_keyframe() {
         let mut s = Splicer::new();
         s.begin(1, true);
         run(&mut s, vec![v(0, true), v(33, false)]);
@@ -344,11 +345,11 @@ mod tests {
     }
 
     #[test]
-    fn new_session_continues_time_from_a_keyframe_with_both_tracks_shifted_alike() {
+    fn new_timeline_continues_time_from_a_keyframe_with_both_tracks_shifted_alike() {
         let mut s = Splicer::new();
         s.begin(1, true);
         run(&mut s, vec![v(5000, true), a(5010), v(5033, false)]);
-        assert_eq!(s.begin(2, true), Join::NewSession);
+        assert_eq!(s.begin(2, true), Join::NewTimeline);
         // The reconnected publisher starts near zero; audio before its keyframe is dropped.
         let out = run(
             &mut s,

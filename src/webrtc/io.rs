@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use super::batch;
 use super::demux::Routes;
 
-/// Receive buffer of the shared socket: join bursts overflow the default (FIELD-NOTES).
+/// Receive buffer of the shared socket: a burst of joins overflowed the 208 KB default.
 const SOCKET_RCVBUF: usize = 4 << 20;
 /// Packets queued toward one ICE-TCP connection before it drops them.
 const TCP_QUEUE: usize = 512;

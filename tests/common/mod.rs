@@ -17,7 +17,7 @@ pub use http::{http_get, http_request};
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -125,12 +125,7 @@ impl NodeSpec {
             role: "origin",
             id: id.into(),
             region: "r".into(),
-            upstreams: vec![],
-            extra: String::new(),
-            node_extra: String::new(),
-            webrtc_extra: String::new(),
-            rtmp_extra: String::new(),
-            http_extra: String::new(),
+            ..Self::standalone()
         }
     }
     pub fn edge(id: &str, origins: Vec<SocketAddr>) -> Self {
@@ -139,13 +134,22 @@ impl NodeSpec {
             id: id.into(),
             region: "r".into(),
             upstreams: origins,
-            extra: String::new(),
-            node_extra: String::new(),
-            webrtc_extra: String::new(),
-            rtmp_extra: String::new(),
-            http_extra: String::new(),
+            ..Self::standalone()
         }
     }
+}
+
+/// Runs `meshcast run --config path`, logging to `dir/node.log`.
+pub fn spawn_node(path: &Path, dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("node.log")).unwrap();
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "info,meshcast=debug")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start meshcast")
 }
 
 impl NodeProc {
@@ -191,15 +195,7 @@ impl NodeProc {
         );
         let path = dir.join("node.toml");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.join("node.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info,meshcast=debug")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start meshcast");
+        let child = spawn_node(&path, &dir);
         let node = NodeProc {
             name: spec.id,
             child,

@@ -32,7 +32,7 @@ fn role_from_u8(v: u8) -> Result<Role, WireError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Announcement {
     pub stream: StreamKey,
-    pub session: u64,
+    pub timeline: u64,
     /// When the publish started, in unix milliseconds (of the announcing node's clock).
     pub started_ms: u64,
 }
@@ -142,7 +142,7 @@ pub enum ControlMessage {
     /// Acceptor → dialer: media for `id` follows on group streams, on the timeline
     /// `session` (one publish, as the acceptor serves it: a subscriber that moves to another
     /// upstream keeps its timestamps when the session is the same).
-    SubscribeOk { id: u64, session: u64 },
+    SubscribeOk { id: u64, timeline: u64 },
     /// Acceptor → dialer: subscription `id` refused.
     SubscribeError { id: u64, code: u16, reason: String },
     /// Dialer → acceptor: stop sending `id`.
@@ -232,7 +232,7 @@ impl ControlMessage {
             }
             ControlMessage::Announce(a) => {
                 put_str(&mut body, &a.stream.to_string());
-                body.put_u64(a.session);
+                body.put_u64(a.timeline);
                 body.put_u64(a.started_ms);
                 T_ANNOUNCE
             }
@@ -245,9 +245,9 @@ impl ControlMessage {
                 put_str(&mut body, &stream.to_string());
                 T_SUBSCRIBE
             }
-            ControlMessage::SubscribeOk { id, session } => {
+            ControlMessage::SubscribeOk { id, timeline } => {
                 body.put_u64(*id);
-                body.put_u64(*session);
+                body.put_u64(*timeline);
                 T_SUBSCRIBE_OK
             }
             ControlMessage::SubscribeError { id, code, reason }
@@ -317,7 +317,7 @@ impl ControlMessage {
             T_WELCOME => ControlMessage::Welcome { proof: r.array()? },
             T_ANNOUNCE => ControlMessage::Announce(Announcement {
                 stream: r.stream_key()?,
-                session: r.u64()?,
+                timeline: r.u64()?,
                 started_ms: r.u64()?,
             }),
             T_WITHDRAW => ControlMessage::Withdraw {
@@ -329,7 +329,7 @@ impl ControlMessage {
             },
             T_SUBSCRIBE_OK => ControlMessage::SubscribeOk {
                 id: r.u64()?,
-                session: r.u64()?,
+                timeline: r.u64()?,
             },
             T_SUBSCRIBE_ERROR => ControlMessage::SubscribeError {
                 id: r.u64()?,

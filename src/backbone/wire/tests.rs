@@ -16,7 +16,7 @@ fn key() -> StreamKey {
 fn announcement() -> Announcement {
     Announcement {
         stream: key(),
-        session: 0x0102,
+        timeline: 0x0102,
         started_ms: 1_700_000_000_000,
     }
 }
@@ -61,7 +61,7 @@ fn all_messages() -> Vec<ControlMessage> {
             id: 7,
             stream: key(),
         },
-        ControlMessage::SubscribeOk { id: 7, session: 9 },
+        ControlMessage::SubscribeOk { id: 7, timeline: 9 },
         ControlMessage::SubscribeError {
             id: 7,
             code: code::NOT_FOUND,
@@ -103,7 +103,7 @@ fn control_messages_round_trip() {
 #[test]
 fn subscribe_ok_carries_the_session_after_the_id() {
     let mut buf = BytesMut::new();
-    ControlMessage::SubscribeOk { id: 1, session: 2 }.encode(&mut buf);
+    ControlMessage::SubscribeOk { id: 1, timeline: 2 }.encode(&mut buf);
     let expected = [
         0,
         0,
