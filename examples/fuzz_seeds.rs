@@ -12,9 +12,8 @@ use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
 use meshcast::backbone::session::{ControlSession, PeerInfo};
-use meshcast::backbone::wire::{
-    Announcement, ControlMessage, GroupHeader, MediaItem, NodeRecord, PeerRole,
-};
+use meshcast::backbone::wire::{Announcement, ControlMessage, GroupHeader, MediaItem, NodeRecord};
+use meshcast::config::Role;
 use meshcast::media::{
     avc, AudioConfig, Codec, Frame, Metadata, StreamConfig, StreamKey, Timebase, VideoConfig,
 };
@@ -136,7 +135,7 @@ fn main() -> anyhow::Result<()> {
     }
     let record_msg = ControlMessage::NodeState(vec![NodeRecord {
         node: "origin-a".into(),
-        role: PeerRole::Origin,
+        role: Role::Origin,
         region: "eu".into(),
         http_url: "http://192.0.2.1:8080".into(),
         rtmp_url: "rtmp://192.0.2.1:1935".into(),
@@ -180,10 +179,9 @@ fn main() -> anyhow::Result<()> {
         role,
         region: "eu".into(),
     };
-    let mut dialer =
-        ControlSession::dialer(info("edge-1", PeerRole::Edge), TOKEN, [1; 32], [0; 32]);
+    let mut dialer = ControlSession::dialer(info("edge-1", Role::Edge), TOKEN, [1; 32], [0; 32]);
     let mut acceptor =
-        ControlSession::acceptor(info("origin-a", PeerRole::Origin), TOKEN, [2; 32], [0; 32]);
+        ControlSession::acceptor(info("origin-a", Role::Origin), TOKEN, [2; 32], [0; 32]);
     let (mut to_acceptor, mut to_dialer) = (Vec::new(), Vec::new());
     for _ in 0..2 {
         let b = dialer.poll_transmit().expect("hello, then auth");

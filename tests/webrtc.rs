@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::egress_api::{egress_status, start_egress};
 use common::*;
 
 // This file's tests run `one_at_a_time`: each loads the 2-core machine (a browser, 200
@@ -670,20 +671,6 @@ async fn announced_addresses_and_ice_servers_reach_the_client() {
         .unwrap();
     assert!(stats.connected && stats.video_packets > 30, "{stats:?}");
     assert!(node.log().contains(&format!("0.0.0.0:{udp}")));
-}
-
-/// `POST /api/v1/egress`; returns the new egress id.
-fn start_egress(node: &NodeProc, body: serde_json::Value) -> String {
-    let (status, text) =
-        http_request(node.http, "POST", "/api/v1/egress", Some(&body.to_string())).unwrap();
-    assert_eq!(status, 201, "{text}");
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["id"].as_str().unwrap().to_string()
-}
-
-fn egress_status(node: &NodeProc, id: &str) -> serde_json::Value {
-    let (_, text) = http_get(node.http, &format!("/api/v1/egress/{id}")).unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 /// Decodes `seconds` of `url`'s audio to PCM; returns the number of samples per channel.

@@ -16,7 +16,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshcast::backbone::session::{ControlSession, PeerInfo, SessionEvent};
-use meshcast::backbone::wire::{self, ControlMessage, FrameDecoder, PeerRole};
+use meshcast::backbone::wire::{self, ControlMessage, FrameDecoder};
+use meshcast::config::Role;
 use meshcast::media::StreamKey;
 
 const TOKEN: &str = "a-cluster-token-of-32-characters";
@@ -24,7 +25,7 @@ const DIALER_NONCE: [u8; 32] = [1; 32];
 const ACCEPTOR_NONCE: [u8; 32] = [2; 32];
 const CHANNEL: [u8; 32] = [0; 32];
 
-fn info(id: &str, role: PeerRole) -> PeerInfo {
+fn info(id: &str, role: Role) -> PeerInfo {
     PeerInfo {
         node_id: id.into(),
         role,
@@ -33,12 +34,12 @@ fn info(id: &str, role: PeerRole) -> PeerInfo {
 }
 
 fn dialer() -> ControlSession {
-    ControlSession::dialer(info("edge-1", PeerRole::Edge), TOKEN, DIALER_NONCE, CHANNEL)
+    ControlSession::dialer(info("edge-1", Role::Edge), TOKEN, DIALER_NONCE, CHANNEL)
 }
 
 fn acceptor() -> ControlSession {
     ControlSession::acceptor(
-        info("origin-a", PeerRole::Origin),
+        info("origin-a", Role::Origin),
         TOKEN,
         ACCEPTOR_NONCE,
         CHANNEL,

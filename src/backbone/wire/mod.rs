@@ -18,9 +18,6 @@ mod media;
 #[cfg(test)]
 mod tests;
 
-/// The role in a hello or a node record is the node's configured role: one type, with
-/// this older name kept for the fuzz targets and examples that use it.
-pub use crate::config::Role as PeerRole;
 pub(crate) use control::role_to_u8;
 pub use control::{Announcement, ControlMessage, NodeRecord, MAX_RECORD_ITEMS};
 pub use media::{GroupHeader, MediaItem};
