@@ -397,6 +397,9 @@ fn the_protocol_doc_names_the_versions_in_the_code() {
     );
     let alpn = format!("ALPN `{}`", String::from_utf8_lossy(ALPN));
     assert!(PROTOCOL_DOC.contains(&alpn), "the doc does not say {alpn}");
+    let readme = include_str!("../../../README.md");
+    let named = format!("the QUIC wire format, version {VERSION}.");
+    assert!(readme.contains(&named), "README.md does not say {named:?}");
 }
 
 #[test]
