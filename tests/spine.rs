@@ -30,6 +30,15 @@ fn standalone_serves_rtmp_and_flv_with_bframes() {
     // The publisher is one RTMP publisher in the metrics, whose frames are counted in.
     assert_eq!(node.metric("meshcast_publishers{proto=\"rtmp\"}"), 1.0);
     assert!(node.metric("meshcast_frames_in_total{proto=\"rtmp\"}") > 0.0);
+    // The API says which streams have B-frames (WebRTC viewers' decoders take none).
+    assert_eq!(node.stream("demo").unwrap()["video"]["bframes"], true);
+    let flat = PublishOpts {
+        bframes: 0,
+        ..Default::default()
+    };
+    let _q = publish_and_wait(&node.rtmp_url("flat"), &node, "flat", flat);
+    let _ = ffprobe(&node.rtmp_url("flat"), 1);
+    assert_eq!(node.stream("flat").unwrap()["video"]["bframes"], false);
 }
 
 #[test]

@@ -21,7 +21,7 @@
 //! a protocol needs of a frame it caches on the [`Packet`] itself (`media::packet`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -188,6 +188,7 @@ impl Hub {
             keyframe_requests: self.metrics.keyframe_requests_received.clone(),
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
+            bframes: AtomicBool::new(false),
             started: Instant::now(),
             started_ms: crate::clock::unix_ms(),
             evicted: watch::channel(None).0,

@@ -10,7 +10,7 @@ use tracing::info;
 
 use super::{Hub, HubEvent, PublishError, Source, Status, Stream, StreamEvent};
 use crate::media::splice::Splicer;
-use crate::media::{Packet, StreamConfig, StreamKey};
+use crate::media::{Packet, StreamConfig, StreamKey, TrackKind};
 use crate::metrics::Metrics;
 
 impl Hub {
@@ -173,6 +173,11 @@ impl Publisher {
         self.stream
             .bytes_in
             .fetch_add(packet.frame.payload.len() as u64, Ordering::Relaxed);
+        let f = &packet.frame;
+        if f.pts != f.dts && f.track() == TrackKind::Video {
+            // One relaxed store, only on reordered frames.
+            self.stream.bframes.store(true, Ordering::Relaxed);
+        }
         if let Some(splice) = &mut self.splice {
             if !self.splice_begun {
                 // Any timeline other than the one `continuing` was given: a new one.

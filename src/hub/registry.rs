@@ -65,6 +65,7 @@ impl Hub {
                         height: Some(v.height),
                         sample_rate: None,
                         channels: None,
+                        bframes: Some(s.bframes.load(Ordering::Relaxed)),
                     }),
                     audio: st.config.audio.as_ref().map(|a| TrackInfo {
                         codec: a.codec,
@@ -72,6 +73,7 @@ impl Hub {
                         height: None,
                         sample_rate: Some(a.sample_rate),
                         channels: Some(a.channels),
+                        bframes: None,
                     }),
                     frames_in: s.frames_in.load(Ordering::Relaxed),
                     bytes_in: s.bytes_in.load(Ordering::Relaxed),

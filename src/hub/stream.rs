@@ -1,6 +1,6 @@
 //! One live stream's shared state, and its snapshot for the API.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,6 +38,9 @@ pub struct Stream {
     pub(super) keyframe_requests: prometheus_client::metrics::counter::Counter,
     pub(super) frames_in: AtomicU64,
     pub(super) bytes_in: AtomicU64,
+    /// Whether a video frame was presented after a later-decoded one (pts ≠ dts): the
+    /// stream has B-frames, which WebRTC viewers' decoders do not take.
+    pub(super) bframes: AtomicBool,
     pub(super) started: Instant,
     /// When the stream started, in unix milliseconds (ranks rival publishers of one name).
     pub(super) started_ms: u64,
@@ -133,4 +136,7 @@ pub struct TrackInfo {
     pub sample_rate: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channels: Option<u8>,
+    /// Video: whether the stream has B-frames (seen at ingest as pts ≠ dts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bframes: Option<bool>,
 }
