@@ -93,7 +93,7 @@ fn webrtc_for_offer(
 }
 
 /// An offer this client may make: [`webrtc_for_offer`], then [`authorize`] for `action`
-/// over `protocol` (`whip`, `whep`). Every refusal carries the CORS headers.
+/// (publish: WHIP, play: WHEP). Every refusal carries the CORS headers.
 async fn offer_allowed(
     s: &AppState,
     headers: &HeaderMap,
@@ -101,8 +101,11 @@ async fn offer_allowed(
     peer: SocketAddr,
     query: Option<&str>,
     action: AuthAction,
-    protocol: &'static str,
 ) -> Result<(Arc<crate::webrtc::WebRtc>, StreamKey), Response> {
+    let protocol = match action {
+        AuthAction::Publish => "whip",
+        _ => "whep",
+    };
     let (webrtc, key) = webrtc_for_offer(s, headers, namespace, stream).map_err(|r| *r)?;
     authorize(s, action, protocol, &key, peer, headers, query)
         .await
@@ -132,7 +135,6 @@ pub(super) async fn whep_post(
         peer,
         query.as_deref(),
         AuthAction::Play,
-        "whep",
     )
     .await
     {
@@ -181,7 +183,6 @@ pub(super) async fn whip_post(
         peer,
         query.as_deref(),
         AuthAction::Publish,
-        "whip",
     )
     .await
     {

@@ -182,11 +182,6 @@ impl Keys {
         Ok(keys)
     }
 
-    /// Whether this node can sign tokens (it has a secret).
-    pub fn can_sign(&self) -> bool {
-        self.signer.is_some()
-    }
-
     /// Signs `claims` with the first secret.
     pub fn mint(&self, claims: &Claims) -> Result<String, String> {
         let key = self

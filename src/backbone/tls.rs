@@ -237,11 +237,3 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
-
-/// Whether a PEM file exists and parses (used by tests and check-config).
-#[allow(dead_code)]
-pub fn pem_has_certificates(path: &Path) -> bool {
-    CertificateDer::pem_file_iter(path)
-        .map(|it| it.filter_map(Result::ok).count() > 0)
-        .unwrap_or(false)
-}

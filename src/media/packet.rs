@@ -85,8 +85,9 @@ impl<T: Send + Sync + 'static> Encoding<T> {
             .expect("a slot holds the type of the encoding that owns it")
     }
 
-    /// This encoding of `packet` if it was built already.
-    pub fn cached<'p>(&self, packet: &'p Packet) -> Option<&'p T> {
+    /// This encoding of `packet` if it was built already (what the tests look at).
+    #[cfg(test)]
+    fn cached<'p>(&self, packet: &'p Packet) -> Option<&'p T> {
         packet.encodings[self.slot()].get()?.downcast_ref::<T>()
     }
 }
