@@ -288,7 +288,7 @@ fn check_config_names_backbone_token_when_it_is_empty_or_short_beyond_loopback()
     let check = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(BIN)
+        let out = Command::new(&*BIN)
             .arg("check-config")
             .arg(&path)
             .output()

@@ -467,7 +467,7 @@ fn the_three_region_example_cluster_runs_from_its_script() {
     );
     let _cluster = ThreeRegions(
         std::process::Command::new("bash")
-            .args([script, BIN])
+            .args([script, BIN.as_str()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             // Its own group, so a script that will not stop can be killed with its nodes.

@@ -383,7 +383,7 @@ fn egress_requests_are_validated_and_paths_confined() {
         "[[egress]]\nstream = \"live/*\"\nkind = \"record\"\ntemplate = \"../{stream}.mp4\"\n\n[[egress]]\nstream = \"live/a\"\nkind = \"rtmp\"\nurl = \"rtmps://cdn/app/key\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(&*BIN)
         .arg("check-config")
         .arg(&path)
         .output()

@@ -440,7 +440,7 @@ fn sample_configs_are_valid_and_bad_ones_report_every_problem() {
     for entry in files {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = std::process::Command::new(BIN)
+            let out = std::process::Command::new(&*BIN)
                 .arg("check-config")
                 .arg(&path)
                 .output()
@@ -462,7 +462,7 @@ fn sample_configs_are_valid_and_bad_ones_report_every_problem() {
         "[node]\nrole = \"edge\"\nid = \"no spaces\"\n[rtmp]\nlisten = \"1.2.3.4\"\n[backbone]\norigins = [\"x\"]\n[limits]\nstream_buffer_frames = 1\n",
     )
     .unwrap();
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(&*BIN)
         .arg("check-config")
         .arg(&bad)
         .output()
@@ -483,7 +483,7 @@ fn sample_configs_are_valid_and_bad_ones_report_every_problem() {
     }
     // `run` refuses the same file with the same report.
     let out = common::bounded::output_within(
-        std::process::Command::new(BIN)
+        std::process::Command::new(&*BIN)
             .args(["run", "--config"])
             .arg(&bad),
         Duration::from_secs(30),
@@ -527,7 +527,7 @@ fn late_joiner_on_an_edge_starts_from_the_edges_cache() {
 /// Runs `meshcast cert ARGS`; returns the files it wrote.
 fn meshcast_cert(args: &[&str]) -> Vec<String> {
     let out = common::bounded::output_within(
-        std::process::Command::new(BIN).arg("cert").args(args),
+        std::process::Command::new(&*BIN).arg("cert").args(args),
         Duration::from_secs(30),
     );
     assert!(

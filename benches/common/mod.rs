@@ -14,8 +14,12 @@ pub mod ports;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Builds `meshcast` in release mode and returns its path.
+/// Builds `meshcast` in release mode and returns its path; or, when `MESHCAST_BIN` is set,
+/// that binary as it is (a private copy, safe from other worktrees' builds).
 pub fn build_meshcast() -> PathBuf {
+    if let Ok(bin) = std::env::var("MESHCAST_BIN") {
+        return PathBuf::from(bin);
+    }
     // Without the variables cargo set for this run: some build scripts (ring's) watch them,
     // and a change would rebuild the dependencies on every run.
     let status = std::process::Command::new(env!("CARGO"))

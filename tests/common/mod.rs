@@ -23,7 +23,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_meshcast");
+/// The node binary under test: `MESHCAST_BIN` when set (a private copy, so that builds of
+/// other worktrees sharing the target directory cannot swap it mid-run), else cargo's.
+pub static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("MESHCAST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshcast").to_string())
+});
 
 /// The `backbone.token` of every test node (a real cluster's is a random secret of 16 bytes
 /// or more; on loopback a node takes any non-empty one).
@@ -142,7 +146,7 @@ impl NodeSpec {
 /// Runs `meshcast run --config path`, logging to `dir/node.log`.
 pub fn spawn_node(path: &Path, dir: &Path) -> Child {
     let log = std::fs::File::create(dir.join("node.log")).unwrap();
-    Command::new(BIN)
+    Command::new(&*BIN)
         .args(["run", "--config"])
         .arg(path)
         .env("RUST_LOG", "info,meshcast=debug")
