@@ -1,5 +1,6 @@
-//! Audio bridging between protocols: a consumer that needs AAC (RTMP, FLV) or Opus (WebRTC)
-//! gets a stream whose audio is in that codec.
+//! Bridging between protocols: a consumer that needs AAC (RTMP, FLV) or Opus (WebRTC) gets a
+//! stream whose audio is in that codec, and a WebRTC viewer of a stream with B-frames gets
+//! its video without them.
 //!
 //! If the stream's audio already is (or there is none), the consumer just subscribes to it.
 //! Otherwise it subscribes to a *derived* stream (`name~aac`, `name~opus`) that this node
@@ -8,13 +9,21 @@
 //! the result for every consumer that needs it. The task ends a grace period after its last
 //! consumer leaves, or when the original ends. So audio is transcoded once per stream per
 //! node, and only while someone needs it.
+//!
+//! The **WebRTC rendition** (`name~webrtc`: video re-encoded without B-frames, audio in
+//! Opus) is made once in the whole cluster: only on the node the stream is published to
+//! ([`Renditions`], the hub's [`Deriver`]). Any other node asks for it by name and relays
+//! it over the backbone like a simulcast layer, so edges never transcode it themselves.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn, Instrument};
 
-use crate::hub::{Hub, Publisher, Scope, Source, StreamEvent, SubscribeError, Subscription};
+use crate::config::BframePolicy;
+use crate::hub::{
+    Deriver, Hub, Publisher, Scope, Source, StreamEvent, SubscribeError, Subscription,
+};
 use crate::media::Packet;
 use crate::media::{AudioConfig, Codec, StreamConfig, StreamKey, TrackKind, VideoConfig};
 use crate::transcode::{AudioTranscoder, TranscodeError, VideoTranscoder};
@@ -22,6 +31,90 @@ use crate::transcode::{AudioTranscoder, TranscodeError, VideoTranscoder};
 /// How long a derived stream outlives its last consumer.
 const BRIDGE_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a WHEP viewer's subscription waits for the first video frames that tell whether
+/// the stream has B-frames (a relay that has just started has none yet).
+const BFRAMES_WAIT: Duration = Duration::from_secs(2);
+
+/// What a bridge does to the video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VideoWork {
+    /// Passed through as the same shared packets.
+    Pass,
+    /// Re-encoded to H.264 when it is not (VP8 for RTMP/FLV/MP4 egress).
+    ToH264,
+    /// H.264 re-encoded without B-frames (the WebRTC rendition).
+    NoBframes,
+}
+
+impl VideoWork {
+    fn transcodes(self, codec: Codec) -> bool {
+        match self {
+            VideoWork::Pass => false,
+            VideoWork::ToH264 => codec != Codec::H264,
+            VideoWork::NoBframes => codec == Codec::H264,
+        }
+    }
+}
+
+/// Why a WebRTC viewer gets no subscription.
+#[derive(Debug, thiserror::Error)]
+pub enum WebRtcSubscribeError {
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeError),
+    /// The stream has B-frames and `webrtc.bframes = "refuse"`.
+    #[error(
+        "the stream has B-frames, which browsers' WebRTC decoders cannot play, and this node \
+         does not re-encode them (webrtc.bframes = \"refuse\"). Publish without B-frames \
+         (x264/ffmpeg: -bf 0; OBS: set B-frames to 0 in the encoder settings), or set \
+         webrtc.bframes = \"transcode\""
+    )]
+    Bframes,
+}
+
+/// Subscribes a WebRTC viewer to `key`: its audio in Opus, and, when the stream has
+/// B-frames, its WebRTC rendition (or a refusal, as `policy` says).
+pub async fn subscribe_for_webrtc(
+    hub: &Arc<Hub>,
+    key: &StreamKey,
+    policy: BframePolicy,
+) -> Result<Subscription, WebRtcSubscribeError> {
+    let mut sub = subscribe_with_audio(hub, key, Codec::Opus).await?;
+    let h264 = sub
+        .initial_config()
+        .and_then(|c| c.video.as_ref().map(|v| v.codec == Codec::H264))
+        .unwrap_or(true);
+    if !h264 || key.is_derived() || !sub.wait_bframes(BFRAMES_WAIT).await {
+        return Ok(sub);
+    }
+    if policy == BframePolicy::Refuse {
+        return Err(WebRtcSubscribeError::Bframes);
+    }
+    drop(sub);
+    // Made here if the stream is published here, else pulled from where it is.
+    Ok(hub
+        .subscribe(&key.base().webrtc_rendition(), Scope::Any)
+        .await?)
+}
+
+/// Makes streams' WebRTC renditions on the node they are published to (installed in the
+/// hub at start; see the module notes).
+pub struct Renditions;
+
+impl Deriver for Renditions {
+    fn derives(&self, key: &StreamKey) -> Option<Source> {
+        key.is_webrtc_rendition().then(|| Source::Bridge {
+            of: key.base().to_string(),
+        })
+    }
+
+    fn start(&self, hub: Arc<Hub>, publisher: Publisher) {
+        let original = publisher.key().base();
+        let span = tracing::info_span!("bridge", stream = %original, to = "webrtc");
+        tokio::spawn(
+            run(hub, original, Codec::Opus, VideoWork::NoBframes, publisher).instrument(span),
+        );
+    }
+}
 /// Why an RTMP/FLV consumer cannot play this subscription's video, if it cannot.
 /// (FFmpeg 5.1's FLV and RTMP take H.264 only; video is never transcoded implicitly.)
 pub fn flv_incompatible_video(sub: &Subscription) -> Option<String> {
@@ -54,7 +147,7 @@ pub async fn subscribe_with_audio(
         Codec::Aac => "aac",
         _ => "opus",
     };
-    subscribe_bridged(hub, key, tag, audio, false).await
+    subscribe_bridged(hub, key, tag, audio, VideoWork::Pass).await
 }
 
 /// Subscribes to `key` as RTMP/FLV/MP4 take it: video re-encoded to H.264 (when it is not)
@@ -64,7 +157,7 @@ pub async fn subscribe_with_h264(
     hub: &Arc<Hub>,
     key: &StreamKey,
 ) -> Result<Subscription, SubscribeError> {
-    subscribe_bridged(hub, key, "h264", Codec::Aac, true).await
+    subscribe_bridged(hub, key, "h264", Codec::Aac, VideoWork::ToH264).await
 }
 
 async fn subscribe_bridged(
@@ -72,7 +165,7 @@ async fn subscribe_bridged(
     key: &StreamKey,
     tag: &'static str,
     audio: Codec,
-    h264: bool,
+    video: VideoWork,
 ) -> Result<Subscription, SubscribeError> {
     let derived = key.derived(tag);
     let source = Source::Bridge {
@@ -82,7 +175,7 @@ async fn subscribe_bridged(
     let original = key.clone();
     hub.subscribe_derived(&derived, source, move |publisher| {
         let span = tracing::info_span!("bridge", stream = %original, to = tag);
-        tokio::spawn(run(hub2, original, audio, h264, publisher).instrument(span));
+        tokio::spawn(run(hub2, original, audio, video, publisher).instrument(span));
     })
     .await
 }
@@ -102,7 +195,7 @@ async fn off_thread<T: Send + 'static, R: Send + 'static>(
     .ok()
 }
 
-async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut out: Publisher) {
+async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, work: VideoWork, mut out: Publisher) {
     let mut sub = match hub.subscribe(&original, Scope::Any).await {
         Ok(s) => s,
         Err(e) => {
@@ -110,11 +203,17 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut ou
             return;
         }
     };
-    if h264 {
-        info!("transcoding video to H.264 and audio to {want:?} for consumers that need it");
+    match work {
+        VideoWork::ToH264 => {
+            info!("transcoding video to H.264 and audio to {want:?} for consumers that need it")
+        }
+        VideoWork::NoBframes => {
+            info!("re-encoding video without B-frames and audio to {want:?} for WebRTC viewers")
+        }
+        VideoWork::Pass => info!("transcoding audio to {want:?} for consumers that need it"),
+    }
+    if work != VideoWork::Pass {
         sub.request_keyframe();
-    } else {
-        info!("transcoding audio to {want:?} for consumers that need it");
     }
     let idle = out.idle_waiter(BRIDGE_GRACE);
     tokio::pin!(idle);
@@ -156,12 +255,14 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut ou
                     }
                     config.audio = transcoder.as_ref().map(|(_, t)| t.output_config().clone());
                 }
-                if let Some(v) = c.video.as_ref().filter(|v| h264 && v.codec != Codec::H264) {
+                if let Some(v) = c.video.as_ref().filter(|v| work.transcodes(v.codec)) {
                     let reuse = video.as_ref().is_some_and(|(from, _)| from == v);
                     if !reuse {
                         let vc = v.clone();
+                        let bitrate = hub.get(&original).and_then(|s| s.bitrate_bps());
                         let made =
-                            tokio::task::spawn_blocking(move || VideoTranscoder::new(&vc)).await;
+                            tokio::task::spawn_blocking(move || VideoTranscoder::new(&vc, bitrate))
+                                .await;
                         video = match made.unwrap_or(Err(TranscodeError::Panicked)) {
                             Ok(t) => Some((v.clone(), t)),
                             Err(e) => {
@@ -205,7 +306,9 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, h264: bool, mut ou
                         }
                         Err(e) => warn!("audio frame not transcoded: {e}"),
                     }
-                } else if video.is_some() && f.codec != Codec::H264 && f.track() == TrackKind::Video
+                } else if video.is_some()
+                    && work.transcodes(f.codec)
+                    && f.track() == TrackKind::Video
                 {
                     let Some((from, t)) = video.take() else {
                         continue;

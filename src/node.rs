@@ -77,6 +77,8 @@ impl Node {
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(config.limits.clone(), metrics);
+        // WebRTC renditions are made where their stream is published, for every node.
+        hub.set_deriver(Arc::new(crate::bridge::Renditions));
         let mut tasks = JoinSet::new();
 
         let events = match &config.hooks.events {
@@ -208,6 +210,7 @@ impl Node {
                     ice_servers: config.webrtc.ice_servers.clone(),
                     tcp: config.webrtc.tcp,
                     max_sessions: config.limits.max_webrtc_sessions,
+                    bframes: config.webrtc.bframes,
                 };
                 Some(
                     crate::webrtc::WebRtc::start(settings, shutdown.clone())

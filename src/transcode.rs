@@ -259,40 +259,74 @@ impl AudioTranscoder {
     }
 }
 
-/// Re-encodes video the destination cannot carry (VP8) to H.264 with libx264, for egress
-/// that asks for it explicitly (`transcode_video`). Compute only, like [`AudioTranscoder`].
+/// Re-encodes video to H.264 without B-frames with libx264. Two uses:
 ///
-/// Output keyframes follow the input's (an input keyframe forces an IDR), so keyframe
-/// requests still work end to end; the encoder is tuned for latency (no B-frames, no
-/// lookahead), so each input frame comes out at once with `dts = pts`.
+/// * VP8 → H.264, for egress that asks for it explicitly (`transcode_video`);
+/// * H.264 with B-frames → H.264 without, the WebRTC rendition: browsers' WebRTC decoders
+///   output frames in decode order, so a stream whose frames are reordered (OBS's and most
+///   hardware encoders' defaults) barely plays. The decoder reorders; the encoder keeps the
+///   source's size, profile, GOP (an input keyframe forces an IDR) and, as far as it was
+///   measured, bitrate.
+///
+/// Compute only, like [`AudioTranscoder`]. The encoder is tuned for latency (no B-frames, no
+/// lookahead, no scene-cut keyframes), so each decoded frame comes out at once with
+/// `dts = pts`.
 pub struct VideoTranscoder {
     from: Codec,
     decoder: ff::decoder::Video,
     encoder: Option<ff::encoder::Video>,
     output: Option<VideoConfig>,
     size: (u32, u32),
+    /// The x264 profile matching the source's (H.264 input only).
+    profile: Option<&'static str>,
+    /// The bitrate to aim at (bits per second), when the caller knows the source's.
+    bitrate: Option<u64>,
+    /// The last input dts and the typical spacing of input frames (ms), for the frame rate.
+    last_dts: Option<i64>,
+    frame_ms: Option<i64>,
 }
 
 impl VideoTranscoder {
-    pub fn new(input: &VideoConfig) -> Result<VideoTranscoder, TranscodeError> {
+    /// A transcoder for `input` (VP8 or H.264). `bitrate` (bits per second) is the source's
+    /// measured bitrate, when known; otherwise one is chosen from the picture size.
+    pub fn new(
+        input: &VideoConfig,
+        bitrate: Option<u64>,
+    ) -> Result<VideoTranscoder, TranscodeError> {
         ff::init()?;
-        let id = match input.codec {
-            Codec::Vp8 => codec::Id::VP8,
-            other => {
-                return Err(TranscodeError::Unsupported {
-                    from: other,
-                    to: Codec::H264,
-                })
-            }
+        let unsupported = TranscodeError::Unsupported {
+            from: input.codec,
+            to: Codec::H264,
         };
-        let dec = ff::decoder::find(id).ok_or(TranscodeError::MissingCodec("vp8 decoder"))?;
-        let decoder = Context::new_with_codec(dec).decoder().video()?;
+        let (id, profile) = match input.codec {
+            Codec::Vp8 => (codec::Id::VP8, None),
+            Codec::H264 => {
+                let avc = avc::parse_decoder_config(&input.record)
+                    .map_err(|_| TranscodeError::Ffmpeg(ff::Error::InvalidData))?;
+                (codec::Id::H264, Some(x264_profile(avc.profile)))
+            }
+            _ => return Err(unsupported),
+        };
+        let dec = ff::decoder::find(id).ok_or(TranscodeError::MissingCodec("video decoder"))?;
+        let mut ctx = Context::new_with_codec(dec);
+        if input.codec == Codec::H264 {
+            set_extradata(&mut ctx, &input.record)?;
+        }
+        // SAFETY: the context is not opened yet; pkt_timebase is a plain field of it.
+        unsafe {
+            (*ctx.as_mut_ptr()).pkt_timebase = ff::ffi::AVRational { num: 1, den: 1000 };
+        }
+        let decoder = ctx.decoder().video()?;
         Ok(VideoTranscoder {
             from: input.codec,
             decoder,
             encoder: None,
             output: None,
             size: (0, 0),
+            profile,
+            bitrate,
+            last_dts: None,
+            frame_ms: None,
         })
     }
 
@@ -301,26 +335,50 @@ impl VideoTranscoder {
         self.output.as_ref()
     }
 
-    /// Transcodes one input frame; returns the H.264 frames it produced.
+    /// Transcodes one input frame; returns the H.264 frames it produced (in presentation
+    /// order, which is now also decode order).
     pub fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError> {
         if frame.codec != self.from {
             return Ok(vec![]);
         }
-        self.decoder
-            .send_packet(&ff::Packet::copy(&frame.payload))?;
+        let dts = frame.dts_ms();
+        if let Some(last) = self.last_dts.replace(dts) {
+            let step = dts - last;
+            if (1..=1000).contains(&step) {
+                // The smallest spacing seen is the frame interval (gaps only make it larger).
+                self.frame_ms = Some(self.frame_ms.map_or(step, |f| f.min(step)));
+            }
+        }
+        let mut packet = ff::Packet::copy(&frame.payload);
+        packet.set_pts(Some(frame.pts_ms()));
+        packet.set_dts(Some(dts));
+        if frame.keyframe {
+            packet.set_flags(ff::packet::Flags::KEY);
+        }
+        self.decoder.send_packet(&packet)?;
         let mut out = Vec::new();
         let mut decoded = ff::frame::Video::empty();
         while self.decoder.receive_frame(&mut decoded).is_ok() {
             let size = (decoded.width(), decoded.height());
             if self.encoder.is_none() || size != self.size {
-                self.encoder = Some(open_x264(size, decoded.format())?);
+                let fps = self.frame_ms.map_or(30, |ms| (1000 / ms.max(1)) as i32);
+                let bitrate = self
+                    .bitrate
+                    .unwrap_or((size.0 as u64 * size.1 as u64 * 4).clamp(500_000, 8_000_000));
+                let opened = open_x264(size, decoded.format(), fps, bitrate, self.profile)?;
+                self.encoder = Some(opened);
                 self.size = size;
             }
             let Some(encoder) = self.encoder.as_mut() else {
                 continue;
             };
-            decoded.set_pts(Some(frame.pts_ms()));
-            decoded.set_kind(if frame.keyframe {
+            let pts = decoded
+                .timestamp()
+                .or(decoded.pts())
+                .unwrap_or(frame.pts_ms());
+            let key = decoded.is_key() || (self.from == Codec::Vp8 && frame.keyframe);
+            decoded.set_pts(Some(pts));
+            decoded.set_kind(if key {
                 ff::picture::Type::I
             } else {
                 ff::picture::Type::None
@@ -345,7 +403,7 @@ impl VideoTranscoder {
                 if self.output.is_none() || avcc.is_empty() {
                     continue;
                 }
-                let pts = packet.pts().unwrap_or(frame.pts_ms());
+                let pts = packet.pts().unwrap_or(pts);
                 out.push(Frame {
                     codec: Codec::H264,
                     dts: pts,
@@ -360,11 +418,45 @@ impl VideoTranscoder {
     }
 }
 
+/// The x264 profile for a source's `profile_idc`: the rendition keeps the source's, so the
+/// WHEP answer names what the viewer really gets.
+fn x264_profile(profile_idc: u8) -> &'static str {
+    match profile_idc {
+        66 => "baseline",
+        77 | 88 => "main",
+        _ => "high",
+    }
+}
+
+/// Gives an unopened decoder its codec extradata (an AVCDecoderConfigurationRecord), so it
+/// reads length-prefixed NAL units.
+fn set_extradata(ctx: &mut Context, data: &[u8]) -> Result<(), TranscodeError> {
+    let padding = ff::ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize;
+    // SAFETY: a fresh zeroed buffer of the data's size plus FFmpeg's padding, filled with the
+    // data and owned by the context from here on (avcodec_free_context frees it).
+    unsafe {
+        let buf = ff::ffi::av_mallocz(data.len() + padding) as *mut u8;
+        if buf.is_null() {
+            return Err(TranscodeError::Ffmpeg(ff::Error::Other {
+                errno: ff::util::error::ENOMEM,
+            }));
+        }
+        std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len());
+        let p = ctx.as_mut_ptr();
+        (*p).extradata = buf;
+        (*p).extradata_size = data.len() as i32;
+    }
+    Ok(())
+}
+
 fn open_x264(
     (width, height): (u32, u32),
     format: ff::format::Pixel,
+    fps: i32,
+    bitrate: u64,
+    profile: Option<&str>,
 ) -> Result<ff::encoder::Video, TranscodeError> {
-    if format != ff::format::Pixel::YUV420P {
+    if format != ff::format::Pixel::YUV420P && format != ff::format::Pixel::YUVJ420P {
         return Err(TranscodeError::Ffmpeg(ff::Error::InvalidData));
     }
     let codec =
@@ -372,15 +464,31 @@ fn open_x264(
     let mut enc = Context::new_with_codec(codec).encoder().video()?;
     enc.set_width(width);
     enc.set_height(height);
-    enc.set_format(format);
+    enc.set_format(ff::format::Pixel::YUV420P);
     enc.set_time_base((1, 1000));
     enc.set_max_b_frames(0);
-    enc.set_gop(250);
-    enc.set_bit_rate((width as usize * height as usize * 4).clamp(500_000, 8_000_000));
+    // Keyframes follow the source's (forced IDRs); this only bounds a source without any.
+    enc.set_gop(fps.clamp(1, 120) as u32 * 10);
+    enc.set_bit_rate(bitrate as usize);
+    // A one-second VBV keeps each second near the target, as a live viewer's link needs.
+    enc.set_max_bit_rate(bitrate as usize);
+    // SAFETY: not opened yet; these are plain fields.
+    unsafe {
+        let p = enc.as_mut_ptr();
+        (*p).rc_buffer_size = bitrate.min(i32::MAX as u64) as i32;
+        (*p).framerate = ff::ffi::AVRational {
+            num: fps.clamp(1, 120),
+            den: 1,
+        };
+    }
     let mut opts = ff::Dictionary::new();
     opts.set("preset", "veryfast");
     opts.set("tune", "zerolatency");
     opts.set("forced-idr", "1");
+    opts.set("x264-params", "scenecut=0");
+    if let Some(profile) = profile {
+        opts.set("profile", profile);
+    }
     Ok(enc.open_as_with(codec, opts)?)
 }
 
@@ -524,5 +632,115 @@ mod tests {
             AudioTranscoder::new(&input, Codec::Aac),
             Err(TranscodeError::Unsupported { .. })
         ));
+    }
+
+    /// H.264 with B-frames, as an OBS-like encoder makes it (x264, `profile`, 2 B-frames,
+    /// 15-frame GOP): the configuration and the frames in decode order, timestamps in ms.
+    fn bframe_h264(profile: &str, frames: i64) -> (VideoConfig, Vec<Frame>) {
+        ff::init().unwrap();
+        let codec = ff::encoder::find_by_name("libx264").unwrap();
+        let mut enc = Context::new_with_codec(codec).encoder().video().unwrap();
+        enc.set_width(160);
+        enc.set_height(96);
+        enc.set_format(ff::format::Pixel::YUV420P);
+        enc.set_time_base((1, 1000));
+        enc.set_max_b_frames(2);
+        enc.set_gop(15);
+        enc.set_bit_rate(300_000);
+        let mut opts = ff::Dictionary::new();
+        opts.set("preset", "veryfast");
+        opts.set("profile", profile);
+        opts.set("x264-params", "scenecut=0:b-adapt=0:bframes=2");
+        let mut enc = enc.open_as_with(codec, opts).unwrap();
+        let mut packets = vec![];
+        let take = |enc: &mut ff::encoder::Video, packets: &mut Vec<(i64, i64, bool, Vec<u8>)>| {
+            let mut p = ff::Packet::empty();
+            while enc.receive_packet(&mut p).is_ok() {
+                packets.push((
+                    p.dts().unwrap(),
+                    p.pts().unwrap(),
+                    p.is_key(),
+                    p.data().unwrap().to_vec(),
+                ));
+            }
+        };
+        for i in 0..frames {
+            let mut f = ff::frame::Video::new(ff::format::Pixel::YUV420P, 160, 96);
+            for (j, b) in f.data_mut(0).iter_mut().enumerate() {
+                *b = ((j as i64 + i * 7) % 251) as u8; // moving content
+            }
+            f.set_pts(Some(i * 33));
+            enc.send_frame(&f).unwrap();
+            take(&mut enc, &mut packets);
+        }
+        enc.send_eof().unwrap();
+        take(&mut enc, &mut packets);
+        let mut record = None;
+        let frames = packets
+            .into_iter()
+            .map(|(dts, pts, key, data)| {
+                let au = avc::access_unit(avc::annexb_nalus(&data));
+                if let (Some(sps), Some(pps), None) = (au.sps, au.pps, &record) {
+                    record = Some(Bytes::from(avc::decoder_config_record(&sps, &pps)));
+                }
+                Frame {
+                    codec: Codec::H264,
+                    dts,
+                    pts,
+                    timebase: Timebase::MILLIS,
+                    keyframe: key,
+                    payload: Bytes::from(au.avcc),
+                }
+            })
+            .collect();
+        let config = VideoConfig {
+            codec: Codec::H264,
+            record: record.unwrap(),
+            width: 160,
+            height: 96,
+        };
+        (config, frames)
+    }
+
+    #[test]
+    fn bframes_are_removed_keeping_profile_gop_and_every_frame() {
+        for (profile, idc) in [("main", 77), ("high", 100)] {
+            let (config, input) = bframe_h264(profile, 60);
+            assert!(
+                input.iter().any(|f| f.pts != f.dts),
+                "the input has B-frames"
+            );
+            let mut t = VideoTranscoder::new(&config, Some(300_000)).unwrap();
+            let mut out = vec![];
+            for f in &input {
+                out.extend(t.push(f).unwrap());
+            }
+            // The decoder holds back its reorder depth (2 frames) until more input comes.
+            assert!(
+                out.len() >= input.len() - 3,
+                "{} of {}",
+                out.len(),
+                input.len()
+            );
+            assert!(out.iter().all(|f| f.pts == f.dts), "no reordering left");
+            assert!(out.windows(2).all(|w| w[1].dts > w[0].dts), "in order");
+            // Every source frame, at its presentation time, in order.
+            let mut shown: Vec<i64> = input.iter().map(|f| f.pts).collect();
+            shown.sort();
+            let got: Vec<i64> = out.iter().map(|f| f.pts).collect();
+            assert_eq!(got, shown[..got.len()]);
+            // Keyframes where the source's are (every 15 frames = 495 ms).
+            let keys: Vec<i64> = out.iter().filter(|f| f.keyframe).map(|f| f.pts).collect();
+            let source_keys: Vec<i64> = input
+                .iter()
+                .filter(|f| f.keyframe && f.pts <= *got.last().unwrap())
+                .map(|f| f.pts)
+                .collect();
+            assert_eq!(keys, source_keys);
+            let record = &t.output_config().unwrap().record;
+            let avc = avc::parse_decoder_config(record).unwrap();
+            assert_eq!(avc.profile, idc, "{profile}: the source's profile is kept");
+            assert_eq!((avc.width, avc.height), (160, 96));
+        }
     }
 }

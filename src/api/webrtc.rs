@@ -15,8 +15,9 @@ use super::http::{error, subscribe_failed, AppState};
 use super::route::{redirect, with_query, RouteAsk};
 use crate::auth::hooks::EventKind;
 use crate::auth::{Action as AuthAction, Denied};
+use crate::bridge::WebRtcSubscribeError;
 use crate::cluster::route::Action;
-use crate::media::{Codec, StreamKey};
+use crate::media::StreamKey;
 
 /// CORS headers every WHIP/WHEP response carries (browsers call these from other origins).
 pub(super) fn cors(headers: &mut HeaderMap) {
@@ -145,9 +146,13 @@ pub(super) async fn whep_post(
         Ok(t) => t,
         Err(r) => return with_cors(*r),
     };
-    let mut sub = match crate::bridge::subscribe_with_audio(&s.hub, &key, Codec::Opus).await {
+    let mut sub = match crate::bridge::subscribe_for_webrtc(&s.hub, &key, webrtc.bframes()).await {
         Ok(sub) => sub,
-        Err(e) => return with_cors(subscribe_failed(e)),
+        Err(WebRtcSubscribeError::Subscribe(e)) => return with_cors(subscribe_failed(e)),
+        Err(e @ WebRtcSubscribeError::Bframes) => {
+            s.hub.metrics().count_refused("whep", "bframes");
+            return with_cors(error(StatusCode::NOT_ACCEPTABLE, e.to_string()));
+        }
     };
     sub.hold(ticket);
     let created = webrtc

@@ -127,7 +127,13 @@ impl Backbone {
 
     /// The link to pull `stream` over.
     pub(super) fn choose_link(&self, stream: &StreamKey) -> Option<UpstreamLink> {
-        let owner = self.directory.lock().owner(stream).map(|o| o.node.clone());
+        // A rendition is not announced: it is made where its base stream is published.
+        let owner = {
+            let dir = self.directory.lock();
+            dir.owner(stream)
+                .or_else(|| dir.owner(&stream.base()))
+                .map(|o| o.node.clone())
+        };
         self.pick_upstream(|links| self.selection.choose(links, owner.as_deref()))
     }
 

@@ -38,7 +38,7 @@ pub use node::{NodeConfig, Role, DEFAULT_REGION};
 pub use read::{ConfigErrors, Problem};
 pub use recording::{RecordingConfig, Retention};
 pub use rtmp::{RtmpConfig, DEFAULT_MAX_MESSAGE_BYTES};
-pub use webrtc::WebRtcConfig;
+pub use webrtc::{BframePolicy, WebRtcConfig};
 
 use read::section;
 

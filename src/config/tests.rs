@@ -20,6 +20,20 @@ fn backbone_congestion_is_bbr_unless_cubic_is_asked_for() {
 }
 
 #[test]
+fn bframe_streams_are_transcoded_for_webrtc_unless_refused() {
+    assert_eq!(parse("").unwrap().webrtc.bframes, BframePolicy::Transcode);
+    let c = parse("[webrtc]\nbframes = \"refuse\"\n").unwrap();
+    assert_eq!(c.webrtc.bframes, BframePolicy::Refuse);
+    let err = parse("[webrtc]\nbframes = \"drop\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("webrtc.bframes") && err.contains("refuse"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_edge_may_bind_its_outgoing_backbone_address() {
     let edge = "[node]\nrole = \"edge\"\n[backbone]\ntoken = \"0123456789abcdef\"\norigins = [\"10.0.0.1:4433\"]\n";
     let c = parse(&format!("{edge}bind = \"10.0.0.7\"\n")).unwrap();

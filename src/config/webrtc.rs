@@ -18,6 +18,20 @@ pub struct WebRtcConfig {
     pub ice_servers: Vec<String>,
     /// Also take ICE over TCP on the listen port (the fallback where UDP is blocked).
     pub tcp: bool,
+    /// What WHEP viewers of a stream with B-frames get.
+    pub bframes: BframePolicy,
+}
+
+/// `webrtc.bframes`: browsers' WebRTC decoders do not reorder frames, so a stream with
+/// B-frames (OBS's default) plays as a near-frozen picture unless it is re-encoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BframePolicy {
+    /// Viewers get the stream's WebRTC rendition: re-encoded without B-frames once, where
+    /// it is published, while someone watches (`"transcode"`, the default).
+    #[default]
+    Transcode,
+    /// The WHEP offer is refused, saying why and what to change (`"refuse"`).
+    Refuse,
 }
 
 impl Default for WebRtcConfig {
@@ -27,6 +41,7 @@ impl Default for WebRtcConfig {
             announce_ips: vec![],
             ice_servers: vec![],
             tcp: true,
+            bframes: BframePolicy::default(),
         }
     }
 }
@@ -40,6 +55,7 @@ pub(super) struct RawWebRtc {
     #[serde(default)]
     ice_servers: Vec<String>,
     tcp: Option<bool>,
+    bframes: Option<String>,
 }
 
 pub(super) fn parse(raw: RawWebRtc, problems: &mut Problems) -> WebRtcConfig {
@@ -68,10 +84,23 @@ pub(super) fn parse(raw: RawWebRtc, problems: &mut Problems) -> WebRtcConfig {
             ));
         }
     }
+    let bframes = match raw.bframes.as_deref() {
+        None => d.bframes,
+        Some("transcode") => BframePolicy::Transcode,
+        Some("refuse") => BframePolicy::Refuse,
+        Some(other) => {
+            problems.push(Problem::new(
+                "webrtc.bframes",
+                format!("`{other}` is not \"transcode\" or \"refuse\""),
+            ));
+            d.bframes
+        }
+    };
     WebRtcConfig {
         listen,
         announce_ips,
         ice_servers: raw.ice_servers,
         tcp: raw.tcp.unwrap_or(d.tcp),
+        bframes,
     }
 }

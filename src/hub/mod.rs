@@ -131,11 +131,25 @@ pub trait Upstream: Send + Sync {
     }
 }
 
+/// Makes derived streams that consumers, here or on other nodes, ask for by name (the WebRTC
+/// rendition), on the node where the stream they derive from is published: so each is made
+/// once in the cluster and relayed from there. Implemented above the hub (the bridge) and
+/// installed at start.
+pub trait Deriver: Send + Sync {
+    /// The source to list if this node makes `key`, a derived name whose base stream is
+    /// published here; `None` if it does not make such streams.
+    fn derives(&self, key: &StreamKey) -> Option<Source>;
+    /// Starts feeding `publisher`, the derived stream just created (pending until its owner
+    /// sets it live).
+    fn start(&self, hub: Arc<Hub>, publisher: Publisher);
+}
+
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 pub struct Hub {
     streams: Mutex<HashMap<StreamKey, Arc<Stream>>>,
     upstream: OnceLock<Arc<dyn Upstream>>,
+    deriver: OnceLock<Arc<dyn Deriver>>,
     limits: Limits,
     events: broadcast::Sender<HubEvent>,
     metrics: Arc<Metrics>,
@@ -147,6 +161,7 @@ impl Hub {
         Arc::new(Hub {
             streams: Mutex::new(HashMap::new()),
             upstream: OnceLock::new(),
+            deriver: OnceLock::new(),
             limits,
             events: broadcast::channel(1024).0,
             metrics,
@@ -164,6 +179,11 @@ impl Hub {
     /// Installs the upstream used to pull streams this node lacks (set once at start).
     pub fn set_upstream(&self, upstream: Arc<dyn Upstream>) {
         let _ = self.upstream.set(upstream);
+    }
+
+    /// Installs what makes derived streams on demand (set once at start).
+    pub fn set_deriver(&self, deriver: Arc<dyn Deriver>) {
+        let _ = self.deriver.set(deriver);
     }
 
     /// Local stream starts and ends.

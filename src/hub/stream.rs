@@ -73,6 +73,13 @@ impl Stream {
         *self.source.lock() == Source::Local
     }
 
+    /// The stream's average bitrate (all tracks, bits per second) since it started; `None`
+    /// in its first second.
+    pub fn bitrate_bps(&self) -> Option<u64> {
+        let secs = self.started.elapsed().as_secs_f64();
+        (secs >= 1.0).then(|| (self.bytes_in.load(Ordering::Relaxed) as f64 * 8.0 / secs) as u64)
+    }
+
     pub fn subscribers(&self) -> usize {
         self.subscribers.load(Ordering::Acquire)
     }

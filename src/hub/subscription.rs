@@ -55,12 +55,24 @@ impl Hub {
         SubscribeError,
     > {
         let mut map = self.streams.lock();
+        // A stream derived from one published here counts as published here: other origins
+        // may pull it in one hop.
+        let base_is_local = key.is_derived() && map.get(&key.base()).is_some_and(|b| b.is_local());
         match map.get(key) {
-            Some(s) if scope == Scope::LocalOnly && !s.is_local() => {
+            Some(s) if scope == Scope::LocalOnly && !s.is_local() && !base_is_local => {
                 Err(SubscribeError::NotFound(key.clone()))
             }
             Some(s) => Ok(Some((s.clone(), SubscriberGuard::new(s.clone()), None))),
             None => {
+                if derive.is_none() && base_is_local {
+                    if let Some(deriver) = self.deriver.get() {
+                        if let Some(source) = deriver.derives(key) {
+                            let (deriver, hub) = (deriver.clone(), self.clone());
+                            let start: DeriveStart = Box::new(move |p| deriver.start(hub, p));
+                            *derive = Some((source, start));
+                        }
+                    }
+                }
                 let (source, producer) = match (derive.take(), scope, self.upstream.get()) {
                     (Some((source, start)), _, _) => (source, Producer::Derived(start)),
                     (None, Scope::Any, Some(u)) if u.can_pull(key) => (
@@ -254,6 +266,50 @@ impl Subscription {
             }
             _ => None,
         }
+    }
+
+    /// Whether the stream's video has B-frames (frames presented out of decode order, which
+    /// browsers' WebRTC decoders do not reorder): known if the hub has seen one, else read
+    /// from the first video frames queued for this subscription. A relay that has just
+    /// started may have none yet: up to `within` is spent waiting for a few. Whatever
+    /// arrives stays queued for `next`.
+    pub async fn wait_bframes(&mut self, within: Duration) -> bool {
+        /// Video frames that settle it: an encoder with B-frames shifts every frame's
+        /// decode time, so the first frame shows it already; a few more are certain.
+        const ENOUGH: usize = 3;
+        let reordered = |ev: &StreamEvent| match ev {
+            StreamEvent::Frame(p) if p.frame.track() == crate::media::TrackKind::Video => {
+                Some(p.frame.pts != p.frame.dts)
+            }
+            _ => None,
+        };
+        if self._guard.0.bframes.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut seen = 0;
+        for ev in &self.backlog {
+            match reordered(ev) {
+                Some(true) => return true,
+                Some(false) => seen += 1,
+                None => {}
+            }
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while seen < ENOUGH && self.backlog.len() < 256 {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Ok(ev)) => {
+                    let r = reordered(&ev);
+                    self.backlog.push_back(ev);
+                    match r {
+                        Some(true) => return true,
+                        Some(false) => seen += 1,
+                        None => {}
+                    }
+                }
+                _ => break,
+            }
+        }
+        false
     }
 
     /// Asks the stream's owner for a keyframe (merged with other requests).

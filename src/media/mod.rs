@@ -238,6 +238,20 @@ impl StreamKey {
         self.derived(&format!("{LAYER_TAG}{rid}"))
     }
 
+    /// The stream's WebRTC rendition (`demo~webrtc`): its video without B-frames, its audio
+    /// in Opus. Made once, on the node the stream is published to, and relayed like a
+    /// simulcast layer wherever it is watched.
+    pub fn webrtc_rendition(&self) -> StreamKey {
+        self.derived(RENDITION_TAG)
+    }
+
+    /// Whether this names a stream's WebRTC rendition.
+    pub fn is_webrtc_rendition(&self) -> bool {
+        self.name
+            .split_once('~')
+            .is_some_and(|(_, tag)| tag == RENDITION_TAG)
+    }
+
     /// The publisher's stream this one derives from (itself when it is one).
     pub fn base(&self) -> StreamKey {
         match self.name.split_once('~') {
@@ -255,12 +269,16 @@ impl StreamKey {
         self.name.contains('~')
     }
 
-    /// Parses `namespace/name` as sent between nodes: a publisher's name or a simulcast
-    /// layer of one ([`layer`](Self::layer)); other derived names stay node-local.
+    /// Parses `namespace/name` as sent between nodes: a publisher's name, a simulcast
+    /// layer of one ([`layer`](Self::layer)) or its WebRTC rendition; other derived names
+    /// stay node-local.
     pub fn parse_relayable(s: &str) -> Result<StreamKey, InvalidStreamKey> {
         let Some((base, rid)) = s.split_once('~') else {
             return StreamKey::parse(s);
         };
+        if rid == RENDITION_TAG {
+            return Ok(StreamKey::parse(base)?.webrtc_rendition());
+        }
         let rid = rid
             .strip_prefix(LAYER_TAG)
             .filter(|r| valid_rid(r))
@@ -278,6 +296,7 @@ impl StreamKey {
 }
 
 const LAYER_TAG: &str = "sim.";
+const RENDITION_TAG: &str = "webrtc";
 
 /// A simulcast layer id as carried in names: 1-16 of A-Z a-z 0-9 (RFC 8851 allows `-` and
 /// `_` too; they are refused here to keep names simple).
@@ -354,10 +373,19 @@ mod tests {
         let layer = key.layer("h");
         assert_eq!(layer.to_string(), "live/cam~sim.h");
         assert!(layer.is_derived() && !key.is_derived());
-        assert_eq!(StreamKey::parse_relayable("live/cam~sim.h"), Ok(layer));
-        assert_eq!(StreamKey::parse_relayable("live/cam"), Ok(key));
+        assert_eq!(
+            StreamKey::parse_relayable("live/cam~sim.h"),
+            Ok(layer.clone())
+        );
+        assert_eq!(StreamKey::parse_relayable("live/cam"), Ok(key.clone()));
+        let rendition = key.webrtc_rendition();
+        assert!(rendition.is_webrtc_rendition() && !layer.is_webrtc_rendition());
+        assert_eq!(rendition.base(), key);
+        assert_eq!(StreamKey::parse_relayable("live/cam~webrtc"), Ok(rendition));
         for bad in [
             "live/cam~aac",
+            "live/cam~webrtc2",
+            "live/~webrtc",
             "live/cam~sim.",
             "live/cam~sim.a-b",
             "live/~sim.h",

@@ -47,7 +47,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Hub, Publisher, Subscription};
-use crate::media::{Codec, StreamKey};
+use crate::media::StreamKey;
 use io::Io;
 pub(crate) use offer::negotiated;
 pub use offer::{answer_offer, dtls_certificate, BadOffer, PeerKind, WebRtcError};
@@ -67,6 +67,8 @@ pub struct WebRtcSettings {
     pub tcp: bool,
     /// WHIP and WHEP sessions at most, connecting or connected.
     pub max_sessions: usize,
+    /// What viewers of a stream with B-frames get (`webrtc.bframes`).
+    pub bframes: crate::config::BframePolicy,
 }
 
 /// A created WHEP/WHIP session.
@@ -117,6 +119,11 @@ impl WebRtc {
         &self.settings.ice_servers
     }
 
+    /// What viewers of a stream with B-frames get (`webrtc.bframes`).
+    pub fn bframes(&self) -> crate::config::BframePolicy {
+        self.settings.bframes
+    }
+
     /// The address peers send to, as str0m must see it in each datagram's destination: the
     /// (first) announced candidate, not a wildcard bind address or a private address behind
     /// NAT. (With several announced addresses, checks to the others are not matched yet.)
@@ -150,11 +157,8 @@ impl WebRtc {
         hub: Arc<Hub>,
     ) -> Result<Created, WebRtcError> {
         let config = sub.wait_config(CONFIG_WAIT).await;
-        let video_codec = config
-            .as_ref()
-            .and_then(|c| c.video.as_ref().map(|v| v.codec))
-            .unwrap_or(Codec::H264);
-        offer::check_viewer_codecs(offer, video_codec)?;
+        let video = offer::VideoFormat::of(config.as_ref().and_then(|c| c.video.as_ref()));
+        offer::check_viewer_codecs(offer, video.codec)?;
         let kind = match config {
             Some(c) if !c.simulcast.is_empty() => PeerKind::SimulcastViewer,
             _ => PeerKind::Viewer,
@@ -166,7 +170,7 @@ impl WebRtc {
         let span = tracing::info_span!("whep", session = %id, %stream);
         let peer = whep::WhepPeer::new(
             rtc,
-            video_codec,
+            video,
             sub,
             hub,
             stream,

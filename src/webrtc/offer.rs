@@ -135,7 +135,7 @@ fn answer_offer_unguarded(
         // transport-cc feedback, and simulcast needs rid.
         PeerKind::Publisher => {}
     }
-    let mut rtc = builder
+    let mut builder = builder
         .set_ice_lite(true)
         .set_rtp_mode(true)
         .set_dtls_cert(dtls_cert.clone())
@@ -146,8 +146,16 @@ fn answer_offer_unguarded(
         .set_local_ice_credentials(IceCreds {
             ufrag: ufrag.clone(),
             pass: random_token(24),
-        })
-        .build(Instant::now());
+        });
+    if !matches!(kind, PeerKind::Publisher) {
+        // str0m's defaults stop at High; Chromium without hardware decoders offers High
+        // 4:4:4 Predictive instead, whose decoders take High streams (see
+        // `negotiated_video`).
+        builder
+            .codec_config()
+            .add_h264(112.into(), Some(113.into()), true, 0xf4_00_1f);
+    }
+    let mut rtc = builder.build(Instant::now());
     for &addr in candidates {
         let tcp = tcp.then(|| {
             Candidate::builder()
@@ -202,6 +210,95 @@ pub(crate) fn negotiated(
     })
 }
 
+/// The video a viewer is sent: its codec and, for H.264, the profile (`profile_idc`, from
+/// the stream's decoder configuration) the answer should name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct VideoFormat {
+    pub codec: Codec,
+    pub h264_profile: Option<u8>,
+}
+
+impl VideoFormat {
+    /// The format of a stream's video as configured (H.264 if it has none yet).
+    pub fn of(video: Option<&crate::media::VideoConfig>) -> VideoFormat {
+        let codec = video.map_or(Codec::H264, |v| v.codec);
+        let h264_profile = video
+            .filter(|v| v.codec == Codec::H264)
+            .and_then(|v| v.record.get(1).copied());
+        VideoFormat {
+            codec,
+            h264_profile,
+        }
+    }
+}
+
+/// The negotiated payload the viewer's video is sent with. For H.264: the offered payload
+/// of the stream's own profile; else the least capable offered profile whose decoders must
+/// also decode the stream's (a High stream to a browser that offers High 4:4:4 Predictive but
+/// not High, as Chromium without hardware decoders does); else the first H.264 payload.
+pub(crate) fn negotiated_video(
+    rtc: &Rtc,
+    mid: Mid,
+    format: VideoFormat,
+) -> Option<str0m::format::PayloadParams> {
+    if format.codec == Codec::Vp8 {
+        return negotiated(rtc, mid, RtcCodec::Vp8);
+    }
+    let media = rtc.media(mid)?;
+    let params = rtc.codec_config().params();
+    let h264: Vec<(u8, &str0m::format::PayloadParams)> = media
+        .remote_pts()
+        .iter()
+        .filter_map(|pt| {
+            params.iter().find(|p| {
+                p.pt() == *pt
+                    && p.spec().codec == RtcCodec::H264
+                    && p.spec().format.packetization_mode == Some(1)
+            })
+        })
+        .map(|p| {
+            let profile = p.spec().format.profile_level_id.unwrap_or(0x42_00_1f);
+            ((profile >> 16) as u8, p)
+        })
+        .collect();
+    let chosen = match format.h264_profile {
+        Some(want) => h264
+            .iter()
+            .find(|(offered, _)| *offered == want)
+            .or_else(|| {
+                h264.iter()
+                    .filter(|(offered, _)| h264_decodes(*offered, want))
+                    .min_by_key(|(offered, _)| h264_rank(*offered))
+            })
+            .or(h264.first()),
+        None => h264.first(),
+    };
+    chosen.map(|(_, p)| **p)
+}
+
+/// Where an H.264 profile sits in the chain of profiles whose decoders must decode the
+/// profiles below (ITU-T H.264 A.2): Baseline < Main < High < High 10 < High 4:2:2 <
+/// High 4:4:4 Predictive. Extended sits beside Main (it decodes Baseline only).
+fn h264_rank(profile_idc: u8) -> u8 {
+    match profile_idc {
+        66 => 0,
+        77 | 88 => 1,
+        100 => 2,
+        110 => 3,
+        122 => 4,
+        244 => 5,
+        _ => u8::MAX,
+    }
+}
+
+/// Whether a decoder of `offered` profile must decode a `stream` profile bitstream.
+fn h264_decodes(offered: u8, stream: u8) -> bool {
+    if offered == 88 || stream == 88 {
+        return offered == stream || stream == 66;
+    }
+    h264_rank(offered) != u8::MAX && h264_rank(offered) >= h264_rank(stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +344,14 @@ mod tests {
             let r = answer_offer(&offer, kind, &cert, &[addr], false);
             assert!(matches!(r, Err(WebRtcError::BadOffer(_))), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn h264_profiles_decode_the_ones_below_them() {
+        assert!(h264_decodes(100, 100) && h264_decodes(244, 100) && h264_decodes(100, 77));
+        assert!(h264_decodes(77, 66) && h264_decodes(88, 66));
+        assert!(!h264_decodes(77, 100) && !h264_decodes(66, 77) && !h264_decodes(88, 77));
+        assert!(!h264_decodes(100, 88) && !h264_decodes(1, 66));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::io::Io;
 use super::layers::{LayerAction, LayerSwitch};
-use super::offer::negotiated;
+use super::offer::{negotiated, negotiated_video, VideoFormat};
 use super::sessions::{Registered, SessionEnd, VIEWER_CONNECT_TIMEOUT};
 use super::{h264, vp8};
 use crate::hub::{Hub, Scope, StreamEvent, Subscription, SubscriptionEnd};
@@ -46,8 +46,9 @@ pub(super) struct LayerFeed {
 }
 
 pub(super) struct WhepPeer {
-    /// The stream's video codec, which the viewer's video m-line must carry.
-    video_codec: Codec,
+    /// The stream's video codec (and H.264 profile), which the viewer's video m-line must
+    /// carry.
+    video_codec: VideoFormat,
     /// Boxed, like the peer's future in [`super::sessions::Sessions::spawn`]: an async fn
     /// keeps its arguments and its locals apart, so a ~10 KB `Rtc` held by value was
     /// stored several times over in each viewer's task.
@@ -80,7 +81,7 @@ impl WhepPeer {
     /// A viewer of `stream` fed by `sub`, whose negotiated `rtc` talks through `io`.
     pub(super) fn new(
         rtc: Rtc,
-        video_codec: Codec,
+        video_codec: VideoFormat,
         sub: Subscription,
         hub: Arc<Hub>,
         stream: StreamKey,
@@ -314,13 +315,12 @@ impl WhepPeer {
                 self.rtc.disconnect();
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
-                let codec = match self.video_codec {
-                    Codec::Vp8 => RtcCodec::Vp8,
-                    _ => RtcCodec::H264,
-                };
-                match negotiated(&self.rtc, m.mid, codec) {
+                match negotiated_video(&self.rtc, m.mid, self.video_codec) {
                     Some(pt) => self.video = Some(TrackOut::new(m.mid, &pt)),
-                    None => warn!("viewer offered no {codec:?} for the stream's video"),
+                    None => warn!(
+                        "viewer offered no {:?} for the stream's video",
+                        self.video_codec
+                    ),
                 }
                 bound_rtx_cache(&mut self.rtc, m.mid);
             }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod bounded;
+pub mod browser;
 pub mod egress_api;
 pub mod flv_watch;
 pub mod http;
@@ -103,7 +104,8 @@ pub struct NodeSpec {
     pub extra: String,
     /// Appended to the `[node]` section.
     pub node_extra: String,
-    /// Replaces the `[webrtc]` section's keys (default: listen on a free loopback port).
+    /// Added to the `[webrtc]` section, whose default is to listen on a free loopback port;
+    /// with a `listen` key of their own they replace it.
     pub webrtc_extra: String,
     /// Appended to the `[rtmp]` and `[http]` sections.
     pub rtmp_extra: String,
@@ -188,10 +190,11 @@ impl NodeProc {
             ),
             _ => format!("listen = \"{quic}\"\npeers = [{}]\n", list(&spec.upstreams)),
         };
-        let webrtc_section = if spec.webrtc_extra.is_empty() {
-            format!("listen = \"{webrtc}\"")
-        } else {
+        // Extra keys replace the section when they set the listen address themselves.
+        let webrtc_section = if spec.webrtc_extra.contains("listen") {
             spec.webrtc_extra.clone()
+        } else {
+            format!("listen = \"{webrtc}\"\n{}", spec.webrtc_extra)
         };
         let config = format!(
             "[node]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\n{}\n\n[rtmp]\nlisten = \"{rtmp}\"\n{}\n\n[http]\nlisten = \"{http}\"\n{}\n\n[webrtc]\n{webrtc_section}\n\n[backbone]\ntoken = \"{TEST_TOKEN}\"\n{backbone}\n{}\n",
@@ -334,6 +337,10 @@ pub struct PublishOpts {
     pub seconds: u32,
     pub gop: u32,
     pub bframes: u32,
+    /// x264's preset (`ultrafast` by default: no CABAC, no 8x8 transform, so a Main profile
+    /// stream at most) and profile (`-profile:v`, when set).
+    pub preset: &'static str,
+    pub profile: Option<&'static str>,
     /// Instead of the test pattern: black 320x240 video with one white frame at the start of
     /// every second and silence with a 1 kHz beep starting at the same instant, so A/V sync
     /// can be measured on the decoded output ([`av_offsets`]).
@@ -346,6 +353,8 @@ impl Default for PublishOpts {
             seconds: 30,
             gop: 30,
             bframes: 2,
+            preset: "ultrafast",
+            profile: None,
             sync_marks: false,
         }
     }
@@ -371,14 +380,14 @@ impl Publisher {
             .args(["-f", "lavfi", "-i", video])
             .args(["-f", "lavfi", "-i", audio])
             .args(["-t", &opts.seconds.to_string()])
-            .args([
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-tune",
-                "zerolatency",
-            ])
+            .args(["-c:v", "libx264", "-preset", opts.preset])
+            .args(["-tune", "zerolatency"])
+            .args(
+                opts.profile
+                    .map(|p| ["-profile:v", p])
+                    .into_iter()
+                    .flatten(),
+            )
             .args([
                 "-g",
                 &opts.gop.to_string(),
