@@ -305,3 +305,71 @@ async fn relay_is_shared_and_released_after_grace() {
     .expect("relay released");
     assert!(hub.get(&key()).is_none());
 }
+
+/// Makes every derived name it is asked for (a stand-in for the bridge's renditions).
+struct FakeDeriver(Mutex<Vec<Publisher>>);
+impl Deriver for FakeDeriver {
+    fn derives(&self, key: &StreamKey) -> Option<Source> {
+        Some(Source::Bridge {
+            of: key.base().to_string(),
+        })
+    }
+    fn start(&self, _: Arc<Hub>, mut publisher: Publisher) {
+        publisher.set_config(config());
+        publisher.set_derived_live();
+        self.0.lock().push(publisher);
+    }
+}
+
+#[tokio::test]
+async fn a_rendition_is_made_only_where_its_stream_is_published_and_served_one_hop() {
+    let hub = hub(16);
+    let deriver = Arc::new(FakeDeriver(Mutex::new(vec![])));
+    hub.set_deriver(deriver.clone());
+    let rendition = key().webrtc_rendition();
+    // No local publisher: nothing is made (another node's stream is pulled, not derived).
+    assert!(hub.subscribe(&rendition, Scope::LocalOnly).await.is_err());
+    assert!(deriver.0.lock().is_empty());
+
+    let mut p = hub.publish(key()).unwrap();
+    p.set_config(config());
+    p.push(video(0, true));
+    // Another origin asking (one hop, local streams only) gets it made here, once.
+    let a = hub.subscribe(&rendition, Scope::LocalOnly).await.unwrap();
+    let b = hub.subscribe(&rendition, Scope::Any).await.unwrap();
+    let c = hub.subscribe(&rendition, Scope::LocalOnly).await.unwrap();
+    assert_eq!(deriver.0.lock().len(), 1, "one rendition for every consumer");
+    assert_eq!(hub.get(&rendition).unwrap().subscribers(), 3);
+    drop((a, b, c));
+}
+
+#[tokio::test]
+async fn bframes_are_told_from_the_hub_or_the_first_video_frames() {
+    let hub = hub(64);
+    let mut p = hub.publish(key()).unwrap();
+    p.set_config(config());
+    p.push(video(0, true));
+    let mut plain = hub.subscribe(&key(), Scope::Any).await.unwrap();
+    // One cached frame without reordering: it waits for a few more, then says no.
+    let waiting = tokio::spawn(async move { plain.wait_bframes(Duration::from_millis(300)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.push(video(33, false));
+    p.push(video(66, false));
+    assert!(!waiting.await.unwrap());
+
+    let mut reordered = video(100, false).as_ref().frame.clone();
+    reordered.pts = 166;
+    let mut sub = hub.subscribe(&key(), Scope::Any).await.unwrap();
+    p.push(Packet::new(reordered));
+    assert!(sub.wait_bframes(Duration::from_millis(300)).await);
+    // The frames looked at are still delivered, in order.
+    assert!(matches!(sub.next().await.unwrap(), StreamEvent::Config(_)));
+    let mut dts = vec![];
+    while let Some(Ok(StreamEvent::Frame(f))) = sub.try_next() {
+        dts.push(f.frame.dts);
+    }
+    assert_eq!(dts, [0, 33, 66, 100]);
+    // From then on the hub knows.
+    let mut later = hub.subscribe(&key(), Scope::Any).await.unwrap();
+    assert!(later.wait_bframes(Duration::ZERO).await);
+}
