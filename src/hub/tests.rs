@@ -338,7 +338,11 @@ async fn a_rendition_is_made_only_where_its_stream_is_published_and_served_one_h
     let a = hub.subscribe(&rendition, Scope::LocalOnly).await.unwrap();
     let b = hub.subscribe(&rendition, Scope::Any).await.unwrap();
     let c = hub.subscribe(&rendition, Scope::LocalOnly).await.unwrap();
-    assert_eq!(deriver.0.lock().len(), 1, "one rendition for every consumer");
+    assert_eq!(
+        deriver.0.lock().len(),
+        1,
+        "one rendition for every consumer"
+    );
     assert_eq!(hub.get(&rendition).unwrap().subscribers(), 3);
     drop((a, b, c));
 }
