@@ -209,6 +209,7 @@ impl Hub {
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bframes: AtomicBool::new(false),
+            order_settled: AtomicBool::new(false),
             started: Instant::now(),
             started_ms: crate::clock::unix_ms(),
             evicted: watch::channel(None).0,

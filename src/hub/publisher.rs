@@ -122,7 +122,13 @@ pub struct Publisher {
     /// stream's timeline (`bool`: whether the splice has begun).
     splice: Option<Splicer>,
     splice_begun: bool,
+    /// Video frames pushed, counted up to [`ORDER_SETTLED_AFTER`].
+    video_frames: u8,
 }
+
+/// Video frames in decode order after which a stream is known to have no B-frames (an
+/// encoder with B-frames shifts every frame's decode time, so the first shows it already).
+const ORDER_SETTLED_AFTER: u8 = 3;
 
 impl Publisher {
     pub(super) fn new(hub: Arc<Hub>, stream: Arc<Stream>) -> Publisher {
@@ -132,6 +138,7 @@ impl Publisher {
             has_video: false,
             splice: None,
             splice_begun: false,
+            video_frames: 0,
         }
     }
 
@@ -174,9 +181,17 @@ impl Publisher {
             .bytes_in
             .fetch_add(packet.frame.payload.len() as u64, Ordering::Relaxed);
         let f = &packet.frame;
-        if f.pts != f.dts && f.track() == TrackKind::Video {
-            // One relaxed store, only on reordered frames.
-            self.stream.bframes.store(true, Ordering::Relaxed);
+        if f.track() == TrackKind::Video {
+            if f.pts != f.dts {
+                // One relaxed store, only on reordered frames.
+                self.stream.bframes.store(true, Ordering::Relaxed);
+            }
+            if self.video_frames < ORDER_SETTLED_AFTER {
+                self.video_frames += 1;
+                if self.video_frames == ORDER_SETTLED_AFTER {
+                    self.stream.order_settled.store(true, Ordering::Relaxed);
+                }
+            }
         }
         if let Some(splice) = &mut self.splice {
             if !self.splice_begun {

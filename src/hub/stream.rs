@@ -41,6 +41,9 @@ pub struct Stream {
     /// Whether a video frame was presented after a later-decoded one (pts ≠ dts): the
     /// stream has B-frames, which WebRTC viewers' decoders do not take.
     pub(super) bframes: AtomicBool,
+    /// Whether enough video frames were fanned out to know `bframes` without looking at
+    /// frames (set once, by the publisher).
+    pub(super) order_settled: AtomicBool,
     pub(super) started: Instant,
     /// When the stream started, in unix milliseconds (ranks rival publishers of one name).
     pub(super) started_ms: u64,

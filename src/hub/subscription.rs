@@ -274,8 +274,7 @@ impl Subscription {
     /// started may have none yet: up to `within` is spent waiting for a few. Whatever
     /// arrives stays queued for `next`.
     pub async fn wait_bframes(&mut self, within: Duration) -> bool {
-        /// Video frames that settle it: an encoder with B-frames shifts every frame's
-        /// decode time, so the first frame shows it already; a few more are certain.
+        /// Video frames that settle it (as the hub's `ORDER_SETTLED_AFTER`).
         const ENOUGH: usize = 3;
         let reordered = |ev: &StreamEvent| match ev {
             StreamEvent::Frame(p) if p.frame.track() == crate::media::TrackKind::Video => {
@@ -283,8 +282,12 @@ impl Subscription {
             }
             _ => None,
         };
-        if self._guard.0.bframes.load(Ordering::Relaxed) {
+        let stream = &self._guard.0;
+        if stream.bframes.load(Ordering::Relaxed) {
             return true;
+        }
+        if stream.order_settled.load(Ordering::Relaxed) {
+            return false;
         }
         let mut seen = 0;
         for ev in &self.backlog {

@@ -360,6 +360,9 @@ async fn bframes_are_told_from_the_hub_or_the_first_video_frames() {
     p.push(video(33, false));
     p.push(video(66, false));
     assert!(!waiting.await.unwrap());
+    // Three video frames in order settle it for every later viewer, without waiting.
+    let mut settled = hub.subscribe(&key(), Scope::Any).await.unwrap();
+    assert!(!settled.wait_bframes(Duration::ZERO).await);
 
     let mut reordered = video(100, false).as_ref().frame.clone();
     reordered.pts = 166;
