@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 #[path = "../../tests/common/http.rs"]
 pub mod http;
 pub mod janus;
@@ -10,6 +11,8 @@ pub mod janus;
 pub mod nginx;
 #[path = "../../tests/common/ports.rs"]
 pub mod ports;
+pub mod publish;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
