@@ -54,6 +54,9 @@ pub struct WhepStats {
     pub video_time_backwards: u64,
     /// The largest step forward of the video RTP timestamp between packets, in ms.
     pub max_video_time_step_ms: u64,
+    /// Time from POST to the answer, and to the end of the DTLS handshake.
+    pub answered: Option<Duration>,
+    pub connected_after: Option<Duration>,
     /// Time from POST to the first packet of a keyframe (an SPS or IDR slice, alone, in a
     /// STAP-A or starting an FU-A), and when that packet arrived.
     pub first_keyframe: Option<Duration>,
@@ -130,6 +133,7 @@ pub async fn play_observed(
         api.apply().ok_or_else(|| rtc_err("nothing to offer"))?;
     let started = Instant::now();
     let answer = post_sdp(http, path, &offer.to_sdp_string()).await?;
+    let answered = started.elapsed();
     let answer = SdpAnswer::from_sdp_string(&answer).map_err(rtc_err)?;
     rtc.sdp_api()
         .accept_answer(pending, answer)
@@ -139,6 +143,7 @@ pub async fn play_observed(
         socket,
         local,
         started,
+        answered: Some(answered),
     }
     .run_observed(opts, observer)
     .await
@@ -150,6 +155,7 @@ pub struct Viewer {
     socket: UdpSocket,
     local: SocketAddr,
     started: Instant,
+    answered: Option<Duration>,
 }
 
 /// Answers a server's offer (recvonly for what it sends) from a socket on `ip`; returns the
@@ -164,6 +170,7 @@ pub async fn answer(offer: &str, ip: IpAddr) -> Result<(String, Viewer), WhepCli
         socket,
         local,
         started: Instant::now(),
+        answered: None,
     };
     Ok((answer.to_sdp_string(), viewer))
 }
@@ -183,7 +190,10 @@ fn viewer_rtc(local: SocketAddr) -> Result<Rtc, WhepClientError> {
 
 /// An RTP-mode `Rtc` from `builder` with a host candidate on `local`.
 fn host_rtc(builder: str0m::RtcConfig, local: SocketAddr) -> Result<Rtc, WhepClientError> {
-    let mut rtc = builder.set_rtp_mode(true).build(Instant::now());
+    let mut rtc = builder
+        .set_rtp_mode(true)
+        .set_crypto_provider(super::dtls::crypto_provider())
+        .build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
     Ok(rtc)
 }
@@ -203,7 +213,10 @@ impl Viewer {
         let rtc = &mut self.rtc;
         // The server's address as str0m knows it, when talking through `opts.via`.
         let mut server = None;
-        let mut stats = WhepStats::default();
+        let mut stats = WhepStats {
+            answered: self.answered,
+            ..Default::default()
+        };
         let mut last_video: Option<(Instant, u32, u64)> = None;
         let deadline = Instant::now() + opts.duration;
         let mut buf = vec![0u8; 2048];
@@ -216,7 +229,10 @@ impl Viewer {
                         let to = opts.via.unwrap_or(t.destination);
                         let _ = self.socket.send_to(&t.contents, to).await;
                     }
-                    Output::Event(Event::Connected) => stats.connected = true,
+                    Output::Event(Event::Connected) => {
+                        stats.connected = true;
+                        stats.connected_after = Some(self.started.elapsed());
+                    }
                     Output::Event(Event::RtpPacket(p)) => {
                         if let Some(c) = &opts.packets {
                             c.fetch_add(1, Ordering::Relaxed);
