@@ -23,7 +23,8 @@
 //! reference without a backbone (so the backbone's own share can be read off).
 //!
 //! Run: `cargo bench --bench hop_latency`. Environment: `SECONDS=20` (window), `LOADS=0,500`,
-//! `PROTOS=webrtc,rtmp`, `PARTS=latency,backbone`, `STREAMS=50`, `STREAM_KBPS=4000`.
+//! `PROTOS=webrtc,rtmp`, `PARTS=latency,backbone`, `STREAMS=50`, `STREAM_KBPS=4000`, `PERF=1`
+//! (`perf record -g` of origins A and B over the backbone window, into the work directory).
 
 mod common;
 
@@ -36,7 +37,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{node_addr, Node, Role};
 use common::publish::{current_thread, rtmp_publish, rtmp_stamps, whip_publisher};
 use common::synth::{nanos_at, percentile, read_stamp, Stamp, Synth};
-use common::{build_meshcast, cpu_seconds, window_from_env};
+use common::{build_meshcast, cpu_seconds, window_from_env, PerfRecord};
 use meshcast::rtmp::client::{PlayMode, Player};
 use meshcast::webrtc::client::{self, Observer, PlayOptions};
 
@@ -119,6 +120,7 @@ fn latency(bin: &Path, work: &Path, window: Duration) {
             );
             let r = measure(proto, &synth, &node, &[&node], load, window);
             row("publisher → node → viewer", r.latency(0));
+            cpu_note(name, load, "standalone", &r);
             drop(node);
             // Two origins and an edge of the second.
             let (a_quic, b_quic) = (node_addr(), node_addr());
@@ -156,12 +158,26 @@ fn latency(bin: &Path, work: &Path, window: Duration) {
             row("hop A → B (per frame, B − A)", r.hop(0, 1));
             row("hop B → edge (per frame, edge − B)", r.hop(1, 2));
             row("A → B → edge (per frame, edge − A)", r.hop(0, 2));
+            cpu_note(name, load, "A + B + edge", &r);
         }
     }
 }
 
-/// Per measuring viewer: stamp → ms from the stamp to the frame's arrival.
-struct Samples(Vec<HashMap<Stamp, f64>>);
+/// A row saying how busy the machine was over the window (2 cores here).
+fn cpu_note(name: &str, load: usize, nodes: &str, r: &Samples) {
+    println!(
+        "| {name} | {load} | CPU over the window, in cores: nodes ({nodes}) {:.2}, bench process (publisher, viewers) {:.2} | | | | | | | |",
+        r.server_cpu, r.client_cpu
+    );
+}
+
+/// Per measuring viewer: stamp → ms from the stamp to the frame's arrival; and the CPU
+/// used over the window (in cores) by the nodes and by this process.
+struct Samples {
+    frames: Vec<HashMap<Stamp, f64>>,
+    server_cpu: f64,
+    client_cpu: f64,
+}
 
 /// Latencies (ms) of all frames, of the keyframes and of the other frames, each sorted.
 struct Latencies {
@@ -194,14 +210,14 @@ impl Latencies {
 
 impl Samples {
     fn latency(&self, i: usize) -> Latencies {
-        Latencies::from(self.0[i].iter().map(|(s, t)| (*s, *t)))
+        Latencies::from(self.frames[i].iter().map(|(s, t)| (*s, *t)))
     }
 
     fn hop(&self, from: usize, to: usize) -> Latencies {
         Latencies::from(
-            self.0[to]
+            self.frames[to]
                 .iter()
-                .filter_map(|(stamp, t)| self.0[from].get(stamp).map(|f| (*stamp, t - f))),
+                .filter_map(|(stamp, t)| self.frames[from].get(stamp).map(|f| (*stamp, t - f))),
         )
     }
 }
@@ -321,6 +337,18 @@ fn measure(
     });
     std::thread::sleep(settle);
     let from = nanos_at(Instant::now());
+    // CPU over the window: the nodes (each once) and this process (publisher and viewers).
+    let mut pids: Vec<u32> = std::iter::once(ingest.pid())
+        .chain(viewers.iter().map(|n| n.pid()))
+        .collect();
+    pids.dedup();
+    let me = std::process::id();
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let (server0, client0, t0) = (cpu(&pids), cpu_seconds(me), Instant::now());
+    std::thread::sleep(window);
+    let seconds = t0.elapsed().as_secs_f64();
+    let server_cpu = (cpu(&pids) - server0) / seconds;
+    let client_cpu = (cpu_seconds(me) - client0) / seconds;
     let raw = measured.join().unwrap();
     let connected = plain.join().unwrap();
     if connected < load {
@@ -329,8 +357,11 @@ fn measure(
     if !publisher.join().unwrap_or(false) {
         eprintln!("the publisher failed");
     }
-    Samples(
-        raw.into_iter()
+    Samples {
+        server_cpu,
+        client_cpu,
+        frames: raw
+            .into_iter()
             .map(|v| {
                 v.into_iter()
                     .filter(|(stamp, _)| stamp.nanos >= from)
@@ -338,7 +369,7 @@ fn measure(
                     .collect()
             })
             .collect(),
-    )
+    }
 }
 
 /// `STREAMS` RTMP streams origin A → origin B over the backbone, then on one standalone
@@ -359,7 +390,15 @@ fn backbone(bin: &Path, work: &Path, window: Duration) {
     let b = Node::start(bin, work, "origin-b", b_quic, Role::Origin(&[a_quic]), "");
     a.wait_links(2);
     b.wait_links(2);
-    let r = relay(&synth, streams, a.rtmp, b.rtmp, &[a.pid(), b.pid()], window);
+    let r = relay(
+        &synth,
+        streams,
+        a.rtmp,
+        b.rtmp,
+        &[a.pid(), b.pid()],
+        window,
+        Some(work),
+    );
     for (i, name) in [
         "origin A (RTMP in, QUIC out)",
         "origin B (QUIC in, RTMP out)",
@@ -378,7 +417,7 @@ fn backbone(bin: &Path, work: &Path, window: Duration) {
     }
     drop((a, b));
     let s = Node::start(bin, work, "standalone", node_addr(), Role::Standalone, "");
-    let r = relay(&synth, streams, s.rtmp, s.rtmp, &[s.pid()], window);
+    let r = relay(&synth, streams, s.rtmp, s.rtmp, &[s.pid()], window, None);
     println!(
         "| one node (reference) | standalone (RTMP in, RTMP out) | {:.0}% | {:.2} | {:.2} | {:.2} | {:.1}% |",
         r.cpu[0] / r.seconds * 100.0,
@@ -404,6 +443,7 @@ fn relay(
     play: SocketAddr,
     pids: &[u32],
     window: Duration,
+    perf_dir: Option<&Path>,
 ) -> Relayed {
     let settle = Duration::from_secs(4);
     let total = Duration::from_secs(3) + settle + window + Duration::from_secs(2);
@@ -445,7 +485,17 @@ fn relay(
         tokio::time::sleep(settle).await;
         let cpu0: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
         let t0 = Instant::now();
+        // PERF=1: each node's profile over the window, into the work directory.
+        let perf: Vec<PerfRecord> = match (std::env::var_os("PERF"), perf_dir) {
+            (Some(_), Some(dir)) => pids
+                .iter()
+                .enumerate()
+                .map(|(i, p)| PerfRecord::start(*p, &dir.join(format!("perf-backbone-{i}.data"))))
+                .collect(),
+            _ => Vec::new(),
+        };
         tokio::time::sleep(window).await;
+        drop(perf);
         let seconds = t0.elapsed().as_secs_f64();
         let cpu: Vec<f64> = pids
             .iter()

@@ -22,7 +22,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{node_addr, Node, Role};
 use common::publish::{current_thread, whip_publisher};
 use common::synth::{percentile, Synth};
-use common::{build_meshcast, cpu_seconds, window_from_env};
+use common::{build_meshcast, cpu_seconds, window_from_env, PerfRecord};
 use meshcast::webrtc::client::{self, Observer, PlayOptions};
 
 const PATH: &str = "/whep/live/join";
@@ -223,7 +222,7 @@ fn storm(
     let fanout_rate = (cpu_seconds(pid) - b0) / bt.elapsed().as_secs_f64();
 
     let sampler = Sampler::start(pid);
-    let recorder = perf.then(|| perf_record(pid, &work.join(format!("perf-join-{n}.data"))));
+    let recorder = perf.then(|| PerfRecord::start(pid, &work.join(format!("perf-join-{n}.data"))));
     gap.store(0, Ordering::Relaxed);
     let t0 = Instant::now();
     let stats = tokio::runtime::Builder::new_multi_thread()
@@ -255,13 +254,7 @@ fn storm(
         });
     let max_gap_ms = gap.load(Ordering::Relaxed) as f64 / 1000.0;
     let samples = sampler.stop();
-    if let Some(mut p) = recorder {
-        // SIGINT makes perf write its file and exit.
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
-    }
+    drop(recorder);
     let watched = watchers.join().unwrap();
     if watched < existing {
         eprintln!("only {watched} of {existing} existing viewers played");
@@ -348,15 +341,4 @@ impl Samples {
         let (a, b) = (at(from), at(to));
         (b.1 - a.1, b.2 - a.2)
     }
-}
-
-/// `perf record -g` of `pid` into `out`, until interrupted.
-fn perf_record(pid: u32, out: &Path) -> Child {
-    Command::new("perf")
-        .args(["record", "-g", "-F", "999", "-p", &pid.to_string(), "-o"])
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("perf")
 }
