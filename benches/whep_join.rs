@@ -15,7 +15,9 @@
 //! stop. A fresh node per storm, so the viewers of one storm do not weigh on the next.
 //!
 //! Run: `cargo bench --bench whep_join`. Environment: `STORMS=50,200,1000`, `EXISTING=200`,
-//! `SECONDS=8` (how long joiners stay; a joiner without a keyframe by then failed),
+//! `SECONDS=8` (how long joiners stay; a joiner without a keyframe by then failed; the
+//! watchers' gaps are read over at least this long, so `STORMS=0` gives their gaps with no
+//! storm),
 //! `JOINER_THREADS=2`, `PERF=1` (records the server with `perf record -g` during each storm
 //! into the bench's work directory).
 
@@ -252,6 +254,8 @@ fn storm(
             }
             stats
         });
+    // The watchers' gaps are read over at least `stay` (a storm of 0 is the control).
+    std::thread::sleep(stay.saturating_sub(t0.elapsed()));
     let max_gap_ms = gap.load(Ordering::Relaxed) as f64 / 1000.0;
     let samples = sampler.stop();
     drop(recorder);
