@@ -204,8 +204,6 @@ fn run_meshcast(bin: &Path, work: &Path, source: &Path, n: usize, window: Durati
     ));
     wait_port(http);
     let http_addr = SocketAddr::from(([127, 0, 0, 1], http));
-    // The WHIP publisher relays the feeder's RTP on a thread of its own, so that the viewers'
-    // thread cannot delay the server's input.
     let video = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let audio = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let (vport, aport) = (
@@ -213,22 +211,13 @@ fn run_meshcast(bin: &Path, work: &Path, source: &Path, n: usize, window: Durati
         audio.local_addr().unwrap().port(),
     );
     let stay = stay(n, window);
-    let publisher = std::thread::spawn(move || {
-        current_thread().block_on(async move {
-            video.set_nonblocking(true).unwrap();
-            audio.set_nonblocking(true).unwrap();
-            let video = tokio::net::UdpSocket::from_std(video).unwrap();
-            let audio = tokio::net::UdpSocket::from_std(audio).unwrap();
-            client::publish_rtp(
-                http_addr,
-                "/whip/live/bench",
-                video,
-                audio,
-                stay + Duration::from_secs(5),
-            )
-            .await
-        })
-    });
+    let publisher = common::publish::whip_relay(
+        http_addr,
+        "/whip/live/bench",
+        video,
+        audio,
+        stay + Duration::from_secs(5),
+    );
     let feeder = feeder(source, vport, aport);
     let r = measure(&current_thread(), server.0.id(), n, window, |opts| {
         tokio::spawn(async move {

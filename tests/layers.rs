@@ -51,6 +51,7 @@ const SANS_IO: &[&str] = &[
     "src/webrtc/vp8.rs",
     "src/webrtc/batch.rs",
     "src/webrtc/offer.rs",
+    "src/webrtc/dtls.rs",
     "src/webrtc/layers.rs",
     "src/webrtc/primary.rs",
     "src/webrtc/track_clock.rs",

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 #[path = "../../tests/common/http.rs"]
 pub mod http;
 pub mod janus;
@@ -10,6 +11,8 @@ pub mod janus;
 pub mod nginx;
 #[path = "../../tests/common/ports.rs"]
 pub mod ports;
+pub mod publish;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -174,4 +177,31 @@ pub fn start_meshcast(bin: &Path, path: &Path, config: &str) -> std::process::Ch
         .stderr(log)
         .spawn()
         .unwrap()
+}
+
+/// `perf record -g` of a process, written out (SIGINT) when dropped.
+pub struct PerfRecord(std::process::Child);
+
+impl PerfRecord {
+    pub fn start(pid: u32, out: &Path) -> PerfRecord {
+        PerfRecord(
+            std::process::Command::new("perf")
+                .args(["record", "-g", "-F", "999", "-p", &pid.to_string(), "-o"])
+                .arg(out)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf"),
+        )
+    }
+}
+
+impl Drop for PerfRecord {
+    fn drop(&mut self) {
+        // SIGINT makes perf write its file and exit.
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
 }

@@ -54,6 +54,13 @@ pub struct WhepStats {
     pub video_time_backwards: u64,
     /// The largest step forward of the video RTP timestamp between packets, in ms.
     pub max_video_time_step_ms: u64,
+    /// Time from POST to the answer, and to the end of the DTLS handshake.
+    pub answered: Option<Duration>,
+    pub connected_after: Option<Duration>,
+    /// Time from POST to the first packet of a keyframe (an SPS or IDR slice, alone, in a
+    /// STAP-A or starting an FU-A), and when that packet arrived.
+    pub first_keyframe: Option<Duration>,
+    pub first_keyframe_at: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -65,6 +72,26 @@ pub struct PlayOptions {
     /// Also counts every RTP packet received here (shared by many viewers, read while they
     /// run: a load generator's measurement window).
     pub packets: Option<Arc<AtomicU64>>,
+}
+
+/// What a load generator watches while viewers run, shared by many viewers (none by default).
+#[derive(Clone, Debug, Default)]
+pub struct Observer {
+    /// The longest wait between two video packets of any viewer, in µs (reset it to 0 to
+    /// start a measurement window).
+    pub max_video_gap_us: Option<Arc<AtomicU64>>,
+    /// Each video packet carrying the RTP marker bit (the end of a frame): when it arrived
+    /// and its payload's last [`FRAME_TAIL`] bytes.
+    pub frame_ends: Option<std::sync::mpsc::Sender<FrameEnd>>,
+}
+
+/// How many bytes of a frame's end [`Observer::frame_ends`] reports.
+pub const FRAME_TAIL: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct FrameEnd {
+    pub at: Instant,
+    pub tail: Vec<u8>,
 }
 
 /// Plays `path` (e.g. `/whep/live/demo`) from the node at `http` for `duration`.
@@ -87,6 +114,16 @@ pub async fn play_with(
     path: &str,
     opts: &PlayOptions,
 ) -> Result<WhepStats, WhepClientError> {
+    play_observed(http, path, opts, &Observer::default()).await
+}
+
+/// [`play_with`], reporting to `observer` as packets arrive.
+pub async fn play_observed(
+    http: SocketAddr,
+    path: &str,
+    opts: &PlayOptions,
+    observer: &Observer,
+) -> Result<WhepStats, WhepClientError> {
     let (socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
     let mut rtc = viewer_rtc(local)?;
     let mut api = rtc.sdp_api();
@@ -96,6 +133,7 @@ pub async fn play_with(
         api.apply().ok_or_else(|| rtc_err("nothing to offer"))?;
     let started = Instant::now();
     let answer = post_sdp(http, path, &offer.to_sdp_string()).await?;
+    let answered = started.elapsed();
     let answer = SdpAnswer::from_sdp_string(&answer).map_err(rtc_err)?;
     rtc.sdp_api()
         .accept_answer(pending, answer)
@@ -105,8 +143,9 @@ pub async fn play_with(
         socket,
         local,
         started,
+        answered: Some(answered),
     }
-    .run(opts)
+    .run_observed(opts, observer)
     .await
 }
 
@@ -116,6 +155,7 @@ pub struct Viewer {
     socket: UdpSocket,
     local: SocketAddr,
     started: Instant,
+    answered: Option<Duration>,
 }
 
 /// Answers a server's offer (recvonly for what it sends) from a socket on `ip`; returns the
@@ -130,30 +170,53 @@ pub async fn answer(offer: &str, ip: IpAddr) -> Result<(String, Viewer), WhepCli
         socket,
         local,
         started: Instant::now(),
+        answered: None,
     };
     Ok((answer.to_sdp_string(), viewer))
 }
 
 /// A viewer's `Rtc` (RTP mode, str0m's default codecs and extensions) with a host
-/// candidate on `local`.
+/// candidate on `local`. All viewers of the process share one DTLS certificate: str0m would
+/// generate one per `Rtc`, a cost a thousand joining load-generator viewers would pay
+/// before their offers.
 fn viewer_rtc(local: SocketAddr) -> Result<Rtc, WhepClientError> {
-    host_rtc(Rtc::builder(), local)
+    static CERT: std::sync::OnceLock<Option<str0m::config::DtlsCert>> = std::sync::OnceLock::new();
+    let mut builder = Rtc::builder();
+    if let Some(cert) = CERT.get_or_init(super::dtls_certificate) {
+        builder = builder.set_dtls_cert(cert.clone());
+    }
+    host_rtc(builder, local)
 }
 
 /// An RTP-mode `Rtc` from `builder` with a host candidate on `local`.
 fn host_rtc(builder: str0m::RtcConfig, local: SocketAddr) -> Result<Rtc, WhepClientError> {
-    let mut rtc = builder.set_rtp_mode(true).build(Instant::now());
+    let mut rtc = builder
+        .set_rtp_mode(true)
+        .set_crypto_provider(super::dtls::crypto_provider())
+        .build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").map_err(rtc_err)?);
     Ok(rtc)
 }
 
 impl Viewer {
     /// Receives for `opts.duration`, counting what arrives.
-    pub async fn run(mut self, opts: &PlayOptions) -> Result<WhepStats, WhepClientError> {
+    pub async fn run(self, opts: &PlayOptions) -> Result<WhepStats, WhepClientError> {
+        self.run_observed(opts, &Observer::default()).await
+    }
+
+    /// [`Viewer::run`], reporting to `observer`.
+    pub async fn run_observed(
+        mut self,
+        opts: &PlayOptions,
+        observer: &Observer,
+    ) -> Result<WhepStats, WhepClientError> {
         let rtc = &mut self.rtc;
         // The server's address as str0m knows it, when talking through `opts.via`.
         let mut server = None;
-        let mut stats = WhepStats::default();
+        let mut stats = WhepStats {
+            answered: self.answered,
+            ..Default::default()
+        };
         let mut last_video: Option<(Instant, u32, u64)> = None;
         let deadline = Instant::now() + opts.duration;
         let mut buf = vec![0u8; 2048];
@@ -166,7 +229,10 @@ impl Viewer {
                         let to = opts.via.unwrap_or(t.destination);
                         let _ = self.socket.send_to(&t.contents, to).await;
                     }
-                    Output::Event(Event::Connected) => stats.connected = true,
+                    Output::Event(Event::Connected) => {
+                        stats.connected = true;
+                        stats.connected_after = Some(self.started.elapsed());
+                    }
                     Output::Event(Event::RtpPacket(p)) => {
                         if let Some(c) = &opts.packets {
                             c.fetch_add(1, Ordering::Relaxed);
@@ -181,6 +247,9 @@ impl Viewer {
                             let newest = last_video.is_none_or(|(_, _, s)| seq > s);
                             if let (Some((at, last, _)), true) = (last_video, newest) {
                                 stats.max_video_gap = stats.max_video_gap.max(now - at);
+                                if let Some(max) = &observer.max_video_gap_us {
+                                    max.fetch_max((now - at).as_micros() as u64, Ordering::Relaxed);
+                                }
                                 let step = ts.wrapping_sub(last) as i32;
                                 if step < 0 {
                                     stats.video_time_backwards += 1;
@@ -195,6 +264,17 @@ impl Viewer {
                             }
                             stats.video_packets += 1;
                             stats.first_video.get_or_insert(self.started.elapsed());
+                            if stats.first_keyframe.is_none() && starts_keyframe(&p.payload) {
+                                stats.first_keyframe = Some(now - self.started);
+                                stats.first_keyframe_at = Some(now);
+                            }
+                            if let (Some(tx), true) = (&observer.frame_ends, p.header.marker) {
+                                let tail = p.payload.len().saturating_sub(FRAME_TAIL);
+                                let _ = tx.send(FrameEnd {
+                                    at: now,
+                                    tail: p.payload[tail..].to_vec(),
+                                });
+                            }
                             if let Some(size) = sps_size(&p.payload) {
                                 if stats.video_sizes.last() != Some(&size) {
                                     stats.video_sizes.push(size);
@@ -405,6 +485,22 @@ async fn bind(ip: IpAddr) -> Result<(UdpSocket, SocketAddr), WhepClientError> {
     let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let local = socket.local_addr()?;
     Ok((socket, local))
+}
+
+/// Whether an H.264 RTP payload starts a keyframe: an SPS or IDR slice, alone, in a
+/// STAP-A, or in the first fragment of an FU-A.
+fn starts_keyframe(payload: &[u8]) -> bool {
+    let starts = |nal_type: u8| nal_type == 5 || nal_type == 7;
+    match payload.first().map(|b| b & 0x1f) {
+        Some(24) => {
+            super::h264::stap_a_nalus(payload).any(|n| n.first().is_some_and(|b| starts(b & 0x1f)))
+        }
+        Some(28) => payload
+            .get(1)
+            .is_some_and(|fu| fu & 0x80 != 0 && starts(fu & 0x1f)),
+        Some(t) => starts(t),
+        None => false,
+    }
 }
 
 /// The picture size in an H.264 RTP payload carrying an SPS (alone or in a STAP-A).

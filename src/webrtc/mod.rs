@@ -29,6 +29,7 @@ pub mod assemble;
 mod batch;
 pub mod client;
 pub mod demux;
+mod dtls;
 pub mod h264;
 mod io;
 pub mod layers;

@@ -139,6 +139,7 @@ fn answer_offer_unguarded(
         .set_ice_lite(true)
         .set_rtp_mode(true)
         .set_dtls_cert(dtls_cert.clone())
+        .set_crypto_provider(super::dtls::crypto_provider())
         .clear_codecs()
         .enable_h264(true)
         .enable_vp8(true)
