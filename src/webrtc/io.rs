@@ -217,17 +217,20 @@ impl Io {
             // SAFETY: plain C structs, valid when zeroed.
             let mut msgs: [libc::mmsghdr; MMSG_CHUNK] = unsafe { std::mem::zeroed() };
             let mut iovs: [libc::iovec; MMSG_CHUNK] = unsafe { std::mem::zeroed() };
-            let mut addrs: [libc::sockaddr_storage; MMSG_CHUNK] = unsafe { std::mem::zeroed() };
+            // Room for an IPv4 or IPv6 address (a sockaddr_storage is 4x larger, and the
+            // arrays are zeroed per call).
+            let mut addrs: [libc::sockaddr_in6; MMSG_CHUNK] = unsafe { std::mem::zeroed() };
             let mut ctrl = [CmsgBuf([0; 3]); MMSG_CHUNK];
             for (k, run) in chunk.iter().enumerate() {
                 let contents = b.contents(run);
                 let addr = socket2::SockAddr::from(self.wire_address(run.destination));
-                // SAFETY: `addr` holds `addr.len()` valid bytes, which fit a sockaddr_storage.
+                let len = (addr.len() as usize).min(std::mem::size_of::<libc::sockaddr_in6>());
+                // SAFETY: `addr` holds `len` valid bytes (an IPv4 or IPv6 address: they fit).
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         addr.as_ptr().cast::<u8>(),
-                        (&mut addrs[k] as *mut libc::sockaddr_storage).cast::<u8>(),
-                        addr.len() as usize,
+                        (&mut addrs[k] as *mut libc::sockaddr_in6).cast::<u8>(),
+                        len,
                     );
                 }
                 iovs[k] = libc::iovec {
@@ -235,8 +238,8 @@ impl Io {
                     iov_len: contents.len(),
                 };
                 let h = &mut msgs[k].msg_hdr;
-                h.msg_name = (&mut addrs[k] as *mut libc::sockaddr_storage).cast();
-                h.msg_namelen = addr.len();
+                h.msg_name = (&mut addrs[k] as *mut libc::sockaddr_in6).cast();
+                h.msg_namelen = len as libc::socklen_t;
                 h.msg_iov = &mut iovs[k];
                 h.msg_iovlen = 1;
                 if run.count > 1 {
