@@ -20,7 +20,13 @@
 //! Run: `cargo bench --bench whep_fanout`. Environment: `VIEWERS=100,500,1000`,
 //! `SECONDS=15`, `ROUNDS=1` (runs per server and count; the median is printed),
 //! `SERVERS=meshcast,janus`, `JANUS_EVENT_LOOPS=0,2` (Janus is run once per value; 0:
-//! Janus's default, a thread per viewer; N: N shared GLib loops).
+//! Janus's default, a thread per viewer; N: N shared GLib loops), `CLIENT_THREADS=1` (the
+//! viewers' threads: one thread decrypting every packet is the limit from ~500 viewers).
+//!
+//! For meshcast a second table gives the server's own count of RTP packets sent in the
+//! window (`meshcast_packets_out_total{proto="webrtc"}`): where the viewers' threads cannot
+//! keep up, packets the server sent are dropped at the viewers' sockets, and its CPU per
+//! packet *sent* is what the server itself costs.
 
 mod common;
 
@@ -87,6 +93,12 @@ fn main() {
         "# WHEP fan-out: 720p30 H.264 ~1.5 Mb/s + Opus 64 kb/s as RTP, window {}s, {rounds} round(s), medians",
         window.as_secs()
     );
+    let client_threads: usize = env_or("CLIENT_THREADS", "1")
+        .parse()
+        .expect("CLIENT_THREADS");
+    if client_threads > 1 {
+        println!("# viewers on {client_threads} threads");
+    }
     println!("| server | viewers | connected | packets/s delivered | payload kb/s per viewer | server CPU % | µs per packet | packets per core-second | RSS KB / viewer |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut medians = Vec::new();
@@ -96,8 +108,12 @@ fn main() {
         for _ in 0..rounds {
             for (i, server) in servers.iter().enumerate() {
                 runs[i].push(match *server {
-                    Server::Meshcast => run_meshcast(&bin, &work, &source, n, window),
-                    Server::Janus(loops) => run_janus(&work, &source, n, window, loops),
+                    Server::Meshcast => {
+                        run_meshcast(&bin, &work, &source, n, window, client_threads)
+                    }
+                    Server::Janus(loops) => {
+                        run_janus(&work, &source, n, window, loops, client_threads)
+                    }
                 });
             }
         }
@@ -115,6 +131,24 @@ fn main() {
                 r.rss_kb_per_viewer
             );
             medians.push((*server, n, r));
+        }
+    }
+    let sent: Vec<_> = medians
+        .iter()
+        .filter_map(|(_, n, r)| r.sent.map(|s| (n, r, s)))
+        .collect();
+    if !sent.is_empty() {
+        println!();
+        println!("| server | viewers | packets/s sent (server's count) | delivered / sent | µs per packet sent | packets sent per core-second |");
+        println!("|---|---|---|---|---|---|");
+        for (n, r, s) in sent {
+            println!(
+                "| meshcast | {n} | {:.0} | {:.2} | {:.1} | {:.0} |",
+                s.packets_per_s,
+                r.packets_per_s / s.packets_per_s.max(1e-9),
+                s.us_per_packet,
+                s.packets_per_core_s
+            );
         }
     }
     let janus: Vec<Server> = servers
@@ -180,6 +214,15 @@ struct RunResult {
     rss_kb_per_viewer: f64,
     /// Payload kb/s per connected viewer over its whole stay.
     kbps_per_viewer: f64,
+    /// The same per packet the server counts as sent, where it counts them.
+    sent: Option<Sent>,
+}
+
+#[derive(Clone, Copy)]
+struct Sent {
+    packets_per_s: f64,
+    us_per_packet: f64,
+    packets_per_core_s: f64,
 }
 
 impl RunResult {
@@ -190,7 +233,14 @@ impl RunResult {
     }
 }
 
-fn run_meshcast(bin: &Path, work: &Path, source: &Path, n: usize, window: Duration) -> RunResult {
+fn run_meshcast(
+    bin: &Path,
+    work: &Path,
+    source: &Path,
+    n: usize,
+    window: Duration,
+    client_threads: usize,
+) -> RunResult {
     let http = free_port();
     let udp = free_port();
     let config = work.join("meshcast.toml");
@@ -219,13 +269,21 @@ fn run_meshcast(bin: &Path, work: &Path, source: &Path, n: usize, window: Durati
         stay + Duration::from_secs(5),
     );
     let feeder = feeder(source, vport, aport);
-    let r = measure(&current_thread(), server.0.id(), n, window, |opts| {
-        tokio::spawn(async move {
-            client::play_with(http_addr, "/whep/live/bench", &opts)
-                .await
-                .ok()
-        })
-    });
+    let sent = move || webrtc_packets_sent(http_addr);
+    let r = measure(
+        &runtime(client_threads),
+        server.0.id(),
+        n,
+        window,
+        Some(&sent),
+        |opts| {
+            tokio::spawn(async move {
+                client::play_with(http_addr, "/whep/live/bench", &opts)
+                    .await
+                    .ok()
+            })
+        },
+    );
     drop(feeder);
     drop(server);
     match publisher.join() {
@@ -241,13 +299,14 @@ fn run_janus(
     n: usize,
     window: Duration,
     event_loops: usize,
+    client_threads: usize,
 ) -> RunResult {
     let server = Janus::start(work, event_loops);
     let feeder = feeder(source, janus::VIDEO_PORT, janus::AUDIO_PORT);
-    let rt = current_thread();
+    let rt = runtime(client_threads);
     let session = Arc::new(rt.block_on(janus::Session::create(server.http)));
     let s = session.clone();
-    let r = measure(&rt, server.pid(), n, window, move |opts| {
+    let r = measure(&rt, server.pid(), n, window, None, move |opts| {
         let session = s.clone();
         tokio::spawn(async move {
             let (handle, offer) = session.watch().await?;
@@ -269,12 +328,25 @@ fn stay(n: usize, window: Duration) -> Duration {
     Duration::from_millis(200) * (n as u32).div_ceil(50) + Duration::from_secs(3) + window
 }
 
-/// Joins `n` viewers (`spawn` starts one) in waves of 50 and measures the window.
+/// meshcast's count of WebRTC RTP packets sent, from its metrics.
+fn webrtc_packets_sent(http: SocketAddr) -> u64 {
+    let body = common::http::http_get(http, "/metrics")
+        .map(|r| r.1)
+        .unwrap_or_default();
+    body.lines()
+        .find_map(|l| l.strip_prefix("meshcast_packets_out_total{proto=\"webrtc\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// Joins `n` viewers (`spawn` starts one) in waves of 50 and measures the window; `sent`
+/// reads the server's own count of packets sent, if it has one.
 fn measure<F>(
     rt: &tokio::runtime::Runtime,
     pid: u32,
     n: usize,
     window: Duration,
+    sent: Option<&(dyn Fn() -> u64 + Sync)>,
     spawn: F,
 ) -> RunResult
 where
@@ -289,7 +361,7 @@ where
         via: None,
         packets: Some(packets.clone()),
     };
-    let (stats, cpu, window_packets, elapsed, rss1) = rt.block_on(async {
+    let (stats, cpu, window_packets, elapsed, rss1, sent_packets) = rt.block_on(async {
         let mut tasks = Vec::new();
         for wave in 0..n.div_ceil(50) {
             for _ in 0..50.min(n - wave * 50) {
@@ -298,11 +370,13 @@ where
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let sent0 = sent.map(|f| f());
         let (cpu0, p0) = (cpu_seconds(pid), packets.load(Ordering::Relaxed));
         let t0 = Instant::now();
         tokio::time::sleep(window).await;
         let cpu = cpu_seconds(pid) - cpu0;
         let window_packets = packets.load(Ordering::Relaxed) - p0;
+        let sent_packets = sent.zip(sent0).map(|(f, s0)| f().saturating_sub(s0) as f64);
         let elapsed = t0.elapsed();
         let rss1 = rss_kb(pid);
         let mut stats = Vec::new();
@@ -311,7 +385,14 @@ where
                 stats.push(s);
             }
         }
-        (stats, cpu, window_packets as f64, elapsed, rss1)
+        (
+            stats,
+            cpu,
+            window_packets as f64,
+            elapsed,
+            rss1,
+            sent_packets,
+        )
     });
     RunResult {
         connected: stats.iter().filter(|s| s.connected).count(),
@@ -320,6 +401,11 @@ where
         us_per_packet: cpu * 1e6 / window_packets.max(1.0),
         packets_per_core_s: window_packets / cpu.max(1e-9),
         rss_kb_per_viewer: rss1.saturating_sub(rss0) as f64 / n as f64,
+        sent: sent_packets.map(|p| Sent {
+            packets_per_s: p / elapsed.as_secs_f64(),
+            us_per_packet: cpu * 1e6 / p.max(1.0),
+            packets_per_core_s: p / cpu.max(1e-9),
+        }),
         kbps_per_viewer: stats.iter().map(|s| s.bytes).sum::<u64>() as f64 * 8.0
             / 1000.0
             / stay(n, window).as_secs_f64()
@@ -329,6 +415,18 @@ where
 
 fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The viewers' runtime: one thread, or `threads` workers.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    if threads <= 1 {
+        return current_thread();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .unwrap()

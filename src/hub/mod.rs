@@ -230,6 +230,6 @@ mod viewers;
 pub use publisher::{KeyframeSignal, Publisher};
 use stream::StreamState;
 pub use stream::{Stream, StreamInfo, TrackInfo};
-pub use subscription::{KeyframeRequester, Subscription};
+pub use subscription::{FrameSignal, KeyframeRequester, Subscription};
 use viewers::ViewerCounts;
 pub use viewers::{ViewerInfo, ViewerTicket};

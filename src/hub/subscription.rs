@@ -325,6 +325,22 @@ impl Subscription {
         KeyframeRequester(self._guard.0.clone())
     }
 
+    /// Identifies the stream this subscription reads: equal for every subscription of one
+    /// stream (and its [`FrameSignal`]s) while they live.
+    pub fn stream_id(&self) -> usize {
+        Arc::as_ptr(&self._guard.0) as usize
+    }
+
+    /// A signal that wakes one waiter when this subscription's stream has a new event: a
+    /// driver serving many subscriptions of a stream waits on one signal and reads each of
+    /// them with [`Subscription::try_next`].
+    pub fn signal(&self) -> FrameSignal {
+        FrameSignal {
+            rx: self.rx.resubscribe(),
+            stream: self._guard.0.clone(),
+        }
+    }
+
     /// The next event. Cancel-safe.
     pub async fn next(&mut self) -> Result<StreamEvent, SubscriptionEnd> {
         self.check_kicked()?;
@@ -408,5 +424,36 @@ impl Subscription {
             return Err(SubscriptionEnd::TooSlow);
         }
         Ok(())
+    }
+}
+
+/// Rings when a stream has new events (see [`Subscription::signal`]). It reads the stream's
+/// ring like a subscription but keeps nothing, holds no place under the viewer limits and
+/// does not keep the stream from going idle.
+pub struct FrameSignal {
+    rx: broadcast::Receiver<StreamEvent>,
+    stream: Arc<Stream>,
+}
+
+impl FrameSignal {
+    /// The stream's id, as [`Subscription::stream_id`] gives it.
+    pub fn stream_id(&self) -> usize {
+        Arc::as_ptr(&self.stream) as usize
+    }
+
+    /// Waits until the stream has events that were not there at the last call (those that
+    /// arrived meanwhile are taken together); false once the stream has ended.
+    pub async fn wait(&mut self) -> bool {
+        match self.rx.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return false,
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(broadcast::error::TryRecvError::Empty) => return true,
+                Err(broadcast::error::TryRecvError::Closed) => return false,
+            }
+        }
     }
 }

@@ -1,82 +1,105 @@
-//! Batched UDP sends with generic segmentation offload (GSO, `UDP_SEGMENT`).
+//! Batched UDP sends: many peers' datagrams in one `sendmmsg`, and each destination's run of
+//! equal-size datagrams as one message with generic segmentation offload (GSO,
+//! `UDP_SEGMENT`).
 //!
 //! A frame fans out to a viewer as a run of datagrams to one address, all of one size but
-//! the last (an H.264 frame's FU-A packets, SRTP-protected). The kernel takes such a run in
-//! one `sendmsg` and builds one buffer for it, which it splits late (on the NIC, or at the
-//! receiving end of loopback): one system call and one trip down the stack per run instead
-//! of per packet. Sends go through `quinn-udp`, which knows the platform's limits and falls
-//! back to one datagram per call where GSO is missing.
+//! the last (an H.264 frame's FU-A packets, SRTP-protected). The kernel takes such a run as
+//! one message and builds one buffer for it, which it splits late (on the NIC, or at the
+//! receiving end of loopback). A shard of viewers fills one [`Batch`] with every viewer's
+//! runs for a frame, and the driver (`super::io`) hands them to the kernel in a few
+//! `sendmmsg` calls: system calls per frame, not per viewer or per packet.
 //!
-//! A peer gathers what str0m hands it in one [`Batch`] per worker thread (so no peer holds a
-//! 64 KB buffer of its own) and flushes it before it waits again.
+//! The batch is sans-IO: it lays the datagrams out, the driver sends them.
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 
-/// What one GSO send may carry: the IP datagram limit less IP and UDP headers.
-const MAX_BATCH_BYTES: usize = 65_000;
+/// What one GSO message may carry: the IP datagram limit less IP and UDP headers.
+const MAX_RUN_BYTES: usize = 65_000;
+/// Bytes a batch holds before it must be sent (a keyframe for ~250 viewers).
+pub(crate) const MAX_BATCH_BYTES: usize = 512 << 10;
+/// Runs a batch holds before it must be sent.
+const MAX_RUNS: usize = 1024;
 
-/// Datagrams for one destination that one GSO send can carry: equal sizes, but the last
-/// may be shorter.
-#[derive(Debug, Default)]
-pub(crate) struct Batch {
-    buf: Vec<u8>,
-    destination: Option<SocketAddr>,
-    segment: usize,
-    count: usize,
+/// One destination's datagrams that one message can carry: equal sizes, but the last may
+/// be shorter.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Run {
+    pub destination: SocketAddr,
+    start: usize,
+    len: usize,
+    /// The size of each datagram but the last.
+    pub segment: usize,
+    pub count: usize,
     /// A datagram shorter than the segment size ended the run.
     closed: bool,
 }
 
+/// Datagrams for many destinations, laid out as runs.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    buf: Vec<u8>,
+    runs: Vec<Run>,
+}
+
 impl Batch {
-    /// Appends `datagram` if it can join this run (at most `max_segments` datagrams); false
-    /// when the batch must be sent first.
+    /// Appends `datagram` for `destination`, to the last run if it can join it (at most
+    /// `max_segments` datagrams a run); false when the batch is full and must be sent
+    /// first.
     pub(crate) fn push(
         &mut self,
         destination: SocketAddr,
         datagram: &[u8],
         max_segments: usize,
     ) -> bool {
-        if self.count == 0 {
-            self.destination = Some(destination);
-            self.segment = datagram.len();
-        } else if self.closed
-            || self.destination != Some(destination)
-            || self.count >= max_segments
-            || datagram.len() > self.segment
-            || self.buf.len() + datagram.len() > MAX_BATCH_BYTES
-        {
+        if !self.runs.is_empty() && self.buf.len() + datagram.len() > MAX_BATCH_BYTES {
             return false;
         }
-        self.closed = datagram.len() < self.segment;
+        if let Some(run) = self.runs.last_mut() {
+            if run.destination == destination
+                && !run.closed
+                && run.count < max_segments
+                && datagram.len() <= run.segment
+                && run.len + datagram.len() <= MAX_RUN_BYTES
+            {
+                run.closed = datagram.len() < run.segment;
+                run.len += datagram.len();
+                run.count += 1;
+                self.buf.extend_from_slice(datagram);
+                return true;
+            }
+        }
+        if self.runs.len() >= MAX_RUNS {
+            return false;
+        }
+        self.runs.push(Run {
+            destination,
+            start: self.buf.len(),
+            len: datagram.len(),
+            segment: datagram.len(),
+            count: 1,
+            closed: false,
+        });
         self.buf.extend_from_slice(datagram);
-        self.count += 1;
         true
     }
 
-    /// The run to send: (destination, contents, segment size when there are several), or
-    /// None when empty.
-    pub(crate) fn contents(&self) -> Option<(SocketAddr, &[u8], Option<usize>)> {
-        let destination = self.destination.filter(|_| self.count > 0)?;
-        Some((
-            destination,
-            &self.buf,
-            (self.count > 1).then_some(self.segment),
-        ))
+    pub(crate) fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    /// A run's datagrams, back to back.
+    pub(crate) fn contents(&self, run: &Run) -> &[u8] {
+        &self.buf[run.start..run.start + run.len]
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.runs.is_empty()
     }
 
     pub(crate) fn clear(&mut self) {
         self.buf.clear();
-        self.count = 0;
-        self.closed = false;
-        self.destination = None;
+        self.runs.clear();
     }
-}
-
-thread_local! {
-    /// The batch of the peer running on this thread (peers fill and flush it without
-    /// awaiting in between).
-    pub(crate) static BATCH: RefCell<Batch> = RefCell::default();
 }
 
 #[cfg(test)]
@@ -87,41 +110,70 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    fn shape(b: &Batch) -> Vec<(u16, usize, usize, usize)> {
+        b.runs()
+            .iter()
+            .map(|r| {
+                (
+                    r.destination.port(),
+                    r.count,
+                    r.segment,
+                    b.contents(r).len(),
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_frame_run_is_one_batch_up_to_its_shorter_last_packet() {
+    fn a_frame_run_is_one_message_up_to_its_shorter_last_packet() {
         let mut b = Batch::default();
-        assert!(b.contents().is_none());
+        assert!(b.is_empty());
         assert!(b.push(addr(1), &[1; 1200], 64));
         assert!(b.push(addr(1), &[2; 1200], 64));
         assert!(b.push(addr(1), &[3; 700], 64));
         assert!(
-            !b.push(addr(1), &[4; 700], 64),
+            b.push(addr(1), &[4; 700], 64),
             "a short packet ends the run"
         );
-        let (to, contents, segment) = b.contents().unwrap();
-        assert_eq!((to, contents.len(), segment), (addr(1), 3100, Some(1200)));
-        assert_eq!(contents[1200], 2);
+        assert_eq!(shape(&b), [(1, 3, 1200, 3100), (1, 1, 700, 700)]);
+        assert_eq!(b.contents(&b.runs()[0])[1200], 2);
         b.clear();
-        assert!(b.push(addr(1), &[4; 700], 64));
-        assert_eq!(
-            b.contents().unwrap().2,
-            None,
-            "one datagram needs no segment size"
-        );
+        assert!(b.is_empty());
     }
 
     #[test]
-    fn other_destinations_larger_packets_and_limits_start_a_new_batch() {
+    fn other_destinations_larger_packets_and_limits_start_a_new_run() {
         let mut b = Batch::default();
         assert!(b.push(addr(1), &[0; 500], 2));
-        assert!(!b.push(addr(2), &[0; 500], 2), "another destination");
-        assert!(!b.push(addr(1), &[0; 501], 2), "larger than the segment");
-        assert!(b.push(addr(1), &[0; 500], 2));
-        assert!(!b.push(addr(1), &[0; 500], 2), "max segments");
+        assert!(b.push(addr(2), &[0; 500], 2), "another destination");
+        assert!(b.push(addr(2), &[0; 501], 2), "larger than the segment");
+        assert!(b.push(addr(2), &[0; 501], 2));
+        assert!(b.push(addr(2), &[0; 501], 2), "max segments");
+        assert_eq!(
+            shape(&b),
+            [
+                (1, 1, 500, 500),
+                (2, 1, 500, 500),
+                (2, 2, 501, 1002),
+                (2, 1, 501, 501)
+            ]
+        );
         b.clear();
-        for _ in 0..54 {
+        for _ in 0..55 {
             assert!(b.push(addr(1), &[0; 1200], 64));
         }
-        assert!(!b.push(addr(1), &[0; 1200], 64), "64 KB of datagrams");
+        assert_eq!(b.runs().len(), 2, "64 KB of datagrams at most in a run");
+    }
+
+    #[test]
+    fn a_full_batch_asks_to_be_sent() {
+        let mut b = Batch::default();
+        let mut pushed = 0;
+        while b.push(addr(pushed as u16), &[0; 1200], 64) {
+            pushed += 1;
+        }
+        assert_eq!(pushed, MAX_BATCH_BYTES / 1200);
+        b.clear();
+        assert!(b.push(addr(1), &[0; 1200], 64));
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! Sending: peers send without waiting. A full socket buffer or connection queue drops the
 //! packet, as a congested link would, and NACK/RTX repairs it. UDP sends are batched per
-//! worker thread with GSO ([`super::batch`]).
+//! worker thread ([`super::batch`]): a shard of viewers fills the batch for a whole frame,
+//! sent with `sendmmsg`, each destination's run of datagrams one GSO message.
 //!
 //! This module knows no sessions, streams or peers' state: only queues keyed by ufrag.
 
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::batch;
+use super::batch::Batch;
 use super::demux::Routes;
 
 /// Receive buffer of the shared socket: a burst of joins overflowed the 208 KB default.
@@ -35,9 +36,25 @@ const SOCKET_RCVBUF: usize = 4 << 20;
 const TCP_QUEUE: usize = 512;
 /// A TCP connection must name its session (a STUN request) within this time.
 const TCP_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages per `sendmmsg` call.
+#[cfg(target_os = "linux")]
+const MMSG_CHUNK: usize = 64;
+
+/// A control message buffer, aligned for `cmsghdr`.
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy)]
+struct CmsgBuf([u64; 3]);
+
+thread_local! {
+    /// The send batch of the peers (or the shard) running on this thread: they fill and
+    /// flush it without awaiting in between.
+    static BATCH: std::cell::RefCell<Batch> = std::cell::RefCell::default();
+}
 
 /// A datagram (or RFC 4571 frame) for a peer.
 pub(crate) struct Datagram {
+    /// The tag of the queue it was routed to (which peer of a shared queue).
+    pub(crate) tag: u64,
     at: Instant,
     from: SocketAddr,
     proto: Protocol,
@@ -67,15 +84,40 @@ impl Datagram {
     }
 }
 
-/// The queue of one peer's incoming datagrams.
-pub(crate) type PeerQueue = mpsc::Sender<Datagram>;
+/// Where one peer's incoming datagrams go: a queue (its own, or its shard's) and the tag
+/// that names the peer there.
+#[derive(Clone)]
+pub(crate) struct PeerQueue {
+    pub(crate) tx: mpsc::Sender<Datagram>,
+    pub(crate) tag: u64,
+}
+
+impl PeerQueue {
+    /// Queues `data` without waiting: a full queue drops it, like a congested link would.
+    fn try_send(
+        &self,
+        from: SocketAddr,
+        proto: Protocol,
+        data: &[u8],
+    ) -> Result<(), mpsc::error::TrySendError<Datagram>> {
+        self.tx.try_send(Datagram {
+            tag: self.tag,
+            at: Instant::now(),
+            from,
+            proto,
+            data: data.to_vec(),
+        })
+    }
+}
 
 /// The shared UDP socket, the writers of ICE-TCP connections (which take packets already
 /// framed), and the routes from both to peers' queues.
 pub(crate) struct Io {
     udp: UdpSocket,
-    /// Batched (GSO) sends on `udp`.
+    /// The socket's GSO limit (and sends where `sendmmsg` is missing).
     udp_state: quinn_udp::UdpSocketState,
+    /// IPv4 destinations are written as IPv4-mapped addresses on an IPv6 socket.
+    ipv6: bool,
     tcp: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
     routes: Mutex<Routes<PeerQueue>>,
 }
@@ -107,9 +149,11 @@ impl Io {
         // quinn-udp turns on receive offload (UDP_GRO), which would hand the reader several
         // datagrams in one buffer; this socket's reader takes them one at a time.
         disable_udp_gro(&udp);
+        let ipv6 = listen.is_ipv6();
         let io = Io {
             udp,
             udp_state,
+            ipv6,
             tcp: Mutex::new(HashMap::new()),
             routes: Mutex::new(Routes::default()),
         };
@@ -130,13 +174,14 @@ impl Io {
     }
 
     /// Sends one of a peer's packets without waiting (see the module notes). UDP packets
-    /// join this thread's GSO batch, which [`Io::flush`] must send before the peer waits.
+    /// join this thread's batch, which [`Io::flush`] must send before the peer (or its
+    /// shard) waits.
     pub(crate) fn transmit(&self, t: &str0m::net::Transmit) {
         if t.proto != Protocol::Udp {
             return self.send_tcp(t);
         }
         let max_segments = self.udp_state.max_gso_segments();
-        batch::BATCH.with_borrow_mut(|b| {
+        BATCH.with_borrow_mut(|b| {
             if !b.push(t.destination, &t.contents, max_segments) {
                 self.send_batch(b);
                 b.push(t.destination, &t.contents, max_segments);
@@ -146,23 +191,122 @@ impl Io {
 
     /// Sends this thread's batch.
     pub(crate) fn flush(&self) {
-        batch::BATCH.with_borrow_mut(|b| self.send_batch(b));
+        BATCH.with_borrow_mut(|b| self.send_batch(b));
     }
 
-    fn send_batch(&self, b: &mut batch::Batch) {
-        if let Some((destination, contents, segment_size)) = b.contents() {
+    fn send_batch(&self, b: &mut Batch) {
+        if !b.is_empty() {
+            self.send_runs(b);
+            b.clear();
+        }
+    }
+
+    /// Sends a batch's runs with `sendmmsg`, up to [`MMSG_CHUNK`] messages a call. A full
+    /// socket buffer drops what is left (see the module notes); a message the kernel
+    /// refuses (e.g. ICMP news about its destination) is skipped.
+    #[cfg(target_os = "linux")]
+    fn send_runs(&self, b: &Batch) {
+        use std::os::fd::AsRawFd;
+        let fd = self.udp.as_raw_fd();
+        // The control message of a run sent as GSO segments: a u16 segment size.
+        // SAFETY (CMSG_*): pure size computations.
+        let (cmsg_space, cmsg_len) =
+            unsafe { (libc::CMSG_SPACE(2) as usize, libc::CMSG_LEN(2) as usize) };
+        debug_assert!(cmsg_space <= std::mem::size_of::<CmsgBuf>());
+        for chunk in b.runs().chunks(MMSG_CHUNK) {
+            // SAFETY: plain C structs, valid when zeroed.
+            let mut msgs: [libc::mmsghdr; MMSG_CHUNK] = unsafe { std::mem::zeroed() };
+            let mut iovs: [libc::iovec; MMSG_CHUNK] = unsafe { std::mem::zeroed() };
+            // Room for an IPv4 or IPv6 address (a sockaddr_storage is 4x larger, and the
+            // arrays are zeroed per call).
+            let mut addrs: [libc::sockaddr_in6; MMSG_CHUNK] = unsafe { std::mem::zeroed() };
+            let mut ctrl = [CmsgBuf([0; 3]); MMSG_CHUNK];
+            for (k, run) in chunk.iter().enumerate() {
+                let contents = b.contents(run);
+                let addr = socket2::SockAddr::from(self.wire_address(run.destination));
+                let len = (addr.len() as usize).min(std::mem::size_of::<libc::sockaddr_in6>());
+                // SAFETY: `addr` holds `len` valid bytes (an IPv4 or IPv6 address: they fit).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        addr.as_ptr().cast::<u8>(),
+                        (&mut addrs[k] as *mut libc::sockaddr_in6).cast::<u8>(),
+                        len,
+                    );
+                }
+                iovs[k] = libc::iovec {
+                    iov_base: contents.as_ptr() as *mut libc::c_void,
+                    iov_len: contents.len(),
+                };
+                let h = &mut msgs[k].msg_hdr;
+                h.msg_name = (&mut addrs[k] as *mut libc::sockaddr_in6).cast();
+                h.msg_namelen = len as libc::socklen_t;
+                h.msg_iov = &mut iovs[k];
+                h.msg_iovlen = 1;
+                if run.count > 1 {
+                    let cm = ctrl[k].0.as_mut_ptr().cast::<libc::cmsghdr>();
+                    // SAFETY: `ctrl[k]` is 8-aligned and holds CMSG_SPACE(2) bytes.
+                    unsafe {
+                        (*cm).cmsg_len = cmsg_len as _;
+                        (*cm).cmsg_level = libc::SOL_UDP;
+                        (*cm).cmsg_type = libc::UDP_SEGMENT;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(cm).cast::<u16>(),
+                            run.segment as u16,
+                        );
+                    }
+                    h.msg_control = cm.cast();
+                    h.msg_controllen = cmsg_space as _;
+                }
+            }
+            let n = chunk.len();
+            let mut sent = 0;
+            while sent < n {
+                // SAFETY: `msgs[sent..n]` point into buffers that live until the call returns.
+                let r =
+                    unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr().add(sent), (n - sent) as _, 0) };
+                if r > 0 {
+                    sent += r as usize;
+                    continue;
+                }
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted => {}
+                    std::io::ErrorKind::WouldBlock => return,
+                    _ => {
+                        debug!("webrtc send to {}: {e}", chunk[sent].destination);
+                        sent += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a batch's runs one message each (where `sendmmsg` is missing).
+    #[cfg(not(target_os = "linux"))]
+    fn send_runs(&self, b: &Batch) {
+        for run in b.runs() {
             let t = quinn_udp::Transmit {
-                destination,
+                destination: run.destination,
                 ecn: None,
-                contents,
-                segment_size,
+                contents: b.contents(run),
+                segment_size: (run.count > 1).then_some(run.segment),
                 src_ip: None,
             };
             let _ = self.udp.try_io(tokio::io::Interest::WRITABLE, || {
                 self.udp_state.send((&self.udp).into(), &t)
             });
         }
-        b.clear();
+    }
+
+    /// `destination` as this socket writes it.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    fn wire_address(&self, destination: SocketAddr) -> SocketAddr {
+        match destination {
+            SocketAddr::V4(a) if self.ipv6 => {
+                SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port())
+            }
+            a => a,
+        }
     }
 
     /// Sends over an ICE-TCP connection (RFC 4571 framing, built here so the packet is
@@ -200,13 +344,7 @@ impl Io {
             let Some(queue) = self.route(from, packet) else {
                 continue;
             };
-            // A full queue drops the datagram, like a congested link would.
-            let _ = queue.try_send(Datagram {
-                at: Instant::now(),
-                from,
-                proto: Protocol::Udp,
-                data: packet.to_vec(),
-            });
+            let _ = queue.try_send(from, Protocol::Udp, packet);
         }
     }
 
@@ -281,16 +419,12 @@ impl Io {
                     if first {
                         return Err(std::io::Error::other("first frame names no session"));
                     }
-                    continue;
+                    return Ok(()); // the session ended: its route is gone
                 };
                 first = false;
-                let d = Datagram {
-                    at: Instant::now(),
-                    from,
-                    proto: Protocol::Tcp,
-                    data: packet.to_vec(),
-                };
-                if let Err(mpsc::error::TrySendError::Closed(_)) = queue.try_send(d) {
+                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                    queue.try_send(from, Protocol::Tcp, packet)
+                {
                     return Ok(()); // the session ended
                 }
             }

@@ -274,6 +274,10 @@ impl<F> LayerSwitch<F> {
     }
 
     /// The layer being joined.
+    pub fn joining(&self) -> Option<&HeldLayer<F>> {
+        self.joining.as_ref()
+    }
+
     pub fn joining_mut(&mut self) -> Option<&mut HeldLayer<F>> {
         self.joining.as_mut()
     }

@@ -16,11 +16,13 @@
 //!   decisions are sans-IO: `track_clock` puts the tracks on one timeline, `primary` picks
 //!   the simulcast layer the stream itself carries.
 //! * `whep`: a viewer's peer, frames from the hub out as RTP ([`h264`], [`vp8`]).
+//! * `shard`: the tasks that drive viewers' peers, many per task, one wake-up per frame.
 //! * [`layers`]: which simulcast layer a viewer gets and when it switches (sans-IO).
 //! * [`client`]: str0m WHEP/WHIP clients for tests and load generation.
 //!
-//! Each peer is one task that owns its `Rtc` and its hub subscription or publisher (one
-//! owner per peer, no lock per packet); tokio spreads peer tasks over the cores.
+//! Each publisher is one task that owns its `Rtc` and its hub publisher; viewers are served
+//! in shards, one per worker thread, each owning its viewers' `Rtc`s and subscriptions (one
+//! owner per peer, no lock per packet).
 //!
 //! This module may use the hub and media below it; it never reaches up into the API,
 //! the cluster or the node (they hand it what it needs).
@@ -36,6 +38,7 @@ pub mod layers;
 mod offer;
 mod primary;
 mod sessions;
+mod shard;
 mod track_clock;
 pub mod vp8;
 mod whep;
@@ -53,6 +56,7 @@ use io::Io;
 pub(crate) use offer::negotiated;
 pub use offer::{answer_offer, dtls_certificate, BadOffer, PeerKind, WebRtcError};
 use sessions::Sessions;
+use shard::Shards;
 
 /// How long a WHEP offer waits for its stream's configuration (a relay just pulling).
 const CONFIG_WAIT: Duration = Duration::from_secs(2);
@@ -83,6 +87,7 @@ pub struct WebRtc {
     local_addr: SocketAddr,
     settings: WebRtcSettings,
     sessions: Arc<Sessions>,
+    viewers: Shards,
     /// One DTLS certificate for every peer of this node (str0m would make one per peer).
     dtls_cert: str0m::config::DtlsCert,
 }
@@ -102,12 +107,20 @@ impl WebRtc {
         if let Some(listener) = tcp {
             tokio::spawn(io.clone().accept_tcp(listener, shutdown.clone()));
         }
-        let sessions = Sessions::new(io.clone(), settings.max_sessions, shutdown);
+        let sessions = Arc::new(Sessions::new(
+            io.clone(),
+            settings.max_sessions,
+            shutdown.clone(),
+        ));
+        // A shard per worker thread: the viewers' work spreads over the cores.
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        let viewers = Shards::start(workers, sessions.clone(), io.clone(), shutdown);
         Ok(Arc::new(WebRtc {
             io,
             local_addr,
             settings,
-            sessions: Arc::new(sessions),
+            sessions,
+            viewers,
             dtls_cert,
         }))
     }
@@ -165,9 +178,11 @@ impl WebRtc {
             _ => PeerKind::Viewer,
         };
         self.sessions.check_capacity()?;
-        let (rtc, answer, ufrag) = self.negotiate(offer, kind)?;
-        let session = self.sessions.register(&stream, ufrag);
-        let id = session.id.clone();
+        let (rtc, answer, ufrag) = self.negotiate_off_thread(offer, kind).await?;
+        let place = self.viewers.place();
+        let (id, cancel) = self
+            .sessions
+            .register_to(&stream, ufrag, self.viewers.queue(&place));
         let span = tracing::info_span!("whep", session = %id, %stream);
         let peer = whep::WhepPeer::new(
             rtc,
@@ -177,8 +192,13 @@ impl WebRtc {
             stream,
             self.io.clone(),
             self.ice_address(),
+            cancel,
+            self.viewers.wake(&place),
         );
-        self.sessions.spawn(id.clone(), span, peer.run(session));
+        if !self.viewers.add(place, id.clone(), span, peer).await {
+            self.sessions.remove(&id);
+            return Err(WebRtcError::ShuttingDown);
+        }
         Ok(Created { id, answer })
     }
 
@@ -213,6 +233,23 @@ impl WebRtc {
             &self.candidates(),
             self.settings.tcp,
         )
+    }
+
+    /// [`Self::negotiate`] on the blocking pool: answering an offer (SDP parsing, the
+    /// session's DTLS and ICE state, ~0.5 ms) then never holds up the async workers that
+    /// carry every viewer's frames, so a storm of joins does not stall those watching.
+    async fn negotiate_off_thread(
+        &self,
+        offer: &str,
+        kind: PeerKind,
+    ) -> Result<(str0m::Rtc, String, String), WebRtcError> {
+        let offer = offer.to_string();
+        let cert = self.dtls_cert.clone();
+        let candidates = self.candidates();
+        let tcp = self.settings.tcp;
+        tokio::task::spawn_blocking(move || answer_offer(&offer, kind, &cert, &candidates, tcp))
+            .await
+            .unwrap_or_else(|_| Err(offer::BadOffer::Inconsistent.into()))
     }
 
     /// Ends a session (WHIP/WHEP DELETE); false if there is no such session for `stream`.

@@ -29,6 +29,8 @@ pub enum WebRtcError {
     MissingCodec(&'static str),
     #[error("this node is at its WebRTC session limit ({0})")]
     TooManySessions(usize),
+    #[error("this node is shutting down")]
+    ShuttingDown,
 }
 
 /// An offer that cannot be read.

@@ -2,9 +2,10 @@
 //! ids, the stream each belongs to, the limit on how many there are, and the task each runs
 //! in.
 //!
-//! Registering a session gives it a queue of incoming datagrams and routes the ufrag of its
-//! answer to it ([`super::io`]); the session's task ending removes both. A DELETE cancels
-//! the session's token, and its peer closes.
+//! Registering a session routes the ufrag of its answer to a queue of incoming datagrams
+//! ([`super::io`]): its own (a publisher's task), or its shard's (a viewer's, see
+//! [`super::shard`]). The session's end removes both. A DELETE cancels the session's token,
+//! and its peer closes.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
-use super::io::{Datagram, Io};
+use super::io::{Datagram, Io, PeerQueue};
 use super::offer::random_token;
 use super::WebRtcError;
 use crate::media::StreamKey;
@@ -76,10 +77,26 @@ impl Sessions {
     /// Registers a session of `stream` whose answer carries `ufrag`: routes the ufrag's
     /// datagrams to it.
     pub(crate) fn register(&self, stream: &StreamKey, ufrag: String) -> Registered {
-        let id = random_token(20);
         let (tx, datagrams) = mpsc::channel(PEER_QUEUE);
+        let (id, cancel) = self.register_to(stream, ufrag, PeerQueue { tx, tag: 0 });
+        Registered {
+            id,
+            datagrams,
+            cancel,
+        }
+    }
+
+    /// Registers a session whose datagrams go to `queue`; returns its id and cancel token.
+    /// Whoever runs it calls [`Sessions::remove`] when it ends.
+    pub(crate) fn register_to(
+        &self,
+        stream: &StreamKey,
+        ufrag: String,
+        queue: PeerQueue,
+    ) -> (String, CancellationToken) {
+        let id = random_token(20);
         let cancel = self.shutdown.child_token();
-        self.io.add_route(ufrag.clone(), tx);
+        self.io.add_route(ufrag.clone(), queue);
         self.entries.lock().insert(
             id.clone(),
             SessionEntry {
@@ -88,11 +105,7 @@ impl Sessions {
                 cancel: cancel.clone(),
             },
         );
-        Registered {
-            id,
-            datagrams,
-            cancel,
-        }
+        (id, cancel)
     }
 
     /// Runs a registered session's peer in its own task (in `span`); it is removed from
@@ -137,7 +150,8 @@ impl Sessions {
             .is_some_and(|s| &s.stream == stream)
     }
 
-    fn remove(&self, id: &str) {
+    /// Forgets an ended session and its route.
+    pub(crate) fn remove(&self, id: &str) {
         if let Some(s) = self.entries.lock().remove(id) {
             self.io.remove_route(&s.ufrag);
         }

@@ -6,7 +6,11 @@
 //! comes from the layer its bandwidth fits: [`super::layers::LayerSwitch`] decides, this
 //! peer subscribes and sends.
 //!
-//! One task per viewer owns its `Rtc` and its subscriptions (no lock per packet).
+//! A viewer is a state machine its shard drives ([`super::shard`]): the shard feeds it
+//! datagrams and timeouts and calls [`WhepPeer::step`] when one of its streams has new
+//! frames; the viewer reads its subscriptions without waiting and writes what str0m sends
+//! into its thread's send batch, which the shard sends for all its viewers at once. It owns
+//! its `Rtc` and its subscriptions (no lock per packet).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,15 +19,16 @@ use std::time::{Duration, Instant};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::format::Codec as RtcCodec;
 use str0m::media::{MediaKind, Mid};
-use str0m::rtp::{RtpWrite, SeqNo};
+use str0m::rtp::{RtpWrite, SeqNo, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::io::Io;
+use super::io::{Datagram, Io};
 use super::layers::{LayerAction, LayerSwitch};
 use super::offer::{negotiated, negotiated_video, VideoFormat};
-use super::sessions::{Registered, SessionEnd, VIEWER_CONNECT_TIMEOUT};
+use super::sessions::{SessionEnd, VIEWER_CONNECT_TIMEOUT};
 use super::{h264, vp8};
 use crate::hub::{Hub, Scope, StreamEvent, Subscription, SubscriptionEnd};
 use crate::media::packet::{Encoding, Packet};
@@ -38,6 +43,9 @@ const OPUS_CLOCK: Timebase = Timebase(48_000);
 const RTX_CACHE_PACKETS: usize = 128;
 /// A frame's packets are handed to str0m this many at a time (see `WhepPeer::send_queued`).
 const SEND_CHUNK: usize = 8;
+/// Events a viewer takes from one subscription in one step (a GOP's worth: a joining
+/// viewer's cached frames go out together); more wait for the next step.
+const EVENTS_PER_STEP: usize = 1024;
 
 /// One simulcast layer's subscription, as the viewer's [`LayerSwitch`] holds it.
 pub(super) struct LayerFeed {
@@ -59,6 +67,17 @@ pub(super) struct WhepPeer {
     layers: LayerSwitch<LayerFeed>,
     /// A layer subscription being made (on an edge it may pull the layer first).
     opening: Option<oneshot::Receiver<Option<Subscription>>>,
+    /// Wakes the shard when a layer subscription is made.
+    wake: Arc<Notify>,
+    /// A layer subscription was made since the shard last asked.
+    subscribed: bool,
+    /// The stream's configuration, from the main subscription.
+    config: Option<Arc<StreamConfig>>,
+    /// The session's DELETE (or the node's shutdown).
+    cancel: CancellationToken,
+    started: Instant,
+    /// When str0m wants to be woken.
+    timeout: Instant,
     io: Arc<Io>,
     local_addr: SocketAddr,
     video: Option<TrackOut>,
@@ -78,7 +97,10 @@ pub(super) struct WhepPeer {
 }
 
 impl WhepPeer {
-    /// A viewer of `stream` fed by `sub`, whose negotiated `rtc` talks through `io`.
+    /// A viewer of `stream` fed by `sub`, whose negotiated `rtc` talks through `io`; it ends
+    /// when `cancel` is cancelled, and its layer subscriptions, made on other tasks, notify
+    /// `wake`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         rtc: Rtc,
         video_codec: VideoFormat,
@@ -87,7 +109,10 @@ impl WhepPeer {
         stream: StreamKey,
         io: Arc<Io>,
         local_addr: SocketAddr,
+        cancel: CancellationToken,
+        wake: Arc<Notify>,
     ) -> WhepPeer {
+        let now = Instant::now();
         let metrics = hub.metrics();
         let counters = metrics.proto(Proto::WebRtc);
         let packets_out = metrics.packets_out(Proto::WebRtc);
@@ -100,6 +125,12 @@ impl WhepPeer {
             stream,
             layers: LayerSwitch::default(),
             opening: None,
+            wake,
+            subscribed: false,
+            config: None,
+            cancel,
+            started: now,
+            timeout: now,
             io,
             local_addr,
             video: None,
@@ -114,73 +145,156 @@ impl WhepPeer {
         }
     }
 
-    pub(super) async fn run(mut self, session: Registered) -> SessionEnd {
-        let Registered {
-            mut datagrams,
-            cancel,
-            ..
-        } = session;
-        let started = Instant::now();
-        let mut config: Option<Arc<StreamConfig>> = None;
-        loop {
-            let timeout = self.drain()?;
-            if !self.rtc.is_alive() {
-                return Ok("peer closed");
+    /// Feeds a datagram from the viewer; an error ends the viewer.
+    pub(super) fn receive(&mut self, d: &Datagram) -> Result<(), str0m::RtcError> {
+        d.feed(&mut self.rtc, self.local_addr)
+    }
+
+    /// When str0m wants [`Self::handle_timeout`] (as of the last step).
+    pub(super) fn timeout(&self) -> Instant {
+        self.timeout
+    }
+
+    pub(super) fn handle_timeout(&mut self, now: Instant) -> Result<(), str0m::RtcError> {
+        self.rtc.handle_input(Input::Timeout(now))
+    }
+
+    /// Whether this viewer reads the stream `stream_id` ([`Subscription::stream_id`]).
+    pub(super) fn reads(&self, stream_id: usize) -> bool {
+        self.subscriptions().any(|s| s.stream_id() == stream_id)
+    }
+
+    /// The subscriptions this viewer reads: the stream's, and its simulcast layers'.
+    pub(super) fn subscriptions(&self) -> impl Iterator<Item = &Subscription> {
+        let layers = [self.layers.current(), self.layers.joining()];
+        std::iter::once(&self.sub).chain(layers.into_iter().flatten().map(|l| &l.feed.sub))
+    }
+
+    /// Whether a subscription was added since the last call (the shard then listens to its
+    /// stream).
+    pub(super) fn take_subscribed(&mut self) -> bool {
+        std::mem::take(&mut self.subscribed)
+    }
+
+    /// Whether something other than media or datagrams wants a [`Self::step`]: a DELETE, the
+    /// connect deadline, a layer subscription made.
+    pub(super) fn needs_step(&self) -> bool {
+        self.cancel.is_cancelled()
+            || self.opening.is_some()
+            || (!self.connected && self.started.elapsed() > VIEWER_CONNECT_TIMEOUT)
+    }
+
+    /// Brings the viewer up to date without waiting: hands str0m's output to the send
+    /// batch, takes the events its subscriptions have ready and sends their frames. Returns
+    /// why the viewer ended, if it did.
+    pub(super) fn step(&mut self) -> Option<SessionEnd> {
+        if let Err(e) = self.drain() {
+            return Some(Err(e));
+        }
+        if self.cancel.is_cancelled() {
+            self.rtc.disconnect();
+            let _ = self.drain();
+            return Some(Ok("deleted"));
+        }
+        if !self.rtc.is_alive() {
+            return Some(Ok("peer closed"));
+        }
+        if !self.connected && self.started.elapsed() > VIEWER_CONNECT_TIMEOUT {
+            return Some(Ok("ICE did not connect in time"));
+        }
+        self.take_opened();
+        if !(self.connected && self.video.is_some()) {
+            return None;
+        }
+        self.steer_layers();
+        if let Err(end) = self.pump() {
+            self.rtc.disconnect();
+            let _ = self.drain();
+            return Some(Ok(match end {
+                SubscriptionEnd::Ended => "stream ended",
+                SubscriptionEnd::Kicked => "disconnected by the operator",
+                SubscriptionEnd::TooSlow => "viewer too slow",
+            }));
+        }
+        self.drain().err().map(Err)
+    }
+
+    /// Takes the events the subscriptions have ready and sends their frames. Each frame
+    /// leaves str0m's send queue before the next is written (see [`Self::send_queued`]):
+    /// a joining viewer's cached GOP goes out in one step.
+    fn pump(&mut self) -> Result<(), SubscriptionEnd> {
+        for i in 0..EVENTS_PER_STEP {
+            let Some(ev) = self.sub.try_next() else { break };
+            let ev = ev?;
+            self.between_events(i);
+            self.on_stream_event(ev);
+        }
+        self.pump_layer(false);
+        self.pump_layer(true);
+        Ok(())
+    }
+
+    /// [`Self::pump`] for the current (or the joining) simulcast layer.
+    fn pump_layer(&mut self, joining: bool) {
+        for i in 0..EVENTS_PER_STEP {
+            let layer = match joining {
+                false => self.layers.current_mut(),
+                true => self.layers.joining_mut(),
+            };
+            let Some(ev) = layer.and_then(|l| l.feed.sub.try_next()) else {
+                break;
+            };
+            self.between_events(i);
+            match joining {
+                false => self.on_layer_event(ev),
+                true => self.on_joining_event(ev),
             }
-            if !self.connected && started.elapsed() > VIEWER_CONNECT_TIMEOUT {
-                return Ok("ICE did not connect in time");
+        }
+    }
+
+    /// Before a step's `i`th event of a subscription: empties str0m's send queue after the
+    /// one before (the step's last one is emptied by the step's drain).
+    fn between_events(&mut self, i: usize) {
+        if i > 0 {
+            self.send_queued();
+        }
+    }
+
+    fn on_stream_event(&mut self, ev: StreamEvent) {
+        match ev {
+            StreamEvent::Config(c) => {
+                self.layers.set_layers(&c.simulcast);
+                self.config = Some(c);
             }
-            let sending = self.connected && self.video.is_some();
-            if sending {
-                self.steer_layers();
+            StreamEvent::Frame(p) => {
+                // With simulcast, video comes from the viewer's layer.
+                let layered = self.layers.is_layered() && (p.frame.track() == TrackKind::Video);
+                if layered {
+                    return;
+                }
+                if let Some(c) = self.config.take() {
+                    self.send_frame(&p, &c);
+                    self.config = Some(c);
+                }
             }
-            let (current, joining) = self.layers.feeds_mut();
-            tokio::select! {
-                d = datagrams.recv() => {
-                    let Some(d) = d else { return Ok("closed") };
-                    d.feed(&mut self.rtc, self.local_addr)?;
-                }
-                ev = self.sub.next(), if sending => match ev {
-                    Ok(StreamEvent::Config(c)) => {
-                        self.layers.set_layers(&c.simulcast);
-                        config = Some(c);
-                    }
-                    Ok(StreamEvent::Frame(p)) => {
-                        // With simulcast, video comes from the viewer's layer.
-                        let layered = self.layers.is_layered() && (p.frame.track() == TrackKind::Video);
-                        if let (Some(c), false) = (&config, layered) {
-                            self.send_frame(&p, c);
-                        }
-                    }
-                    Ok(StreamEvent::Discontinuity) => {}
-                    Err(end) => {
-                        self.rtc.disconnect();
-                        return Ok(match end {
-                            SubscriptionEnd::Ended => "stream ended",
-                            SubscriptionEnd::Kicked => "disconnected by the operator",
-                            SubscriptionEnd::TooSlow => "viewer too slow",
-                        });
-                    }
-                },
-                ev = next_of(current), if sending => self.on_layer_event(ev),
-                ev = next_of(joining), if sending => self.on_joining_event(ev),
-                sub = opened(&mut self.opening) => {
-                    self.opening = None;
-                    let feed = sub.map(|sub| LayerFeed { sub, config: None });
-                    if self.layers.opened(Instant::now(), feed) {
-                        if let Some(l) = self.layers.joining_mut() {
-                            l.feed.sub.request_keyframe();
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(timeout.into()) => {
-                    self.rtc.handle_input(Input::Timeout(Instant::now()))?;
-                }
-                _ = cancel.cancelled() => {
-                    self.rtc.disconnect();
-                    let _ = self.drain();
-                    return Ok("deleted");
-                }
+            StreamEvent::Discontinuity => {}
+        }
+    }
+
+    /// A layer subscription asked for by [`LayerAction::Open`], once it is made (or failed).
+    fn take_opened(&mut self) {
+        let Some(rx) = &mut self.opening else { return };
+        let sub = match rx.try_recv() {
+            Ok(sub) => sub,
+            Err(oneshot::error::TryRecvError::Empty) => return,
+            Err(oneshot::error::TryRecvError::Closed) => None,
+        };
+        self.opening = None;
+        self.subscribed |= sub.is_some();
+        let feed = sub.map(|sub| LayerFeed { sub, config: None });
+        if self.layers.opened(Instant::now(), feed) {
+            if let Some(l) = self.layers.joining_mut() {
+                l.feed.sub.request_keyframe();
             }
         }
     }
@@ -200,6 +314,7 @@ impl WhepPeer {
                 LayerAction::Open(rid) => {
                     let (tx, rx) = oneshot::channel();
                     let (hub, key) = (self.hub.clone(), self.stream.layer(&rid));
+                    let wake = self.wake.clone();
                     tokio::spawn(async move {
                         match hub.subscribe(&key, Scope::Any).await {
                             Ok(sub) => {
@@ -207,6 +322,7 @@ impl WhepPeer {
                             }
                             Err(e) => debug!("layer {key}: {e}"),
                         }
+                        wake.notify_one();
                     });
                     self.opening = Some(rx);
                 }
@@ -266,16 +382,16 @@ impl WhepPeer {
         self.layers.sent(Instant::now(), pts, bytes);
     }
 
-    /// Sends what str0m has to send (in GSO batches) and handles its events; returns its
-    /// next timeout.
-    fn drain(&mut self) -> Result<Instant, str0m::RtcError> {
+    /// Hands what str0m has to send to the send batch (the shard sends it) and handles its
+    /// events; notes its next timeout.
+    fn drain(&mut self) -> Result<(), str0m::RtcError> {
         let next = self.poll();
-        self.io.flush();
         let sent = std::mem::take(&mut self.unsent_bytes);
         if sent > 0 {
             self.counters.bytes_out.inc_by(sent);
         }
-        next
+        self.timeout = next?;
+        Ok(())
     }
 
     /// Hands str0m's output to the send batch and handles its events until str0m waits;
@@ -315,19 +431,20 @@ impl WhepPeer {
                 self.rtc.disconnect();
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
-                match negotiated_video(&self.rtc, m.mid, self.video_codec) {
-                    Some(pt) => self.video = Some(TrackOut::new(m.mid, &pt)),
-                    None => warn!(
+                let ssrc = bound_rtx_cache(&mut self.rtc, m.mid);
+                match (negotiated_video(&self.rtc, m.mid, self.video_codec), ssrc) {
+                    (Some(pt), Some(ssrc)) => self.video = Some(TrackOut::new(ssrc, &pt)),
+                    _ => warn!(
                         "viewer offered no {:?} for the stream's video",
                         self.video_codec
                     ),
                 }
-                bound_rtx_cache(&mut self.rtc, m.mid);
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio && self.audio.is_none() => {
+                let ssrc = bound_rtx_cache(&mut self.rtc, m.mid);
                 self.audio = negotiated(&self.rtc, m.mid, RtcCodec::Opus)
-                    .map(|pt| TrackOut::new(m.mid, &pt));
-                bound_rtx_cache(&mut self.rtc, m.mid);
+                    .zip(ssrc)
+                    .map(|(pt, ssrc)| TrackOut::new(ssrc, &pt));
             }
             Event::KeyframeRequest(r) => {
                 debug!(kind = ?r.kind, "keyframe request from viewer");
@@ -383,24 +500,6 @@ impl WhepPeer {
     }
 }
 
-/// The next event of an optional layer subscription (never, without one).
-async fn next_of(layer: Option<&mut LayerFeed>) -> Result<StreamEvent, SubscriptionEnd> {
-    match layer {
-        Some(l) => l.sub.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The outcome of an optional layer subscription being made (never, without one).
-async fn opened(
-    opening: &mut Option<oneshot::Receiver<Option<Subscription>>>,
-) -> Option<Subscription> {
-    match opening {
-        Some(rx) => rx.await.ok().flatten(),
-        None => std::future::pending().await,
-    }
-}
-
 /// A frame's RTP payloads, shared by every viewer.
 static RTP_PAYLOADS: Encoding<Vec<Arc<[u8]>>> = Encoding::new("rtp payloads");
 
@@ -432,10 +531,14 @@ fn packetize(p: &Packet, config: &StreamConfig) -> Vec<Arc<[u8]>> {
 /// a viewer's memory.) No cap on the resent share: the cap's byte history (an entry per
 /// packet sent in the last second) cost ~20 KB per viewer, and resends are already bounded
 /// by this cache.
-fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) {
-    if let Some(tx) = rtc.direct_api().stream_tx_by_mid(mid, None) {
-        tx.set_rtx_cache(RTX_CACHE_PACKETS, Duration::from_secs(1), None);
-    }
+///
+/// Returns the SSRC of `mid`'s send stream, by which its packets are written (a hash
+/// lookup; finding the stream by mid compares strings, ~2% of a viewer's CPU).
+fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) -> Option<Ssrc> {
+    let mut api = rtc.direct_api();
+    let tx = api.stream_tx_by_mid(mid, None)?;
+    tx.set_rtx_cache(RTX_CACHE_PACKETS, Duration::from_secs(1), None);
+    Some(tx.ssrc())
 }
 
 /// Writes consecutive RTP payloads of a frame on `track`, numbered from `seq`; the marker
@@ -449,7 +552,7 @@ fn write_packets(
     ends_frame: bool,
 ) {
     let mut api = rtc.direct_api();
-    let Some(tx) = api.stream_tx_by_mid(track.mid, None) else {
+    let Some(tx) = api.stream_tx(&track.ssrc) else {
         return;
     };
     let now = Instant::now();
@@ -499,7 +602,8 @@ impl RtpState {
 /// A negotiated outgoing track.
 #[derive(Clone, Copy)]
 struct TrackOut {
-    mid: Mid,
+    /// The send stream's SSRC.
+    ssrc: Ssrc,
     pt: str0m::media::Pt,
     /// Whether the viewer NACKs this payload (video; browsers and str0m do not NACK Opus):
     /// only then are its packets kept for resending.
@@ -507,9 +611,9 @@ struct TrackOut {
 }
 
 impl TrackOut {
-    fn new(mid: Mid, params: &str0m::format::PayloadParams) -> TrackOut {
+    fn new(ssrc: Ssrc, params: &str0m::format::PayloadParams) -> TrackOut {
         TrackOut {
-            mid,
+            ssrc,
             pt: params.pt(),
             nack: params.fb_nack(),
         }
