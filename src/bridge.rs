@@ -16,7 +16,7 @@
 //! it over the backbone like a simulcast layer, so edges never transcode it themselves.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn, Instrument};
 
@@ -30,6 +30,10 @@ use crate::transcode::{AudioTranscoder, TranscodeError, VideoTranscoder};
 
 /// How long a derived stream outlives its last consumer.
 const BRIDGE_GRACE: Duration = Duration::from_secs(3);
+
+/// A re-encoding bridge makes at most one IDR a consumer asked for per this long (a burst
+/// of viewers' keyframe requests is answered by one).
+const FORCED_KEYFRAME_GAP: Duration = Duration::from_millis(500);
 
 /// How long a WHEP viewer's subscription waits for the first video frames that tell whether
 /// the stream has B-frames (a relay that has just started has none yet).
@@ -223,6 +227,7 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, work: VideoWork, m
     // The configuration as published (its video replaced once the encoder has produced one).
     let mut config = StreamConfig::default();
     let mut live = false;
+    let mut last_forced: Option<Instant> = None;
     loop {
         let ev = tokio::select! {
             ev = sub.next() => ev,
@@ -231,7 +236,19 @@ async fn run(hub: Arc<Hub>, original: StreamKey, want: Codec, work: VideoWork, m
                 return;
             }
             _ = keyframes.wanted() => {
-                sub.request_keyframe();
+                match video.as_mut() {
+                    // Everything is decoded here: the encoder makes the IDR itself, at
+                    // once, instead of waiting for the source's (an RTMP source cannot be
+                    // asked). Merged: one forced IDR per FORCED_KEYFRAME_GAP at most.
+                    Some((_, t)) => {
+                        let now = Instant::now();
+                        if last_forced.is_none_or(|at| now - at >= FORCED_KEYFRAME_GAP) {
+                            t.force_keyframe();
+                            last_forced = Some(now);
+                        }
+                    }
+                    None => sub.request_keyframe(),
+                }
                 continue;
             }
         };

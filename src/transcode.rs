@@ -284,6 +284,8 @@ pub struct VideoTranscoder {
     /// The last input dts and the typical spacing of input frames (ms), for the frame rate.
     last_dts: Option<i64>,
     frame_ms: Option<i64>,
+    /// The next decoded frame is encoded as an IDR (a viewer asked for a keyframe).
+    force_keyframe: bool,
 }
 
 impl VideoTranscoder {
@@ -327,12 +329,19 @@ impl VideoTranscoder {
             bitrate,
             last_dts: None,
             frame_ms: None,
+            force_keyframe: false,
         })
     }
 
     /// The H.264 configuration, once the first keyframe is encoded.
     pub fn output_config(&self) -> Option<&VideoConfig> {
         self.output.as_ref()
+    }
+
+    /// Makes the next frame out an IDR: everything is decoded here, so a consumer's
+    /// keyframe request need not wait for the source's next keyframe.
+    pub fn force_keyframe(&mut self) {
+        self.force_keyframe = true;
     }
 
     /// Transcodes one input frame; returns the H.264 frames it produced (in presentation
@@ -376,7 +385,9 @@ impl VideoTranscoder {
                 .timestamp()
                 .or(decoded.pts())
                 .unwrap_or(frame.pts_ms());
-            let key = decoded.is_key() || (self.from == Codec::Vp8 && frame.keyframe);
+            let key = decoded.is_key()
+                || (self.from == Codec::Vp8 && frame.keyframe)
+                || std::mem::take(&mut self.force_keyframe);
             decoded.set_pts(Some(pts));
             decoded.set_kind(if key {
                 ff::picture::Type::I
@@ -700,6 +711,26 @@ mod tests {
             height: 96,
         };
         (config, frames)
+    }
+
+    #[test]
+    fn a_keyframe_can_be_forced_between_the_sources() {
+        let (config, input) = bframe_h264("main", 30);
+        let mut t = VideoTranscoder::new(&config, Some(300_000)).unwrap();
+        let mut out = vec![];
+        for (i, f) in input.iter().enumerate() {
+            if i == 20 {
+                t.force_keyframe();
+            }
+            out.extend(t.push(f).unwrap());
+        }
+        let keys: Vec<i64> = out.iter().filter(|f| f.keyframe).map(|f| f.pts).collect();
+        // The source's keyframes (every 15 frames = 495 ms) and one more, asked for.
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert!(
+            keys.iter().all(|k| *k == 0 || *k == 495 || *k > 495),
+            "{keys:?}"
+        );
     }
 
     #[test]
