@@ -18,7 +18,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{build_meshcast, cpu_seconds, free_port, wait_port, window_from_env};
@@ -33,8 +32,12 @@ fn main() {
         .unwrap_or(2500);
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rendition_cpu");
     std::fs::create_dir_all(&work).unwrap();
-    let with_b = encode(&work, &size, kbps, 3);
-    let without_b = encode(&work, &size, kbps, 0);
+    // x264 `veryfast`, High profile, with and without 3 B-frames.
+    let encode = |bframes: &str| {
+        let extra = ["-profile:v", "high", "-bf", bframes];
+        common::encoded_source_with(&work, &size, kbps, &format!("-bf{bframes}"), &extra)
+    };
+    let (with_b, without_b) = (encode("3"), encode("0"));
     let bin = build_meshcast();
 
     let rtmp = free_port();
@@ -121,10 +124,7 @@ fn cpu_while(pid: u32, window: Duration, whep: Option<(SocketAddr, &str)>) -> Me
     if viewer.is_some() {
         std::thread::sleep(Duration::from_secs(3));
     }
-    let before = cpu_seconds(pid);
-    let t = Instant::now();
-    std::thread::sleep(window);
-    let cpu = (cpu_seconds(pid) - before) / t.elapsed().as_secs_f64();
+    let cpu = cores_over(pid, window);
     let packets = match viewer.map(|v| v.join().unwrap()) {
         Some(Ok(stats)) => {
             assert!(
@@ -139,55 +139,10 @@ fn cpu_while(pid: u32, window: Duration, whep: Option<(SocketAddr, &str)>) -> Me
     Measured { cpu, packets }
 }
 
-/// A 30 s `size` H.264 (x264 `veryfast`, High, `bframes` B-frames, GOP 2 s) + AAC FLV file.
-fn encode(work: &Path, size: &str, kbps: u32, bframes: u32) -> PathBuf {
-    let path = work.join(format!("source-{size}-{kbps}k-bf{bframes}.flv"));
-    if path.exists() {
-        return path;
-    }
-    eprintln!("encoding a benchmark source (once)...");
-    let rate = format!("{kbps}k");
-    let status = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y"])
-        .args([
-            "-f",
-            "lavfi",
-            "-i",
-            &format!("testsrc2=size={size}:rate=30"),
-        ])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
-        .args(["-t", "30", "-c:v", "libx264", "-preset", "veryfast"])
-        .args([
-            "-profile:v",
-            "high",
-            "-g",
-            "60",
-            "-bf",
-            &bframes.to_string(),
-        ])
-        .args(["-b:v", &rate, "-maxrate", &rate, "-bufsize", &rate])
-        .args(["-c:a", "aac", "-b:a", "128k", "-f", "flv"])
-        .arg(&path)
-        .status()
-        .expect("ffmpeg");
-    assert!(status.success());
-    path
-}
-
 /// Average cores an `ffmpeg -re` transcode of `source` like the rendition's uses.
 fn ffmpeg_transcode(source: &Path, kbps: u32, window: Duration) -> f64 {
     let rate = format!("{kbps}k");
-    let mut child = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-stream_loop",
-            "-1",
-            "-i",
-        ])
-        .arg(source)
+    let mut child = common::looping_ffmpeg(source)
         .args([
             "-c:v",
             "libx264",
@@ -200,16 +155,19 @@ fn ffmpeg_transcode(source: &Path, kbps: u32, window: Duration) -> f64 {
             "-bf", "0", "-b:v", &rate, "-maxrate", &rate, "-bufsize", &rate,
         ])
         .args(["-c:a", "libopus", "-b:a", "64k", "-f", "null", "-"])
-        .stdin(Stdio::null())
         .spawn()
         .expect("ffmpeg");
     std::thread::sleep(Duration::from_secs(3));
-    let pid = child.id();
-    let before = cpu_seconds(pid);
-    let t = Instant::now();
-    std::thread::sleep(window);
-    let cpu = (cpu_seconds(pid) - before) / t.elapsed().as_secs_f64();
+    let cpu = cores_over(child.id(), window);
     let _ = child.kill();
     let _ = child.wait();
     cpu
+}
+
+/// Average cores `pid` uses over `window`, from now.
+fn cores_over(pid: u32, window: Duration) -> f64 {
+    let before = cpu_seconds(pid);
+    let t = Instant::now();
+    std::thread::sleep(window);
+    (cpu_seconds(pid) - before) / t.elapsed().as_secs_f64()
 }

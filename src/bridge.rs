@@ -82,13 +82,15 @@ pub async fn subscribe_for_webrtc(
     key: &StreamKey,
     policy: BframePolicy,
 ) -> Result<Subscription, WebRtcSubscribeError> {
-    let mut sub = subscribe_with_audio(hub, key, Codec::Opus).await?;
+    // The stream itself first: its audio is bridged only if it is played as it is (the
+    // rendition carries Opus already).
+    let mut sub = hub.subscribe(key, Scope::Any).await?;
     let h264 = sub
         .initial_config()
         .and_then(|c| c.video.as_ref().map(|v| v.codec == Codec::H264))
         .unwrap_or(true);
     if !h264 || key.is_derived() || !sub.wait_bframes(BFRAMES_WAIT).await {
-        return Ok(sub);
+        return Ok(with_audio(hub, key, sub, Codec::Opus).await?);
     }
     if policy == BframePolicy::Refuse {
         return Err(WebRtcSubscribeError::Bframes);
@@ -139,6 +141,17 @@ pub async fn subscribe_with_audio(
     audio: Codec,
 ) -> Result<Subscription, SubscribeError> {
     let sub = hub.subscribe(key, Scope::Any).await?;
+    with_audio(hub, key, sub, audio).await
+}
+
+/// `sub`, a subscription to `key`, if its audio is in `audio` (or it has none); else a
+/// subscription to the bridged stream.
+async fn with_audio(
+    hub: &Arc<Hub>,
+    key: &StreamKey,
+    sub: Subscription,
+    audio: Codec,
+) -> Result<Subscription, SubscribeError> {
     let needs_bridge = sub
         .initial_config()
         .and_then(|c| c.audio.as_ref().map(|a| a.codec))

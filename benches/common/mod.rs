@@ -102,7 +102,19 @@ pub fn window_from_env(default_secs: u64) -> Duration {
 
 /// A 30 s H.264 (`size`, `kbps`, GOP 2 s) + AAC FLV file, encoded once per work directory.
 pub fn encoded_source(work: &Path, size: &str, kbps: u32) -> PathBuf {
-    let path = work.join(format!("source-{size}-{kbps}k.flv"));
+    encoded_source_with(work, size, kbps, "", &[])
+}
+
+/// [`encoded_source`] with more x264 options (`extra`, e.g. a profile and B-frames), in a
+/// file whose name carries `tag`.
+pub fn encoded_source_with(
+    work: &Path,
+    size: &str,
+    kbps: u32,
+    tag: &str,
+    extra: &[&str],
+) -> PathBuf {
+    let path = work.join(format!("source-{size}-{kbps}k{tag}.flv"));
     if path.exists() {
         return path;
     }
@@ -120,6 +132,7 @@ pub fn encoded_source(work: &Path, size: &str, kbps: u32) -> PathBuf {
         .args([
             "-t", "30", "-c:v", "libx264", "-preset", "veryfast", "-g", "60",
         ])
+        .args(extra)
         .args(["-b:v", &rate, "-maxrate", &rate, "-bufsize", &rate])
         .args(["-c:a", "aac", "-b:a", "128k", "-f", "flv"])
         .arg(&path)
@@ -129,22 +142,28 @@ pub fn encoded_source(work: &Path, size: &str, kbps: u32) -> PathBuf {
     path
 }
 
+/// An `ffmpeg` reading `source` in real time, looping; the caller adds the output.
+pub fn looping_ffmpeg(source: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new("ffmpeg");
+    c.args([
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-stream_loop",
+        "-1",
+        "-i",
+    ])
+    .arg(source)
+    .stdin(std::process::Stdio::null());
+    c
+}
+
 /// Publishes `source` to `url` in real time, looping, without re-encoding (it costs the
 /// publisher almost nothing).
 pub fn loop_publisher(source: &Path, url: &str) -> std::process::Child {
-    std::process::Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-stream_loop",
-            "-1",
-            "-i",
-        ])
-        .arg(source)
+    looping_ffmpeg(source)
         .args(["-c", "copy", "-f", "flv", url])
-        .stdin(std::process::Stdio::null())
         .spawn()
         .expect("ffmpeg")
 }

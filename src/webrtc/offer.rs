@@ -193,24 +193,35 @@ pub(crate) fn random_token(len: usize) -> String {
         .collect()
 }
 
-/// The negotiated payload of `codec` on an m-line (H.264 only with packetization-mode 1).
+/// The payloads of `codec` on an m-line that both sides can use, in the remote's order of
+/// preference (H.264 only with packetization-mode 1).
+fn offered(rtc: &Rtc, mid: Mid, codec: RtcCodec) -> Vec<str0m::format::PayloadParams> {
+    let Some(media) = rtc.media(mid) else {
+        return vec![];
+    };
+    let params = rtc.codec_config().params();
+    media
+        .remote_pts()
+        .iter()
+        .filter_map(|pt| {
+            params.iter().find(|p| {
+                p.pt() == *pt
+                    && p.spec().codec == codec
+                    && (codec != RtcCodec::H264 || p.spec().format.packetization_mode == Some(1))
+            })
+        })
+        .copied()
+        .collect()
+}
+
+/// The negotiated payload of `codec` on an m-line: the remote's first that both sides can
+/// use (H.264 only with packetization-mode 1).
 pub(crate) fn negotiated(
     rtc: &Rtc,
     mid: Mid,
     codec: RtcCodec,
 ) -> Option<str0m::format::PayloadParams> {
-    let media = rtc.media(mid)?;
-    let params = rtc.codec_config().params();
-    media.remote_pts().iter().find_map(|pt| {
-        params
-            .iter()
-            .find(|p| {
-                p.pt() == *pt
-                    && p.spec().codec == codec
-                    && (codec != RtcCodec::H264 || p.spec().format.packetization_mode == Some(1))
-            })
-            .cloned()
-    })
+    offered(rtc, mid, codec).into_iter().next()
 }
 
 /// The video a viewer is sent: its codec and, for H.264, the profile (`profile_idc`, from
@@ -247,36 +258,23 @@ pub(crate) fn negotiated_video(
     if format.codec == Codec::Vp8 {
         return negotiated(rtc, mid, RtcCodec::Vp8);
     }
-    let media = rtc.media(mid)?;
-    let params = rtc.codec_config().params();
-    let h264: Vec<(u8, &str0m::format::PayloadParams)> = media
-        .remote_pts()
-        .iter()
-        .filter_map(|pt| {
-            params.iter().find(|p| {
-                p.pt() == *pt
-                    && p.spec().codec == RtcCodec::H264
-                    && p.spec().format.packetization_mode == Some(1)
-            })
-        })
-        .map(|p| {
-            let profile = p.spec().format.profile_level_id.unwrap_or(0x42_00_1f);
-            ((profile >> 16) as u8, p)
-        })
-        .collect();
-    let chosen = match format.h264_profile {
-        Some(want) => h264
-            .iter()
-            .find(|(offered, _)| *offered == want)
-            .or_else(|| {
-                h264.iter()
-                    .filter(|(offered, _)| h264_decodes(*offered, want))
-                    .min_by_key(|(offered, _)| h264_rank(*offered))
-            })
-            .or(h264.first()),
-        None => h264.first(),
+    let h264 = offered(rtc, mid, RtcCodec::H264);
+    // No profile-level-id means Baseline (RFC 6184: 42001f).
+    let profile_of = |p: &str0m::format::PayloadParams| {
+        (p.spec().format.profile_level_id.unwrap_or(0x42_00_1f) >> 16) as u8
     };
-    chosen.map(|(_, p)| **p)
+    let Some(want) = format.h264_profile else {
+        return h264.first().copied();
+    };
+    h264.iter()
+        .find(|p| profile_of(p) == want)
+        .or_else(|| {
+            h264.iter()
+                .filter(|p| h264_decodes(profile_of(p), want))
+                .min_by_key(|p| h264_rank(profile_of(p)))
+        })
+        .or(h264.first())
+        .copied()
 }
 
 /// Where an H.264 profile sits in the chain of profiles whose decoders must decode the
