@@ -286,6 +286,8 @@ pub struct VideoTranscoder {
     frame_ms: Option<i64>,
     /// The next decoded frame is encoded as an IDR (a viewer asked for a keyframe).
     force_keyframe: bool,
+    /// The last presentation time sent to the encoder: output time only moves forward.
+    last_pts: Option<i64>,
 }
 
 impl VideoTranscoder {
@@ -330,6 +332,7 @@ impl VideoTranscoder {
             last_dts: None,
             frame_ms: None,
             force_keyframe: false,
+            last_pts: None,
         })
     }
 
@@ -385,6 +388,12 @@ impl VideoTranscoder {
                 .timestamp()
                 .or(decoded.pts())
                 .unwrap_or(frame.pts_ms());
+            if self.last_pts.is_some_and(|last| pts <= last) {
+                // Input whose presentation times do not increase (a broken or hostile
+                // publisher): the frame is dropped, so output time never goes back.
+                continue;
+            }
+            self.last_pts = Some(pts);
             let key = decoded.is_key()
                 || (self.from == Codec::Vp8 && frame.keyframe)
                 || std::mem::take(&mut self.force_keyframe);
