@@ -264,7 +264,7 @@ async fn a_node_without_a_token_refuses_every_backbone_connection() {
         http,
         quic,
         webrtc: quic,
-        dir,
+        dir: dir.keep(),
         admin_token: None,
     };
     eventually("node HTTP up", || {
@@ -324,5 +324,4 @@ fn check_config_names_backbone_token_when_it_is_empty_or_short_beyond_loopback()
         "[node]\nrole = \"edge\"\n[backbone]\ntoken = \"0123456789abcdef\"\norigins = [\"10.1.2.3:4433\"]\n",
     );
     assert_eq!(code, Some(0), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -91,7 +91,8 @@ fn assert_sync_kept(input: &[f64], output: &[f64], what: &str) {
 
 #[test]
 fn push_to_nginx_keeps_codecs_and_sync_while_a_dead_destination_retries() {
-    let nginx = Nginx::start(&temp_dir("nginx"), free_port());
+    let nginx_dir = temp_dir("nginx");
+    let nginx = Nginx::start(&nginx_dir, free_port());
     // A blackhole: the kernel accepts the TCP connection, nobody ever answers.
     let blackhole = TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!(
@@ -184,7 +185,8 @@ fn push_to_nginx_keeps_codecs_and_sync_while_a_dead_destination_retries() {
 #[test]
 fn fragmented_mp4_rotates_and_stays_playable_after_sigkill() {
     let root = temp_dir("rec");
-    let nginx = Nginx::start(&temp_dir("nginx"), free_port());
+    let nginx_dir = temp_dir("nginx");
+    let nginx = Nginx::start(&nginx_dir, free_port());
     // Three rules for every stream of `live`: fMP4 cut by time, Matroska cut by size, and a
     // push to nginx-rtmp under the same name.
     let spec = NodeSpec {

@@ -906,7 +906,8 @@ impl Drop for Tmpfs {
 
 #[test]
 fn the_disk_floor_stops_a_recording_cleanly_and_keeps_what_was_written() {
-    let disk = temp_dir("floor").join("disk");
+    let floor = temp_dir("floor");
+    let disk = floor.join("disk");
     let _tmpfs = Tmpfs::mount(&disk, 24);
     // 24 MiB with a 20 MiB floor: about 4 MiB can be written.
     let node = NodeProc::start(NodeSpec {

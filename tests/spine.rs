@@ -456,7 +456,8 @@ fn sample_configs_are_valid_and_bad_ones_report_every_problem() {
     }
     assert!(checked >= 11, "{checked} configs");
 
-    let bad = temp_dir("badcfg").join("bad.toml");
+    let badcfg = temp_dir("badcfg");
+    let bad = badcfg.join("bad.toml");
     std::fs::write(
         &bad,
         "[node]\nrole = \"edge\"\nid = \"no spaces\"\n[rtmp]\nlisten = \"1.2.3.4\"\n[backbone]\norigins = [\"x\"]\n[limits]\nstream_buffer_frames = 1\n",

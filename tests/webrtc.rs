@@ -487,7 +487,8 @@ fn whip_streams_push_to_nginx_with_aac_and_vp8_only_when_asked() {
     if !in_private_network("whip_streams_push_to_nginx_with_aac_and_vp8_only_when_asked") {
         return;
     }
-    let nginx = common::nginx::Nginx::start(&temp_dir("nginx"), free_port());
+    let nginx_dir = temp_dir("nginx");
+    let nginx = common::nginx::Nginx::start(&nginx_dir, free_port());
     let node = webrtc_node();
 
     // H.264 + Opus from Chromium, pushed to nginx-rtmp: audio bridged to AAC, video remuxed.

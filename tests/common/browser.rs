@@ -93,7 +93,7 @@ pub struct Browser {
 
 impl Browser {
     pub fn open(url: &str) -> Browser {
-        let dir = temp_dir("chromium");
+        let dir = temp_dir("chromium").keep();
         let child = Command::new("chromium")
             .args([
                 "--headless=new",

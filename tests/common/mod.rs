@@ -65,14 +65,46 @@ fn remember_failures() {
     });
 }
 
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh directory under the system's temp dir, removed with its contents when the
+/// guard is dropped (a test leaves nothing behind, even when it fails).
+pub fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!(
         "meshcast-test-{name}-{}-{}",
         std::process::id(),
         rand_u64()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
+}
+
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// The path, no longer removed on drop: for an owner that removes it itself.
+    pub fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 fn rand_u64() -> u64 {
@@ -174,7 +206,7 @@ impl NodeProc {
         let rtmp = SocketAddr::new(ip, free_port());
         let http = SocketAddr::new(ip, free_port());
         let webrtc = SocketAddr::new(ip, free_port());
-        let dir = temp_dir(&spec.id);
+        let dir = temp_dir(&spec.id).keep();
         let list = |v: &Vec<SocketAddr>| {
             v.iter()
                 .map(|a| format!("\"{a}\""))
