@@ -213,7 +213,7 @@ impl Node {
                     bframes: config.webrtc.bframes,
                 };
                 Some(
-                    crate::webrtc::WebRtc::start(settings, shutdown.clone())
+                    crate::webrtc::WebRtc::start(settings, hub.metrics(), shutdown.clone())
                         .await
                         .with_context(|| format!("binding WebRTC socket {listen} (UDP, TCP)"))?,
                 )

@@ -384,6 +384,32 @@ async fn two_hundred_simultaneous_whep_joins_all_reach_media() {
             ))
         })
         .collect();
+    // Each joins on the joining thread and, connected and sent its GOP, moves to a media
+    // shard: while all 200 watch, none is left joining.
+    let moved = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let joining = node.metric("meshcast_webrtc_viewers_joining");
+            let watching = node.metric("meshcast_viewers{proto=\"webrtc\"}");
+            if joining == 0.0 && watching == 200.0 {
+                return (node, true);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (node, false)
+    });
+    let (node, moved) = moved.await.unwrap();
+    assert!(moved, "viewers were left on the joining thread");
+    // One that answers but never connects stays joining (until its connect timeout).
+    meshcast::webrtc::client::offer_only(http, "/whep/live/many")
+        .await
+        .unwrap();
+    let node = tokio::task::spawn_blocking(move || {
+        assert_eq!(node.metric("meshcast_webrtc_viewers_joining"), 1.0);
+        node
+    })
+    .await
+    .unwrap();
     let mut reached = 0;
     let mut failures = vec![];
     for j in joins {

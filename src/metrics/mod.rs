@@ -158,6 +158,8 @@ pub struct Metrics {
     pub keyframe_requests_to_upstream: Counter,
     pub keyframe_requests_to_publisher: Counter,
     pub egress_active: Gauge,
+    /// WHEP viewers on the joining threads: answered, not yet connected and caught up.
+    pub webrtc_viewers_joining: Gauge,
     pub egress_bytes: Counter,
     pub egress_reconnects: Counter,
     pub egress_dropped_frames: Counter,
@@ -290,6 +292,7 @@ impl Metrics {
             keyframe_requests_to_upstream: forwarded_to("upstream"),
             keyframe_requests_to_publisher: forwarded_to("publisher"),
             egress_active: Gauge::default(),
+            webrtc_viewers_joining: Gauge::default(),
             egress_bytes: Counter::default(),
             egress_reconnects: Counter::default(),
             egress_dropped_frames: Counter::default(),
@@ -410,6 +413,12 @@ impl Metrics {
             "keyframe_requests_forwarded",
             "Keyframe requests sent on after merging and rate-limiting: to the upstream node or the publisher",
             keyframes_forwarded,
+        );
+        registry.register(
+            "webrtc_viewers_joining",
+            "WHEP viewers still joining (ICE, DTLS, their first GOP) on the joining threads, \
+             before they move to a media shard",
+            m.webrtc_viewers_joining.clone(),
         );
         registry.register(
             "egress_active",

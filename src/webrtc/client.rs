@@ -149,6 +149,18 @@ pub async fn play_observed(
     .await
 }
 
+/// Posts a viewer's offer to `path` and never connects (no ICE, no DTLS): a viewer the node
+/// holds as joining until its connect timeout. Returns the answer.
+pub async fn offer_only(http: SocketAddr, path: &str) -> Result<String, WhepClientError> {
+    let (_socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
+    let mut rtc = viewer_rtc(local)?;
+    let mut api = rtc.sdp_api();
+    api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+    api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+    let (offer, _) = api.apply().ok_or_else(|| rtc_err("nothing to offer"))?;
+    post_sdp(http, path, &offer.to_sdp_string()).await
+}
+
 /// A viewer whose offer/answer exchange is done; [`Viewer::run`] receives media.
 pub struct Viewer {
     rtc: Rtc,

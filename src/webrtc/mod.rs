@@ -96,6 +96,7 @@ impl WebRtc {
     /// Binds the shared UDP socket (and TCP listener) and starts reading them.
     pub async fn start(
         settings: WebRtcSettings,
+        metrics: &crate::metrics::Metrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<WebRtc>> {
         let (io, tcp) = Io::bind(settings.listen, settings.tcp).await?;
@@ -114,7 +115,13 @@ impl WebRtc {
         ));
         // A shard per worker thread: the viewers' work spreads over the cores.
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
-        let viewers = Shards::start(workers, sessions.clone(), io.clone(), shutdown);
+        let viewers = Shards::start(
+            workers,
+            sessions.clone(),
+            io.clone(),
+            metrics.webrtc_viewers_joining.clone(),
+            shutdown,
+        )?;
         Ok(Arc::new(WebRtc {
             io,
             local_addr,

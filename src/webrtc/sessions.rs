@@ -150,6 +150,14 @@ impl Sessions {
             .is_some_and(|s| &s.stream == stream)
     }
 
+    /// Routes a session's datagrams to `queue` from now on (a viewer handed to another
+    /// shard).
+    pub(crate) fn reroute(&self, id: &str, queue: PeerQueue) {
+        if let Some(s) = self.entries.lock().get(id) {
+            self.io.add_route(s.ufrag.clone(), queue);
+        }
+    }
+
     /// Forgets an ended session and its route.
     pub(crate) fn remove(&self, id: &str) {
         if let Some(s) = self.entries.lock().remove(id) {

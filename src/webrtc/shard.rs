@@ -9,9 +9,16 @@
 //! [`super::batch`]). The shard has one timer, set to the earliest of its viewers' str0m
 //! timeouts, and one queue of incoming datagrams, each tagged with its viewer.
 //!
-//! A new viewer goes to the shard with the fewest viewers. A sweep every [`SWEEP`] looks
-//! for what neither media nor datagrams bring: a DELETE, a connect deadline passed, a
-//! layer subscription made on another task (that one also wakes the shard at once).
+//! A new viewer joins on a *joining shard*, which runs on a thread of its own (not a runtime
+//! worker): its ICE checks, its DTLS handshake (the ECDH and ECDSA work) and the cached GOP
+//! it is sent at once happen there, so a storm of joins does not hold up the frames of
+//! those already watching. Once connected and caught up, the viewer is handed to the media
+//! shard with the fewest viewers: its datagrams are routed there, and the few already
+//! queued toward the joining shard are forwarded for a while.
+//!
+//! A sweep every [`SWEEP`] looks for what neither media nor datagrams bring: a DELETE, a
+//! connect deadline passed, a layer subscription made on another task (that one also wakes
+//! the shard at once).
 //!
 //! Each viewer keeps its own subscription (its place under the viewer limits, its GOP
 //! backlog, its lag policy), so a viewer behaves as it did in a task of its own. A shard
@@ -25,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -43,13 +51,25 @@ const SHARD_QUEUE: usize = 16_384;
 const DATAGRAMS_PER_WAKE: usize = 256;
 /// New viewers queued toward one shard (the HTTP handler waits when it is full).
 const ARRIVALS_QUEUE: usize = 1024;
+/// How long a joining shard forwards the datagrams of a viewer it handed over (those the
+/// socket reader queued before the viewer's route moved).
+const FORWARD_MOVED: Duration = Duration::from_secs(2);
+/// Media shards per joining shard (each joining shard is a thread).
+const MEDIA_PER_JOINING: usize = 4;
+/// The joining threads' nice value: with the cores busy, the kernel runs the frames of
+/// those watching before the handshakes of those joining.
+const JOINING_NICE: i32 = 10;
 
 /// The shards of a node's WHEP viewers.
 pub(crate) struct Shards {
-    shards: Vec<ShardHandle>,
+    /// Where new viewers connect, each on a thread of its own.
+    joining: Vec<ShardHandle>,
+    /// The viewers on the joining shards (`webrtc_viewers_joining`).
+    joining_gauge: Gauge,
     next_tag: AtomicU64,
 }
 
+#[derive(Clone)]
 struct ShardHandle {
     arrivals: mpsc::Sender<Arrival>,
     datagrams: mpsc::Sender<Datagram>,
@@ -73,67 +93,75 @@ struct Arrival {
 }
 
 impl Shards {
-    /// Starts `count` shards (at least one) on the current runtime; they end with
+    /// Starts `count` media shards (at least one) on the current runtime, and a joining
+    /// shard per [`MEDIA_PER_JOINING`] of them on threads of their own; they end with
     /// `shutdown`, their viewers first.
     pub(crate) fn start(
         count: usize,
         sessions: Arc<Sessions>,
         io: Arc<Io>,
+        joining_gauge: Gauge,
         shutdown: CancellationToken,
-    ) -> Shards {
-        let shards = (0..count.max(1))
+    ) -> std::io::Result<Shards> {
+        let media: Arc<[ShardHandle]> = (0..count.max(1))
             .map(|_| {
-                let (arrivals, arrivals_rx) = mpsc::channel(ARRIVALS_QUEUE);
-                let (datagrams, datagrams_rx) = mpsc::channel(SHARD_QUEUE);
-                let wake = Arc::new(Notify::new());
-                let load = Arc::new(AtomicUsize::new(0));
-                let shard = Shard {
-                    viewers: Vec::new(),
-                    by_tag: HashMap::new(),
-                    signals: HashSet::new(),
-                    ringing: FuturesUnordered::new(),
-                    sessions: sessions.clone(),
-                    io: io.clone(),
-                    load: load.clone(),
-                };
-                tokio::spawn(shard.run(arrivals_rx, datagrams_rx, wake.clone(), shutdown.clone()));
-                ShardHandle {
-                    arrivals,
-                    datagrams,
-                    wake,
-                    load,
-                }
+                let (shard, handle, rx) = Shard::new(&sessions, &io, None, None);
+                tokio::spawn(shard.run(rx, shutdown.clone()));
+                handle
             })
             .collect();
-        Shards {
-            shards,
+        let joining = (0..count.max(1).div_ceil(MEDIA_PER_JOINING))
+            .map(|n| {
+                let (shard, handle, rx) = Shard::new(
+                    &sessions,
+                    &io,
+                    Some(media.clone()),
+                    Some(joining_gauge.clone()),
+                );
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let shutdown = shutdown.clone();
+                std::thread::Builder::new()
+                    .name(format!("whep-join-{n}"))
+                    .spawn(move || {
+                        lower_priority(JOINING_NICE);
+                        runtime.block_on(shard.run(rx, shutdown))
+                    })?;
+                Ok(handle)
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Shards {
+            joining,
+            joining_gauge,
             next_tag: AtomicU64::new(1),
-        }
+        })
     }
 
-    /// A place for a new viewer, on the shard with the fewest viewers.
+    /// A place for a new viewer, on the joining shard with the fewest viewers.
     pub(crate) fn place(&self) -> Placement {
-        let shard = (0..self.shards.len())
-            .min_by_key(|&i| self.shards[i].load.load(Ordering::Relaxed))
+        let shard = (0..self.joining.len())
+            .min_by_key(|&i| self.joining[i].load.load(Ordering::Relaxed))
             .unwrap_or(0); // there is at least one shard
-        self.shards[shard].load.fetch_add(1, Ordering::Relaxed);
+        self.joining[shard].load.fetch_add(1, Ordering::Relaxed);
+        self.joining_gauge.inc();
         Placement {
             shard,
             tag: self.next_tag.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    /// Where the placed viewer's datagrams go.
+    /// Where the placed viewer's datagrams go (until it is handed over).
     pub(crate) fn queue(&self, place: &Placement) -> PeerQueue {
         PeerQueue {
-            tx: self.shards[place.shard].datagrams.clone(),
+            tx: self.joining[place.shard].datagrams.clone(),
             tag: place.tag,
         }
     }
 
-    /// What the placed viewer's layer subscriptions wake.
+    /// What the placed viewer's layer subscriptions wake (until it is handed over).
     pub(crate) fn wake(&self, place: &Placement) -> Arc<Notify> {
-        self.shards[place.shard].wake.clone()
+        self.joining[place.shard].wake.clone()
     }
 
     /// Hands the placed viewer (session `id`, logging in `span`) to its shard. False if the
@@ -145,7 +173,7 @@ impl Shards {
         span: tracing::Span,
         peer: WhepPeer,
     ) -> bool {
-        let shard = &self.shards[place.shard];
+        let shard = &self.joining[place.shard];
         let arrival = Arrival {
             tag: place.tag,
             id,
@@ -154,9 +182,21 @@ impl Shards {
         };
         if shard.arrivals.send(arrival).await.is_err() {
             shard.load.fetch_sub(1, Ordering::Relaxed);
+            self.joining_gauge.dec();
             return false;
         }
         true
+    }
+}
+
+/// Gives the calling thread `nice` (Linux: a thread's own; raising it needs no privilege).
+fn lower_priority(nice: i32) {
+    // SAFETY: setpriority reads no memory of ours; `who = 0` is the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        tracing::warn!(
+            "webrtc: cannot lower the joining thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -170,6 +210,13 @@ struct Viewer {
 
 type Ringing = Pin<Box<dyn Future<Output = (FrameSignal, bool)> + Send>>;
 
+/// What a shard receives.
+struct Inbox {
+    arrivals: mpsc::Receiver<Arrival>,
+    datagrams: mpsc::Receiver<Datagram>,
+    wake: Arc<Notify>,
+}
+
 struct Shard {
     viewers: Vec<Viewer>,
     /// Index in `viewers` by tag.
@@ -181,16 +228,58 @@ struct Shard {
     sessions: Arc<Sessions>,
     io: Arc<Io>,
     load: Arc<AtomicUsize>,
+    /// A joining shard's media shards, where its viewers go once connected.
+    media: Option<Arc<[ShardHandle]>>,
+    /// The viewers a joining shard handed over: their media shard and when.
+    moved: HashMap<u64, (usize, Instant)>,
+    /// A joining shard's viewers in the node's metrics.
+    joining_gauge: Option<Gauge>,
 }
 
 impl Shard {
-    async fn run(
-        mut self,
-        mut arrivals: mpsc::Receiver<Arrival>,
-        mut datagrams: mpsc::Receiver<Datagram>,
-        wake: Arc<Notify>,
-        shutdown: CancellationToken,
-    ) {
+    /// A shard, joining if it has `media` shards to hand its viewers to.
+    fn new(
+        sessions: &Arc<Sessions>,
+        io: &Arc<Io>,
+        media: Option<Arc<[ShardHandle]>>,
+        joining_gauge: Option<Gauge>,
+    ) -> (Shard, ShardHandle, Inbox) {
+        let (arrivals, arrivals_rx) = mpsc::channel(ARRIVALS_QUEUE);
+        let (datagrams, datagrams_rx) = mpsc::channel(SHARD_QUEUE);
+        let wake = Arc::new(Notify::new());
+        let load = Arc::new(AtomicUsize::new(0));
+        let shard = Shard {
+            viewers: Vec::new(),
+            by_tag: HashMap::new(),
+            signals: HashSet::new(),
+            ringing: FuturesUnordered::new(),
+            sessions: sessions.clone(),
+            io: io.clone(),
+            load: load.clone(),
+            media,
+            moved: HashMap::new(),
+            joining_gauge,
+        };
+        let handle = ShardHandle {
+            arrivals,
+            datagrams,
+            wake: wake.clone(),
+            load,
+        };
+        let inbox = Inbox {
+            arrivals: arrivals_rx,
+            datagrams: datagrams_rx,
+            wake,
+        };
+        (shard, handle, inbox)
+    }
+
+    async fn run(mut self, inbox: Inbox, shutdown: CancellationToken) {
+        let Inbox {
+            mut arrivals,
+            mut datagrams,
+            wake,
+        } = inbox;
         let mut received = Vec::with_capacity(DATAGRAMS_PER_WAKE);
         let mut next_sweep = Instant::now() + SWEEP;
         let sleep = tokio::time::sleep_until(next_sweep.into());
@@ -296,7 +385,8 @@ impl Shard {
     fn receive(&mut self, received: &mut Vec<Datagram>) {
         for d in received.drain(..) {
             let Some(&i) = self.by_tag.get(&d.tag) else {
-                continue; // its viewer has ended
+                self.forward(d);
+                continue;
             };
             match self.viewers[i].peer.receive(&d) {
                 Ok(()) => self.step(i),
@@ -317,7 +407,16 @@ impl Shard {
         }
     }
 
+    /// A datagram for a viewer this shard handed over goes after it (a full queue drops
+    /// it, as the socket reader would); one for an ended viewer is dropped.
+    fn forward(&mut self, d: Datagram) {
+        if let (Some(&(to, _)), Some(media)) = (self.moved.get(&d.tag), &self.media) {
+            let _ = media[to].datagrams.try_send(d);
+        }
+    }
+
     fn sweep(&mut self) {
+        self.moved.retain(|_, (_, at)| at.elapsed() < FORWARD_MOVED);
         for i in (0..self.viewers.len()).rev() {
             if self.viewers[i].peer.needs_step() {
                 self.step(i);
@@ -331,19 +430,70 @@ impl Shard {
             let _entered = v.span.enter();
             v.peer.step()
         };
-        match end {
-            Some(end) => self.end(i, end),
-            None if v.peer.take_subscribed() => self.listen(i),
-            None => {}
+        if let Some(end) = end {
+            return self.end(i, end);
+        }
+        if self.media.is_some() && self.viewers[i].peer.is_live() {
+            return self.hand_over(i);
+        }
+        if self.viewers[i].peer.take_subscribed() {
+            self.listen(i);
         }
     }
 
-    fn end(&mut self, i: usize, end: SessionEnd) {
+    /// Hands a connected viewer, sent what it was waiting for, from this joining shard to
+    /// the media shard with the fewest viewers. With that shard's queue of arrivals full,
+    /// the viewer stays here until its next step.
+    fn hand_over(&mut self, i: usize) {
+        let Some(media) = self.media.clone() else {
+            return;
+        };
+        let to = (0..media.len())
+            .min_by_key(|&m| media[m].load.load(Ordering::Relaxed))
+            .unwrap_or(0); // there is at least one media shard
+        let target = &media[to];
+        let Ok(permit) = target.arrivals.try_reserve() else {
+            return;
+        };
+        let mut v = self.take(i);
+        self.load.fetch_sub(1, Ordering::Relaxed);
+        target.load.fetch_add(1, Ordering::Relaxed);
+        v.peer.set_wake(target.wake.clone());
+        let (tag, id) = (v.tag, v.id.clone());
+        // The arrival first: the media shard takes arrivals before datagrams, so it knows
+        // the viewer by the time its datagrams come; those still on their way here are
+        // forwarded.
+        permit.send(Arrival {
+            tag,
+            id: v.id,
+            span: v.span,
+            peer: v.peer,
+        });
+        self.sessions.reroute(
+            &id,
+            PeerQueue {
+                tx: target.datagrams.clone(),
+                tag,
+            },
+        );
+        self.moved.insert(tag, (to, Instant::now()));
+    }
+
+    /// Takes viewer `i` out (the last one takes its place).
+    fn take(&mut self, i: usize) -> Viewer {
         let v = self.viewers.swap_remove(i);
         self.by_tag.remove(&v.tag);
         if let Some(moved) = self.viewers.get(i) {
             self.by_tag.insert(moved.tag, i);
         }
+        if let Some(g) = &self.joining_gauge {
+            g.dec();
+        }
+        v
+    }
+
+    fn end(&mut self, i: usize, end: SessionEnd) {
+        let v = self.take(i);
         v.span.in_scope(|| match end {
             Ok(reason) => info!("session ended: {reason}"),
             Err(e) => info!("session failed: {e}"),

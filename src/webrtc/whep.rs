@@ -170,6 +170,17 @@ impl WhepPeer {
         std::iter::once(&self.sub).chain(layers.into_iter().flatten().map(|l| &l.feed.sub))
     }
 
+    /// Whether the viewer is connected and receiving (its cached GOP sent by the step that
+    /// found it so).
+    pub(super) fn is_live(&self) -> bool {
+        self.connected && self.video.is_some()
+    }
+
+    /// Makes layer subscriptions wake another shard (the viewer moved there).
+    pub(super) fn set_wake(&mut self, wake: Arc<Notify>) {
+        self.wake = wake;
+    }
+
     /// Whether a subscription was added since the last call (the shard then listens to its
     /// stream).
     pub(super) fn take_subscribed(&mut self) -> bool {
