@@ -125,12 +125,7 @@ pub async fn play_observed(
     observer: &Observer,
 ) -> Result<WhepStats, WhepClientError> {
     let (socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
-    let mut rtc = viewer_rtc(local)?;
-    let mut api = rtc.sdp_api();
-    api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
-    api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
-    let (offer, pending): (_, SdpPendingOffer) =
-        api.apply().ok_or_else(|| rtc_err("nothing to offer"))?;
+    let (mut rtc, offer, pending) = viewer_offer(local)?;
     let started = Instant::now();
     let answer = post_sdp(http, path, &offer.to_sdp_string()).await?;
     let answered = started.elapsed();
@@ -153,12 +148,18 @@ pub async fn play_observed(
 /// holds as joining until its connect timeout. Returns the answer.
 pub async fn offer_only(http: SocketAddr, path: &str) -> Result<String, WhepClientError> {
     let (_socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
+    let (_, offer, _) = viewer_offer(local)?;
+    post_sdp(http, path, &offer.to_sdp_string()).await
+}
+
+/// A viewer's `Rtc` on `local` and its offer to receive video and audio.
+fn viewer_offer(local: SocketAddr) -> Result<(Rtc, SdpOffer, SdpPendingOffer), WhepClientError> {
     let mut rtc = viewer_rtc(local)?;
     let mut api = rtc.sdp_api();
     api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
     api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
-    let (offer, _) = api.apply().ok_or_else(|| rtc_err("nothing to offer"))?;
-    post_sdp(http, path, &offer.to_sdp_string()).await
+    let (offer, pending) = api.apply().ok_or_else(|| rtc_err("nothing to offer"))?;
+    Ok((rtc, offer, pending))
 }
 
 /// A viewer whose offer/answer exchange is done; [`Viewer::run`] receives media.

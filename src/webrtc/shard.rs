@@ -140,9 +140,7 @@ impl Shards {
 
     /// A place for a new viewer, on the joining shard with the fewest viewers.
     pub(crate) fn place(&self) -> Placement {
-        let shard = (0..self.joining.len())
-            .min_by_key(|&i| self.joining[i].load.load(Ordering::Relaxed))
-            .unwrap_or(0); // there is at least one shard
+        let shard = least_loaded(&self.joining);
         self.joining[shard].load.fetch_add(1, Ordering::Relaxed);
         self.joining_gauge.inc();
         Placement {
@@ -187,6 +185,13 @@ impl Shards {
         }
         true
     }
+}
+
+/// The shard with the fewest viewers (there is at least one shard).
+fn least_loaded(shards: &[ShardHandle]) -> usize {
+    (0..shards.len())
+        .min_by_key(|&i| shards[i].load.load(Ordering::Relaxed))
+        .unwrap_or(0)
 }
 
 /// Gives the calling thread `nice` (Linux: a thread's own; raising it needs no privilege).
@@ -448,9 +453,7 @@ impl Shard {
         let Some(media) = self.media.clone() else {
             return;
         };
-        let to = (0..media.len())
-            .min_by_key(|&m| media[m].load.load(Ordering::Relaxed))
-            .unwrap_or(0); // there is at least one media shard
+        let to = least_loaded(&media);
         let target = &media[to];
         let Ok(permit) = target.arrivals.try_reserve() else {
             return;
