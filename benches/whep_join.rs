@@ -91,30 +91,7 @@ fn main() {
 /// what generating a DTLS certificate would add if it were done per session (it is done once
 /// per node: `WebRtc::start`).
 fn per_session_costs() {
-    let offer = {
-        let mut rtc = str0m::Rtc::builder()
-            .set_rtp_mode(true)
-            .build(Instant::now());
-        rtc.add_local_candidate(
-            str0m::Candidate::host("127.0.0.1:5000".parse().unwrap(), "udp").unwrap(),
-        );
-        let mut api = rtc.sdp_api();
-        api.add_media(
-            str0m::media::MediaKind::Video,
-            str0m::media::Direction::RecvOnly,
-            None,
-            None,
-            None,
-        );
-        api.add_media(
-            str0m::media::MediaKind::Audio,
-            str0m::media::Direction::RecvOnly,
-            None,
-            None,
-            None,
-        );
-        api.apply().unwrap().0.to_sdp_string()
-    };
+    let offer = client::recvonly_offer("127.0.0.1:5000".parse().unwrap()).expect("offer");
     let cert = meshcast::webrtc::dtls_certificate().expect("certificate");
     let candidates = ["127.0.0.1:6000".parse().unwrap()];
     let rounds = 500;

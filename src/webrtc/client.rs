@@ -148,8 +148,12 @@ pub async fn play_observed(
 /// holds as joining until its connect timeout. Returns the answer.
 pub async fn offer_only(http: SocketAddr, path: &str) -> Result<String, WhepClientError> {
     let (_socket, local) = bind(IpAddr::from([127, 0, 0, 1])).await?;
-    let (_, offer, _) = viewer_offer(local)?;
-    post_sdp(http, path, &offer.to_sdp_string()).await
+    post_sdp(http, path, &recvonly_offer(local)?).await
+}
+
+/// The SDP offer of a viewer on `local` that receives video and audio.
+pub fn recvonly_offer(local: SocketAddr) -> Result<String, WhepClientError> {
+    viewer_offer(local).map(|(_, offer, _)| offer.to_sdp_string())
 }
 
 /// A viewer's `Rtc` on `local` and its offer to receive video and audio.
