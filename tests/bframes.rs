@@ -171,3 +171,45 @@ fn bframe_streams_are_refused_with_the_reason_when_configured_so() {
     let (_browser, v) = whep_in_chromium(&node, CASES[2].name, 5, "plain");
     assert!(v["framesDecoded"].as_u64().unwrap_or(0) > 30, "{v}");
 }
+
+#[test]
+fn a_viewer_moves_to_the_rendition_when_its_stream_gains_bframes() {
+    if !in_private_network("a_viewer_moves_to_the_rendition_when_its_stream_gains_bframes") {
+        return;
+    }
+    let node = NodeProc::start(NodeSpec::standalone());
+    // The publisher starts without B-frames (played as it is), then comes back within the
+    // hold with B-frames, as an encoder restarted with other settings would.
+    let plain = Case {
+        name: "restarted",
+        ..CASES[2]
+    };
+    let with_bframes = Case {
+        name: "restarted",
+        ..CASES[0]
+    };
+    let first = publish(&node, &plain);
+    let v = std::thread::scope(|s| {
+        let viewer = s.spawn(|| whep_in_chromium(&node, plain.name, 16, "moved viewer").1);
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(node.stream("restarted~webrtc").is_none(), "played as it is");
+        drop(first);
+        let _second = publish(&node, &with_bframes);
+        wait_until(Duration::from_secs(10), "viewer on the rendition", || {
+            node.stream("restarted~webrtc")
+                .is_some_and(|r| r["subscribers"].as_u64() == Some(1))
+        });
+        viewer.join().unwrap()
+    });
+    assert!(v["error"].is_null(), "page error: {v}");
+    assert!(node
+        .log()
+        .contains("the stream has B-frames: moved to its WebRTC rendition"));
+    // Decoding went on through the restart (a second or two without a publisher) and the
+    // move. (Sent the B-frames as they are, Chromium decoded ~7 frames a second.)
+    let fps = v["steadyFps"].as_f64().unwrap_or(0.0);
+    assert!(
+        fps >= 0.8 * SOURCE_FPS,
+        "decoded {fps:.1} frames a second: {v}"
+    );
+}

@@ -37,6 +37,7 @@ mod io;
 pub mod layers;
 mod offer;
 mod primary;
+mod rtp_out;
 mod sessions;
 mod shard;
 mod track_clock;
@@ -201,6 +202,7 @@ impl WebRtc {
             self.ice_address(),
             cancel,
             self.viewers.wake(&place),
+            self.settings.bframes == crate::config::BframePolicy::Transcode,
         );
         if !self.viewers.add(place, id.clone(), span, peer).await {
             self.sessions.remove(&id);

@@ -14,12 +14,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::format::Codec as RtcCodec;
-use str0m::media::{MediaKind, Mid};
-use str0m::rtp::{RtpWrite, SeqNo, Ssrc};
+use str0m::media::MediaKind;
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -28,24 +27,38 @@ use tracing::{debug, info, warn};
 use super::io::{Datagram, Io};
 use super::layers::{LayerAction, LayerSwitch};
 use super::offer::{negotiated, negotiated_video, VideoFormat};
+use super::rtp_out::{bound_rtx_cache, packetize, write_packets, RtpState, TrackOut, RTP_PAYLOADS};
 use super::sessions::{SessionEnd, VIEWER_CONNECT_TIMEOUT};
-use super::{h264, vp8};
 use crate::hub::{Hub, Scope, StreamEvent, Subscription, SubscriptionEnd};
-use crate::media::packet::{Encoding, Packet};
-use crate::media::{avc, Codec, StreamConfig, StreamKey, Timebase, TrackKind};
+use crate::media::packet::Packet;
+use crate::media::{Codec, StreamConfig, StreamKey, Timebase, TrackKind};
 use crate::metrics::{Proto, ProtoCounters, Seat};
 
-/// RTP payload bytes per packet (leaves room for RTP header, extensions and SRTP tag).
-const RTP_MTU: usize = 1100;
 const VIDEO_CLOCK: Timebase = Timebase(90_000);
 const OPUS_CLOCK: Timebase = Timebase(48_000);
-/// Packets each viewer stream keeps for NACK resends.
-const RTX_CACHE_PACKETS: usize = 128;
 /// A frame's packets are handed to str0m this many at a time (see `WhepPeer::send_queued`).
 const SEND_CHUNK: usize = 8;
 /// Events a viewer takes from one subscription in one step (a GOP's worth: a joining
 /// viewer's cached frames go out together); more wait for the next step.
 const EVENTS_PER_STEP: usize = 1024;
+
+/// How far behind the stream a rendition's first keyframe may be and the viewer's times
+/// move on by that much (it runs behind by its encoding: tens of ms).
+const MAX_RENDITION_BEHIND_MS: i64 = 5_000;
+
+/// A viewer of a stream as it is, should the stream gain B-frames (a publisher that comes
+/// back with another encoder setting): it moves to the stream's WebRTC rendition, which a
+/// browser decodes (see [`crate::bridge`]).
+enum Rendition {
+    /// Not for this viewer (`webrtc.bframes = "refuse"`, a derived stream, moved already).
+    Off,
+    /// Watching for B-frames.
+    Watch,
+    /// Subscribing to the rendition (on another task, like a layer).
+    Opening(oneshot::Receiver<Option<Subscription>>),
+    /// Subscribed: its frames are skipped until a video keyframe, where the viewer moves.
+    Joining(LayerFeed),
+}
 
 /// One simulcast layer's subscription, as the viewer's [`LayerSwitch`] holds it.
 pub(super) struct LayerFeed {
@@ -67,6 +80,13 @@ pub(super) struct WhepPeer {
     layers: LayerSwitch<LayerFeed>,
     /// A layer subscription being made (on an edge it may pull the layer first).
     opening: Option<oneshot::Receiver<Option<Subscription>>>,
+    rendition: Rendition,
+    /// The latest presentation times sent (ms), video and audio: where a move to the
+    /// rendition resumes.
+    sent_video_ms: Option<i64>,
+    sent_audio_ms: Option<i64>,
+    /// After a move, audio up to this time was sent from the stream before.
+    resume_audio_after: Option<i64>,
     /// Wakes the shard when a layer subscription is made.
     wake: Arc<Notify>,
     /// A layer subscription was made since the shard last asked.
@@ -99,7 +119,8 @@ pub(super) struct WhepPeer {
 impl WhepPeer {
     /// A viewer of `stream` fed by `sub`, whose negotiated `rtc` talks through `io`; it ends
     /// when `cancel` is cancelled, and its layer subscriptions, made on other tasks, notify
-    /// `wake`.
+    /// `wake`. With `bframes_to_rendition`, B-frames appearing in the stream move the viewer
+    /// to its rendition.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         rtc: Rtc,
@@ -111,11 +132,16 @@ impl WhepPeer {
         local_addr: SocketAddr,
         cancel: CancellationToken,
         wake: Arc<Notify>,
+        bframes_to_rendition: bool,
     ) -> WhepPeer {
         let now = Instant::now();
         let metrics = hub.metrics();
         let counters = metrics.proto(Proto::WebRtc);
         let packets_out = metrics.packets_out(Proto::WebRtc);
+        let rendition = match bframes_to_rendition && !stream.is_derived() {
+            true => Rendition::Watch,
+            false => Rendition::Off,
+        };
         WhepPeer {
             _seat: Seat::take(&counters.viewers),
             video_codec,
@@ -125,6 +151,10 @@ impl WhepPeer {
             stream,
             layers: LayerSwitch::default(),
             opening: None,
+            rendition,
+            sent_video_ms: None,
+            sent_audio_ms: None,
+            resume_audio_after: None,
             wake,
             subscribed: false,
             config: None,
@@ -167,7 +197,13 @@ impl WhepPeer {
     /// The subscriptions this viewer reads: the stream's, and its simulcast layers'.
     pub(super) fn subscriptions(&self) -> impl Iterator<Item = &Subscription> {
         let layers = [self.layers.current(), self.layers.joining()];
-        std::iter::once(&self.sub).chain(layers.into_iter().flatten().map(|l| &l.feed.sub))
+        let rendition = match &self.rendition {
+            Rendition::Joining(feed) => Some(&feed.sub),
+            _ => None,
+        };
+        std::iter::once(&self.sub)
+            .chain(layers.into_iter().flatten().map(|l| &l.feed.sub))
+            .chain(rendition)
     }
 
     /// Whether the viewer is connected and receiving (its cached GOP sent by the step that
@@ -192,6 +228,7 @@ impl WhepPeer {
     pub(super) fn needs_step(&self) -> bool {
         self.cancel.is_cancelled()
             || self.opening.is_some()
+            || matches!(self.rendition, Rendition::Opening(_))
             || (!self.connected && self.started.elapsed() > VIEWER_CONNECT_TIMEOUT)
     }
 
@@ -214,6 +251,7 @@ impl WhepPeer {
             return Some(Ok("ICE did not connect in time"));
         }
         self.take_opened();
+        self.take_rendition();
         if !(self.connected && self.video.is_some()) {
             return None;
         }
@@ -242,7 +280,107 @@ impl WhepPeer {
         }
         self.pump_layer(false);
         self.pump_layer(true);
+        self.pump_rendition();
         Ok(())
+    }
+
+    /// Takes the rendition's events while the viewer joins it: skips them until a video
+    /// keyframe, and moves there. The rendition runs behind the stream by its encoding, so
+    /// its keyframe may be older than frames already sent: the tracks' RTP times then move
+    /// on by the difference (both by the same, keeping them in sync), so that the viewer's
+    /// times never go back, and the audio already sent is not sent again.
+    fn pump_rendition(&mut self) {
+        for i in 0..EVENTS_PER_STEP {
+            let Rendition::Joining(feed) = &mut self.rendition else {
+                return;
+            };
+            let ev = match feed.sub.try_next() {
+                None => return,
+                Some(Ok(ev)) => ev,
+                Some(Err(end)) => {
+                    debug!("rendition ended before the move: {end:?}");
+                    self.rendition = Rendition::Off;
+                    return;
+                }
+            };
+            match ev {
+                StreamEvent::Config(c) => feed.config = Some(c),
+                StreamEvent::Frame(p)
+                    if p.frame.keyframe
+                        && p.frame.track() == TrackKind::Video
+                        && feed.config.is_some() =>
+                {
+                    let Rendition::Joining(feed) =
+                        std::mem::replace(&mut self.rendition, Rendition::Off)
+                    else {
+                        return;
+                    };
+                    self.move_to_rendition(feed, &p);
+                    self.between_events(i);
+                    self.on_stream_event(StreamEvent::Frame(p));
+                    return;
+                }
+                StreamEvent::Frame(_) | StreamEvent::Discontinuity => {}
+            }
+        }
+    }
+
+    /// Makes the rendition the viewer's stream, from its keyframe `p` on (see
+    /// [`Self::pump_rendition`]).
+    fn move_to_rendition(&mut self, feed: LayerFeed, p: &Packet) {
+        // A frame's time after the last one sent (a frame at 30 fps); bounded,
+        // whatever times a publisher sends.
+        let behind = self.sent_video_ms.map_or(0, |t| {
+            t.saturating_add(33)
+                .saturating_sub(p.frame.pts_ms())
+                .clamp(0, MAX_RENDITION_BEHIND_MS)
+        });
+        info!(
+            behind_ms = behind,
+            "the stream has B-frames: moved to its WebRTC rendition"
+        );
+        self.video_rtp
+            .shift(Timebase::MILLIS.rescale(behind, VIDEO_CLOCK) as u32);
+        self.audio_rtp
+            .shift(Timebase::MILLIS.rescale(behind, OPUS_CLOCK) as u32);
+        self.sub = feed.sub;
+        self.config = feed.config;
+        self.resume_audio_after = self.sent_audio_ms.map(|t| t.saturating_sub(behind));
+        self.sent_video_ms = None;
+        self.sent_audio_ms = None;
+    }
+
+    /// The rendition's subscription, once it is made (or failed).
+    fn take_rendition(&mut self) {
+        let Rendition::Opening(rx) = &mut self.rendition else {
+            return;
+        };
+        self.rendition = match rx.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => return,
+            Ok(Some(sub)) => {
+                sub.request_keyframe();
+                self.subscribed = true;
+                Rendition::Joining(LayerFeed { sub, config: None })
+            }
+            Ok(None) | Err(oneshot::error::TryRecvError::Closed) => Rendition::Off,
+        };
+    }
+
+    /// Subscribes to `key` on another task (on an edge it may pull the stream first); the
+    /// shard is woken when the subscription is made or has failed.
+    fn subscribe_later(&self, key: StreamKey) -> oneshot::Receiver<Option<Subscription>> {
+        let (tx, rx) = oneshot::channel();
+        let (hub, wake) = (self.hub.clone(), self.wake.clone());
+        tokio::spawn(async move {
+            match hub.subscribe(&key, Scope::Any).await {
+                Ok(sub) => {
+                    let _ = tx.send(Some(sub));
+                }
+                Err(e) => debug!("{key}: {e}"),
+            }
+            wake.notify_one();
+        });
+        rx
     }
 
     /// [`Self::pump`] for the current (or the joining) simulcast layer.
@@ -279,9 +417,21 @@ impl WhepPeer {
             }
             StreamEvent::Frame(p) => {
                 // With simulcast, video comes from the viewer's layer.
-                let layered = self.layers.is_layered() && (p.frame.track() == TrackKind::Video);
-                if layered {
+                let video = p.frame.track() == TrackKind::Video;
+                if self.layers.is_layered() && video {
                     return;
+                }
+                if video && p.frame.pts != p.frame.dts && matches!(self.rendition, Rendition::Watch)
+                {
+                    let key = self.stream.base().webrtc_rendition();
+                    self.rendition = Rendition::Opening(self.subscribe_later(key));
+                }
+                if !video
+                    && self
+                        .resume_audio_after
+                        .is_some_and(|t| p.frame.pts_ms() <= t)
+                {
+                    return; // sent already, from the stream before the move
                 }
                 if let Some(c) = self.config.take() {
                     self.send_frame(&p, &c);
@@ -323,19 +473,7 @@ impl WhepPeer {
                     }
                 }
                 LayerAction::Open(rid) => {
-                    let (tx, rx) = oneshot::channel();
-                    let (hub, key) = (self.hub.clone(), self.stream.layer(&rid));
-                    let wake = self.wake.clone();
-                    tokio::spawn(async move {
-                        match hub.subscribe(&key, Scope::Any).await {
-                            Ok(sub) => {
-                                let _ = tx.send(Some(sub));
-                            }
-                            Err(e) => debug!("layer {key}: {e}"),
-                        }
-                        wake.notify_one();
-                    });
-                    self.opening = Some(rx);
+                    self.opening = Some(self.subscribe_later(self.stream.layer(&rid)));
                 }
             }
         }
@@ -371,8 +509,7 @@ impl WhepPeer {
                 let keyframe = p.frame.is_video_keyframe();
                 let now = Instant::now();
                 if let Some(step) = self.layers.joining_frame(now, pts, keyframe, configured) {
-                    let rtp = &mut self.video_rtp;
-                    rtp.ts_offset = rtp.ts_offset.wrapping_add(step);
+                    self.video_rtp.shift(step);
                     self.send_layer_frame(&p);
                 }
             }
@@ -481,6 +618,11 @@ impl WhepPeer {
             Codec::Aac => return 0,
         };
         let Some(track) = track else { return 0 };
+        let sent = match p.frame.track() {
+            TrackKind::Video => &mut self.sent_video_ms,
+            TrackKind::Audio => &mut self.sent_audio_ms,
+        };
+        *sent = Some(sent.map_or(p.frame.pts_ms(), |t| t.max(p.frame.pts_ms())));
         let payloads = RTP_PAYLOADS.get(p, |p| packetize(p, config));
         let time = rtp.timestamp(p.frame.timebase.rescale(p.frame.pts, clock));
         let mut seq = rtp.seq;
@@ -507,126 +649,6 @@ impl WhepPeer {
     fn send_queued(&mut self) {
         if let Err(e) = self.poll() {
             self.failed = Some(e);
-        }
-    }
-}
-
-/// A frame's RTP payloads, shared by every viewer.
-static RTP_PAYLOADS: Encoding<Vec<Arc<[u8]>>> = Encoding::new("rtp payloads");
-
-/// A frame's RTP payloads, per codec (built once per frame per node).
-fn packetize(p: &Packet, config: &StreamConfig) -> Vec<Arc<[u8]>> {
-    match p.frame.codec {
-        Codec::H264 => {
-            let (sps, pps) = config
-                .video
-                .as_ref()
-                .and_then(|v| avc::parse_decoder_config(&v.record).ok())
-                .map(|c| (c.sps.first().cloned(), c.pps.first().cloned()))
-                .unwrap_or((None, None));
-            h264::packetize(
-                &p.frame.payload,
-                sps.as_deref().unwrap_or(&[]),
-                pps.as_deref().unwrap_or(&[]),
-                RTP_MTU,
-            )
-        }
-        Codec::Vp8 => vp8::packetize(&p.frame.payload, RTP_MTU),
-        Codec::Opus => vec![Arc::from(&p.frame.payload[..])],
-        Codec::Aac => vec![],
-    }
-}
-
-/// Resends cover what a NACK can still save at live latency: the last second, at most
-/// [`RTX_CACHE_PACKETS`] packets. (str0m's default, 1024 packets / 3 s per stream, was most of
-/// a viewer's memory.) No cap on the resent share: the cap's byte history (an entry per
-/// packet sent in the last second) cost ~20 KB per viewer, and resends are already bounded
-/// by this cache.
-///
-/// Returns the SSRC of `mid`'s send stream, by which its packets are written (a hash
-/// lookup; finding the stream by mid compares strings, ~2% of a viewer's CPU).
-fn bound_rtx_cache(rtc: &mut Rtc, mid: Mid) -> Option<Ssrc> {
-    let mut api = rtc.direct_api();
-    let tx = api.stream_tx_by_mid(mid, None)?;
-    tx.set_rtx_cache(RTX_CACHE_PACKETS, Duration::from_secs(1), None);
-    Some(tx.ssrc())
-}
-
-/// Writes consecutive RTP payloads of a frame on `track`, numbered from `seq`; the marker
-/// goes on the last one if `ends_frame`.
-fn write_packets(
-    rtc: &mut Rtc,
-    track: TrackOut,
-    seq: u64,
-    time: u32,
-    payloads: &[Arc<[u8]>],
-    ends_frame: bool,
-) {
-    let mut api = rtc.direct_api();
-    let Some(tx) = api.stream_tx(&track.ssrc) else {
-        return;
-    };
-    let now = Instant::now();
-    let last = payloads.len().saturating_sub(1);
-    for (i, payload) in payloads.iter().enumerate() {
-        tx.write_rtp(
-            RtpWrite::new(
-                track.pt,
-                SeqNo::from(seq + i as u64),
-                time,
-                now,
-                payload.clone(),
-            )
-            .marker(ends_frame && i == last)
-            .nackable(track.nack),
-        );
-    }
-}
-
-/// Per-viewer RTP numbering: random starts, then continuous whatever the source does.
-struct RtpState {
-    seq: u64,
-    ts_offset: u32,
-    first_pts: Option<i64>,
-}
-
-impl RtpState {
-    fn new() -> Self {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        RtpState {
-            seq: rng.random_range(0..30_000),
-            ts_offset: rng.random(),
-            first_pts: None,
-        }
-    }
-
-    /// The RTP timestamp of a frame presented at `pts` (in the track's RTP clock): relative
-    /// to the viewer's first frame, from a random base. B-frames before the first frame wrap
-    /// correctly.
-    fn timestamp(&mut self, pts: i64) -> u32 {
-        let first = *self.first_pts.get_or_insert(pts);
-        ((pts - first) as u32).wrapping_add(self.ts_offset)
-    }
-}
-
-/// A negotiated outgoing track.
-#[derive(Clone, Copy)]
-struct TrackOut {
-    /// The send stream's SSRC.
-    ssrc: Ssrc,
-    pt: str0m::media::Pt,
-    /// Whether the viewer NACKs this payload (video; browsers and str0m do not NACK Opus):
-    /// only then are its packets kept for resending.
-    nack: bool,
-}
-
-impl TrackOut {
-    fn new(ssrc: Ssrc, params: &str0m::format::PayloadParams) -> TrackOut {
-        TrackOut {
-            ssrc,
-            pt: params.pt(),
-            nack: params.fb_nack(),
         }
     }
 }
