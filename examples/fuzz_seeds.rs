@@ -345,6 +345,8 @@ fn main() -> anyhow::Result<()> {
             nbf: None,
             iat: None,
             sub: Some("fuzz".into()),
+            room: None,
+            name: None,
         })
         .map_err(anyhow::Error::msg)?;
     write("auth_token", "token", token.as_bytes())?;

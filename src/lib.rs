@@ -17,6 +17,7 @@ pub mod media;
 pub mod metrics;
 pub mod node;
 pub mod play;
+pub mod rooms;
 pub mod rtmp;
 pub mod transcode;
 pub mod webrtc;

@@ -37,7 +37,7 @@ enum Command {
     Token {
         #[arg(long, short)]
         config: PathBuf,
-        /// publish, play or admin (repeat for several).
+        /// publish, play, admin or join (repeat for several).
         #[arg(long, required = true)]
         action: Vec<String>,
         /// Stream patterns (`live/demo`, `live/*`); repeat for several. Admin tokens may
@@ -47,9 +47,16 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
-        /// Who the token is for (the `sub` claim, shown to hooks).
+        /// Who the token is for (the `sub` claim, shown to hooks; a join token's
+        /// participant identity).
         #[arg(long)]
         subject: Option<String>,
+        /// The room a join token admits to.
+        #[arg(long)]
+        room: Option<String>,
+        /// The name a participant is shown by (join tokens).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -84,6 +91,8 @@ fn mint_token(
     streams: Vec<String>,
     ttl: u64,
     subject: Option<String>,
+    room: Option<String>,
+    name: Option<String>,
 ) -> Result<String, String> {
     use meshcast::auth::{token, Action, Claims, Keys};
     let c = Config::load(config).map_err(|e| e.to_string())?;
@@ -97,10 +106,17 @@ fn mint_token(
     for a in actions {
         act.push(
             Action::parse(a)
-                .ok_or_else(|| format!("--action {a}: must be publish, play or admin"))?,
+                .ok_or_else(|| format!("--action {a}: must be publish, play, admin or join"))?,
         );
     }
-    if streams.is_empty() && !act.contains(&Action::Admin) {
+    if act.contains(&Action::Join) && (room.is_none() || subject.is_none()) {
+        return Err("a join token needs --room ID and --subject IDENTITY".into());
+    }
+    if streams.is_empty()
+        && !act
+            .iter()
+            .any(|a| matches!(a, Action::Admin | Action::Join))
+    {
         return Err("--stream is required (e.g. --stream 'live/*')".into());
     }
     if ttl == 0 || ttl > 10 * 365 * 86_400 {
@@ -115,6 +131,8 @@ fn mint_token(
         nbf: None,
         iat: Some(now),
         sub: subject,
+        room,
+        name,
     })
 }
 
@@ -157,7 +175,9 @@ fn main() -> ExitCode {
             stream,
             ttl,
             subject,
-        } => match mint_token(&config, &action, stream, ttl, subject) {
+            room,
+            name,
+        } => match mint_token(&config, &action, stream, ttl, subject, room, name) {
             Ok(t) => {
                 println!("{t}");
                 ExitCode::SUCCESS

@@ -222,6 +222,9 @@ impl Node {
         };
         let webrtc_addr = webrtc.as_ref().map(|w| w.local_addr());
 
+        let rooms = crate::rooms::Rooms::new(&config.node.id, config.rooms.clone(), hub.clone());
+        rooms.start(shutdown.clone());
+
         let mut http_addr = None;
         if let Some(addr) = config.http.listen {
             let listener = TcpListener::bind(addr)
@@ -240,6 +243,7 @@ impl Node {
                 webrtc: webrtc.clone(),
                 egress: egress.clone(),
                 auth: auth.clone(),
+                rooms: rooms.clone(),
             };
             let limits = crate::api::http::HttpLimits {
                 max_connections: config.http.max_connections,

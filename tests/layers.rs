@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("play", 5),
     ("egress", 5),
     ("cluster", 6),
+    ("rooms", 6),
     ("api", 7),
     ("node", 8),
 ];
@@ -41,6 +42,7 @@ const SANS_IO: &[&str] = &[
     "src/backbone/liveness.rs",
     "src/backbone/intake.rs",
     "src/cluster/route.rs",
+    "src/rooms/state.rs",
     "src/rtmp/guard.rs",
     "src/rtmp/chunk.rs",
     "src/rtmp/protocol.rs",

@@ -28,6 +28,8 @@ fn mint(secret: &str, act: Action, streams: &[&str], exp_in: i64, nbf_in: Option
         nbf: nbf_in.map(|n| (now + n) as u64),
         iat: Some(now as u64),
         sub: None,
+        room: None,
+        name: None,
     })
     .unwrap()
 }

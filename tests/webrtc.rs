@@ -711,6 +711,8 @@ fn token_matrix(secret: &str, action: meshcast::auth::Action) -> (Vec<(String, S
                 nbf: nbf_in.map(|n| (now + n) as u64),
                 iat: None,
                 sub: None,
+                room: None,
+                name: None,
             })
             .unwrap()
     };

@@ -28,6 +28,8 @@ fn keys() -> &'static (Keys, String) {
                 nbf: None,
                 iat: None,
                 sub: Some("fuzz".into()),
+                room: None,
+                name: None,
             })
             .expect("a token");
         (keys, minted)

@@ -23,6 +23,7 @@ use super::access::{admin_only, denied, request_token};
 use super::admin::{cluster, links, node, stream_kick, streams, viewer_kick, viewers};
 use super::egress::{egress_create, egress_delete, egress_get, egress_list};
 use super::play::flv;
+use super::rooms::{room_create, room_delete, room_events, room_get, room_list, room_token};
 use super::route::{route, route_flv, route_webrtc};
 pub use super::server::{serve, HttpLimits};
 use super::webrtc::{preflight, session_delete, session_patch, whep_post, whip_post};
@@ -47,6 +48,7 @@ pub struct AppState {
     pub webrtc: Option<Arc<crate::webrtc::WebRtc>>,
     pub egress: Arc<crate::egress::Egress>,
     pub auth: Arc<Auth>,
+    pub rooms: Arc<crate::rooms::Rooms>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -62,6 +64,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/egress", get(egress_list).post(egress_create))
         .route("/api/v1/egress/{id}", get(egress_get).delete(egress_delete))
+        .route("/api/v1/rooms", get(room_list).post(room_create))
+        .route("/api/v1/rooms/{id}", get(room_get).delete(room_delete))
+        .route("/api/v1/rooms/{id}/tokens", post(room_token))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin_only,
@@ -73,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/node", get(node))
         .route("/api/v1/route", get(route))
+        .route("/api/v1/rooms/{id}/events", get(room_events))
         .route("/route/{namespace}/{file}", get(route_flv))
         .route(
             "/route/whep/{namespace}/{stream}",

@@ -194,6 +194,11 @@ pub(super) async fn whip_post(
         Ok(x) => x,
         Err(r) => return r,
     };
+    if let Some((room, _)) = crate::auth::room_stream(&key) {
+        if s.rooms.info(room).is_none() {
+            return error(StatusCode::NOT_FOUND, format!("no room {room}"));
+        }
+    }
     let publisher = match s.hub.publish_checked(key.clone()).await {
         Ok(p) => p,
         Err(e @ crate::hub::PublishError::Limit(_)) => {

@@ -170,13 +170,14 @@ impl Auth {
             let claims = keys
                 .verify(token)
                 .map_err(|e| Denied::unauthorized(e.to_string()))?;
-            if !claims.allows(access.action) {
+            if let Some((room, identity)) = room_stream(access.stream) {
+                check_room_access(&claims, access.action, room, identity)?;
+            } else if !claims.allows(access.action) {
                 return Err(Denied::forbidden(format!(
                     "token does not allow {}",
                     access.action.as_str()
                 )));
-            }
-            if !claims.covers(&stream) {
+            } else if !claims.covers(&stream) {
                 return Err(Denied::forbidden(format!("token does not cover {stream}")));
             }
         }
@@ -184,6 +185,38 @@ impl Auth {
             hook.ask(access, &self.node_id).await?;
         }
         Ok(())
+    }
+
+    /// Decides who joins room `room`. With keys, a join token for that room is required
+    /// and its `sub` is the participant's identity (`name` its display name): returned as
+    /// `Some`. Without keys (auth off, or a webhook only) `None`: the caller takes the
+    /// identity the client gives.
+    pub fn check_join(
+        &self,
+        token: Option<&str>,
+        room: &str,
+    ) -> Result<Option<(String, Option<String>)>, Denied> {
+        let Some(keys) = &self.keys else {
+            return Ok(None);
+        };
+        let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
+            Denied::unauthorized(
+                "joining a room needs its join token (?access_token= or Authorization: Bearer)",
+            )
+        })?;
+        let claims = keys
+            .verify(token)
+            .map_err(|e| Denied::unauthorized(e.to_string()))?;
+        if !claims.allows(Action::Join) {
+            return Err(Denied::forbidden("token does not allow join"));
+        }
+        if claims.room.as_deref() != Some(room) {
+            return Err(Denied::forbidden("the token is for another room"));
+        }
+        let identity = claims
+            .sub
+            .ok_or_else(|| Denied::forbidden("a join token must name its participant (sub)"))?;
+        Ok(Some((identity, claims.name)))
     }
 
     /// Decides an admin API call: `Ok` with auth off is the caller's business (loopback).
@@ -215,6 +248,54 @@ impl Auth {
                 None => Err(Denied::unauthorized("/metrics needs its bearer token")),
             },
         }
+    }
+}
+
+/// The namespace of room participants' streams: `room/ROOM.IDENTITY`.
+pub const ROOM_NAMESPACE: &str = "room";
+
+/// The room and the participant's identity a room stream belongs to (`room/ROOM.IDENTITY`,
+/// a layer or rendition of it included); `None` for any other stream.
+pub fn room_stream(key: &StreamKey) -> Option<(&str, &str)> {
+    if key.namespace() != ROOM_NAMESPACE {
+        return None;
+    }
+    let name = key.name();
+    let name = name.split_once('~').map_or(name, |(base, _)| base);
+    name.split_once('.')
+}
+
+/// What a token may do with a room's streams: an admin token anything; a `join` token for
+/// that room may play every participant's stream and publish its own (its `sub`). No other
+/// token reaches a room's streams, whatever its stream patterns say.
+fn check_room_access(
+    claims: &Claims,
+    action: Action,
+    room: &str,
+    identity: &str,
+) -> Result<(), Denied> {
+    if claims.allows(Action::Admin) {
+        return Ok(());
+    }
+    if !claims.allows(Action::Join) {
+        return Err(Denied::forbidden(format!(
+            "streams of room {room} need a join token for that room"
+        )));
+    }
+    if claims.room.as_deref() != Some(room) {
+        return Err(Denied::forbidden("the token is for another room"));
+    }
+    match action {
+        Action::Play => Ok(()),
+        Action::Publish if claims.sub.as_deref() == Some(identity) => Ok(()),
+        Action::Publish => Err(Denied::forbidden(format!(
+            "a participant publishes only its own stream: room/{room}.{}",
+            claims.sub.as_deref().unwrap_or("(the token has no sub)")
+        ))),
+        _ => Err(Denied::forbidden(format!(
+            "token does not allow {}",
+            action.as_str()
+        ))),
     }
 }
 
@@ -263,6 +344,8 @@ mod tests {
                 nbf: None,
                 iat: None,
                 sub: None,
+                room: None,
+                name: None,
             })
             .unwrap()
     }

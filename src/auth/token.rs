@@ -1,8 +1,11 @@
 //! Signed access tokens (JWT, with the `jsonwebtoken` crate): what they claim, how they are
 //! checked and minted.
 //!
-//! A token names what its holder may do (`act`: `publish`, `play`, `admin`, one or a list)
-//! and on which streams (`streams`: `live/demo`, `live/*`, `*`), and when (`exp`, `nbf`).
+//! A token names what its holder may do (`act`: `publish`, `play`, `admin`, `join`, one or
+//! a list) and on which streams (`streams`: `live/demo`, `live/*`, `*`), and when (`exp`,
+//! `nbf`). A `join` token admits its holder to one room (`room`) as one participant (`sub`,
+//! the identity; `name`, shown to the others): it lets it publish its own stream in the
+//! room and play the others', and nothing outside the room.
 //! Keys: HS256 secrets (the first signs, all verify, so a secret can be rotated), and
 //! Ed25519 or ES256 public keys for tokens minted elsewhere. Nothing here does I/O except
 //! reading the PEM files named in the config when the keys are built.
@@ -21,6 +24,7 @@ pub enum Action {
     Publish,
     Play,
     Admin,
+    Join,
 }
 
 impl Action {
@@ -29,6 +33,7 @@ impl Action {
             Action::Publish => "publish",
             Action::Play => "play",
             Action::Admin => "admin",
+            Action::Join => "join",
         }
     }
 
@@ -37,6 +42,7 @@ impl Action {
             "publish" => Some(Action::Publish),
             "play" => Some(Action::Play),
             "admin" => Some(Action::Admin),
+            "join" => Some(Action::Join),
             _ => None,
         }
     }
@@ -74,6 +80,12 @@ pub struct Claims {
     /// Who the token was issued to (free text, for the operator's logs and hooks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
+    /// The room a `join` token admits to (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// The name a participant is shown by (`join` tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Claims {
@@ -255,6 +267,8 @@ mod tests {
             nbf: None,
             iat: Some(now_s()),
             sub: None,
+            room: None,
+            name: None,
         }
     }
 

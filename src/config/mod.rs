@@ -20,6 +20,7 @@ mod limits;
 mod node;
 mod read;
 mod recording;
+mod rooms;
 mod rtmp;
 mod webrtc;
 
@@ -37,6 +38,7 @@ pub use limits::Limits;
 pub use node::{NodeConfig, Role, DEFAULT_REGION};
 pub use read::{ConfigErrors, Problem};
 pub use recording::{RecordingConfig, Retention};
+pub use rooms::{RoomsConfig, MAX_EMPTY_TIMEOUT_S, MAX_PARTICIPANTS_CAP};
 pub use rtmp::{RtmpConfig, DEFAULT_MAX_MESSAGE_BYTES};
 pub use webrtc::{BframePolicy, WebRtcConfig};
 
@@ -56,10 +58,12 @@ pub struct Config {
     /// Tokens, the auth webhook, the metrics token (`[auth]`).
     pub auth: AuthConfig,
     pub hooks: HooksConfig,
+    /// Meetings and voice rooms (`[rooms]`).
+    pub rooms: RoomsConfig,
 }
 
 /// The sections a config file may have.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "node",
     "rtmp",
     "http",
@@ -70,6 +74,7 @@ const SECTIONS: [&str; 10] = [
     "egress",
     "auth",
     "hooks",
+    "rooms",
 ];
 
 impl Config {
@@ -112,6 +117,7 @@ impl Config {
             egress: EgressConfig::default(),
             auth: AuthConfig::default(),
             hooks: HooksConfig::default(),
+            rooms: RoomsConfig::default(),
         }
     }
 
@@ -141,7 +147,7 @@ impl Config {
             if !SECTIONS.contains(&key.as_str()) {
                 problems.push(Problem::new(
                     key,
-                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording, auth, hooks or egress)",
+                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording, auth, hooks, egress or rooms)",
                 ));
             }
         }
@@ -156,6 +162,7 @@ impl Config {
         let egress = egress::parse(&table, p);
         let auth = auth::parse(section(&table, "auth", p), base, p);
         let hooks = auth::parse_hooks(section(&table, "hooks", p), p);
+        let rooms = rooms::parse(section(&table, "rooms", p), p);
         check_listeners_differ(&rtmp, &http, p);
 
         if !problems.is_empty() {
@@ -175,6 +182,7 @@ impl Config {
             egress,
             auth,
             hooks,
+            rooms,
         })
     }
 }

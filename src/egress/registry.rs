@@ -130,6 +130,8 @@ impl Egress {
                 nbf: None,
                 iat: Some(crate::auth::token::now_s()),
                 sub: Some("edge-forward".into()),
+                room: None,
+                name: None,
             };
             match keys.mint(&claims) {
                 Ok(t) => url.push_str(&format!("?token={t}")),

@@ -55,7 +55,7 @@ use crate::hub::{Hub, Publisher, Subscription};
 use crate::media::StreamKey;
 use io::Io;
 pub(crate) use offer::negotiated;
-pub use offer::{answer_offer, dtls_certificate, BadOffer, PeerKind, WebRtcError};
+pub use offer::{answer_offer, dtls_certificate, random_token, BadOffer, PeerKind, WebRtcError};
 use sessions::Sessions;
 use shard::Shards;
 

@@ -184,7 +184,7 @@ fn answer_offer_unguarded(
 }
 
 /// Random URL-safe token (ICE credentials, session ids).
-pub(crate) fn random_token(len: usize) -> String {
+pub fn random_token(len: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let mut rng = rand::rng();

@@ -1,0 +1,402 @@
+//! Rooms on a node: the REST API, join tokens, the event channel (joins, leaves, tracks,
+//! mutes, data messages and whispers), bounds on what a participant sends, and leaving by
+//! closing, by going silent and by the room's empty timeout.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::http::http_raw;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "rooms-test-secret-0123456789";
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn admin_token() -> String {
+    use meshcast::auth::token::{now_s, OneOrMany};
+    use meshcast::auth::{Action, Claims, Keys};
+    Keys::new(&[SECRET.to_string()], &[] as &[&str])
+        .unwrap()
+        .mint(&Claims {
+            act: OneOrMany::One(Action::Admin),
+            streams: vec![],
+            exp: now_s() + 3600,
+            nbf: None,
+            iat: None,
+            sub: None,
+            room: None,
+            name: None,
+        })
+        .unwrap()
+}
+
+/// An admin call with a JSON body: (status, JSON answer).
+fn admin(node: &NodeProc, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let headers = format!(
+        "Authorization: Bearer {}\r\nContent-Type: application/json\r\n",
+        admin_token()
+    );
+    let (status, _, answer) = http_raw(node.http, method, path, &headers, &body).unwrap();
+    (status, serde_json::from_str(&answer).unwrap_or(Value::Null))
+}
+
+fn join_token(node: &NodeProc, room: &str, identity: &str) -> String {
+    let (status, v) = admin(
+        node,
+        "POST",
+        &format!("/api/v1/rooms/{room}/tokens"),
+        Some(json!({ "identity": identity, "name": identity.to_uppercase() })),
+    );
+    assert_eq!(status, 200, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+async fn connect(http: SocketAddr, room: &str, token: &str) -> Result<Ws, String> {
+    let url = format!("ws://{http}/api/v1/rooms/{room}/events?token={token}");
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(format!(
+            "{} {}",
+            r.status(),
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The next JSON event, within `within`; `None` if none came (pings are skipped).
+async fn next_event(ws: &mut Ws, within: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(Message::Close(c)))) => {
+                return Some(json!({ "type": "socket_closed", "frame": format!("{c:?}") }))
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) | Ok(None) => return Some(json!({ "type": "socket_closed" })),
+            Err(_) => return None,
+        }
+    }
+}
+
+async fn expect(ws: &mut Ws, kind: &str) -> Value {
+    let e = next_event(ws, Duration::from_secs(5)).await;
+    let e = e.unwrap_or_else(|| panic!("no {kind} event within 5 s"));
+    assert_eq!(e["type"], kind, "{e}");
+    e
+}
+
+async fn expect_quiet(ws: &mut Ws, within: Duration) {
+    if let Some(e) = next_event(ws, within).await {
+        panic!("expected nothing, got {e}");
+    }
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+fn node_with_auth() -> NodeProc {
+    NodeProc::start(NodeSpec {
+        extra: format!(
+            "\n[auth]\nsecrets = [\"{SECRET}\"]\n\n[rooms]\nmax_message_bytes = 1024\nmessages_per_s = 5\nmessage_burst = 10\n"
+        ),
+        ..NodeSpec::standalone()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_see_each_other_join_publish_mute_whisper_and_leave() {
+    let node = node_with_auth();
+    let (status, room) = admin(
+        &node,
+        "POST",
+        "/api/v1/rooms",
+        Some(json!({ "name": "standup", "max_participants": 4, "empty_timeout_s": 2 })),
+    );
+    assert_eq!(status, 201, "{room}");
+    let id = room["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 22);
+    assert_eq!(room["join"]["events"], format!("/api/v1/rooms/{id}/events"));
+
+    let (ta, tb, tc) = (
+        join_token(&node, &id, "alice"),
+        join_token(&node, &id, "bob"),
+        join_token(&node, &id, "carol"),
+    );
+    let mut alice = connect(node.http, &id, &ta).await.unwrap();
+    let w = expect(&mut alice, "welcome").await;
+    assert_eq!(w["you"]["identity"], "alice");
+    assert_eq!(w["you"]["name"], "ALICE");
+    assert_eq!(w["room"]["name"], "standup");
+    assert_eq!(w["participants"], json!([]));
+
+    let mut bob = connect(node.http, &id, &tb).await.unwrap();
+    let w = expect(&mut bob, "welcome").await;
+    assert_eq!(w["participants"][0]["identity"], "alice");
+    assert_eq!(
+        expect(&mut alice, "joined").await["participant"]["identity"],
+        "bob"
+    );
+
+    let mut carol = connect(node.http, &id, &tc).await.unwrap();
+    expect(&mut carol, "welcome").await;
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(
+            expect(ws, "joined").await["participant"]["identity"],
+            "carol"
+        );
+    }
+
+    // Bob publishes his own stream (WHIP, with his join token): everyone is told.
+    let udp = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (v, a) = (udp(), udp());
+    let bob_path = format!("/whip/room/{id}.bob?token={tb}");
+    let http = node.http;
+    let publisher = tokio::spawn(async move {
+        meshcast::webrtc::client::publish_rtp(
+            http,
+            &bob_path,
+            tokio::net::UdpSocket::from_std({
+                v.set_nonblocking(true).unwrap();
+                v
+            })
+            .unwrap(),
+            tokio::net::UdpSocket::from_std({
+                a.set_nonblocking(true).unwrap();
+                a
+            })
+            .unwrap(),
+            Duration::from_secs(4),
+        )
+        .await
+    });
+    let stream = format!("room/{id}.bob");
+    for ws in [&mut alice, &mut carol, &mut bob] {
+        let e = expect(ws, "track_published").await;
+        assert_eq!(
+            (e["identity"].as_str(), e["stream"].as_str()),
+            (Some("bob"), Some(stream.as_str()))
+        );
+    }
+    // Nobody publishes as someone else, nor into a room with another room's token.
+    let (status, _, body) = http_raw(
+        node.http,
+        "POST",
+        &format!("/whip/room/{id}.alice?token={tb}"),
+        "Content-Type: application/sdp\r\n",
+        "v=0\r\n",
+    )
+    .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("only its own stream"), "{body}");
+    let (status, _, body) = http_raw(
+        node.http,
+        "POST",
+        &format!("/whep/live/x?token={tb}"),
+        "Content-Type: application/sdp\r\n",
+        "v=0\r\n",
+    )
+    .unwrap();
+    assert_eq!(
+        status, 403,
+        "a join token plays nothing outside its room: {body}"
+    );
+
+    // Mutes are told to everyone else.
+    send(
+        &mut bob,
+        json!({ "type": "mute", "kind": "audio", "muted": true }),
+    )
+    .await;
+    for ws in [&mut alice, &mut carol] {
+        let e = expect(ws, "muted").await;
+        assert_eq!(
+            (
+                e["identity"].as_str(),
+                e["kind"].as_str(),
+                e["muted"].as_bool()
+            ),
+            (Some("bob"), Some("audio"), Some(true))
+        );
+    }
+
+    // A whisper reaches its target only; a broadcast reaches everyone but the sender.
+    send(
+        &mut alice,
+        json!({ "type": "data", "to": "bob", "payload": { "secret": 42 } }),
+    )
+    .await;
+    let e = expect(&mut bob, "data").await;
+    assert_eq!(
+        (e["from"].as_str(), e["whisper"].as_bool()),
+        (Some("alice"), Some(true))
+    );
+    assert_eq!(e["payload"]["secret"], 42);
+    send(
+        &mut alice,
+        json!({ "type": "data", "payload": "hello all" }),
+    )
+    .await;
+    let e = expect(&mut carol, "data").await;
+    assert_eq!(
+        (e["payload"].as_str(), e["whisper"].as_bool()),
+        (Some("hello all"), Some(false)),
+        "carol must not get the whisper"
+    );
+    assert_eq!(expect(&mut bob, "data").await["payload"], "hello all");
+    expect_quiet(&mut alice, Duration::from_millis(300)).await;
+    // A whisper to nobody is refused with a reason.
+    send(
+        &mut alice,
+        json!({ "type": "data", "to": "mallory", "payload": 1 }),
+    )
+    .await;
+    assert!(expect(&mut alice, "error").await["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no participant mallory"));
+
+    // Bad input from carol: each refused with a reason, and nobody else is affected.
+    send(
+        &mut carol,
+        json!({ "type": "data", "payload": "x".repeat(2000) }),
+    )
+    .await;
+    let e = expect(&mut carol, "error").await;
+    assert!(
+        e["reason"].as_str().unwrap().contains("max_message_bytes"),
+        "{e}"
+    );
+    carol.send(Message::Text("{not json".into())).await.unwrap();
+    assert!(expect(&mut carol, "error").await["reason"]
+        .as_str()
+        .unwrap()
+        .contains("malformed"));
+    carol
+        .send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    expect(&mut carol, "error").await;
+    send(&mut carol, json!({ "type": "kick", "who": "alice" })).await;
+    expect(&mut carol, "error").await;
+    // A flood: the burst passes, the rest is refused for its rate.
+    for i in 0..30 {
+        send(&mut carol, json!({ "type": "data", "payload": i })).await;
+    }
+    let mut passed = 0;
+    let mut refused = 0;
+    while let Some(e) = next_event(&mut carol, Duration::from_millis(500)).await {
+        assert_eq!(e["type"], "error", "{e}");
+        assert!(
+            e["reason"].as_str().unwrap().contains("messages_per_s"),
+            "{e}"
+        );
+        refused += 1;
+    }
+    while let Some(e) = next_event(&mut alice, Duration::from_millis(300)).await {
+        assert_eq!(
+            (e["type"].as_str(), e["from"].as_str()),
+            (Some("data"), Some("carol"))
+        );
+        passed += 1;
+    }
+    assert!(
+        (5..=12).contains(&passed) && passed + refused == 30,
+        "passed {passed}, refused {refused}"
+    );
+    // Bob's whisper still reaches alice.
+    while next_event(&mut bob, Duration::from_millis(200))
+        .await
+        .is_some()
+    {}
+    send(
+        &mut bob,
+        json!({ "type": "data", "to": "alice", "payload": "still here" }),
+    )
+    .await;
+    assert_eq!(expect(&mut alice, "data").await["payload"], "still here");
+
+    // A token for another room is refused before the upgrade.
+    let (status, other) = admin(&node, "POST", "/api/v1/rooms", None);
+    assert_eq!(status, 201);
+    let other_token = join_token(&node, other["id"].as_str().unwrap(), "alice");
+    let e = connect(node.http, &id, &other_token).await.unwrap_err();
+    assert!(e.starts_with("403") && e.contains("another room"), "{e}");
+    let e = connect(node.http, &id, "garbage").await.unwrap_err();
+    assert!(e.starts_with("401"), "{e}");
+
+    // The API lists the room and its participants.
+    let (status, v) = admin(&node, "GET", &format!("/api/v1/rooms/{id}"), None);
+    assert_eq!(status, 200);
+    let mut who: Vec<&str> = v["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["identity"].as_str().unwrap())
+        .collect();
+    who.sort();
+    assert_eq!(who, ["alice", "bob", "carol"]);
+    let bob_entry = v["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["identity"] == "bob")
+        .unwrap();
+    assert_eq!(bob_entry["track"]["stream"], stream.as_str());
+    assert_eq!(bob_entry["audio_muted"], true);
+
+    // Carol closes her tab: the others are told at once.
+    let t = Instant::now();
+    carol.close(None).await.unwrap();
+    for ws in [&mut alice, &mut bob] {
+        let e = expect(ws, "left").await;
+        assert_eq!(
+            (e["identity"].as_str(), e["reason"].as_str()),
+            (Some("carol"), Some("left"))
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // Bob's network goes silent (he stops reading, so he answers no ping): gone within 5 s
+    // of the last frame he sent (his track ends too, when his publisher stops).
+    let t = Instant::now();
+    let silent = bob;
+    loop {
+        let e = next_event(&mut alice, Duration::from_secs(8))
+            .await
+            .expect("bob's leave");
+        if e["type"] == "track_unpublished" {
+            continue;
+        }
+        assert_eq!(e["type"], "left", "{e}");
+        assert_eq!(
+            (e["identity"].as_str(), e["reason"].as_str()),
+            (Some("bob"), Some("lost"))
+        );
+        break;
+    }
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    drop(silent);
+    let _ = publisher.await;
+
+    // Alice leaves; the empty room is gone after its 2 s timeout.
+    drop(alice);
+    wait_until(Duration::from_secs(8), "the empty room closes", || {
+        admin(&node, "GET", &format!("/api/v1/rooms/{id}"), None).0 == 404
+    });
+    let (_, list) = admin(&node, "GET", "/api/v1/rooms", None);
+    assert!(list["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["id"] != id.as_str()));
+}
