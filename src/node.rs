@@ -223,6 +223,9 @@ impl Node {
         let webrtc_addr = webrtc.as_ref().map(|w| w.local_addr());
 
         let rooms = crate::rooms::Rooms::new(&config.node.id, config.rooms.clone(), hub.clone());
+        if let Some(bb) = &backbone {
+            rooms.attach(bb.clone(), config.node.role);
+        }
         rooms.start(shutdown.clone());
 
         let mut http_addr = None;

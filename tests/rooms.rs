@@ -400,3 +400,222 @@ async fn participants_see_each_other_join_publish_mute_whisper_and_leave() {
         .iter()
         .all(|r| r["id"] != id.as_str()));
 }
+
+/// Origins A and B (regions us and eu), an edge of each, all with the same token secret.
+fn cluster() -> (NodeProc, NodeProc, NodeProc, NodeProc) {
+    let auth = format!("\n[auth]\nsecrets = [\"{SECRET}\"]\n");
+    let (a_quic, b_quic) = (node_addr(), node_addr());
+    let origin = |id: &str, region: &str, peer| NodeSpec {
+        upstreams: vec![peer],
+        region: region.into(),
+        extra: auth.clone(),
+        ..NodeSpec::origin(id)
+    };
+    let with_token = |mut n: NodeProc| {
+        n.admin_token = Some(admin_token());
+        n
+    };
+    let a = with_token(NodeProc::start_at(origin("origin-a", "us", b_quic), a_quic));
+    let b = with_token(NodeProc::start_at(origin("origin-b", "eu", a_quic), b_quic));
+    let edge = |id: &str, region: &str, up| {
+        with_token(NodeProc::start(NodeSpec {
+            region: region.into(),
+            extra: auth.clone(),
+            ..NodeSpec::edge(id, vec![up])
+        }))
+    };
+    let (ea, eb) = (edge("edge-us", "us", a_quic), edge("edge-eu", "eu", b_quic));
+    a.wait_for_link_count(3);
+    b.wait_for_link_count(3);
+    ea.wait_for_link_count(1);
+    eb.wait_for_link_count(1);
+    (a, b, ea, eb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spans_the_cluster_and_survives_the_loss_of_a_participants_edge() {
+    let (a, b, edge_us, mut edge_eu) = cluster();
+    // Made on origin A; every node learns it.
+    let (status, room) = admin(
+        &a,
+        "POST",
+        "/api/v1/rooms",
+        Some(json!({ "empty_timeout_s": 30 })),
+    );
+    assert_eq!(status, 201, "{room}");
+    let id = room["id"].as_str().unwrap().to_string();
+    for n in [&b, &edge_us, &edge_eu] {
+        wait_until(
+            Duration::from_secs(5),
+            "the room reaches every node",
+            || admin(n, "GET", &format!("/api/v1/rooms/{id}"), None).0 == 200,
+        );
+    }
+    // Alice and Carol in the us (edge-us, origin-a), Bob in the eu (edge-eu).
+    let mut alice = connect(edge_us.http, &id, &join_token(&a, &id, "alice"))
+        .await
+        .unwrap();
+    expect(&mut alice, "welcome").await;
+    let tb = join_token(&a, &id, "bob");
+    let mut bob = connect(edge_eu.http, &id, &tb).await.unwrap();
+    expect(&mut bob, "welcome").await;
+    assert_eq!(
+        expect(&mut alice, "joined").await["participant"]["identity"],
+        "bob"
+    );
+    let mut carol = connect(a.http, &id, &join_token(&a, &id, "carol"))
+        .await
+        .unwrap();
+    let w = expect(&mut carol, "welcome").await;
+    let mut present: Vec<&str> = w["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["identity"].as_str().unwrap())
+        .collect();
+    present.sort();
+    assert_eq!(present, ["alice", "bob"], "{w}");
+    for ws in [&mut alice, &mut bob] {
+        let e = expect(ws, "joined").await;
+        assert_eq!(e["participant"]["identity"], "carol");
+        assert_eq!(e["participant"]["node"], "origin-a");
+    }
+
+    // Bob publishes on origin B (where an edge's WHIP would be sent): everyone sees it.
+    let udp = || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_nonblocking(true).unwrap();
+        tokio::net::UdpSocket::from_std(s).unwrap()
+    };
+    let (bhttp, path) = (b.http, format!("/whip/room/{id}.bob?token={tb}"));
+    let publisher = tokio::spawn(async move {
+        meshcast::webrtc::client::publish_rtp(bhttp, &path, udp(), udp(), Duration::from_secs(3))
+            .await
+    });
+    for ws in [&mut alice, &mut carol, &mut bob] {
+        let e = expect(ws, "track_published").await;
+        assert_eq!(e["identity"], "bob");
+    }
+
+    // Whispers across regions (alice → bob) and within one (alice → carol), each reaching
+    // its target only; a broadcast reaches everyone else.
+    send(
+        &mut alice,
+        json!({ "type": "data", "to": "bob", "payload": "to bob" }),
+    )
+    .await;
+    send(
+        &mut alice,
+        json!({ "type": "data", "to": "carol", "payload": "to carol" }),
+    )
+    .await;
+    send(&mut alice, json!({ "type": "data", "payload": "to all" })).await;
+    for (ws, mine) in [(&mut bob, "to bob"), (&mut carol, "to carol")] {
+        let e = expect(ws, "data").await;
+        assert_eq!(
+            (
+                e["payload"].as_str(),
+                e["whisper"].as_bool(),
+                e["from"].as_str()
+            ),
+            (Some(mine), Some(true), Some("alice"))
+        );
+        let e = expect(ws, "data").await;
+        assert_eq!(
+            (e["payload"].as_str(), e["whisper"].as_bool()),
+            (Some("to all"), Some(false))
+        );
+    }
+    expect_quiet(&mut alice, Duration::from_millis(500)).await;
+    expect_quiet(&mut bob, Duration::from_millis(300)).await;
+    let _ = publisher.await;
+    // The operator ends Bob's stream; everyone is told.
+    let kick = admin(
+        &b,
+        "DELETE",
+        &format!("/api/v1/streams/room/{id}.bob"),
+        None,
+    );
+    assert!(kick.0 < 300, "{kick:?}");
+    // (Read together: a socket nobody reads answers no ping and would be dropped as lost.)
+    let long = Duration::from_secs(12);
+    let (x, y, z) = tokio::join!(
+        expect_within(&mut alice, "track_unpublished", long),
+        expect_within(&mut carol, "track_unpublished", long),
+        expect_within(&mut bob, "track_unpublished", long)
+    );
+    for e in [x, y, z] {
+        assert_eq!(e["identity"], "bob");
+    }
+
+    // Bob's edge dies: Alice and Carol keep each other and see Bob leave, within 5 s.
+    let killed = Instant::now();
+    edge_eu.signal("KILL");
+    let six = Duration::from_secs(6);
+    let (x, y) = tokio::join!(
+        expect_within(&mut alice, "left", six),
+        expect_within(&mut carol, "left", six)
+    );
+    for e in [x, y] {
+        assert_eq!(
+            (e["identity"].as_str(), e["reason"].as_str()),
+            (Some("bob"), Some("lost"))
+        );
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        killed.elapsed()
+    );
+    send(
+        &mut carol,
+        json!({ "type": "data", "to": "alice", "payload": "still here" }),
+    )
+    .await;
+    assert_eq!(expect(&mut alice, "data").await["payload"], "still here");
+    let _ = edge_eu.child.wait();
+
+    // Bob comes back through another node with the same identity: the others see him join.
+    let mut bob = connect(b.http, &id, &tb).await.unwrap();
+    let w = expect(&mut bob, "welcome").await;
+    assert_eq!(w["participants"].as_array().unwrap().len(), 2, "{w}");
+    for ws in [&mut alice, &mut carol] {
+        let e = expect(ws, "joined").await;
+        assert_eq!(
+            (
+                e["participant"]["identity"].as_str(),
+                e["participant"]["node"].as_str()
+            ),
+            (Some("bob"), Some("origin-b"))
+        );
+    }
+    // Carol closes her tab: Alice (us) and Bob (eu) are told.
+    carol.close(None).await.unwrap();
+    for ws in [&mut alice, &mut bob] {
+        let e = expect(ws, "left").await;
+        assert_eq!(
+            (e["identity"].as_str(), e["reason"].as_str()),
+            (Some("carol"), Some("left"))
+        );
+    }
+    // Closing the room on origin B disconnects Alice on edge-us.
+    assert_eq!(
+        admin(&b, "DELETE", &format!("/api/v1/rooms/{id}"), None).0,
+        204
+    );
+    assert_eq!(expect(&mut alice, "closed").await["type"], "closed");
+    for n in [&a, &edge_us] {
+        wait_until(
+            Duration::from_secs(5),
+            "the room is gone everywhere",
+            || admin(n, "GET", &format!("/api/v1/rooms/{id}"), None).0 == 404,
+        );
+    }
+}
+
+async fn expect_within(ws: &mut Ws, kind: &str, within: Duration) -> Value {
+    let e = next_event(ws, within).await;
+    let e = e.unwrap_or_else(|| panic!("no {kind} event within {within:?}"));
+    assert_eq!(e["type"], kind, "{e}");
+    e
+}

@@ -89,6 +89,7 @@ impl Backbone {
         let (internal_tx, mut internal_rx) = mpsc::channel::<Internal>(256);
         let mut state_tick = tokio::time::interval(NODE_STATE_INTERVAL);
         let mut senders: HashMap<u64, (CancellationToken, KeyframeRequester)> = HashMap::new();
+        let mut bus_rx = self.bus_attach(link_id, &peer, false);
 
         let result = async {
             let mut events = early;
@@ -126,6 +127,7 @@ impl Backbone {
                         SessionEvent::NodeState(records) => {
                             self.on_node_state(&peer, link_id, records)
                         }
+                        SessionEvent::Bus(bytes) => self.bus_received(&peer, bytes),
                         _ => {}
                     }
                 }
@@ -136,6 +138,7 @@ impl Backbone {
                         events = session.handle_input(&buf[..n])?;
                     }
                     _ = state_tick.tick() => session.node_state(self.records_for(peer.role, true)),
+                    Some(bytes) = bus_rx.recv() => session.bus(bytes),
                     msg = internal_rx.recv() => match msg {
                         Some(Internal::Subscribed { id, stream, result: Ok(sub) }) => {
                             if session.accept(id, sub.timeline())? {
@@ -209,6 +212,7 @@ impl Backbone {
         for (_, (t, _)) in senders.drain() {
             t.cancel();
         }
+        self.bus_detach(link_id, &peer);
         self.inbound.lock().remove(&link_id);
         self.nodes.lock().forget_link(link_id);
         self.hub.metrics().backbone_links.dec();

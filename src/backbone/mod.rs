@@ -58,6 +58,7 @@ pub mod wire;
 
 // Drivers: QUIC IO and timers.
 mod announce;
+mod bus;
 mod downstream_link;
 mod feed;
 mod link;
@@ -68,6 +69,7 @@ mod report;
 pub mod tls;
 mod upstream_link;
 
+pub use bus::BusHandler;
 pub use link::{channel_binding, LinkError, LinkInfo, MAX_INBOUND_LINKS};
 use link::{link_info, InboundLink, OutboundLink};
 pub use pull::PullError;
@@ -141,6 +143,8 @@ pub struct Backbone {
     rehome_window: Duration,
     return_after: Duration,
     write_timeout: Duration,
+    /// The room bus: each live link's queue, and the handler (`bus.rs`).
+    bus: Mutex<bus::BusLinks>,
     shutdown: CancellationToken,
 }
 
@@ -190,6 +194,7 @@ impl Backbone {
             selection: PullSelection::new(role, bb.return_after),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
+            bus: Mutex::new(bus::BusLinks::default()),
             inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS)),
             directory: Mutex::new(Directory::default()),
             nodes: Mutex::new(NodeTable::new(&node.id)),

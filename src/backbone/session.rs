@@ -67,6 +67,8 @@ pub enum SessionEvent {
     Ready(PeerInfo),
     /// Either side: the peer's node states.
     NodeState(Vec<NodeRecord>),
+    /// A room-bus message (opaque here; `crate::rooms` reads it).
+    Bus(bytes::Bytes),
     // Dialer side.
     Announced(Announcement),
     Withdrawn(StreamKey),
@@ -249,6 +251,7 @@ impl ControlSession {
                 self.check_records(&records)?;
                 SessionEvent::NodeState(records)
             }
+            (_, M::Bus(bytes)) => SessionEvent::Bus(bytes),
             (Side::Dialer, M::Announce(a)) => SessionEvent::Announced(a),
             (Side::Dialer, M::Withdraw { stream }) => SessionEvent::Withdrawn(stream),
             (Side::Dialer, M::SubscribeOk { id, timeline }) => {
@@ -572,6 +575,13 @@ impl ControlSession {
     pub fn node_state(&mut self, records: Vec<NodeRecord>) {
         if self.state == State::Ready {
             self.send(ControlMessage::NodeState(records));
+        }
+    }
+
+    /// Sends a room-bus message (either side, once the session is up).
+    pub fn bus(&mut self, bytes: bytes::Bytes) {
+        if self.state == State::Ready {
+            self.send(ControlMessage::Bus(bytes));
         }
     }
 

@@ -103,6 +103,7 @@ impl Backbone {
                 .instrument(tracing::Span::current()),
         );
 
+        let mut bus_rx = self.bus_attach(link_id, &peer, true);
         let result = async {
             for ev in early {
                 self.on_dialer_event(&peer, link_id, ev, &feeds, &mut pending)?;
@@ -146,6 +147,7 @@ impl Backbone {
                         Some(LinkCommand::KeyframeRequest(id)) => session.request_keyframe(id)?,
                         None => return Ok(()),
                     },
+                    Some(bytes) = bus_rx.recv() => session.bus(bytes),
                     e = conn.closed() => return Err(LinkError::Connection(e)),
                     _ = self.shutdown.cancelled() => {
                         session.go_away("shutdown");
@@ -159,6 +161,7 @@ impl Backbone {
         .await;
 
         uni.abort();
+        self.bus_detach(link_id, &peer);
         self.outbound.lock().remove(&addr);
         self.hub.metrics().backbone_links.dec();
         self.directory.lock().drop_node(&peer.node_id);
@@ -179,6 +182,7 @@ impl Backbone {
         match ev {
             SessionEvent::Announced(a) => self.on_announce(peer, a),
             SessionEvent::NodeState(records) => self.on_node_state(peer, link_id, records),
+            SessionEvent::Bus(bytes) => self.bus_received(peer, bytes),
             SessionEvent::Withdrawn(stream) => {
                 debug!(%stream, "withdrawn");
                 self.directory.lock().withdraw(&peer.node_id, &stream);

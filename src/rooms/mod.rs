@@ -11,10 +11,12 @@
 //! plays the others' over WHEP, each stream a normal stream of the hub, so it crosses the
 //! backbone once per node that needs it, like any other.
 
+mod cluster;
 pub mod state;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -69,6 +71,11 @@ pub struct Rooms {
     /// Participants connected here: room → identity → channel. Locked after `table`.
     local: Mutex<HashMap<String, HashMap<String, Local>>>,
     hub: Arc<Hub>,
+    /// The room bus, once the node has a backbone (`cluster.rs`).
+    cluster: OnceLock<cluster::Cluster>,
+    /// Data messages sent from here (their ids on the bus).
+    data_seq: AtomicU64,
+    last_refresh: Mutex<Instant>,
 }
 
 /// One participant's presence through this node: its events arrive on `events`. Dropping
@@ -100,10 +107,17 @@ impl Rooms {
     pub fn new(me: &str, config: RoomsConfig, hub: Arc<Hub>) -> Arc<Rooms> {
         Arc::new(Rooms {
             me: me.to_string(),
-            table: Mutex::new(RoomTable::new(me, config.max_rooms)),
+            table: Mutex::new(RoomTable::with_incarnation(
+                me,
+                config.max_rooms,
+                crate::clock::unix_ms(),
+            )),
             config,
             local: Mutex::new(HashMap::new()),
             hub,
+            cluster: OnceLock::new(),
+            data_seq: AtomicU64::new(0),
+            last_refresh: Mutex::new(Instant::now()),
         })
     }
 
@@ -166,6 +180,7 @@ impl Rooms {
         };
         let made = self.table.lock().create(info, Instant::now())?;
         info!(room = %made.id, "room created");
+        self.announce_room(&made);
         Ok(made)
     }
 
@@ -186,11 +201,20 @@ impl Rooms {
         self.table.lock().members(room)
     }
 
-    /// Closes a room: its participants here are told and disconnected, its streams
-    /// published here end. `false` if there is no such room.
+    /// Closes a room everywhere: its participants are told and disconnected, its streams
+    /// end. `false` if there is no such room.
     pub fn delete(&self, room: &str, reason: &str) -> bool {
+        let closed = self.close_here(room, reason);
+        if closed {
+            self.announce_closed(room);
+        }
+        closed
+    }
+
+    /// Closes a room on this node (see [`Rooms::delete`]).
+    fn close_here(&self, room: &str, reason: &str) -> bool {
         let mut table = self.table.lock();
-        let Some(event) = table.remove(room, reason) else {
+        let Some(event) = table.remove(room, reason, Instant::now()) else {
             return false;
         };
         let gone = self.local.lock().remove(room).unwrap_or_default();
@@ -275,7 +299,9 @@ impl Rooms {
             ));
         }
         self.deliver(room, &events, None);
+        let slice = table.my_slice(room);
         drop(table);
+        self.announce_slice(slice);
         debug!(%room, %identity, "participant joined");
         Ok(Membership {
             rooms: self.clone(),
@@ -302,6 +328,9 @@ impl Rooms {
             }
         }
         self.deliver(room, &events, None);
+        let slice = table.my_slice(room);
+        drop(table);
+        self.announce_slice(slice);
         debug!(%room, %identity, reason, "participant left");
     }
 
@@ -310,6 +339,9 @@ impl Rooms {
         let mut table = self.table.lock();
         let events = table.set_muted(&m.room, &m.identity, video, muted, Instant::now());
         self.deliver(&m.room, &events, None);
+        let slice = table.my_slice(&m.room);
+        drop(table);
+        self.announce_slice(slice);
     }
 
     /// A data message from a participant here: to everyone else in the room, or (a
@@ -321,25 +353,51 @@ impl Rooms {
         payload: serde_json::Value,
     ) -> Result<(), String> {
         let table = self.table.lock();
-        if let Some(target) = to {
-            if target == m.identity {
-                return Err("a whisper goes to another participant".into());
+        let target_node = match to {
+            Some(target) if target == m.identity => {
+                return Err("a whisper goes to another participant".into())
             }
-            if table.member(&m.room, target).is_none() {
-                return Err(format!("no participant {target} in this room"));
+            Some(target) => match table.member(&m.room, target) {
+                Some(t) => Some(t.participant.node.clone()),
+                None => return Err(format!("no participant {target} in this room")),
+            },
+            None => None,
+        };
+        drop(table);
+        match (to, target_node) {
+            (Some(target), Some(node)) if node == self.me => {
+                let event = Event::Data {
+                    from: m.identity.clone(),
+                    whisper: true,
+                    payload,
+                };
+                self.deliver_data(&m.room, &event, Some(target), None);
+            }
+            (Some(target), Some(node)) => {
+                self.data_out(&m.room, &m.identity, Some((target, &node)), &payload)
+            }
+            _ => {
+                self.data_out(&m.room, &m.identity, None, &payload);
+                let event = Event::Data {
+                    from: m.identity.clone(),
+                    whisper: false,
+                    payload,
+                };
+                self.deliver_data(&m.room, &event, None, Some(&m.identity));
             }
         }
-        let event = Event::Data {
-            from: m.identity.clone(),
-            whisper: to.is_some(),
-            payload,
-        };
-        let text = to_json(&event);
+        Ok(())
+    }
+
+    /// Hands a data message to the participants here: `only` that one (a whisper), or all
+    /// but `except` (its sender).
+    fn deliver_data(&self, room: &str, event: &Event, only: Option<&str>, except: Option<&str>) {
+        let text = to_json(event);
         let local = self.local.lock();
-        let Some(members) = local.get(&m.room) else {
-            return Ok(());
+        let Some(members) = local.get(room) else {
+            return;
         };
-        match to {
+        match only {
             Some(target) => {
                 if let Some(l) = members.get(target) {
                     let _ = l.tx.try_send(Outgoing::Text(text));
@@ -347,13 +405,12 @@ impl Rooms {
             }
             None => {
                 for (identity, l) in members {
-                    if *identity != m.identity {
+                    if Some(identity.as_str()) != except {
                         let _ = l.tx.try_send(Outgoing::Text(text.clone()));
                     }
                 }
             }
         }
-        Ok(())
     }
 
     /// Hands `events` of `room` to its participants here, in order; a participant is not
@@ -425,6 +482,9 @@ impl Rooms {
         });
         let events = table.set_track(room, identity, track, Instant::now());
         self.deliver(room, &events, None);
+        let slice = table.my_slice(room);
+        drop(table);
+        self.announce_slice(slice);
     }
 
     /// After missing hub events: the tracks are set again from the streams published here.
@@ -446,7 +506,19 @@ impl Rooms {
         for room in closed {
             self.local.lock().remove(&room);
             self.end_streams(&room, "the room closed");
+            self.announce_closed(&room);
             info!(%room, "room closed: empty for its timeout");
+        }
+        let refresh = {
+            let mut last = self.last_refresh.lock();
+            let due = now.duration_since(*last) >= cluster::REFRESH;
+            if due {
+                *last = now;
+            }
+            due
+        };
+        if refresh {
+            self.refresh_slices();
         }
     }
 }

@@ -14,10 +14,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A room as created.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomInfo {
     pub id: String,
     pub name: String,
@@ -28,7 +28,7 @@ pub struct RoomInfo {
 }
 
 /// One participant's presence, as the node serving its event channel says.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Participant {
     pub identity: String,
     pub name: String,
@@ -43,13 +43,12 @@ pub struct Participant {
 }
 
 /// A participant's published stream, as the node it is published on says.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Track {
     /// `room/ROOM.IDENTITY`.
     pub stream: String,
     pub node: String,
     /// Audio level, RFC 6464 style: 0 is the loudest, 127 silence (-dBov).
-    #[serde(skip)]
     pub level: u8,
 }
 
@@ -126,6 +125,10 @@ pub enum RoomError {
 /// One node's part of a room.
 #[derive(Clone, Debug, Default)]
 struct Slice {
+    /// The owner's (incarnation, version) when it made this slice: a newer one replaces it.
+    stamp: (u64, u64),
+    /// Why its latest change removed participants.
+    reason: &'static str,
     participants: BTreeMap<String, Participant>,
     tracks: BTreeMap<String, Track>,
     /// When a remote slice is forgotten unless refreshed; `None` for this node's own.
@@ -142,6 +145,9 @@ impl Slice {
 struct Room {
     info: RoomInfo,
     slices: BTreeMap<String, Slice>,
+    /// The newest stamp seen from each node, kept after its slice empties or expires, so
+    /// that a late older copy cannot bring a participant back.
+    stamps: BTreeMap<String, (u64, u64)>,
     view: BTreeMap<String, Member>,
     empty_since: Option<Instant>,
     speaker: Speaker,
@@ -164,8 +170,44 @@ struct Speaker {
 #[derive(Debug)]
 pub struct RoomTable {
     me: String,
+    /// This node's incarnation and the version of its latest slice change.
+    incarnation: u64,
+    version: u64,
+    /// The reason of this node's latest slice change (sent with an emptied slice).
+    last_reason: &'static str,
     max_rooms: usize,
     rooms: BTreeMap<String, Room>,
+    /// Rooms closed lately, so that no late copy brings one back.
+    closed: BTreeMap<String, Instant>,
+}
+
+/// How long a closed room's id is remembered.
+const CLOSED_MEMORY: Duration = Duration::from_secs(600);
+/// Participants or tracks in one slice at most (bigger ones from peers are refused).
+pub const MAX_SLICE_ITEMS: usize = 1000;
+
+/// One node's slice of a room, as it travels between nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SliceUpdate {
+    pub room: String,
+    pub node: String,
+    pub stamp: (u64, u64),
+    pub participants: Vec<Participant>,
+    pub tracks: Vec<Track>,
+    /// Why participants missing from it left (of its latest change).
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A leave reason from a peer, as one of ours (an unknown one is `left`).
+fn leave_reason(s: &str) -> &'static str {
+    match s {
+        "lost" => "lost",
+        "rejoined" => "rejoined",
+        "disconnected" => "disconnected",
+        "closed" => "closed",
+        _ => "left",
+    }
 }
 
 /// The union of a room's slices: per identity, the newest session's presence and any
@@ -285,11 +327,121 @@ pub fn diff(
 
 impl RoomTable {
     pub fn new(me: &str, max_rooms: usize) -> RoomTable {
+        Self::with_incarnation(me, max_rooms, 0)
+    }
+
+    /// `incarnation` orders this node's slices after those of its earlier runs (its start
+    /// time in unix ms).
+    pub fn with_incarnation(me: &str, max_rooms: usize, incarnation: u64) -> RoomTable {
         RoomTable {
             me: me.to_string(),
+            incarnation,
+            version: 0,
+            last_reason: "left",
             max_rooms,
             rooms: BTreeMap::new(),
+            closed: BTreeMap::new(),
         }
+    }
+
+    /// A room another node made (or passed on). `true` if it is new here.
+    pub fn learn_room(&mut self, info: RoomInfo, now: Instant) -> bool {
+        if self.rooms.contains_key(&info.id) || self.closed.contains_key(&info.id) {
+            return false;
+        }
+        self.create(info, now).is_ok()
+    }
+
+    /// Every room's record.
+    pub fn infos(&self) -> Vec<RoomInfo> {
+        self.rooms.values().map(|r| r.info.clone()).collect()
+    }
+
+    /// This node's slices (of rooms where it has participants or tracks).
+    pub fn my_slices(&self) -> Vec<SliceUpdate> {
+        self.rooms
+            .iter()
+            .filter_map(|(id, r)| {
+                let s = r.slices.get(&self.me)?;
+                Some(SliceUpdate {
+                    room: id.clone(),
+                    node: self.me.clone(),
+                    stamp: s.stamp,
+                    participants: s.participants.values().cloned().collect(),
+                    tracks: s.tracks.values().cloned().collect(),
+                    reason: s.reason.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// This node's slice of `room`, even an empty one (to tell peers it emptied).
+    pub fn my_slice(&self, room: &str) -> SliceUpdate {
+        let s = self.rooms.get(room).and_then(|r| r.slices.get(&self.me));
+        SliceUpdate {
+            room: room.to_string(),
+            node: self.me.clone(),
+            stamp: s.map_or((self.incarnation, self.version), |s| s.stamp),
+            participants: s
+                .map(|s| s.participants.values().cloned().collect())
+                .unwrap_or_default(),
+            tracks: s
+                .map(|s| s.tracks.values().cloned().collect())
+                .unwrap_or_default(),
+            reason: self.last_reason.to_string(),
+        }
+    }
+
+    /// Another node's slice. `None` when it is stale (an older stamp than held), about an
+    /// unknown room, or this node's own; else the events of the change (none for a mere
+    /// refresh). It is forgotten at `expires` unless refreshed.
+    pub fn apply_slice(
+        &mut self,
+        update: SliceUpdate,
+        expires: Instant,
+        now: Instant,
+    ) -> Option<Vec<Event>> {
+        if update.node == self.me {
+            return None;
+        }
+        let r = self.rooms.get_mut(&update.room)?;
+        match r.stamps.get(&update.node) {
+            Some(seen) if update.stamp < *seen => return None,
+            Some(seen) if update.stamp == *seen => {
+                if let Some(held) = r.slices.get_mut(&update.node) {
+                    held.expires = Some(expires);
+                }
+                return Some(Vec::new());
+            }
+            _ => {}
+        }
+        r.stamps.insert(update.node.clone(), update.stamp);
+        let reason = leave_reason(&update.reason);
+        let slice = Slice {
+            stamp: update.stamp,
+            reason,
+            participants: update
+                .participants
+                .into_iter()
+                .map(|p| (p.identity.clone(), p))
+                .collect(),
+            tracks: update
+                .tracks
+                .into_iter()
+                .filter_map(|t| {
+                    let name = t.stream.strip_prefix("room/")?;
+                    let (_, identity) = name.split_once('.')?;
+                    Some((identity.to_string(), t))
+                })
+                .collect(),
+            expires: Some(expires),
+        };
+        if slice.is_empty() {
+            r.slices.remove(&update.node);
+        } else {
+            r.slices.insert(update.node, slice);
+        }
+        Some(r.refresh(reason, now))
     }
 
     pub fn me(&self) -> &str {
@@ -301,7 +453,7 @@ impl RoomTable {
         if self.rooms.len() >= self.max_rooms {
             return Err(RoomError::TooManyRooms(self.max_rooms));
         }
-        if self.rooms.contains_key(&info.id) {
+        if self.rooms.contains_key(&info.id) || self.closed.contains_key(&info.id) {
             return Err(RoomError::Invalid(format!("room {} exists", info.id)));
         }
         self.rooms.insert(
@@ -309,6 +461,7 @@ impl RoomTable {
             Room {
                 info: info.clone(),
                 slices: BTreeMap::new(),
+                stamps: BTreeMap::new(),
                 view: BTreeMap::new(),
                 empty_since: Some(now),
                 speaker: Speaker::default(),
@@ -341,7 +494,8 @@ impl RoomTable {
     }
 
     /// Removes a room; the events its local participants get (a `Closed`).
-    pub fn remove(&mut self, room: &str, reason: &str) -> Option<Event> {
+    pub fn remove(&mut self, room: &str, reason: &str, now: Instant) -> Option<Event> {
+        self.closed.insert(room.to_string(), now);
         self.rooms.remove(room).map(|_| Event::Closed {
             reason: reason.to_string(),
         })
@@ -359,7 +513,12 @@ impl RoomTable {
         let Some(r) = self.rooms.get_mut(room) else {
             return Vec::new();
         };
-        change(r.slices.entry(me.clone()).or_default());
+        self.version += 1;
+        self.last_reason = reason;
+        let slice = r.slices.entry(me.clone()).or_default();
+        change(slice);
+        slice.stamp = (self.incarnation, self.version);
+        slice.reason = reason;
         if r.slices.get(&me).is_some_and(Slice::is_empty) {
             r.slices.remove(&me);
         }
@@ -487,7 +646,10 @@ impl RoomTable {
         }
         for id in &closed {
             self.rooms.remove(id);
+            self.closed.insert(id.clone(), now);
         }
+        self.closed
+            .retain(|_, t| now.duration_since(*t) < CLOSED_MEMORY);
         (closed, changed)
     }
 }
@@ -775,6 +937,65 @@ mod tests {
         let events = t.leave("r1", "b", 1, "left", t3);
         assert_eq!(kinds(&events), ["left b", "speaker -"]);
         assert_eq!(t.speaker("r1"), None);
+    }
+
+    #[test]
+    fn peers_slices_join_the_view_until_they_expire_and_stale_copies_are_ignored() {
+        let t0 = Instant::now();
+        let mut a = RoomTable::with_incarnation("n1", 10, 1);
+        let mut b = RoomTable::with_incarnation("n2", 10, 1);
+        a.create(info("r1"), t0).unwrap();
+        assert!(b.learn_room(info("r1"), t0));
+        assert!(!b.learn_room(info("r1"), t0), "known already");
+        let mut bob = participant("bob", 7, 1);
+        bob.node = "n2".into();
+        b.join("r1", bob, t0).unwrap();
+        let first = b.my_slice("r1");
+        let ttl = t0 + Duration::from_secs(3);
+        assert_eq!(
+            kinds(&a.apply_slice(first.clone(), ttl, t0).unwrap()),
+            ["joined bob"]
+        );
+        // The same stamp again is a refresh: no events, a later expiry.
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(
+            a.apply_slice(first.clone(), later + Duration::from_secs(3), later),
+            Some(vec![])
+        );
+        // Bob closes his tab: the emptied slice carries why.
+        b.leave("r1", "bob", 7, "left", t0);
+        let emptied = b.my_slice("r1");
+        assert_eq!(
+            a.apply_slice(emptied.clone(), ttl, t0).unwrap(),
+            [Event::Left {
+                identity: "bob".into(),
+                reason: "left"
+            }]
+        );
+        // An older copy arriving late changes nothing.
+        assert_eq!(a.apply_slice(first.clone(), ttl, t0), None);
+        // A node's own slice coming back is ignored.
+        assert_eq!(b.apply_slice(emptied, ttl, t0), None);
+        // Bob again; then his node goes silent: gone when the slice expires, as lost.
+        let mut bob = participant("bob", 8, 2);
+        bob.node = "n2".into();
+        b.join("r1", bob, t0).unwrap();
+        a.apply_slice(b.my_slice("r1"), ttl, t0).unwrap();
+        assert!(a.tick(t0 + Duration::from_secs(2)).1.is_empty());
+        let (_, changed) = a.tick(t0 + Duration::from_secs(4));
+        assert_eq!(
+            changed,
+            [(
+                "r1".to_string(),
+                vec![Event::Left {
+                    identity: "bob".into(),
+                    reason: "lost"
+                }]
+            )]
+        );
+        // A closed room is not brought back by a late record.
+        a.remove("r1", "closed", t0);
+        assert!(!a.learn_room(info("r1"), t0));
     }
 
     #[test]

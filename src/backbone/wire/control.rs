@@ -156,7 +156,13 @@ pub enum ControlMessage {
     GoAway { reason: String },
     /// Either side: node states (its own first, then any it passes on).
     NodeState(Vec<NodeRecord>),
+    /// Either side: a message of the room bus (`crate::rooms`), opaque to the backbone;
+    /// at most [`MAX_BUS_BYTES`].
+    Bus(Bytes),
 }
+
+/// The largest room-bus message.
+pub const MAX_BUS_BYTES: usize = 1 << 20;
 pub(super) const T_HELLO: u8 = 0x01;
 pub(super) const T_WELCOME: u8 = 0x02;
 pub(super) const T_ANNOUNCE: u8 = 0x03;
@@ -171,6 +177,7 @@ pub(super) const T_GOAWAY: u8 = 0x0b;
 pub(super) const T_NODE_STATE: u8 = 0x0c;
 pub(super) const T_CHALLENGE: u8 = 0x0d;
 pub(super) const T_AUTH: u8 = 0x0e;
+pub(super) const T_BUS: u8 = 0x0f;
 
 impl ControlMessage {
     /// The message's name, for logs and counts.
@@ -190,6 +197,7 @@ impl ControlMessage {
             ControlMessage::KeyframeRequest { .. } => "KeyframeRequest",
             ControlMessage::GoAway { .. } => "GoAway",
             ControlMessage::NodeState(_) => "NodeState",
+            ControlMessage::Bus(_) => "Bus",
         }
     }
 
@@ -280,6 +288,10 @@ impl ControlMessage {
                 }
                 T_NODE_STATE
             }
+            ControlMessage::Bus(bytes) => {
+                body.put_slice(&bytes[..bytes.len().min(MAX_BUS_BYTES)]);
+                T_BUS
+            }
         };
         put_frame(out, t, &body);
     }
@@ -353,6 +365,13 @@ impl ControlMessage {
                     records.push(r.record()?);
                 }
                 ControlMessage::NodeState(records)
+            }
+            T_BUS => {
+                let bytes = r.rest();
+                if bytes.is_empty() || bytes.len() > MAX_BUS_BYTES {
+                    return Err(WireError::Invalid("bus message size"));
+                }
+                ControlMessage::Bus(bytes)
             }
             other => return Err(WireError::UnknownType(other)),
         };

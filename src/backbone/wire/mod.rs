@@ -1,4 +1,4 @@
-//! The backbone wire format, version 5 (documented in `docs/backbone-protocol.md`).
+//! The backbone wire format, version 6 (documented in `docs/backbone-protocol.md`).
 //!
 //! Sans-IO: encoding appends to a `BytesMut`; decoding takes bytes and returns values or a
 //! [`WireError`]. Every read is bounds-checked; no input can make this code panic, and no
@@ -27,7 +27,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::media::{Codec, StreamKey};
 
 /// Protocol version carried in the hello; peers with another major version are refused.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// The TLS ALPN token of the backbone.
 pub const ALPN: &[u8] = b"meshcast/3";
 /// Largest media item accepted (a 4K keyframe fits comfortably).
