@@ -43,6 +43,8 @@ const SANS_IO: &[&str] = &[
     "src/backbone/intake.rs",
     "src/cluster/route.rs",
     "src/rooms/state.rs",
+    "src/rooms/diff.rs",
+    "src/rooms/checks.rs",
     "src/rtmp/guard.rs",
     "src/rtmp/chunk.rs",
     "src/rtmp/protocol.rs",

@@ -61,7 +61,6 @@ fn join_urls(room: &str) -> serde_json::Value {
         "whip": format!("/whip/room/{room}.{{identity}}"),
         "whep": format!("/whep/room/{room}.{{identity}}"),
         "route": format!("/api/v1/route?stream=room/{room}.{{identity}}"),
-        "page": format!("/meet?room={room}"),
     })
 }
 

@@ -11,7 +11,9 @@
 //! plays the others' over WHEP, each stream a normal stream of the hub, so it crosses the
 //! backbone once per node that needs it, like any other.
 
+pub mod checks;
 mod cluster;
+pub mod diff;
 pub mod state;
 
 use std::collections::HashMap;

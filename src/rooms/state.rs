@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::checks::{clean_name, valid_identity, valid_room_id, RateLimit};
+pub use super::diff::diff;
+
 /// A room as created.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomInfo {
@@ -240,89 +243,6 @@ fn union(slices: &BTreeMap<String, Slice>) -> BTreeMap<String, Member> {
         }
     }
     view
-}
-
-/// The events that turn view `old` into view `new`; `reason` is given to leaves.
-pub fn diff(
-    old: &BTreeMap<String, Member>,
-    new: &BTreeMap<String, Member>,
-    reason: &'static str,
-) -> Vec<Event> {
-    let mut events = Vec::new();
-    for (identity, m) in old {
-        match new.get(identity) {
-            None => events.push(Event::Left {
-                identity: identity.clone(),
-                reason,
-            }),
-            Some(n) if n.participant.session != m.participant.session => {
-                events.push(Event::Left {
-                    identity: identity.clone(),
-                    reason: "rejoined",
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    for (identity, n) in new {
-        let was = old
-            .get(identity)
-            .filter(|m| m.participant.session == n.participant.session);
-        let Some(m) = was else {
-            events.push(Event::Joined {
-                participant: Member {
-                    participant: n.participant.clone(),
-                    track: None,
-                },
-            });
-            if let Some(t) = &n.track {
-                events.push(Event::TrackPublished {
-                    identity: identity.clone(),
-                    stream: t.stream.clone(),
-                });
-            }
-            continue;
-        };
-        for (kind, before, after) in [
-            (
-                "audio",
-                m.participant.audio_muted,
-                n.participant.audio_muted,
-            ),
-            (
-                "video",
-                m.participant.video_muted,
-                n.participant.video_muted,
-            ),
-        ] {
-            if before != after {
-                events.push(Event::Muted {
-                    identity: identity.clone(),
-                    kind,
-                    muted: after,
-                });
-            }
-        }
-        let (a, b) = (
-            m.track.as_ref().map(|t| &t.stream),
-            n.track.as_ref().map(|t| &t.stream),
-        );
-        if a != b {
-            if let Some(s) = a {
-                events.push(Event::TrackUnpublished {
-                    identity: identity.clone(),
-                    stream: s.clone(),
-                });
-            }
-            if let Some(s) = b {
-                events.push(Event::TrackPublished {
-                    identity: identity.clone(),
-                    stream: s.clone(),
-                });
-            }
-        }
-    }
-    events
 }
 
 impl RoomTable {
@@ -720,59 +640,6 @@ impl Room {
             identity: Some(loudest.1),
         })
     }
-}
-
-/// A token bucket: `rate` per second on average, `burst` at once.
-#[derive(Debug)]
-pub struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    pub fn new(rate: u32, burst: u32, now: Instant) -> RateLimit {
-        RateLimit {
-            rate: rate as f64,
-            burst: burst as f64,
-            tokens: burst as f64,
-            last: now,
-        }
-    }
-
-    /// Takes one token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// A participant identity: 1-64 of `A-Z a-z 0-9 _ - .`, not starting with `.` (it names
-/// the participant's stream, `room/ROOM.IDENTITY`).
-pub fn valid_identity(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('.')
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
-}
-
-/// A room id as this node makes them: 1-32 ASCII letters and digits.
-pub fn valid_room_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 32 && s.bytes().all(|c| c.is_ascii_alphanumeric())
-}
-
-/// A display name: at most 64 characters, control characters dropped.
-pub fn clean_name(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,57 @@
+//! Bounds and checks on what participants send (sans-IO): the rate limit, identities,
+//! room ids and display names.
+
+use std::time::Instant;
+
+/// A token bucket: `rate` per second on average, `burst` at once.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub fn new(rate: u32, burst: u32, now: Instant) -> RateLimit {
+        RateLimit {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A participant identity: 1-64 of `A-Z a-z 0-9 _ - .`, not starting with `.` (it names
+/// the participant's stream, `room/ROOM.IDENTITY`).
+pub fn valid_identity(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
+
+/// A room id as this node makes them: 1-32 ASCII letters and digits.
+pub fn valid_room_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && s.bytes().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// A display name: at most 64 characters, control characters dropped.
+pub fn clean_name(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(64).collect()
+}
