@@ -1,4 +1,8 @@
-//! The web console: one static page that polls the REST API.
+//! The web console: one static page that polls the REST API; and the meeting page of
+//! rooms (`/meet`, the file `examples/meeting.html`, which also works from anywhere).
+
+/// The meeting page: plain HTML and JavaScript, nothing fetched from elsewhere.
+pub const MEETING: &str = include_str!("../../examples/meeting.html");
 
 pub const PAGE: &str = r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>meshcast</title>

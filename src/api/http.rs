@@ -74,6 +74,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(admin)
         .route("/", get(console))
+        .route(
+            "/meet",
+            get(|| async { Html(crate::api::console::MEETING) }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/node", get(node))

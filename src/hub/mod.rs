@@ -21,7 +21,7 @@
 //! a protocol needs of a frame it caches on the [`Packet`] itself (`media::packet`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -209,6 +209,7 @@ impl Hub {
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bframes: AtomicBool::new(false),
+            audio_level: AtomicU8::new(127),
             order_settled: AtomicBool::new(false),
             started: Instant::now(),
             started_ms: crate::clock::unix_ms(),

@@ -142,6 +142,14 @@ impl Publisher {
         }
     }
 
+    /// An audio level the publisher reported (RFC 6464, -dBov); the loudest of a window is
+    /// kept for [`Stream::take_audio_level`].
+    pub fn note_audio_level(&self, dbov: u8) {
+        self.stream
+            .audio_level
+            .fetch_min(dbov.min(127), std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn key(&self) -> &StreamKey {
         &self.stream.key
     }

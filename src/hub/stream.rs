@@ -1,6 +1,6 @@
 //! One live stream's shared state, and its snapshot for the API.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -44,6 +44,9 @@ pub struct Stream {
     /// Whether enough video frames were fanned out to know `bframes` without looking at
     /// frames (set once, by the publisher).
     pub(super) order_settled: AtomicBool,
+    /// The loudest audio level its publisher reported since it was last read (RFC 6464,
+    /// -dBov: 0 loudest, 127 silence or unknown).
+    pub(super) audio_level: AtomicU8,
     pub(super) started: Instant,
     /// When the stream started, in unix milliseconds (ranks rival publishers of one name).
     pub(super) started_ms: u64,
@@ -60,6 +63,12 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// The loudest audio level since the last call (-dBov; 127: silence or none
+    /// reported), and a new window begins.
+    pub fn take_audio_level(&self) -> u8 {
+        self.audio_level.swap(127, Ordering::Relaxed)
+    }
+
     pub fn timeline(&self) -> u64 {
         self.timeline.load(Ordering::Acquire)
     }

@@ -511,6 +511,7 @@ impl Rooms {
             self.announce_closed(&room);
             info!(%room, "room closed: empty for its timeout");
         }
+        self.read_levels(now);
         let refresh = {
             let mut last = self.last_refresh.lock();
             let due = now.duration_since(*last) >= cluster::REFRESH;
@@ -521,6 +522,37 @@ impl Rooms {
         };
         if refresh {
             self.refresh_slices();
+        }
+    }
+}
+
+impl Rooms {
+    /// The audio levels of the room streams published here since the last tick: the
+    /// active speaker, and the other nodes told when a level moved.
+    fn read_levels(&self, now: Instant) {
+        let mut by_room: HashMap<String, Vec<(String, u8)>> = HashMap::new();
+        for key in self.hub.local_streams() {
+            if key.is_derived() {
+                continue;
+            }
+            if let Some((room, identity)) = room_stream(&key) {
+                if let Some(stream) = self.hub.get(&key) {
+                    by_room
+                        .entry(room.to_string())
+                        .or_default()
+                        .push((identity.to_string(), stream.take_audio_level()));
+                }
+            }
+        }
+        for (room, levels) in by_room {
+            let mut table = self.table.lock();
+            let (events, moved) = table.set_levels(&room, &levels, now);
+            self.deliver(&room, &events, None);
+            if moved {
+                let slice = table.my_slice(&room);
+                drop(table);
+                self.announce_slice(slice);
+            }
         }
     }
 }

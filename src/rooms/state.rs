@@ -163,6 +163,12 @@ const TAKE_OVER_DB: u8 = 6;
 /// The speaker changes at most this often.
 const SPEAKER_HOLD: Duration = Duration::from_millis(1000);
 
+/// Whether a level changed enough for the other nodes to hear of it: across the speaking
+/// threshold, or by 6 dB or more.
+fn level_moved(before: u8, after: u8) -> bool {
+    (before < SPEAKING_DBOV) != (after < SPEAKING_DBOV) || before.abs_diff(after) >= TAKE_OVER_DB
+}
+
 #[derive(Debug, Default)]
 struct Speaker {
     identity: Option<String>,
@@ -527,20 +533,31 @@ impl RoomTable {
 
     /// Audio levels of tracks published here (identity, -dBov over the last window).
     /// Returns a `Speaker` event when the active speaker changes.
-    pub fn set_levels(&mut self, room: &str, levels: &[(String, u8)], now: Instant) -> Vec<Event> {
+    pub fn set_levels(
+        &mut self,
+        room: &str,
+        levels: &[(String, u8)],
+        now: Instant,
+    ) -> (Vec<Event>, bool) {
         let me = self.me.clone();
         let Some(r) = self.rooms.get_mut(room) else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
+        let mut moved = false;
         if let Some(s) = r.slices.get_mut(&me) {
             for (identity, level) in levels {
                 if let Some(t) = s.tracks.get_mut(identity) {
+                    moved |= level_moved(t.level, *level);
                     t.level = *level;
                 }
             }
+            if moved {
+                self.version += 1;
+                s.stamp = (self.incarnation, self.version);
+            }
         }
         r.view = union(&r.slices);
-        r.choose_speaker(now).into_iter().collect()
+        (r.choose_speaker(now).into_iter().collect(), moved)
     }
 
     /// Timers: rooms empty for their timeout are removed (returned), and remote slices
@@ -780,21 +797,21 @@ mod tests {
         }
         let lv = |a: u8, b: u8| vec![("a".to_string(), a), ("b".to_string(), b)];
         // Silence: no speaker.
-        assert!(t.set_levels("r1", &lv(127, 127), t0).is_empty());
+        assert!(t.set_levels("r1", &lv(127, 127), t0).0.is_empty());
         assert_eq!(
-            t.set_levels("r1", &lv(30, 127), t0),
+            t.set_levels("r1", &lv(30, 127), t0).0,
             [Event::Speaker {
                 identity: Some("a".into())
             }]
         );
         // b is louder but within the hold.
         let t1 = t0 + Duration::from_millis(300);
-        assert!(t.set_levels("r1", &lv(30, 10), t1).is_empty());
+        assert!(t.set_levels("r1", &lv(30, 10), t1).0.is_empty());
         // After the hold, b clearly louder takes over; barely louder would not.
         let t2 = t0 + Duration::from_millis(1500);
-        assert!(t.set_levels("r1", &lv(30, 27), t2).is_empty());
+        assert!(t.set_levels("r1", &lv(30, 27), t2).0.is_empty());
         assert_eq!(
-            t.set_levels("r1", &lv(30, 10), t2),
+            t.set_levels("r1", &lv(30, 10), t2).0,
             [Event::Speaker {
                 identity: Some("b".into())
             }]

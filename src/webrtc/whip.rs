@@ -453,6 +453,11 @@ impl WhipPeer {
             return; // audio waits for video to be configured, so tracks start together
         }
         let pts = ingest.audio_clock.pts(p.header.timestamp, p.timestamp, t0);
+        if let Some(level) = p.header.ext_vals.audio_level {
+            // str0m gives -dBov as 0..=-127 (0 loudest).
+            self.publisher
+                .note_audio_level((-(level as i16)).clamp(0, 127) as u8);
+        }
         self.counters.frames_in.inc();
         self.publisher.push(Packet::new(Frame {
             codec: Codec::Opus,

@@ -12,6 +12,7 @@ pub mod http;
 pub mod impair;
 pub mod nginx;
 pub mod ports;
+pub mod rooms;
 
 #[allow(unused_imports)]
 pub use http::{http_get, http_request};
