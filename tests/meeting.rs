@@ -63,6 +63,18 @@ impl Participant {
             .unwrap_or(0)
     }
 
+    /// The first `left` event about `who`, asserted to come within `ms` of `since` (unix ms).
+    fn left_within(&self, who: &str, since: i64, ms: i64) -> Value {
+        let left = self.events("left", who)[0].clone();
+        let after = left["at"].as_i64().unwrap() - since;
+        assert!(
+            after < ms,
+            "{} saw {who} leave {after} ms after",
+            self.identity
+        );
+        left
+    }
+
     fn events(&self, kind: &str, about: &str) -> Vec<Value> {
         self.last["events"]
             .as_array()
@@ -125,21 +137,11 @@ fn three_browsers_across_the_cluster_meet_whisper_lose_an_edge_and_leave() {
         status == 200 && page.contains("meshcast meeting"),
         "{status}"
     );
-    let (status, room) = admin(
+    let id = create_room(
         &a,
-        "POST",
-        "/api/v1/rooms",
-        Some(json!({ "empty_timeout_s": 4 })),
+        &[&b, &edge_us, &edge_eu],
+        json!({ "empty_timeout_s": 4 }),
     );
-    assert_eq!(status, 201, "{room}");
-    let id = room["id"].as_str().unwrap().to_string();
-    for n in [&b, &edge_us, &edge_eu] {
-        wait_until(
-            Duration::from_secs(5),
-            "the room reaches every node",
-            || admin(n, "GET", &format!("/api/v1/rooms/{id}"), None).0 == 200,
-        );
-    }
     let token = |who| join_token(&a, &id, who);
     // Alice and Carol in the us, Bob in the eu; each with a tone of its own.
     let mut alice = Participant::open(
@@ -239,18 +241,12 @@ fn three_browsers_across_the_cluster_meet_whisper_lose_an_edge_and_leave() {
         |p| !p.events("left", "bob").is_empty(),
     );
     for p in [&alice, &carol] {
-        let left = &p.events("left", "bob")[0];
         // `lost` when his old session expired first, `rejoined` when his page came back
         // through another node before that.
+        let left = p.left_within("bob", killed, 5000);
         assert!(
             left["reason"] == "lost" || left["reason"] == "rejoined",
             "{left}"
-        );
-        let after = left["at"].as_i64().unwrap() - killed;
-        assert!(
-            after < 5000,
-            "{} saw bob leave {after} ms after the kill",
-            p.identity
         );
     }
     wait_for(
@@ -290,13 +286,7 @@ fn three_browsers_across_the_cluster_meet_whisper_lose_an_edge_and_leave() {
         |p| !p.events("left", "carol").is_empty(),
     );
     for p in [&alice, &bob] {
-        let left = &p.events("left", "carol")[0];
-        let after = left["at"].as_i64().unwrap() - closed;
-        assert!(
-            after < 5000,
-            "{} saw carol leave {after} ms after her tab closed",
-            p.identity
-        );
+        assert_eq!(p.left_within("carol", closed, 5000)["reason"], "left");
     }
 
     // Everyone leaves; the empty room is gone from every node after its timeout.

@@ -365,21 +365,11 @@ async fn participants_see_each_other_join_publish_mute_whisper_and_leave() {
 async fn a_room_spans_the_cluster_and_survives_the_loss_of_a_participants_edge() {
     let (a, b, edge_us, mut edge_eu) = cluster();
     // Made on origin A; every node learns it.
-    let (status, room) = admin(
+    let id = create_room(
         &a,
-        "POST",
-        "/api/v1/rooms",
-        Some(json!({ "empty_timeout_s": 30 })),
+        &[&b, &edge_us, &edge_eu],
+        json!({ "empty_timeout_s": 30 }),
     );
-    assert_eq!(status, 201, "{room}");
-    let id = room["id"].as_str().unwrap().to_string();
-    for n in [&b, &edge_us, &edge_eu] {
-        wait_until(
-            Duration::from_secs(5),
-            "the room reaches every node",
-            || admin(n, "GET", &format!("/api/v1/rooms/{id}"), None).0 == 200,
-        );
-    }
     // Alice and Carol in the us (edge-us, origin-a), Bob in the eu (edge-eu).
     let mut alice = connect(edge_us.http, &id, &join_token(&a, &id, "alice"))
         .await

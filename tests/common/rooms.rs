@@ -77,3 +77,19 @@ pub fn cluster() -> (NodeProc, NodeProc, NodeProc, NodeProc) {
     eb.wait_for_link_count(1);
     (a, b, ea, eb)
 }
+
+/// Creates a room on `on` with `body` and waits until every node of `everywhere` knows it;
+/// its id.
+pub fn create_room(on: &NodeProc, everywhere: &[&NodeProc], body: Value) -> String {
+    let (status, room) = admin(on, "POST", "/api/v1/rooms", Some(body));
+    assert_eq!(status, 201, "{room}");
+    let id = room["id"].as_str().unwrap().to_string();
+    for n in everywhere {
+        wait_until(
+            Duration::from_secs(5),
+            "the room reaches every node",
+            || admin(n, "GET", &format!("/api/v1/rooms/{id}"), None).0 == 200,
+        );
+    }
+    id
+}
