@@ -185,6 +185,19 @@ fn three_browsers_across_the_cluster_meet_whisper_lose_an_edge_and_leave() {
         };
         assert_eq!(node, format!("http://{want}"), "{}", p.identity);
     }
+    // Their tones make one of them the active speaker (RFC 6464 levels from Chromium).
+    wait_for(
+        &mut [&mut alice, &mut bob, &mut carol],
+        Duration::from_secs(10),
+        "an active speaker",
+        |p| p.last["speaker"].is_string(),
+    );
+    let speaker = alice.last["speaker"].clone();
+    assert!(
+        ["alice", "bob", "carol"].contains(&speaker.as_str().unwrap()),
+        "{speaker}"
+    );
+
     // Each learned of each other once: in its welcome, or by a join event.
     for p in [&alice, &bob, &carol] {
         for o in others(p) {
