@@ -19,6 +19,8 @@ use ffmpeg_next as ff;
 
 use crate::media::{aac, avc, AudioConfig, Codec, Frame, Timebase, VideoConfig};
 
+pub mod mix;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TranscodeError {
     #[error("no {0} codec in this FFmpeg build")]
@@ -38,17 +40,23 @@ const RESYNC_MS: i64 = 200;
 
 pub struct AudioTranscoder {
     from: Codec,
-    to: Codec,
     adts: Option<aac::AacConfig>,
     decoder: ff::decoder::Audio,
     resampler: Option<resampling::Context>,
+    out: AudioEncoder,
+}
+
+/// An AAC or Opus encoder of 48 kHz stereo with its sample FIFO: samples in (whatever the
+/// count), whole encoder frames out, timestamped on the output's sample clock.
+pub(crate) struct AudioEncoder {
+    to: Codec,
     encoder: ff::encoder::Audio,
     out_format: Sample,
     out_layout: ChannelLayout,
     out_rate: u32,
     out_channels: u16,
     frame_size: usize,
-    /// Resampled samples waiting for a whole encoder frame, one buffer per plane.
+    /// Samples waiting for a whole encoder frame, one buffer per plane.
     fifo: Vec<Vec<u8>>,
     fifo_samples: usize,
     /// Output time (in `out_rate` samples) of the first sample in the FIFO.
@@ -56,39 +64,107 @@ pub struct AudioTranscoder {
     output: AudioConfig,
 }
 
+/// A decoder for `input` (AAC, fed as ADTS: its config is returned; or Opus).
+pub(crate) fn audio_decoder(
+    input: &AudioConfig,
+) -> Result<(ff::decoder::Audio, Option<aac::AacConfig>), TranscodeError> {
+    ff::init()?;
+    let (dec_id, adts) = match input.codec {
+        Codec::Aac => (
+            codec::Id::AAC,
+            Some(aac::parse_audio_specific_config(&input.specific)?),
+        ),
+        Codec::Opus => (codec::Id::OPUS, None),
+        other => {
+            return Err(TranscodeError::Unsupported {
+                from: other,
+                to: Codec::Aac,
+            })
+        }
+    };
+    let dec_codec = ff::decoder::find(dec_id).ok_or(TranscodeError::MissingCodec("decoder"))?;
+    let mut dec_ctx = Context::new_with_codec(dec_codec);
+    if input.codec == Codec::Opus {
+        // Opus carries no in-band configuration: say what WebRTC sends.
+        // SAFETY: the context is not opened yet and these are plain fields of it.
+        unsafe {
+            let p = dec_ctx.as_mut_ptr();
+            (*p).sample_rate = 48_000;
+            #[allow(deprecated)]
+            {
+                (*p).channels = 2;
+                (*p).channel_layout = ChannelLayout::STEREO.bits();
+            }
+        }
+    }
+    Ok((dec_ctx.decoder().audio()?, adts))
+}
+
+/// An encoded audio frame's packet for the decoder (AAC gets its ADTS header).
+pub(crate) fn audio_packet(adts: Option<&aac::AacConfig>, payload: &[u8]) -> ff::Packet {
+    match adts {
+        Some(cfg) => ff::Packet::copy(&with_adts(cfg, payload)),
+        None => ff::Packet::copy(payload),
+    }
+}
+
 impl AudioTranscoder {
     /// A transcoder from `input`'s codec to `to` (AAC → Opus or Opus → AAC).
     pub fn new(input: &AudioConfig, to: Codec) -> Result<AudioTranscoder, TranscodeError> {
-        ff::init()?;
-        let unsupported = TranscodeError::Unsupported {
+        if !matches!(
+            (input.codec, to),
+            (Codec::Aac, Codec::Opus) | (Codec::Opus, Codec::Aac)
+        ) {
+            return Err(TranscodeError::Unsupported {
+                from: input.codec,
+                to,
+            });
+        }
+        let (decoder, adts) = audio_decoder(input)?;
+        Ok(AudioTranscoder {
             from: input.codec,
-            to,
-        };
-        let (dec_id, adts) = match (input.codec, to) {
-            (Codec::Aac, Codec::Opus) => (
-                codec::Id::AAC,
-                Some(aac::parse_audio_specific_config(&input.specific)?),
-            ),
-            (Codec::Opus, Codec::Aac) => (codec::Id::OPUS, None),
-            _ => return Err(unsupported),
-        };
-        let dec_codec = ff::decoder::find(dec_id).ok_or(TranscodeError::MissingCodec("decoder"))?;
-        let mut dec_ctx = Context::new_with_codec(dec_codec);
-        if input.codec == Codec::Opus {
-            // Opus carries no in-band configuration: say what WebRTC sends.
-            // SAFETY: the context is not opened yet and these are plain fields of it.
-            unsafe {
-                let p = dec_ctx.as_mut_ptr();
-                (*p).sample_rate = 48_000;
-                #[allow(deprecated)]
-                {
-                    (*p).channels = 2;
-                    (*p).channel_layout = ChannelLayout::STEREO.bits();
-                }
+            adts,
+            decoder,
+            resampler: None,
+            out: AudioEncoder::new(to)?,
+        })
+    }
+
+    /// The configuration of the output track.
+    pub fn output_config(&self) -> &AudioConfig {
+        &self.out.output
+    }
+
+    /// Transcodes one input frame; returns the output frames it completed.
+    pub fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError> {
+        if frame.codec != self.from {
+            return Ok(vec![]);
+        }
+        let in_pts = frame
+            .timebase
+            .rescale(frame.pts, Timebase(self.out.out_rate));
+        self.out.anchor(in_pts);
+        self.decoder
+            .send_packet(&audio_packet(self.adts.as_ref(), &frame.payload))?;
+        let mut decoded = ff::frame::Audio::empty();
+        while self.decoder.receive_frame(&mut decoded).is_ok() {
+            if self.resampler.is_none() {
+                self.resampler = Some(self.out.resampler_for(&decoded)?);
+            }
+            if let Some(r) = self.resampler.as_mut() {
+                let mut out = ff::frame::Audio::empty();
+                r.run(&decoded, &mut out)?;
+                self.out.queue_frame(&out);
             }
         }
-        let decoder = dec_ctx.decoder().audio()?;
+        self.out.encode_whole_frames()
+    }
+}
 
+impl AudioEncoder {
+    /// An encoder of 48 kHz stereo to `to` (AAC-LC at 128 kb/s, or Opus at 64 kb/s).
+    pub(crate) fn new(to: Codec) -> Result<AudioEncoder, TranscodeError> {
+        ff::init()?;
         let (enc_codec, out_format, out_rate, bitrate) = match to {
             Codec::Opus => (
                 ff::encoder::find_by_name("libopus")
@@ -126,12 +202,8 @@ impl AudioTranscoder {
         } else {
             Bytes::new()
         };
-        Ok(AudioTranscoder {
-            from: input.codec,
+        Ok(AudioEncoder {
             to,
-            adts,
-            decoder,
-            resampler: None,
             encoder,
             out_format,
             out_layout,
@@ -150,59 +222,45 @@ impl AudioTranscoder {
         })
     }
 
-    /// The configuration of the output track.
-    pub fn output_config(&self) -> &AudioConfig {
+    pub(crate) fn output_config(&self) -> &AudioConfig {
         &self.output
     }
 
-    /// Transcodes one input frame; returns the output frames it completed.
-    pub fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError> {
-        if frame.codec != self.from {
-            return Ok(vec![]);
-        }
-        let in_pts = frame.timebase.rescale(frame.pts, Timebase(self.out_rate));
-        // Anchor (or re-anchor after a jump) the output timeline on the input's.
+    /// Anchors (or re-anchors, after a jump) the output timeline on input time `in_pts`
+    /// (in output samples).
+    pub(crate) fn anchor(&mut self, in_pts: i64) {
         let expected = self.next_pts.map(|p| p + self.fifo_samples as i64);
         let jump =
             expected.is_some_and(|e| (e - in_pts).abs() > RESYNC_MS * self.out_rate as i64 / 1000);
         if self.next_pts.is_none() || jump {
             self.next_pts = Some(in_pts - self.fifo_samples as i64);
         }
-        let packet = match &self.adts {
-            Some(cfg) => ff::Packet::copy(&with_adts(cfg, &frame.payload)),
-            None => ff::Packet::copy(&frame.payload),
-        };
-        self.decoder.send_packet(&packet)?;
-        let mut decoded = ff::frame::Audio::empty();
-        while self.decoder.receive_frame(&mut decoded).is_ok() {
-            self.resample_into_fifo(&decoded)?;
-        }
-        self.encode_whole_frames()
     }
 
-    fn resample_into_fifo(&mut self, decoded: &ff::frame::Audio) -> Result<(), TranscodeError> {
-        if self.resampler.is_none() {
-            let layout = match decoded.channel_layout() {
-                l if l.is_empty() => ChannelLayout::default(decoded.channels() as i32),
-                l => l,
-            };
-            self.resampler = Some(resampling::Context::get(
-                decoded.format(),
-                layout,
-                decoded.rate(),
-                self.out_format,
-                self.out_layout,
-                self.out_rate,
-            )?);
-        }
-        let Some(resampler) = self.resampler.as_mut() else {
-            return Ok(());
+    /// A resampler from `decoded`'s format to the encoder's.
+    pub(crate) fn resampler_for(
+        &self,
+        decoded: &ff::frame::Audio,
+    ) -> Result<resampling::Context, TranscodeError> {
+        let layout = match decoded.channel_layout() {
+            l if l.is_empty() => ChannelLayout::default(decoded.channels() as i32),
+            l => l,
         };
-        let mut out = ff::frame::Audio::empty();
-        resampler.run(decoded, &mut out)?;
+        Ok(resampling::Context::get(
+            decoded.format(),
+            layout,
+            decoded.rate(),
+            self.out_format,
+            self.out_layout,
+            self.out_rate,
+        )?)
+    }
+
+    /// Queues a frame already in the encoder's format.
+    pub(crate) fn queue_frame(&mut self, out: &ff::frame::Audio) {
         let samples = out.samples();
         if samples == 0 {
-            return Ok(());
+            return;
         }
         let bytes = self.plane_bytes(samples);
         let planes = out.planes();
@@ -213,7 +271,33 @@ impl AudioTranscoder {
             plane.extend_from_slice(&out.data(i)[..bytes]);
         }
         self.fifo_samples += samples;
-        Ok(())
+    }
+
+    /// Queues interleaved stereo f32 samples (converted to the encoder's layout).
+    pub(crate) fn queue_interleaved(&mut self, samples: &[f32]) {
+        let n = samples.len() / 2;
+        if n == 0 {
+            return;
+        }
+        let planar = self.out_format.is_planar();
+        let planes = if planar { 2 } else { 1 };
+        if self.fifo.len() != planes {
+            self.fifo = vec![Vec::new(); planes];
+        }
+        if planar {
+            for (c, plane) in self.fifo.iter_mut().enumerate() {
+                plane.extend(
+                    samples
+                        .iter()
+                        .skip(c)
+                        .step_by(2)
+                        .flat_map(|v| v.to_ne_bytes()),
+                );
+            }
+        } else {
+            self.fifo[0].extend(samples[..n * 2].iter().flat_map(|v| v.to_ne_bytes()));
+        }
+        self.fifo_samples += n;
     }
 
     /// Bytes per plane for `samples` samples of the output format.
@@ -226,7 +310,7 @@ impl AudioTranscoder {
         }
     }
 
-    fn encode_whole_frames(&mut self) -> Result<Vec<Frame>, TranscodeError> {
+    pub(crate) fn encode_whole_frames(&mut self) -> Result<Vec<Frame>, TranscodeError> {
         let mut out = Vec::new();
         while self.fifo_samples >= self.frame_size {
             let mut f = ff::frame::Audio::new(self.out_format, self.frame_size, self.out_layout);
@@ -302,25 +386,16 @@ impl VideoTranscoder {
             from: input.codec,
             to: Codec::H264,
         };
-        let (id, profile) = match input.codec {
-            Codec::Vp8 => (codec::Id::VP8, None),
+        let profile = match input.codec {
+            Codec::Vp8 => None,
             Codec::H264 => {
                 let avc = avc::parse_decoder_config(&input.record)
                     .map_err(|_| TranscodeError::Ffmpeg(ff::Error::InvalidData))?;
-                (codec::Id::H264, Some(x264_profile(avc.profile)))
+                Some(x264_profile(avc.profile))
             }
             _ => return Err(unsupported),
         };
-        let dec = ff::decoder::find(id).ok_or(TranscodeError::MissingCodec("video decoder"))?;
-        let mut ctx = Context::new_with_codec(dec);
-        if input.codec == Codec::H264 {
-            set_extradata(&mut ctx, &input.record)?;
-        }
-        // SAFETY: the context is not opened yet; pkt_timebase is a plain field of it.
-        unsafe {
-            (*ctx.as_mut_ptr()).pkt_timebase = ff::ffi::AVRational { num: 1, den: 1000 };
-        }
-        let decoder = ctx.decoder().video()?;
+        let decoder = video_decoder(input)?;
         Ok(VideoTranscoder {
             from: input.codec,
             decoder,
@@ -404,38 +479,77 @@ impl VideoTranscoder {
                 ff::picture::Type::None
             });
             encoder.send_frame(&decoded)?;
-            let mut packet = ff::Packet::empty();
-            while encoder.receive_packet(&mut packet).is_ok() {
-                let Some(data) = packet.data() else { continue };
-                let avc::AccessUnit { avcc, sps, pps, .. } =
-                    avc::access_unit(avc::annexb_nalus(data));
-                if let (Some(sps), Some(pps)) = (sps, pps) {
-                    let record = Bytes::from(avc::decoder_config_record(&sps, &pps));
-                    if self.output.as_ref().is_none_or(|o| o.record != record) {
-                        self.output = Some(VideoConfig {
-                            codec: Codec::H264,
-                            record,
-                            width: size.0,
-                            height: size.1,
-                        });
-                    }
-                }
-                if self.output.is_none() || avcc.is_empty() {
-                    continue;
-                }
-                let pts = packet.pts().unwrap_or(pts);
-                out.push(Frame {
-                    codec: Codec::H264,
-                    dts: pts,
-                    pts,
-                    timebase: Timebase::MILLIS,
-                    keyframe: packet.is_key(),
-                    payload: Bytes::from(avcc),
-                });
-            }
+            out.extend(x264_frames(encoder, size, &mut self.output, pts));
         }
         Ok(out)
     }
+}
+
+/// A decoder for `input` (H.264 with its decoder configuration, or VP8), its packets on a
+/// millisecond clock.
+pub(crate) fn video_decoder(input: &VideoConfig) -> Result<ff::decoder::Video, TranscodeError> {
+    ff::init()?;
+    let id = match input.codec {
+        Codec::Vp8 => codec::Id::VP8,
+        Codec::H264 => codec::Id::H264,
+        other => {
+            return Err(TranscodeError::Unsupported {
+                from: other,
+                to: Codec::H264,
+            })
+        }
+    };
+    let dec = ff::decoder::find(id).ok_or(TranscodeError::MissingCodec("video decoder"))?;
+    let mut ctx = Context::new_with_codec(dec);
+    if input.codec == Codec::H264 {
+        set_extradata(&mut ctx, &input.record)?;
+    }
+    // SAFETY: the context is not opened yet; pkt_timebase is a plain field of it.
+    unsafe {
+        (*ctx.as_mut_ptr()).pkt_timebase = ff::ffi::AVRational { num: 1, den: 1000 };
+    }
+    Ok(ctx.decoder().video()?)
+}
+
+/// The H.264 frames libx264 has ready (AVCC, millisecond times, `pts` when a packet has
+/// none); `output` becomes the stream's configuration once an SPS and PPS are seen, and no
+/// frame is returned before that.
+pub(crate) fn x264_frames(
+    encoder: &mut ff::encoder::Video,
+    size: (u32, u32),
+    output: &mut Option<VideoConfig>,
+    pts: i64,
+) -> Vec<Frame> {
+    let mut out = Vec::new();
+    let mut packet = ff::Packet::empty();
+    while encoder.receive_packet(&mut packet).is_ok() {
+        let Some(data) = packet.data() else { continue };
+        let avc::AccessUnit { avcc, sps, pps, .. } = avc::access_unit(avc::annexb_nalus(data));
+        if let (Some(sps), Some(pps)) = (sps, pps) {
+            let record = Bytes::from(avc::decoder_config_record(&sps, &pps));
+            if output.as_ref().is_none_or(|o| o.record != record) {
+                *output = Some(VideoConfig {
+                    codec: Codec::H264,
+                    record,
+                    width: size.0,
+                    height: size.1,
+                });
+            }
+        }
+        if output.is_none() || avcc.is_empty() {
+            continue;
+        }
+        let pts = packet.pts().unwrap_or(pts);
+        out.push(Frame {
+            codec: Codec::H264,
+            dts: pts,
+            pts,
+            timebase: Timebase::MILLIS,
+            keyframe: packet.is_key(),
+            payload: Bytes::from(avcc),
+        });
+    }
+    out
 }
 
 /// The x264 profile for a source's `profile_idc`: the rendition keeps the source's, so the
@@ -469,7 +583,7 @@ fn set_extradata(ctx: &mut Context, data: &[u8]) -> Result<(), TranscodeError> {
     Ok(())
 }
 
-fn open_x264(
+pub(crate) fn open_x264(
     (width, height): (u32, u32),
     format: ff::format::Pixel,
     fps: i32,
