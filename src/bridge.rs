@@ -107,8 +107,8 @@ pub async fn subscribe_for_webrtc(
 pub struct Renditions;
 
 impl Deriver for Renditions {
-    fn derives(&self, key: &StreamKey) -> Option<Source> {
-        key.is_webrtc_rendition().then(|| Source::Bridge {
+    fn derives(&self, key: &StreamKey, base_is_local: bool) -> Option<Source> {
+        (base_is_local && key.is_webrtc_rendition()).then(|| Source::Bridge {
             of: key.base().to_string(),
         })
     }

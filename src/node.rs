@@ -77,8 +77,13 @@ impl Node {
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(config.limits.clone(), metrics);
-        // WebRTC renditions are made where their stream is published, for every node.
-        hub.set_deriver(Arc::new(crate::bridge::Renditions));
+        let rooms = crate::rooms::Rooms::new(&config.node.id, config.rooms.clone(), hub.clone());
+        // WebRTC renditions are made where their stream is published; a room's mix where it
+        // is asked for.
+        hub.set_deriver(Arc::new(Derivers(vec![
+            Arc::new(crate::bridge::Renditions),
+            Arc::new(crate::rooms::mix::MixDeriver(Arc::downgrade(&rooms))),
+        ])));
         let mut tasks = JoinSet::new();
 
         let events = match &config.hooks.events {
@@ -222,7 +227,6 @@ impl Node {
         };
         let webrtc_addr = webrtc.as_ref().map(|w| w.local_addr());
 
-        let rooms = crate::rooms::Rooms::new(&config.node.id, config.rooms.clone(), hub.clone());
         if let Some(bb) = &backbone {
             rooms.attach(bb.clone(), config.node.role);
         }
@@ -303,5 +307,26 @@ impl Node {
             self.tasks.abort_all();
         }
         info!("meshcast node stopped");
+    }
+}
+
+/// The node's derivers, asked in turn: the first that makes a name makes it.
+struct Derivers(Vec<Arc<dyn crate::hub::Deriver>>);
+
+impl crate::hub::Deriver for Derivers {
+    fn derives(
+        &self,
+        key: &crate::media::StreamKey,
+        base_is_local: bool,
+    ) -> Option<crate::hub::Source> {
+        self.0.iter().find_map(|d| d.derives(key, base_is_local))
+    }
+
+    fn start(&self, hub: Arc<Hub>, publisher: crate::hub::Publisher) {
+        // The one that claimed it: a mix claims only `room/...~mix.*`, a rendition only `~webrtc`.
+        let key = publisher.key().clone();
+        if let Some(d) = self.0.iter().find(|d| d.derives(&key, true).is_some()) {
+            d.start(hub, publisher);
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::browser::{in_private_network, serve_page, Browser};
 use common::rooms::*;
 use common::*;
+use meshcast::transcode::mix::tone_power;
 use serde_json::{json, Value};
 
 const PAGE: &str = include_str!("../examples/meeting.html");
@@ -310,4 +311,162 @@ fn three_browsers_across_the_cluster_meet_whisper_lose_an_edge_and_leave() {
             admin(n, "GET", &format!("/api/v1/rooms/{id}"), None).0 == 404
         });
     }
+}
+
+/// A child process killed when the test is done with it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The audio of `input` (a file or URL) for `seconds`, mono f32 at 16 kHz.
+fn audio_of(input: &str, seconds: u32) -> Vec<f32> {
+    let out = common::bounded::output_within(
+        std::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-i", input, "-t", &seconds.to_string()])
+            .args(["-vn", "-ac", "1", "-ar", "16000", "-f", "f32le", "-"]),
+        Duration::from_secs(30),
+    );
+    out.stdout
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn a_room_is_recorded_and_pushed_as_one_mixed_stream() {
+    if !in_private_network("a_room_is_recorded_and_pushed_as_one_mixed_stream") {
+        return;
+    }
+    let nginx_dir = temp_dir("nginx");
+    let nginx = common::nginx::Nginx::start(&nginx_dir, free_port());
+    let node = NodeProc::start(NodeSpec {
+        extra: "\n[recording]\nroot = \"rec\"\n".into(),
+        ..NodeSpec::standalone()
+    });
+    let (status, room) =
+        common::http::http_request(node.http, "POST", "/api/v1/rooms", Some("{}")).unwrap();
+    assert_eq!(status, 201, "{room}");
+    let room: Value = serde_json::from_str(&room).unwrap();
+    let id = room["id"].as_str().unwrap().to_string();
+
+    // Alice in a browser (VP8 + Opus, a 440 Hz tone); Bob from ffmpeg over RTMP (H.264 +
+    // AAC, 1000 Hz), his presence held by an event channel of his own.
+    let (port, reports) = serve_page(PAGE.to_string());
+    let _alice = Browser::open(&format!(
+        "http://127.0.0.1:{port}/?node=http://{}&room={id}&identity=alice&join=1&tone=440&report=/result&report_every=1",
+        node.http
+    ));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bob_ws = format!("ws://{}/api/v1/rooms/{id}/events?identity=bob", node.http);
+    let presence = rt.spawn(async move {
+        use futures_util::StreamExt;
+        let (mut ws, _) = tokio_tungstenite::connect_async(bob_ws).await.unwrap();
+        while ws.next().await.is_some() {}
+    });
+    let bob = KillOnDrop(
+        std::process::Command::new("ffmpeg")
+            .args([
+                "-v",
+                "error",
+                "-re",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=size=320x240:rate=15",
+            ])
+            .args(["-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=48000"])
+            .args([
+                "-t",
+                "40",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-tune",
+                "zerolatency",
+                "-g",
+                "15",
+            ])
+            .args(["-c:a", "aac", "-f", "flv"])
+            .arg(format!("rtmp://{}/room/{id}.bob", node.rtmp))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("ffmpeg"),
+    );
+    wait_until(Duration::from_secs(30), "both participants publish", || {
+        let (_, text) = common::http::http_get(node.http, &format!("/api/v1/rooms/{id}")).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        v["participants"]
+            .as_array()
+            .is_some_and(|ps| ps.len() == 2 && ps.iter().all(|p| p["track"].is_object()))
+    });
+    let alice_report: Value =
+        serde_json::from_str(&reports.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap();
+    assert_eq!(alice_report["published"], true, "{alice_report}");
+
+    // A grid recording and a speaker-view push to nginx-rtmp.
+    let record = common::egress_api::start_egress(
+        &node,
+        json!({"room": id, "kind": "record", "layout": "grid", "template": "{ns}/mix.{ext}"}),
+    );
+    let push = common::egress_api::start_egress(
+        &node,
+        json!({"room": id, "kind": "rtmp", "layout": "speaker", "url": nginx.url("room")}),
+    );
+    wait_until(Duration::from_secs(20), "both egresses live", || {
+        [&record, &push]
+            .iter()
+            .all(|e| common::egress_api::egress_status(&node, e)["state"] == "live")
+    });
+    // Each layout is mixed once, on this node.
+    let streams = node.streams();
+    for layout in ["grid", "speaker"] {
+        let name = format!("room/{id}~mix.{layout}");
+        assert_eq!(
+            streams
+                .iter()
+                .filter(|s| s["name"] == name.as_str() || s["stream"] == name.as_str())
+                .count(),
+            1,
+            "{streams:?}"
+        );
+    }
+    // What nginx serves: H.264 and AAC, and both tones in the mixed audio.
+    let probe = ffprobe(&nginx.url("room"), 4);
+    assert_eq!(probe.stream_of("video").unwrap()["codec_name"], "h264");
+    assert_eq!(probe.stream_of("audio").unwrap()["codec_name"], "aac");
+    let pushed = audio_of(&nginx.url("room"), 4);
+    let both = |pcm: &[f32], what: &str| {
+        assert!(pcm.len() > 16_000, "{what}: {} samples", pcm.len());
+        let (p440, p1000, p700) = (
+            tone_power(pcm, 440.0, 16_000.0),
+            tone_power(pcm, 1000.0, 16_000.0),
+            tone_power(pcm, 700.0, 16_000.0),
+        );
+        assert!(
+            p440 > 20.0 * p700 && p1000 > 20.0 * p700,
+            "{what}: 440 Hz {p440}, 1000 Hz {p1000}, 700 Hz {p700}"
+        );
+    };
+    both(&pushed, "pushed");
+
+    std::thread::sleep(Duration::from_secs(3));
+    let done = common::egress_api::delete_egress(&node, &record);
+    let file = node
+        .dir
+        .join("rec")
+        .join(done["files"][0].as_str().unwrap());
+    let probe = ffprobe(file.to_str().unwrap(), 30);
+    assert_eq!(probe.stream_of("video").unwrap()["codec_name"], "h264");
+    assert_eq!(probe.stream_of("video").unwrap()["width"], 640);
+    assert_eq!(probe.stream_of("audio").unwrap()["codec_name"], "aac");
+    both(&audio_of(file.to_str().unwrap(), 30), "recorded");
+    common::egress_api::delete_egress(&node, &push);
+    presence.abort();
+    drop(bob);
 }

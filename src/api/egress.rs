@@ -37,6 +37,15 @@ pub(super) async fn egress_create(
                 .into_response()
         }
     };
+    if let Some(room) = &req.room {
+        if s.rooms.info(room).is_none() {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({ "error": format!("no room {room}") })),
+            )
+                .into_response();
+        }
+    }
     match s.egress.create(&req).await {
         Ok(status) => {
             let location = format!("/api/v1/egress/{}", status.id);

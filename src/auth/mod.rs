@@ -251,18 +251,18 @@ impl Auth {
     }
 }
 
-/// The namespace of room participants' streams: `room/ROOM.IDENTITY`.
-pub const ROOM_NAMESPACE: &str = "room";
+pub use crate::media::ROOM_NAMESPACE;
 
 /// The room and the participant's identity a room stream belongs to (`room/ROOM.IDENTITY`,
-/// a layer or rendition of it included); `None` for any other stream.
+/// a layer or rendition of it included; the room's mix `room/ROOM~mix.LAYOUT` has the
+/// identity ""); `None` for any other stream.
 pub fn room_stream(key: &StreamKey) -> Option<(&str, &str)> {
     if key.namespace() != ROOM_NAMESPACE {
         return None;
     }
     let name = key.name();
     let name = name.split_once('~').map_or(name, |(base, _)| base);
-    name.split_once('.')
+    Some(name.split_once('.').unwrap_or((name, "")))
 }
 
 /// What a token may do with a room's streams: an admin token anything; a `join` token for

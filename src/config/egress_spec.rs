@@ -19,7 +19,12 @@ use crate::media::{Codec, StreamKey};
 #[serde(deny_unknown_fields)]
 pub struct EgressRequest {
     /// `namespace/name`; config rules may use `*` in either part (`live/*`).
+    #[serde(default)]
     pub stream: String,
+    /// Instead of `stream`: a room, as one stream (its participants mixed; API only).
+    pub room: Option<String>,
+    /// With `room`: `grid` (the default: up to four participants) or `speaker`.
+    pub layout: Option<String>,
     /// `rtmp` or `record`.
     pub kind: String,
     /// RTMP destination: `rtmp://host[:port]/app/key`; `{ns}` and `{stream}` are replaced.
@@ -378,12 +383,39 @@ impl EgressRequest {
                 reason,
             })
         };
-        let stream = match StreamMatch::parse(&self.stream, from_config) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                err("stream", e);
+        let stream = match (&self.room, self.layout.as_deref()) {
+            (Some(_), _) if from_config => {
+                err("room", "a room egress is made through the API".into());
                 None
             }
+            (Some(_), _) if !self.stream.is_empty() => {
+                err("stream", "give either a stream or a room".into());
+                None
+            }
+            (Some(room), layout) => match layout.unwrap_or("grid") {
+                l @ ("grid" | "speaker") => match StreamKey::room_mix(room, l) {
+                    Ok(k) => Some(StreamMatch::Exact(k)),
+                    Err(_) => {
+                        err("room", "not a room id".into());
+                        None
+                    }
+                },
+                other => {
+                    err("layout", format!("`{other}`: must be grid or speaker"));
+                    None
+                }
+            },
+            (None, Some(_)) => {
+                err("layout", "only with a room".into());
+                None
+            }
+            (None, None) => match StreamMatch::parse(&self.stream, from_config) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    err("stream", e);
+                    None
+                }
+            },
         };
         let record_only = [
             ("format", self.format.is_some()),

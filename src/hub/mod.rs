@@ -131,14 +131,14 @@ pub trait Upstream: Send + Sync {
     }
 }
 
-/// Makes derived streams that consumers, here or on other nodes, ask for by name (the WebRTC
-/// rendition), on the node where the stream they derive from is published: so each is made
-/// once in the cluster and relayed from there. Implemented above the hub (the bridge) and
-/// installed at start.
+/// Makes derived streams that consumers ask for by name: the WebRTC rendition, on the node
+/// where the stream it derives from is published (so it is made once in the cluster and
+/// relayed from there), and a room's mix, on the node that asks for it. Implemented above
+/// the hub (the bridge, the rooms) and installed at start.
 pub trait Deriver: Send + Sync {
-    /// The source to list if this node makes `key`, a derived name whose base stream is
-    /// published here; `None` if it does not make such streams.
-    fn derives(&self, key: &StreamKey) -> Option<Source>;
+    /// The source to list if this node makes `key`, a derived name (`base_is_local`: its
+    /// base stream is published here); `None` if it does not make it.
+    fn derives(&self, key: &StreamKey, base_is_local: bool) -> Option<Source>;
     /// Starts feeding `publisher`, the derived stream just created (pending until its owner
     /// sets it live).
     fn start(&self, hub: Arc<Hub>, publisher: Publisher);

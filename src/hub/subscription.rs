@@ -64,9 +64,9 @@ impl Hub {
             }
             Some(s) => Ok(Some((s.clone(), SubscriberGuard::new(s.clone()), None))),
             None => {
-                if derive.is_none() && base_is_local {
+                if derive.is_none() && key.is_derived() {
                     if let Some(deriver) = self.deriver.get() {
-                        if let Some(source) = deriver.derives(key) {
+                        if let Some(source) = deriver.derives(key, base_is_local) {
                             let (deriver, hub) = (deriver.clone(), self.clone());
                             let start: DeriveStart = Box::new(move |p| deriver.start(hub, p));
                             *derive = Some((source, start));

@@ -309,8 +309,8 @@ async fn relay_is_shared_and_released_after_grace() {
 /// Makes every derived name it is asked for (a stand-in for the bridge's renditions).
 struct FakeDeriver(Mutex<Vec<Publisher>>);
 impl Deriver for FakeDeriver {
-    fn derives(&self, key: &StreamKey) -> Option<Source> {
-        Some(Source::Bridge {
+    fn derives(&self, key: &StreamKey, base_is_local: bool) -> Option<Source> {
+        base_is_local.then(|| Source::Bridge {
             of: key.base().to_string(),
         })
     }

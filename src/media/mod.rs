@@ -245,6 +245,20 @@ impl StreamKey {
         self.derived(RENDITION_TAG)
     }
 
+    /// A room's mix in `layout` (`room/ROOM~mix.LAYOUT`): its participants as one stream.
+    pub fn room_mix(room: &str, layout: &str) -> Result<StreamKey, InvalidStreamKey> {
+        Ok(StreamKey::new(ROOM_NAMESPACE, room)?.derived(&format!("{MIX_TAG}{layout}")))
+    }
+
+    /// The room and layout of a room's mix name.
+    pub fn as_room_mix(&self) -> Option<(&str, &str)> {
+        if self.namespace != ROOM_NAMESPACE {
+            return None;
+        }
+        let (room, tag) = self.name.split_once('~')?;
+        Some((room, tag.strip_prefix(MIX_TAG)?))
+    }
+
     /// Whether this names a stream's WebRTC rendition.
     pub fn is_webrtc_rendition(&self) -> bool {
         self.name
@@ -296,6 +310,9 @@ impl StreamKey {
 }
 
 const LAYER_TAG: &str = "sim.";
+const MIX_TAG: &str = "mix.";
+/// The namespace of rooms' streams (`room/ROOM.IDENTITY`, `room/ROOM~mix.LAYOUT`).
+pub const ROOM_NAMESPACE: &str = "room";
 const RENDITION_TAG: &str = "webrtc";
 
 /// A simulcast layer id as carried in names: 1-16 of A-Z a-z 0-9 (RFC 8851 allows `-` and

@@ -14,6 +14,7 @@
 pub mod checks;
 mod cluster;
 pub mod diff;
+pub mod mix;
 pub mod state;
 
 use std::collections::HashMap;
@@ -201,6 +202,11 @@ impl Rooms {
 
     pub fn members(&self, room: &str) -> Option<Vec<Member>> {
         self.table.lock().members(room)
+    }
+
+    /// The room's active speaker.
+    pub fn speaker(&self, room: &str) -> Option<String> {
+        self.table.lock().speaker(room).map(str::to_string)
     }
 
     /// Closes a room everywhere: its participants are told and disconnected, its streams
@@ -466,7 +472,7 @@ impl Rooms {
         let Some((room, identity)) = room_stream(key) else {
             return;
         };
-        if key.is_derived() {
+        if key.is_derived() || identity.is_empty() {
             return;
         }
         let mut table = self.table.lock();
@@ -535,7 +541,7 @@ impl Rooms {
             if key.is_derived() {
                 continue;
             }
-            if let Some((room, identity)) = room_stream(&key) {
+            if let Some((room, identity)) = room_stream(&key).filter(|(_, i)| !i.is_empty()) {
                 if let Some(stream) = self.hub.get(&key) {
                     by_room
                         .entry(room.to_string())

@@ -100,7 +100,13 @@ pub struct Mixer {
     mixed: usize,
     last_video_ms: Option<i64>,
     force_keyframe: bool,
+    /// When the last keyframe was asked for (one every [`KEYFRAME_EVERY_MS`]).
+    last_keyframe_ms: Option<i64>,
 }
+
+/// The mix's GOP: a keyframe every 2 s, so a viewer or a CDN joining mid-stream waits
+/// little, and recordings split near where asked.
+const KEYFRAME_EVERY_MS: i64 = 2000;
 
 impl Mixer {
     pub fn new(settings: MixSettings) -> Result<Mixer, TranscodeError> {
@@ -114,6 +120,7 @@ impl Mixer {
             mixed: 0,
             last_video_ms: None,
             force_keyframe: false,
+            last_keyframe_ms: None,
         })
     }
 
@@ -256,8 +263,12 @@ impl Mixer {
         };
         let mut frame = frame;
         frame.set_pts(Some(now_ms));
-        if std::mem::take(&mut self.force_keyframe) {
+        let due = self
+            .last_keyframe_ms
+            .is_none_or(|t| now_ms - t >= KEYFRAME_EVERY_MS);
+        if std::mem::take(&mut self.force_keyframe) || due {
             frame.set_kind(ff::picture::Type::I);
+            self.last_keyframe_ms = Some(now_ms);
         }
         encoder.send_frame(&frame)?;
         out.extend(x264_frames(encoder, size, &mut self.video_output, now_ms));
@@ -388,6 +399,20 @@ fn draw(frame: &mut ff::frame::Video, p: &Picture, x: usize, y: usize, tw: usize
     }
 }
 
+/// The power of frequency `hz` in signal `x` sampled at `rate` (Goertzel): how tests and
+/// benchmarks tell which participants a mix carries.
+pub fn tone_power(x: &[f32], hz: f32, rate: f32) -> f32 {
+    let w = 2.0 * std::f32::consts::PI * hz / rate;
+    let c = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0f32, 0f32);
+    for v in x {
+        let s = v + c * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    s1 * s1 + s2 * s2 - c * s1 * s2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,23 +488,11 @@ mod tests {
             }
         }
         let tail = &pcm[pcm.len() / 2..];
-        let power = |hz: f32| goertzel(tail, hz, 48_000.0);
+        let power = |hz: f32| tone_power(tail, hz, 48_000.0);
         let (p440, p1000, p700) = (power(440.0), power(1000.0), power(700.0));
         assert!(
             p440 > 50.0 * p700 && p1000 > 50.0 * p700,
             "440: {p440}, 1000: {p1000}, 700: {p700}"
         );
-    }
-
-    fn goertzel(x: &[f32], hz: f32, rate: f32) -> f32 {
-        let w = 2.0 * std::f32::consts::PI * hz / rate;
-        let c = 2.0 * w.cos();
-        let (mut s1, mut s2) = (0f32, 0f32);
-        for v in x {
-            let s = v + c * s1 - s2;
-            s2 = s1;
-            s1 = s;
-        }
-        s1 * s1 + s2 * s2 - c * s1 * s2
     }
 }
