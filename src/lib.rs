@@ -15,6 +15,7 @@ pub mod egress;
 pub mod hub;
 pub mod media;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod play;
 pub mod rooms;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -176,8 +175,7 @@ impl Node {
 
         let mut rtmp_addr = None;
         if let Some(addr) = config.rtmp.listen {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = crate::net::bind_listener(addr)
                 .with_context(|| format!("binding RTMP listener {addr}"))?;
             rtmp_addr = Some(listener.local_addr()?);
             let settings = RtmpSettings {
@@ -234,8 +232,7 @@ impl Node {
 
         let mut http_addr = None;
         if let Some(addr) = config.http.listen {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = crate::net::bind_listener(addr)
                 .with_context(|| format!("binding HTTP listener {addr}"))?;
             http_addr = Some(listener.local_addr()?);
             let state = AppState {

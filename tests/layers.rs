@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("media", 0),
     ("metrics", 1),
     ("clock", 1),
+    ("net", 1),
     ("config", 2),
     ("auth", 3),
     ("transcode", 3),

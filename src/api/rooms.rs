@@ -9,6 +9,7 @@
 //! with a reason, and a client refused [`MAX_REFUSALS`] times in a row is disconnected.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -16,6 +17,7 @@ use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::SinkExt;
 use serde::Deserialize;
 
 use super::access::{denied, request_token};
@@ -27,6 +29,8 @@ use crate::rooms::{close, Membership, Outgoing, RoomError};
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// A participant heard from (any frame, pongs included) less recently than this is gone.
 pub const SILENT_AFTER: Duration = Duration::from_secs(4);
+/// Events sent in one write at most.
+const WRITE_BATCH: usize = 64;
 /// Refused messages in a row before the channel is closed.
 const MAX_REFUSALS: u32 = 50;
 /// A frame larger than this closes the channel (1009); smaller data messages over the
@@ -289,24 +293,35 @@ async fn serve_channel(
     let mut heard = Instant::now();
     let mut rate = RateLimit::new(config.messages_per_s, config.message_burst, heard);
     let mut refusals = 0u32;
+    let mut pending_close: Option<Outgoing> = None;
     loop {
         tokio::select! {
             out = m.events.recv() => match out {
                 Some(Outgoing::Text(t)) => {
-                    if socket.send(Message::Text(t.as_ref().into())).await.is_err() {
+                    // Whatever else is queued goes in the same write (a join storm sends
+                    // every participant an event per joiner).
+                    let mut batch = vec![t];
+                    while batch.len() < WRITE_BATCH {
+                        match m.events.try_recv() {
+                            Ok(Outgoing::Text(t)) => batch.push(t),
+                            Ok(close) => {
+                                pending_close = Some(close);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if send_batch(&mut socket, batch).await.is_err() {
                         m.set_reason("lost");
+                        return;
+                    }
+                    if let Some(Outgoing::Close(code, reason)) = pending_close.take() {
+                        close_channel(&mut socket, &mut m, code, reason).await;
                         return;
                     }
                 }
                 Some(Outgoing::Close(code, reason)) => {
-                    m.set_reason(match code {
-                        close::REPLACED => "rejoined",
-                        close::ROOM_CLOSED => "closed",
-                        _ => "disconnected",
-                    });
-                    let _ = socket
-                        .send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))
-                        .await;
+                    close_channel(&mut socket, &mut m, code, reason).await;
                     return;
                 }
                 None => {
@@ -366,6 +381,29 @@ async fn serve_channel(
             }
         }
     }
+}
+
+/// Sends queued events in one write.
+async fn send_batch(socket: &mut WebSocket, batch: Vec<Arc<str>>) -> Result<(), axum::Error> {
+    for t in batch {
+        socket.feed(Message::Text(t.as_ref().into())).await?;
+    }
+    socket.flush().await
+}
+
+/// Closes the channel from here, with the leave reason that fits `code`.
+async fn close_channel(socket: &mut WebSocket, m: &mut Membership, code: u16, reason: String) {
+    m.set_reason(match code {
+        close::REPLACED => "rejoined",
+        close::ROOM_CLOSED => "closed",
+        _ => "disconnected",
+    });
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
 }
 
 /// One text frame from a participant: a data message or a mute; `Err` says why not.

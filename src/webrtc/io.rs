@@ -141,7 +141,7 @@ impl Io {
         socket.bind(&listen.into())?;
         let udp = UdpSocket::from_std(socket.into())?;
         let listener = if tcp {
-            Some(tokio::net::TcpListener::bind(udp.local_addr()?).await?)
+            Some(crate::net::bind_listener(udp.local_addr()?)?)
         } else {
             None
         };
