@@ -298,6 +298,38 @@ fn main() -> anyhow::Result<()> {
     let minimal = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 VP8/90000\r\na=recvonly\r\n";
     write("sdp_offer", "minimal-vp8", &with(1, minimal.as_bytes()))?;
 
+    // Rooms: a participant's frames (0) and another node's bus messages (1).
+    write(
+        "room_messages",
+        "data",
+        &with(0, br#"{"type":"data","payload":{"text":"hi"}}"#),
+    )?;
+    write(
+        "room_messages",
+        "whisper",
+        &with(0, br#"{"type":"data","to":"bob","payload":"psst"}"#),
+    )?;
+    write(
+        "room_messages",
+        "mute",
+        &with(0, br#"{"type":"mute","kind":"video","muted":true}"#),
+    )?;
+    write("room_messages", "slice", &with(1, br#"{"t":"slice","room":"r1","node":"n2","stamp":[1,2],"participants":[{"identity":"bob","name":"Bob","session":7,"node":"n2","joined_ms":1,"audio_muted":false,"video_muted":true}],"tracks":[{"stream":"room/r1.bob","node":"n2","level":30}],"reason":"left"}"#))?;
+    write("room_messages", "room", &with(1, br#"{"t":"room","info":{"id":"r2","name":"x","max_participants":4,"empty_timeout_s":60,"created_ms":0}}"#))?;
+    write(
+        "room_messages",
+        "closed",
+        &with(1, br#"{"t":"closed","room":"r1"}"#),
+    )?;
+    write(
+        "room_messages",
+        "bus-data",
+        &with(
+            1,
+            br#"{"t":"data","room":"r1","from":"a","to":"b","payload":1,"id":["n1",5]}"#,
+        ),
+    )?;
+
     // Egress.
     write("egress_request", "rtmp", &with(0, br#"{"stream":"live/demo","kind":"rtmp","url":"rtmp://a.rtmp.youtube.com/live2/xxxx-yyyy","on_reconnect":"continue"}"#))?;
     write("egress_request", "record", &with(0, br#"{"stream":"live/demo","kind":"record","format":"mkv","template":"{ns}/{stream}/{start_time}-{seq}.{ext}","segment_seconds":600,"segment_mb":512}"#))?;

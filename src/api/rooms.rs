@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use super::access::{denied, request_token};
 use super::http::{is_json, AppState};
+use crate::rooms::checks::ClientMessage;
 use crate::rooms::state::{valid_identity, valid_room_id, RateLimit};
 use crate::rooms::{close, Membership, Outgoing, RoomError};
 
@@ -266,20 +267,6 @@ pub(super) async fn room_events(
         })
 }
 
-/// What a participant may send.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum ClientMessage {
-    /// To the room, or to one participant (`to`).
-    Data {
-        payload: serde_json::Value,
-        #[serde(default)]
-        to: Option<String>,
-    },
-    /// `kind`: `audio` or `video`.
-    Mute { kind: String, muted: bool },
-}
-
 /// Runs one participant's channel until it closes, goes silent or is closed from here.
 async fn serve_channel(
     mut socket: WebSocket,
@@ -415,29 +402,10 @@ fn handle_text(
     rate: &mut RateLimit,
     now: Instant,
 ) -> Result<(), String> {
-    if text.len() > config.max_message_bytes {
-        return Err(format!(
-            "message of {} bytes refused: at most {} (rooms.max_message_bytes)",
-            text.len(),
-            config.max_message_bytes
-        ));
-    }
-    if !rate.take(now) {
-        return Err(format!(
-            "message refused: at most {} a second (rooms.messages_per_s)",
-            config.messages_per_s
-        ));
-    }
-    let msg: ClientMessage =
-        serde_json::from_str(text).map_err(|e| format!("malformed message: {e}"))?;
+    let msg = ClientMessage::parse(text, config, rate, now)?;
     match msg {
         ClientMessage::Data { payload, to } => rooms.send_data(m, to.as_deref(), payload),
-        ClientMessage::Mute { kind, muted } => {
-            let video = match kind.as_str() {
-                "audio" => false,
-                "video" => true,
-                _ => return Err("mute kind must be audio or video".into()),
-            };
+        ClientMessage::Mute { video, muted } => {
             rooms.set_muted(m, video, muted);
             Ok(())
         }

@@ -3,6 +3,74 @@
 
 use std::time::Instant;
 
+use serde::Deserialize;
+
+use crate::config::RoomsConfig;
+
+/// What a participant may send on its event channel, checked.
+#[derive(Debug, PartialEq)]
+pub enum ClientMessage {
+    /// To the room, or to one participant (`to`, a whisper).
+    Data {
+        payload: serde_json::Value,
+        to: Option<String>,
+    },
+    Mute {
+        video: bool,
+        muted: bool,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Wire {
+    Data {
+        payload: serde_json::Value,
+        #[serde(default)]
+        to: Option<String>,
+    },
+    Mute {
+        kind: String,
+        muted: bool,
+    },
+}
+
+impl ClientMessage {
+    /// One text frame: within `max_message_bytes` and the rate, and well formed; `Err`
+    /// says why not, for the participant.
+    pub fn parse(
+        text: &str,
+        config: &RoomsConfig,
+        rate: &mut RateLimit,
+        now: Instant,
+    ) -> Result<ClientMessage, String> {
+        if text.len() > config.max_message_bytes {
+            return Err(format!(
+                "message of {} bytes refused: at most {} (rooms.max_message_bytes)",
+                text.len(),
+                config.max_message_bytes
+            ));
+        }
+        if !rate.take(now) {
+            return Err(format!(
+                "message refused: at most {} a second (rooms.messages_per_s)",
+                config.messages_per_s
+            ));
+        }
+        match serde_json::from_str(text).map_err(|e| format!("malformed message: {e}"))? {
+            Wire::Data { payload, to } => Ok(ClientMessage::Data { payload, to }),
+            Wire::Mute { kind, muted } => match kind.as_str() {
+                "audio" => Ok(ClientMessage::Mute {
+                    video: false,
+                    muted,
+                }),
+                "video" => Ok(ClientMessage::Mute { video: true, muted }),
+                _ => Err("mute kind must be audio or video".into()),
+            },
+        }
+    }
+}
+
 /// A token bucket: `rate` per second on average, `burst` at once.
 #[derive(Debug)]
 pub struct RateLimit {

@@ -142,7 +142,7 @@ impl BusHandler for Handler {
 }
 
 /// Whether a peer's slice is within bounds and names valid participants and streams.
-fn valid_slice(s: &SliceUpdate) -> bool {
+pub fn valid_slice(s: &SliceUpdate) -> bool {
     valid_room_id(&s.room)
         && s.participants.len() <= MAX_SLICE_ITEMS
         && s.tracks.len() <= MAX_SLICE_ITEMS

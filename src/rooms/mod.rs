@@ -12,7 +12,7 @@
 //! backbone once per node that needs it, like any other.
 
 pub mod checks;
-mod cluster;
+pub mod cluster;
 pub mod diff;
 pub mod mix;
 pub mod state;
