@@ -30,6 +30,8 @@ use crate::rooms::{close, Membership, Outgoing, RoomError};
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// A participant heard from (any frame, pongs included) less recently than this is gone.
 pub const SILENT_AFTER: Duration = Duration::from_secs(4);
+/// A write to a participant that does not complete within this is a lost participant.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events sent in one write at most.
 const WRITE_BATCH: usize = 64;
 /// Refused messages in a row before the channel is closed.
@@ -321,7 +323,7 @@ async fn serve_channel(
                     m.set_reason("lost");
                     return;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                if !send_within(&mut socket, Message::Ping(Default::default())).await {
                     m.set_reason("lost");
                     return;
                 }
@@ -350,16 +352,15 @@ async fn serve_channel(
                         metrics.count_refused("room", "message");
                         let text = serde_json::json!({ "type": "error", "reason": reason }).to_string();
                         if refusals >= MAX_REFUSALS {
-                            let _ = socket
-                                .send(Message::Close(Some(CloseFrame {
-                                    code: close::POLICY,
-                                    reason: "too many refused messages".into(),
-                                })))
-                                .await;
+                            let close = Message::Close(Some(CloseFrame {
+                                code: close::POLICY,
+                                reason: "too many refused messages".into(),
+                            }));
+                            send_within(&mut socket, close).await;
                             m.set_reason("disconnected");
                             return;
                         }
-                        if socket.send(Message::Text(text.into())).await.is_err() {
+                        if !send_within(&mut socket, Message::Text(text.into())).await {
                             m.set_reason("lost");
                             return;
                         }
@@ -370,12 +371,28 @@ async fn serve_channel(
     }
 }
 
-/// Sends queued events in one write.
-async fn send_batch(socket: &mut WebSocket, batch: Vec<Arc<str>>) -> Result<(), axum::Error> {
-    for t in batch {
-        socket.feed(Message::Text(t.as_ref().into())).await?;
+/// Sends queued events in one write, within [`WRITE_TIMEOUT`].
+async fn send_batch(socket: &mut WebSocket, batch: Vec<Arc<str>>) -> Result<(), ()> {
+    let write = async {
+        for t in batch {
+            socket.feed(Message::Text(t.as_ref().into())).await?;
+        }
+        socket.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
     }
-    socket.flush().await
+}
+
+/// Sends one message within [`WRITE_TIMEOUT`]: `false` if it failed or the client stopped
+/// reading (its TCP window stayed full), so a participant that never reads is dropped
+/// rather than held.
+async fn send_within(socket: &mut WebSocket, msg: Message) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, socket.send(msg)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Closes the channel from here, with the leave reason that fits `code`.
@@ -385,12 +402,11 @@ async fn close_channel(socket: &mut WebSocket, m: &mut Membership, code: u16, re
         close::ROOM_CLOSED => "closed",
         _ => "disconnected",
     });
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+    let close = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    send_within(socket, close).await;
 }
 
 /// One text frame from a participant: a data message or a mute; `Err` says why not.
