@@ -204,11 +204,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-                )
-                .init();
             let config = match config {
                 Some(path) => match Config::load(&path) {
                     Ok(c) => c,
@@ -219,6 +214,19 @@ fn main() -> ExitCode {
                 },
                 None => Config::standalone_default(),
             };
+            // RUST_LOG, when set, overrides `log.level`.
+            let filter = EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+            match config.log.format {
+                meshcast::config::LogFormat::Text => {
+                    tracing_subscriber::fmt().with_env_filter(filter).init()
+                }
+                meshcast::config::LogFormat::Json => tracing_subscriber::fmt()
+                    .json()
+                    .with_current_span(false)
+                    .with_env_filter(filter)
+                    .init(),
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

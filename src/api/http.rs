@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { Html(crate::api::console::MEETING) }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/node", get(node))
         .route("/api/v1/route", get(route))
@@ -114,6 +115,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/{namespace}/{file}", get(flv))
         .with_state(state)
+}
+
+/// `GET /readyz`: 200 once the node has joined its mesh, else 503 and what it waits for.
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.backbone.as_ref().map(|b| b.ready()) {
+        None | Some(Ok(())) => "ready\n".into_response(),
+        Some(Err(why)) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 async fn console() -> Html<&'static str> {

@@ -115,6 +115,9 @@ pub struct BackboneSettings {
     pub load: LoadProbe,
 }
 
+/// How long an origin waits for all its peers before one link up makes it ready.
+pub const READY_GRACE: Duration = Duration::from_secs(10);
+
 pub struct Backbone {
     me: Weak<Backbone>,
     hub: Arc<Hub>,
@@ -145,6 +148,8 @@ pub struct Backbone {
     write_timeout: Duration,
     /// The room bus: each live link's queue, and the handler (`bus.rs`).
     bus: Mutex<bus::BusLinks>,
+    /// When the backbone started (readiness waits a little for every peer).
+    started: std::time::Instant,
     shutdown: CancellationToken,
 }
 
@@ -195,6 +200,7 @@ impl Backbone {
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             bus: Mutex::new(bus::BusLinks::default()),
+            started: std::time::Instant::now(),
             inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS)),
             directory: Mutex::new(Directory::default()),
             nodes: Mutex::new(NodeTable::new(&node.id)),
@@ -243,6 +249,31 @@ impl Backbone {
     fn arc(&self) -> Arc<Backbone> {
         // `self` is alive, so is its Arc.
         self.me.upgrade().expect("backbone alive while in use")
+    }
+
+    /// Whether this node has joined its mesh (`/readyz`): an edge has a link up to one of
+    /// its origins; an origin to every one of its peers, or to one once [`READY_GRACE`] has
+    /// passed (a peer that is down must not keep it out for ever); a node that dials nobody
+    /// is ready. `Err` says what it waits for.
+    pub fn ready(&self) -> Result<(), String> {
+        let want = self.upstreams.len();
+        let up = self.outbound.lock().len();
+        let enough = match self.role {
+            Role::Edge => up >= 1,
+            _ => up >= want || (up >= 1 && self.started.elapsed() >= READY_GRACE),
+        };
+        if want == 0 || enough {
+            Ok(())
+        } else {
+            Err(format!(
+                "not ready: {up} of {want} backbone links up ({})",
+                if self.role == Role::Edge {
+                    "an edge needs one of its origins"
+                } else {
+                    "an origin needs its peers"
+                }
+            ))
+        }
     }
 
     pub fn links(&self) -> Vec<LinkInfo> {

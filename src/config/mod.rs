@@ -17,6 +17,7 @@ mod egress;
 pub mod egress_spec;
 mod http;
 mod limits;
+mod log;
 mod node;
 mod read;
 mod recording;
@@ -35,6 +36,7 @@ pub use backbone::{BackboneConfig, Congestion, MIN_BACKBONE_TOKEN};
 pub use egress::{EgressConfig, EgressPolicy};
 pub use http::HttpConfig;
 pub use limits::Limits;
+pub use log::{LogConfig, LogFormat};
 pub use node::{NodeConfig, Role, DEFAULT_REGION};
 pub use read::{ConfigErrors, Problem};
 pub use recording::{RecordingConfig, Retention};
@@ -60,10 +62,12 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// Meetings and voice rooms (`[rooms]`).
     pub rooms: RoomsConfig,
+    /// How the node logs (`[log]`).
+    pub log: LogConfig,
 }
 
 /// The sections a config file may have.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "node",
     "rtmp",
     "http",
@@ -75,6 +79,7 @@ const SECTIONS: [&str; 11] = [
     "auth",
     "hooks",
     "rooms",
+    "log",
 ];
 
 impl Config {
@@ -118,6 +123,7 @@ impl Config {
             auth: AuthConfig::default(),
             hooks: HooksConfig::default(),
             rooms: RoomsConfig::default(),
+            log: LogConfig::default(),
         }
     }
 
@@ -147,7 +153,7 @@ impl Config {
             if !SECTIONS.contains(&key.as_str()) {
                 problems.push(Problem::new(
                     key,
-                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording, auth, hooks, egress or rooms)",
+                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording, auth, hooks, egress, rooms or log)",
                 ));
             }
         }
@@ -163,6 +169,7 @@ impl Config {
         let auth = auth::parse(section(&table, "auth", p), base, p);
         let hooks = auth::parse_hooks(section(&table, "hooks", p), p);
         let rooms = rooms::parse(section(&table, "rooms", p), p);
+        let log = log::parse(section(&table, "log", p), p);
         check_listeners_differ(&rtmp, &http, p);
 
         if !problems.is_empty() {
@@ -183,6 +190,7 @@ impl Config {
             auth,
             hooks,
             rooms,
+            log,
         })
     }
 }
