@@ -72,7 +72,11 @@ fn logs_can_be_one_json_object_per_line() {
     // A bad value is named by check-config.
     let dir = temp_dir("log-config");
     let path = dir.join("bad.toml");
-    std::fs::write(&path, "[log]\nformat = \"xml\"\nlevel = \"meshcast=shout\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[log]\nformat = \"xml\"\nlevel = \"meshcast=shout\"\n",
+    )
+    .unwrap();
     let out = Command::new(&*BIN)
         .arg("check-config")
         .arg(&path)
@@ -85,4 +89,67 @@ fn logs_can_be_one_json_object_per_line() {
         "{err}"
     );
     assert!(err.contains("log.level"), "{err}");
+}
+
+#[test]
+fn api_egress_jobs_come_back_after_a_crash_and_record_a_new_file() {
+    use common::egress_api::{delete_egress, egress_status, start_egress};
+    let mut node = NodeProc::start(NodeSpec {
+        extra: "\n[recording]\nroot = \"rec\"\n".into(),
+        ..NodeSpec::standalone()
+    });
+    let opts = || PublishOpts {
+        seconds: 30,
+        ..Default::default()
+    };
+    let publisher = publish_and_wait(&node.rtmp_url("keep"), &node, "keep", opts());
+    let id = start_egress(
+        &node,
+        serde_json::json!({"stream": "live/keep", "kind": "record", "template": "{ns}/{stream}.{ext}"}),
+    );
+    wait_until(Duration::from_secs(10), "recording", || {
+        egress_status(&node, &id)["state"] == "live"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let state_file = node.dir.join("rec/.egress-state.json");
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    assert!(
+        state.contains(&id) && state.contains("live/keep"),
+        "{state}"
+    );
+
+    // The node crashes; its publisher goes with it.
+    node.signal("KILL");
+    let _ = node.child.wait();
+    drop(publisher);
+    // It starts again from the same config: the job is back under its id, waiting.
+    node.child = spawn_node(&node.dir.join("node.toml"), &node.dir);
+    wait_until(Duration::from_secs(10), "node up again", || {
+        http_get(node.http, "/healthz").is_ok_and(|(s, _)| s == 200)
+    });
+    let status = egress_status(&node, &id);
+    assert_eq!(status["state"], "waiting", "{status}");
+    // The publisher comes back: the recording goes on in a new file.
+    let _publisher = publish_and_wait(&node.rtmp_url("keep"), &node, "keep", opts());
+    wait_until(Duration::from_secs(10), "recording again", || {
+        egress_status(&node, &id)["state"] == "live"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let done = delete_egress(&node, &id);
+    let files = done["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{done}");
+    let second = node.dir.join("rec").join(files[0].as_str().unwrap());
+    let first = node.dir.join("rec/live/keep.mp4");
+    assert_ne!(first, second, "a new file after the restart");
+    for f in [&first, &second] {
+        let p = ffprobe(f.to_str().unwrap(), 30);
+        assert!(
+            p.stream_of("video").is_some() && p.packets_of("video").len() >= 30,
+            "{}",
+            f.display()
+        );
+    }
+    // Deleted: it is not resumed again.
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    assert!(!state.contains(&id), "{state}");
 }

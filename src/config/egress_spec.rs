@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::media::{Codec, StreamKey};
 
 /// The request shape shared by config rules and the API.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EgressRequest {
     /// `namespace/name`; config rules may use `*` in either part (`live/*`).

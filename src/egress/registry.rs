@@ -1,6 +1,12 @@
 //! The node's egress jobs, as the API and the config see them: [`Egress`] creates them
 //! (API requests under the destination policy and the job cap, config rules, an edge's
 //! forwards), lists, stops, and starts one `EgressTask` ([`super::task`]) per job.
+//!
+//! API-created jobs outlive the process: each is written to a state file under the
+//! recording root ([`STATE_FILE`], replaced atomically on every change) and started again,
+//! with its id, when the node starts after a restart or a crash. A resumed recording begins
+//! a new file. A job leaves the file when it is deleted or finishes, not when the node
+//! shuts down.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,6 +42,9 @@ pub struct EgressSettings {
     pub min_free_bytes: u64,
 }
 
+/// The API jobs' state file, under the recording root.
+pub const STATE_FILE: &str = ".egress-state.json";
+
 /// Why an egress was not created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
@@ -61,6 +70,8 @@ pub struct Egress {
     hub: Arc<Hub>,
     settings: EgressSettings,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
+    /// The API jobs to resume after a restart, by id (what the state file holds).
+    persisted: Mutex<std::collections::BTreeMap<String, EgressRequest>>,
     shutdown: CancellationToken,
 }
 
@@ -75,12 +86,78 @@ impl Egress {
             hub,
             settings,
             entries: Mutex::new(HashMap::new()),
+            persisted: Mutex::new(Default::default()),
             shutdown,
         });
         if !egress.settings.rules.is_empty() {
             tokio::spawn(egress.clone().run_rules());
         }
+        egress.resume();
         egress
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.settings.recording_root.join(STATE_FILE)
+    }
+
+    /// Starts the API jobs the state file lists again, with their ids.
+    fn resume(self: &Arc<Self>) {
+        let path = self.state_path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let saved: std::collections::BTreeMap<String, EgressRequest> =
+            match serde_json::from_str(&text) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(path = %path.display(), "egress state not read: {e}");
+                    return;
+                }
+            };
+        for (id, req) in saved {
+            let valid = id.starts_with("eg_") && id.len() <= 32;
+            match req.validate(false) {
+                Ok(spec) if valid => {
+                    info!(%id, stream = %req.stream, "egress resumed after a restart");
+                    self.persisted.lock().insert(id.clone(), req);
+                    self.spawn_as(id, spec, "api");
+                }
+                _ => warn!(%id, "egress in the state file not resumed: invalid"),
+            }
+        }
+        self.save();
+    }
+
+    /// Writes the state file: to a temporary file first, then renamed over the old one,
+    /// so a crash leaves one or the other whole.
+    fn save(&self) {
+        let text = match serde_json::to_string_pretty(&*self.persisted.lock()) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("egress state not written: {e}");
+                return;
+            }
+        };
+        let path = self.state_path();
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::create_dir_all(&self.settings.recording_root)
+            .and_then(|_| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            warn!(path = %path.display(), "egress state not written: {e}");
+        }
+    }
+
+    /// A job is over for good (deleted, or finished): it is not resumed.
+    fn forget(&self, id: &str) {
+        if self.persisted.lock().remove(id).is_some() {
+            self.save();
+        }
     }
 
     /// Starts an egress from an API request, under the destination policy and the job cap.
@@ -108,7 +185,10 @@ impl Egress {
                 .await
                 .map_err(refused)?;
         }
-        Ok(self.spawn(spec, "api"))
+        let status = self.spawn(spec, "api");
+        self.persisted.lock().insert(status.id.clone(), req.clone());
+        self.save();
+        Ok(status)
     }
 
     /// Starts an edge's forward of a local publish to an origin: a cluster-internal push
@@ -160,6 +240,11 @@ impl Egress {
     /// Stops an egress, waits (briefly) for its sink to close cleanly, and returns its last
     /// status.
     pub async fn stop(&self, id: &str) -> Option<EgressStatus> {
+        self.forget(id);
+        self.end(id).await
+    }
+
+    async fn end(&self, id: &str) -> Option<EgressStatus> {
         let entry = self.entries.lock().remove(id)?;
         entry.cancel.cancel();
         let mut done = entry.done.clone();
@@ -168,13 +253,23 @@ impl Egress {
     }
 
     /// Stops every egress (files finished, publishes ended), waiting a few seconds at most.
+    /// API jobs stay in the state file: they start again with the node.
     pub async fn stop_all(&self) {
         let ids: Vec<String> = self.entries.lock().keys().cloned().collect();
-        futures_util::future::join_all(ids.iter().map(|id| self.stop(id))).await;
+        futures_util::future::join_all(ids.iter().map(|id| self.end(id))).await;
     }
 
     fn spawn(self: &Arc<Self>, spec: EgressSpec, created_by: &'static str) -> EgressStatus {
         let id = format!("eg_{:012x}", rand::random::<u64>() >> 16);
+        self.spawn_as(id, spec, created_by)
+    }
+
+    fn spawn_as(
+        self: &Arc<Self>,
+        id: String,
+        spec: EgressSpec,
+        created_by: &'static str,
+    ) -> EgressStatus {
         let StreamMatch::Exact(key) = spec.stream.clone() else {
             unreachable!("egresses are spawned for one stream");
         };
@@ -233,8 +328,10 @@ impl Egress {
                 me.hub.metrics().egress_active.dec();
                 info!(state = ?end, "egress ended");
                 let _ = done_tx.send(true);
-                if end == State::Finished {
-                    me.entries.lock().remove(&id);
+                // Finished on its own (not ended from here): over for good. One ended by
+                // `stop_all` at shutdown stays in the state file.
+                if end == State::Finished && me.entries.lock().remove(&id).is_some() {
+                    me.forget(&id);
                 }
             }
             .instrument(span),
