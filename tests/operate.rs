@@ -153,3 +153,56 @@ fn api_egress_jobs_come_back_after_a_crash_and_record_a_new_file() {
     let state = std::fs::read_to_string(&state_file).unwrap();
     assert!(!state.contains(&id), "{state}");
 }
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_a_node_exposes() {
+    // Two linked origins: the link families have samples too.
+    let (a_quic, b_quic) = (node_addr(), node_addr());
+    let mut spec = NodeSpec::origin("origin-a");
+    spec.upstreams = vec![b_quic];
+    let a = NodeProc::start_at(spec, a_quic);
+    let mut spec = NodeSpec::origin("origin-b");
+    spec.upstreams = vec![a_quic];
+    let _b = NodeProc::start_at(spec, b_quic);
+    a.wait_for_link_count(2);
+    let (status, metrics) = http_get(a.http, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let mut names = std::collections::HashSet::new();
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
+                names.insert(name.to_string());
+                if kind == "counter" {
+                    names.insert(format!("{name}_total"));
+                }
+            }
+        } else if !line.starts_with('#') {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../docs/grafana-dashboard.json")).unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("meshcast_") {
+                let token: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    names.contains(&token),
+                    "{} queries {token}, which /metrics does not have",
+                    panel["title"]
+                );
+                queried += 1;
+                rest = &rest[i + token.len()..];
+            }
+        }
+    }
+    assert!(queried >= 20, "{queried} metrics queried");
+}
