@@ -206,3 +206,60 @@ fn the_grafana_dashboard_queries_only_metrics_a_node_exposes() {
     }
     assert!(queried >= 20, "{queried} metrics queried");
 }
+
+#[test]
+fn the_examples_and_configs_users_copy_pass_check_config() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("examples/recording.toml")];
+    for dir in ["configs", "configs/cluster-3region"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "toml") {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.len() >= 10, "{files:?}");
+    for f in &files {
+        let out = Command::new(&*BIN)
+            .arg("check-config")
+            .arg(f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The systemd unit runs the binary the way the README does, on the config it checks.
+    let unit = std::fs::read_to_string(root.join("examples/meshcast.service")).unwrap();
+    let line = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"))
+            .to_string()
+    };
+    let start = line("ExecStart=");
+    let check = line("ExecStartPre=");
+    assert!(
+        start.ends_with("run --config /etc/meshcast/meshcast.toml"),
+        "{start}"
+    );
+    assert!(
+        check.ends_with("check-config /etc/meshcast/meshcast.toml"),
+        "{check}"
+    );
+    assert_eq!(line("KillSignal="), "SIGTERM");
+    // Every file the examples README lists exists.
+    let readme = std::fs::read_to_string(root.join("examples/README.md")).unwrap();
+    for name in readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+    {
+        assert!(
+            root.join("examples").join(name).exists(),
+            "examples/README.md lists {name}"
+        );
+    }
+}
