@@ -135,6 +135,7 @@ impl Node {
         let egress = Egress::start(
             hub.clone(),
             EgressSettings {
+                node_id: config.node.id.clone(),
                 recording_root: config.recording.root.clone(),
                 rules: config.egress.rules.clone(),
                 policy: Arc::new(crate::egress::policy::DestinationPolicy {

@@ -111,7 +111,7 @@ fn api_egress_jobs_come_back_after_a_crash_and_record_a_new_file() {
         egress_status(&node, &id)["state"] == "live"
     });
     std::thread::sleep(Duration::from_secs(3));
-    let state_file = node.dir.join("rec/.egress-state.json");
+    let state_file = node.dir.join("rec/.egress-state-standalone.json");
     let state = std::fs::read_to_string(&state_file).unwrap();
     assert!(
         state.contains(&id) && state.contains("live/keep"),

@@ -3,7 +3,7 @@
 //! forwards), lists, stops, and starts one `EgressTask` ([`super::task`]) per job.
 //!
 //! API-created jobs outlive the process: each is written to a state file under the
-//! recording root ([`STATE_FILE`], replaced atomically on every change) and started again,
+//! recording root ([`STATE_FILE_PREFIX`]`NODE.json`, replaced atomically on every change) and started again,
 //! with its id, when the node starts after a restart or a crash. A resumed recording begins
 //! a new file. A job leaves the file when it is deleted or finishes, not when the node
 //! shuts down.
@@ -28,6 +28,8 @@ use crate::media::StreamKey;
 /// Where sinks write and how they start.
 #[derive(Clone, Debug)]
 pub struct EgressSettings {
+    /// This node's id (it names the node's egress state file).
+    pub node_id: String,
     /// Recordings go under this directory.
     pub recording_root: PathBuf,
     /// Static rules from the config file.
@@ -42,8 +44,9 @@ pub struct EgressSettings {
     pub min_free_bytes: u64,
 }
 
-/// The API jobs' state file, under the recording root.
-pub const STATE_FILE: &str = ".egress-state.json";
+/// The API jobs' state file, under the recording root: `.egress-state-NODE.json` (nodes
+/// sharing a root keep theirs apart).
+pub const STATE_FILE_PREFIX: &str = ".egress-state-";
 
 /// Why an egress was not created.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +100,9 @@ impl Egress {
     }
 
     fn state_path(&self) -> PathBuf {
-        self.settings.recording_root.join(STATE_FILE)
+        self.settings
+            .recording_root
+            .join(format!("{STATE_FILE_PREFIX}{}.json", self.settings.node_id))
     }
 
     /// Starts the API jobs the state file lists again, with their ids.

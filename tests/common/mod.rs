@@ -184,6 +184,9 @@ pub fn spawn_node(path: &Path, dir: &Path) -> Child {
     Command::new(&*BIN)
         .args(["run", "--config"])
         .arg(path)
+        // What a config leaves relative to the working directory (the recording root by
+        // default, with the egress state file) stays in the node's own directory.
+        .current_dir(dir)
         .env("RUST_LOG", "info,meshcast=debug")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
