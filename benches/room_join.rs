@@ -192,7 +192,6 @@ fn storm(
         .is_some()
         .then(|| PerfRecord::start(pid, &work.join(format!("perf-rooms-{rooms}-{n}.data"))));
     let cpu0 = cpu_seconds(pid);
-    let t0 = Instant::now();
     let joined: Vec<Joined> = rt.block_on(async {
         let tasks: Vec<_> = (0..n)
             .map(|i| {
@@ -237,7 +236,6 @@ fn storm(
         .max()
         .unwrap_or_default()
         .as_secs_f64();
-    let _ = t0;
     for p in publishers {
         let _ = p.join();
     }

@@ -289,7 +289,7 @@ impl Rooms {
                 let Some(events) = table.apply_slice(update.clone(), now + SLICE_TTL, now) else {
                     return;
                 };
-                self.deliver(&update.room, &events, None);
+                self.deliver(&update.room, &events);
                 self.close_replaced(&table, &update.room);
                 drop(table);
                 c.pass_on(from, role, &msg);

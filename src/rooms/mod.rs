@@ -306,7 +306,7 @@ impl Rooms {
                 "the same identity joined again".into(),
             ));
         }
-        self.deliver(room, &events, None);
+        self.deliver(room, &events);
         let slice = table.my_slice(room);
         drop(table);
         self.announce_slice(slice);
@@ -335,7 +335,7 @@ impl Rooms {
                 }
             }
         }
-        self.deliver(room, &events, None);
+        self.deliver(room, &events);
         let slice = table.my_slice(room);
         drop(table);
         self.announce_slice(slice);
@@ -346,7 +346,7 @@ impl Rooms {
     pub fn set_muted(&self, m: &Membership, video: bool, muted: bool) {
         let mut table = self.table.lock();
         let events = table.set_muted(&m.room, &m.identity, video, muted, Instant::now());
-        self.deliver(&m.room, &events, None);
+        self.deliver(&m.room, &events);
         let slice = table.my_slice(&m.room);
         drop(table);
         self.announce_slice(slice);
@@ -424,7 +424,7 @@ impl Rooms {
     /// Hands `events` of `room` to its participants here, in order; a participant is not
     /// told of its own join or leave. One whose queue is full is disconnected.
     /// Called with the table locked, so every participant sees one order.
-    fn deliver(&self, room: &str, events: &[Event], only: Option<&str>) {
+    fn deliver(&self, room: &str, events: &[Event]) {
         if events.is_empty() {
             return;
         }
@@ -436,9 +436,6 @@ impl Rooms {
             events.iter().map(|e| (e.about(), to_json(e))).collect();
         let mut slow = Vec::new();
         for (identity, l) in members.iter() {
-            if only.is_some_and(|o| o != identity) {
-                continue;
-            }
             for (about, text) in &texts {
                 if *about == Some(identity.as_str()) {
                     continue;
@@ -489,7 +486,7 @@ impl Rooms {
             level: 127,
         });
         let events = table.set_track(room, identity, track, Instant::now());
-        self.deliver(room, &events, None);
+        self.deliver(room, &events);
         let slice = table.my_slice(room);
         drop(table);
         self.announce_slice(slice);
@@ -508,7 +505,7 @@ impl Rooms {
         let mut table = self.table.lock();
         let (closed, changed) = table.tick(now);
         for (room, events) in &changed {
-            self.deliver(room, events, None);
+            self.deliver(room, events);
         }
         drop(table);
         for room in closed {
@@ -553,7 +550,7 @@ impl Rooms {
         for (room, levels) in by_room {
             let mut table = self.table.lock();
             let (events, moved) = table.set_levels(&room, &levels, now);
-            self.deliver(&room, &events, None);
+            self.deliver(&room, &events);
             if moved {
                 let slice = table.my_slice(&room);
                 drop(table);
