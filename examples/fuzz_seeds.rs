@@ -379,6 +379,7 @@ fn main() -> anyhow::Result<()> {
             sub: Some("fuzz".into()),
             room: None,
             name: None,
+            ns: None,
         })
         .map_err(anyhow::Error::msg)?;
     write("auth_token", "token", token.as_bytes())?;

@@ -33,31 +33,39 @@ enum Command {
         #[command(subcommand)]
         what: CertCommand,
     },
-    /// Print a signed access token (with the first of the config's [auth] secrets).
-    Token {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// publish, play, admin or join (repeat for several).
-        #[arg(long, required = true)]
-        action: Vec<String>,
-        /// Stream patterns (`live/demo`, `live/*`); repeat for several. Admin tokens may
-        /// leave it out (all streams).
-        #[arg(long)]
-        stream: Vec<String>,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 3600)]
-        ttl: u64,
-        /// Who the token is for (the `sub` claim, shown to hooks; a join token's
-        /// participant identity).
-        #[arg(long)]
-        subject: Option<String>,
-        /// The room a join token admits to.
-        #[arg(long)]
-        room: Option<String>,
-        /// The name a participant is shown by (join tokens).
-        #[arg(long)]
-        name: Option<String>,
-    },
+    /// Print a signed access token (with the first of the config's [auth] secrets, or of
+    /// the namespace's own with --ns).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[arg(long, short)]
+    config: PathBuf,
+    /// publish, play, admin or join (repeat for several).
+    #[arg(long, required = true)]
+    action: Vec<String>,
+    /// Stream patterns (`live/demo`, `live/*`); repeat for several. Admin tokens may
+    /// leave it out (all streams).
+    #[arg(long)]
+    stream: Vec<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// Who the token is for (the `sub` claim, shown to hooks; a join token's
+    /// participant identity).
+    #[arg(long)]
+    subject: Option<String>,
+    /// The room a join token admits to.
+    #[arg(long)]
+    room: Option<String>,
+    /// The name a participant is shown by (join tokens).
+    #[arg(long)]
+    name: Option<String>,
+    /// The namespace the token is confined to (an admin token then administers only it);
+    /// signed with that namespace's own secrets when it has them.
+    #[arg(long)]
+    ns: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -85,54 +93,65 @@ enum CertCommand {
 }
 
 /// `meshcast token`: prints a token on stdout, or says why it cannot.
-fn mint_token(
-    config: &std::path::Path,
-    actions: &[String],
-    streams: Vec<String>,
-    ttl: u64,
-    subject: Option<String>,
-    room: Option<String>,
-    name: Option<String>,
-) -> Result<String, String> {
+fn mint_token(args: TokenArgs) -> Result<String, String> {
     use meshcast::auth::{token, Action, Claims, Keys};
-    let c = Config::load(config).map_err(|e| e.to_string())?;
-    if c.auth.secrets.is_empty() {
+    let c = Config::load(&args.config).map_err(|e| e.to_string())?;
+    let own = match &args.ns {
+        Some(ns) => {
+            let declared = c.namespaces.get(ns).ok_or_else(|| {
+                format!(
+                    "{}: namespace {ns} is not declared ([[namespace]])",
+                    args.config.display()
+                )
+            })?;
+            declared.auth.as_ref()
+        }
+        None => None,
+    };
+    let secrets = &own.unwrap_or(&c.auth).secrets;
+    if secrets.is_empty() {
         return Err(format!(
-            "{}: [auth] has no secrets to sign with",
-            config.display()
+            "{}: {} has no secrets to sign with",
+            args.config.display(),
+            if own.is_some() {
+                "the namespace's auth"
+            } else {
+                "[auth]"
+            }
         ));
     }
     let mut act = Vec::new();
-    for a in actions {
+    for a in &args.action {
         act.push(
             Action::parse(a)
                 .ok_or_else(|| format!("--action {a}: must be publish, play, admin or join"))?,
         );
     }
-    if act.contains(&Action::Join) && (room.is_none() || subject.is_none()) {
+    if act.contains(&Action::Join) && (args.room.is_none() || args.subject.is_none()) {
         return Err("a join token needs --room ID and --subject IDENTITY".into());
     }
-    if streams.is_empty()
+    if args.stream.is_empty()
         && !act
             .iter()
             .any(|a| matches!(a, Action::Admin | Action::Join))
     {
         return Err("--stream is required (e.g. --stream 'live/*')".into());
     }
-    if ttl == 0 || ttl > 10 * 365 * 86_400 {
+    if args.ttl == 0 || args.ttl > 10 * 365 * 86_400 {
         return Err("--ttl must be between 1 second and 10 years".into());
     }
-    let keys = Keys::new(&c.auth.secrets, &[] as &[&str])?;
+    let keys = Keys::new(secrets, &[] as &[&str])?;
     let now = token::now_s();
     keys.mint(&Claims {
         act: token::OneOrMany::Many(act),
-        streams,
-        exp: now + ttl,
+        streams: args.stream,
+        exp: now + args.ttl,
         nbf: None,
         iat: Some(now),
-        sub: subject,
-        room,
-        name,
+        sub: args.subject,
+        room: args.room,
+        name: args.name,
+        ns: args.ns,
     })
 }
 
@@ -169,15 +188,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Token {
-            config,
-            action,
-            stream,
-            ttl,
-            subject,
-            room,
-            name,
-        } => match mint_token(&config, &action, stream, ttl, subject, room, name) {
+        Command::Token(args) => match mint_token(args) {
             Ok(t) => {
                 println!("{t}");
                 ExitCode::SUCCESS

@@ -39,6 +39,23 @@ pub fn backbone_settings(config: &Config, metrics: Arc<Metrics>) -> BackboneSett
     }
 }
 
+/// The namespaces that record under a root of their own.
+fn namespace_roots(config: &Config) -> std::collections::HashMap<String, std::path::PathBuf> {
+    config
+        .namespaces
+        .declared
+        .values()
+        .filter_map(|n| Some((n.name.clone(), n.recording_root.clone()?)))
+        .collect()
+}
+
+/// The egress rules: `[[egress]]`'s, then every namespace's.
+fn egress_rules(config: &Config) -> Vec<crate::config::egress_spec::EgressSpec> {
+    let mut rules = config.egress.rules.clone();
+    rules.extend(config.namespaces.egress_rules().cloned());
+    rules
+}
+
 /// This node's own addresses as the config names them (listeners and announced IPs).
 fn own_addresses(config: &Config) -> Vec<std::net::IpAddr> {
     let mut ips: Vec<std::net::IpAddr> = [
@@ -76,6 +93,8 @@ impl Node {
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(config.limits.clone(), metrics);
+        let namespaces = Arc::new(config.namespaces.clone());
+        hub.reconfigure(config.limits.clone(), namespaces.clone());
         let rooms = crate::rooms::Rooms::new(&config.node.id, config.rooms.clone(), hub.clone());
         // WebRTC renditions are made where their stream is published; a room's mix where it
         // is asked for.
@@ -98,13 +117,10 @@ impl Node {
             ),
             None => None,
         };
-        let auth = if config.auth.is_on() {
-            crate::auth::Auth::new(&config.auth, &config.node.id)
-                .map_err(anyhow::Error::msg)
-                .context("loading [auth] keys")?
-        } else {
-            crate::auth::Auth::open(&config.node.id)
-        };
+        let auth = crate::auth::Auth::open(&config.node.id);
+        auth.reconfigure(&config.auth, &namespaces)
+            .map_err(anyhow::Error::msg)
+            .context("loading [auth] keys")?;
         let auth = Arc::new(auth.with_events(events));
         if auth.is_on() {
             info!("auth is on: publish and play need a token or the webhook's allow; the admin API needs an admin token");
@@ -137,7 +153,8 @@ impl Node {
             EgressSettings {
                 node_id: config.node.id.clone(),
                 recording_root: config.recording.root.clone(),
-                rules: config.egress.rules.clone(),
+                namespace_roots: namespace_roots(&config),
+                rules: egress_rules(&config),
                 policy: Arc::new(crate::egress::policy::DestinationPolicy {
                     patterns: config.egress.policy.destinations.clone(),
                     public_only: config.auth.is_on()
@@ -154,12 +171,18 @@ impl Node {
 
         let retention = &config.recording.retention;
         if retention.max_age.is_some() || retention.max_total_bytes.is_some() {
-            tasks.spawn(crate::egress::retention::run(
-                config.recording.root.clone(),
-                retention.clone(),
-                egress.clone(),
-                shutdown.clone(),
-            ));
+            let mut roots: Vec<_> = namespace_roots(&config).into_values().collect();
+            roots.push(config.recording.root.clone());
+            roots.sort();
+            roots.dedup();
+            for root in roots {
+                tasks.spawn(crate::egress::retention::run(
+                    root,
+                    retention.clone(),
+                    egress.clone(),
+                    shutdown.clone(),
+                ));
+            }
         }
 
         if config.node.role == Role::Edge {

@@ -6,32 +6,29 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::egress_api::{egress_status, start_egress};
 use common::http::{http_get_bearer, http_raw};
 use common::*;
-use meshcast::auth::token::{now_s, OneOrMany};
-use meshcast::auth::{Action, Claims, Keys};
+use meshcast::auth::token::now_s;
+use meshcast::auth::{Action, Claims};
 
 const SECRET: &str = "lockdown-test-secret-0123456789";
 
 fn mint(secret: &str, act: Action, streams: &[&str], exp_in: i64, nbf_in: Option<i64>) -> String {
-    let keys = Keys::new(&[secret.to_string()], &[] as &[&str]).unwrap();
     let now = now_s() as i64;
-    keys.mint(&Claims {
-        act: OneOrMany::One(act),
-        streams: streams.iter().map(|s| s.to_string()).collect(),
-        exp: (now + exp_in) as u64,
-        nbf: nbf_in.map(|n| (now + n) as u64),
-        iat: Some(now as u64),
-        sub: None,
-        room: None,
-        name: None,
-    })
-    .unwrap()
+    sign(
+        secret,
+        &Claims {
+            exp: (now + exp_in) as u64,
+            nbf: nbf_in.map(|n| (now + n) as u64),
+            iat: Some(now as u64),
+            ..claims(act, streams)
+        },
+    )
 }
 
 fn token(act: Action, streams: &[&str]) -> String {
@@ -86,18 +83,6 @@ fn matrix(action: Action, stream: &str) -> (Vec<BadToken>, String) {
     (bad, token(action, &[stream]))
 }
 
-/// A 3-second ffmpeg publish to `url`, waited for: (succeeded, what ffmpeg printed).
-fn short_publish(url: &str) -> (bool, String) {
-    Publisher::start(
-        url,
-        PublishOpts {
-            seconds: 3,
-            ..Default::default()
-        },
-    )
-    .wait(Duration::from_secs(30))
-}
-
 fn with_token(url: &str, t: &Option<String>) -> String {
     match t {
         Some(t) => format!("{url}?token={t}"),
@@ -112,26 +97,6 @@ fn auth_node(extra: &str) -> NodeProc {
     });
     node.admin_token = Some(token(Action::Admin, &[]));
     node
-}
-
-/// ffprobe that may fail: (success, stderr, packets read).
-fn try_probe(url: &str, seconds: u32) -> (bool, String, usize) {
-    let out = bounded::output_within(
-        Command::new("ffprobe")
-            .args(["-v", "error", "-rw_timeout", "10000000"])
-            .args(["-show_entries", "packet=stream_index"])
-            .args(["-read_intervals", &format!("%+{seconds}")])
-            .args(["-of", "json", url])
-            .stdin(Stdio::null()),
-        Duration::from_secs(seconds as u64 + 40),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let packets = v["packets"].as_array().map_or(0, |p| p.len());
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-        packets,
-    )
 }
 
 /// The status line of an HTTP response, reading only its head (the body may never end).

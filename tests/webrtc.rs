@@ -713,6 +713,7 @@ fn token_matrix(secret: &str, action: meshcast::auth::Action) -> (Vec<(String, S
                 sub: None,
                 room: None,
                 name: None,
+                ns: None,
             })
             .unwrap()
     };

@@ -30,6 +30,7 @@ fn keys() -> &'static (Keys, String) {
                 sub: Some("fuzz".into()),
                 room: None,
                 name: None,
+                ns: None,
             })
             .expect("a token");
         (keys, minted)

@@ -11,7 +11,7 @@ use axum::Json;
 
 use super::http::AppState;
 use crate::auth::hooks::EventKind;
-use crate::auth::{Action as AuthAction, Denied};
+use crate::auth::{Action as AuthAction, AdminScope, Denied};
 use crate::media::StreamKey;
 
 /// A refusal as HTTP: its status and a one-line JSON reason.
@@ -70,20 +70,73 @@ pub(super) async fn admin_only(
             });
         }
     }
-    if s.auth.has_keys() {
-        let token = request_token(headers, req.uri().query());
-        if let Err(d) = s.auth.check_admin(token.as_deref()) {
-            s.hub.metrics().count_refused("api", "denied");
-            return denied(d);
+    let token = request_token(headers, req.uri().query());
+    // With node keys every call needs a token; a namespace's admin token is honoured
+    // whenever some namespace has keys; with neither, loopback clients are the node's admin.
+    let scope = if s.auth.has_node_keys() || (s.auth.has_keys() && token.is_some()) {
+        match s.auth.check_admin(token.as_deref()) {
+            Ok(scope) => scope,
+            Err(d) => {
+                s.hub.metrics().count_refused("api", "denied");
+                return denied(d);
+            }
         }
-    } else if !peer.ip().to_canonical().is_loopback() {
+    } else if peer.ip().to_canonical().is_loopback() {
+        AdminScope::Node
+    } else {
         s.hub.metrics().count_refused("api", "not_loopback");
         return denied(Denied {
             status: 403,
             reason: "the admin API answers loopback clients only: configure [auth] secrets to use it from elsewhere".into(),
         });
-    }
+    };
+    let mut req = req;
+    req.extensions_mut().insert(scope);
     next.run(req).await
+}
+
+/// In front of what only a node-wide admin may do (the cluster's links, a reload): a
+/// namespace's admin token is refused.
+pub(super) async fn node_admin_only(
+    axum::Extension(scope): axum::Extension<AdminScope>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match scope {
+        AdminScope::Node => next.run(req).await,
+        AdminScope::Namespace(ns) => denied(Denied {
+            status: 403,
+            reason: format!("an admin token of namespace {ns} does not reach this (it needs a node admin token)"),
+        }),
+    }
+}
+
+/// In front of the rooms API: rooms live in the `room` namespace.
+pub(super) async fn rooms_admin_only(
+    axum::Extension(scope): axum::Extension<AdminScope>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match out_of_scope(&scope, crate::media::ROOM_NAMESPACE) {
+        None => next.run(req).await,
+        Some(r) => r,
+    }
+}
+
+/// `None` when `scope` reaches streams of `namespace`, else a 403 saying so.
+pub(super) fn out_of_scope(scope: &AdminScope, namespace: &str) -> Option<Response> {
+    if scope.covers(namespace) {
+        return None;
+    }
+    Some(denied(Denied {
+        status: 403,
+        reason: format!("this admin token does not reach namespace {namespace}"),
+    }))
+}
+
+/// The namespace of an `ns/name` string as the API lists streams.
+pub(super) fn namespace_of(stream: &str) -> &str {
+    stream.split_once('/').map_or(stream, |(ns, _)| ns)
 }
 
 /// A viewer's place under the viewer limits, or a 503 saying which limit is reached.

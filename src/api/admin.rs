@@ -4,21 +4,39 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use tracing::info;
 
+use super::access::{namespace_of, out_of_scope};
 use super::http::{error, AppState, NodeInfo};
+use crate::auth::AdminScope;
 use crate::media::StreamKey;
 
 /// `GET /api/v1/viewers`: every viewer (RTMP, HTTP-FLV, WHEP) with its id, stream,
 /// protocol, client address and start.
-pub(super) async fn viewers(State(s): State<AppState>) -> impl IntoResponse {
-    Json(serde_json::json!({ "viewers": s.hub.viewers() }))
+/// A namespace's admin sees its namespace's viewers only.
+pub(super) async fn viewers(
+    State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
+) -> impl IntoResponse {
+    let mut viewers = s.hub.viewers();
+    viewers.retain(|v| scope.covers(namespace_of(&v.stream)));
+    Json(serde_json::json!({ "viewers": viewers }))
 }
 
-/// `DELETE /api/v1/viewers/{id}`: disconnects a viewer.
-pub(super) async fn viewer_kick(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    if s.hub.kick_viewer(&id) {
+/// `DELETE /api/v1/viewers/{id}`: disconnects a viewer (of the caller's namespace).
+pub(super) async fn viewer_kick(
+    State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
+    Path(id): Path<String>,
+) -> Response {
+    let reachable = s
+        .hub
+        .viewers()
+        .iter()
+        .any(|v| v.id == id && scope.covers(namespace_of(&v.stream)));
+    if reachable && s.hub.kick_viewer(&id) {
         info!(viewer = %id, "viewer kicked through the API");
         StatusCode::NO_CONTENT.into_response()
     } else {
@@ -30,12 +48,16 @@ pub(super) async fn viewer_kick(State(s): State<AppState>, Path(id): Path<String
 /// and disconnected).
 pub(super) async fn stream_kick(
     State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
     Path((namespace, stream)): Path<(String, String)>,
 ) -> Response {
     let key = match StreamKey::new(&namespace, &stream) {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if let Some(r) = out_of_scope(&scope, &namespace) {
+        return r;
+    }
     if s.hub.evict(&key, "stopped by the operator") {
         info!(stream = %key, "publisher kicked through the API");
         StatusCode::NO_CONTENT.into_response()
@@ -51,8 +73,14 @@ pub(super) async fn node(State(s): State<AppState>) -> Json<NodeInfo> {
     Json(s.node.clone())
 }
 
-pub(super) async fn streams(State(s): State<AppState>) -> impl IntoResponse {
-    Json(serde_json::json!({ "streams": s.hub.list() }))
+/// `GET /api/v1/streams`: the live streams (a namespace's admin: its namespace's).
+pub(super) async fn streams(
+    State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
+) -> impl IntoResponse {
+    let mut streams = s.hub.list();
+    streams.retain(|st| scope.covers(st.stream.namespace()));
+    Json(serde_json::json!({ "streams": streams }))
 }
 
 pub(super) async fn links(State(s): State<AppState>) -> impl IntoResponse {

@@ -3,20 +3,34 @@
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 
-use super::access::denied;
+use super::access::{denied, namespace_of, out_of_scope};
 use super::http::{error, is_json, AppState};
-use crate::auth::Denied;
+use crate::auth::{AdminScope, Denied};
 
-pub(super) async fn egress_list(State(s): State<AppState>) -> impl IntoResponse {
-    Json(serde_json::json!({ "egress": s.egress.list() }))
+/// `GET /api/v1/egress`: the egress jobs (a namespace's admin: its namespace's).
+pub(super) async fn egress_list(
+    State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
+) -> impl IntoResponse {
+    let mut jobs = s.egress.list();
+    jobs.retain(|j| scope.covers(namespace_of(&j.stream)));
+    Json(serde_json::json!({ "egress": jobs }))
+}
+
+/// The job `id`, if the caller's scope reaches its stream.
+fn reachable(s: &AppState, scope: &AdminScope, id: &str) -> bool {
+    s.egress
+        .get(id)
+        .is_some_and(|j| scope.covers(namespace_of(&j.stream)))
 }
 
 /// `POST /api/v1/egress` with `{stream, kind, url | format, template, ...}`: 201 with the
 /// new egress (and its `Location`), or 400 listing every invalid field.
 pub(super) async fn egress_create(
     State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -37,6 +51,13 @@ pub(super) async fn egress_create(
                 .into_response()
         }
     };
+    let namespace = match &req.room {
+        Some(_) => crate::media::ROOM_NAMESPACE,
+        None => namespace_of(&req.stream),
+    };
+    if let Some(r) = out_of_scope(&scope, namespace) {
+        return r;
+    }
     if let Some(room) = &req.room {
         if s.rooms.info(room).is_none() {
             return (
@@ -79,15 +100,26 @@ pub(super) async fn egress_create(
     }
 }
 
-pub(super) async fn egress_get(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    match s.egress.get(&id) {
+pub(super) async fn egress_get(
+    State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
+    Path(id): Path<String>,
+) -> Response {
+    match s.egress.get(&id).filter(|_| reachable(&s, &scope, &id)) {
         Some(status) => Json(status).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no egress {id}")),
     }
 }
 
 /// Stops the egress (its file finished, its publish ended) and returns its final status.
-pub(super) async fn egress_delete(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+pub(super) async fn egress_delete(
+    State(s): State<AppState>,
+    Extension(scope): Extension<AdminScope>,
+    Path(id): Path<String>,
+) -> Response {
+    if !reachable(&s, &scope, &id) {
+        return error(StatusCode::NOT_FOUND, format!("no egress {id}"));
+    }
     match s.egress.stop(&id).await {
         Some(status) => Json(status).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no egress {id}")),

@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
 
-use super::access::{admin_only, denied, request_token};
+use super::access::{admin_only, denied, node_admin_only, request_token, rooms_admin_only};
 use super::admin::{cluster, links, node, stream_kick, streams, viewer_kick, viewers};
 use super::egress::{egress_create, egress_delete, egress_get, egress_list};
 use super::play::flv;
@@ -60,13 +60,21 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/viewers", get(viewers))
         .route("/api/v1/viewers/{id}", axum::routing::delete(viewer_kick))
-        .route("/api/v1/links", get(links))
-        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/egress", get(egress_list).post(egress_create))
         .route("/api/v1/egress/{id}", get(egress_get).delete(egress_delete))
-        .route("/api/v1/rooms", get(room_list).post(room_create))
-        .route("/api/v1/rooms/{id}", get(room_get).delete(room_delete))
-        .route("/api/v1/rooms/{id}/tokens", post(room_token))
+        .merge(
+            Router::new()
+                .route("/api/v1/links", get(links))
+                .route("/api/v1/cluster", get(cluster))
+                .route_layer(axum::middleware::from_fn(node_admin_only)),
+        )
+        .merge(
+            Router::new()
+                .route("/api/v1/rooms", get(room_list).post(room_create))
+                .route("/api/v1/rooms/{id}", get(room_get).delete(room_delete))
+                .route("/api/v1/rooms/{id}/tokens", post(room_token))
+                .route_layer(axum::middleware::from_fn(rooms_admin_only)),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin_only,

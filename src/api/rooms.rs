@@ -195,6 +195,7 @@ pub(super) async fn room_token(
         sub: Some(req.identity),
         room: Some(id),
         name: req.name,
+        ns: None,
     };
     match keys.mint(&claims) {
         Ok(token) => Json(serde_json::json!({ "token": token })).into_response(),

@@ -86,6 +86,10 @@ pub struct Claims {
     /// The name a participant is shown by (`join` tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The one namespace the token is good for: an admin token claiming it administers
+    /// that namespace only; a publish or play token is refused anywhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ns: Option<String>,
 }
 
 impl Claims {
@@ -269,6 +273,7 @@ mod tests {
             sub: None,
             room: None,
             name: None,
+            ns: None,
         }
     }
 

@@ -75,8 +75,15 @@ impl Backbone {
         let mut hub_events = self.hub.events();
         // What this link has been told is published here (to withdraw what a lag hid).
         let mut announced = AnnouncedSet::default();
+        // A namespace kept to its region (`relay = false`) is neither announced nor served
+        // to a node of another region.
+        let relayed = |key: &StreamKey| self.hub.may_relay(key, &self.local.region, &peer.region);
         if announce {
-            for a in self.local_announcements() {
+            for a in self
+                .local_announcements()
+                .into_iter()
+                .filter(|a| relayed(&a.stream))
+            {
                 announced.announced(&a.stream);
                 session.announce(a)?;
             }
@@ -97,6 +104,14 @@ impl Backbone {
             loop {
                 for ev in events.drain(..) {
                     match ev {
+                        SessionEvent::SubscribeRequested { id, stream } if !relayed(&stream) => {
+                            info!(%stream, node = %peer.node_id, "subscribe refused: its namespace is not relayed to region {}", peer.region);
+                            session.reject(
+                                id,
+                                code::NOT_FOUND,
+                                &format!("namespace {} is not relayed to other regions", stream.namespace()),
+                            )?;
+                        }
                         SessionEvent::SubscribeRequested { id, stream } => {
                             let hub = self.hub.clone();
                             let tx = internal_tx.clone();
@@ -175,7 +190,7 @@ impl Backbone {
                         None => return Ok(()),
                     },
                     ev = hub_events.recv(), if announce => match ev {
-                        Ok(HubEvent::Published(s)) => {
+                        Ok(HubEvent::Published(s)) if relayed(&s) => {
                             if let Some(a) = self.announcement(s) {
                                 announced.announced(&a.stream);
                                 session.announce(a)?;
@@ -188,7 +203,8 @@ impl Backbone {
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                             // Events were missed: announce what is published now and
                             // withdraw what was announced and has ended since.
-                            let now = self.local_announcements();
+                            let mut now = self.local_announcements();
+                            now.retain(|a| relayed(&a.stream));
                             for gone in announced.resync(&now) {
                                 session.withdraw(gone)?;
                             }
@@ -196,7 +212,7 @@ impl Backbone {
                                 session.announce(a)?;
                             }
                         }
-                        Err(_) => {}
+                        Ok(HubEvent::Published(_)) | Err(_) => {}
                     },
                     e = conn.closed() => return Err(LinkError::Connection(e)),
                     _ = self.shutdown.cancelled() => {

@@ -135,24 +135,25 @@ pub(super) struct RawHooks {
     events: Option<String>,
 }
 
-/// `[auth]`, validated (secrets long enough, public keys readable, webhook a URL).
-pub(super) fn parse(raw: RawAuth, base: &Path, problems: &mut Problems) -> AuthConfig {
+/// `[auth]` (or a namespace's `auth`, its keys named under `at`), validated: secrets long
+/// enough, public keys readable, the webhook a URL.
+pub(super) fn parse(raw: RawAuth, at: &str, base: &Path, problems: &mut Problems) -> AuthConfig {
     let d = AuthConfig::default();
     for (i, s) in raw.secrets.iter().enumerate() {
         if s.len() < MIN_SECRET_BYTES {
             problems.push(Problem::new(
-                &format!("auth.secrets[{i}]"),
+                &format!("{at}.secrets[{i}]"),
                 format!("is shorter than {MIN_SECRET_BYTES} bytes (use a long random string)"),
             ));
         }
     }
     let public_keys: Vec<PathBuf> = raw.public_keys.iter().map(|p| base.join(p)).collect();
     if let Some(e) = public_keys.iter().find_map(|p| read_public_key(p).err()) {
-        problems.push(Problem::new("auth.public_keys", e));
+        problems.push(Problem::new(&format!("{at}.public_keys"), e));
     }
     if let Some(url) = &raw.webhook {
         if let Err(e) = HookUrl::parse(url) {
-            problems.push(Problem::new("auth.webhook", e));
+            problems.push(Problem::new(&format!("{at}.webhook"), e));
         }
     }
     let timeout_ms = raw
@@ -160,7 +161,7 @@ pub(super) fn parse(raw: RawAuth, base: &Path, problems: &mut Problems) -> AuthC
         .unwrap_or(d.webhook_timeout.as_millis() as u64);
     if !(50..=30_000).contains(&timeout_ms) {
         problems.push(Problem::new(
-            "auth.webhook_timeout_ms",
+            &format!("{at}.webhook_timeout_ms"),
             "must be between 50 and 30000",
         ));
     }
@@ -169,7 +170,7 @@ pub(super) fn parse(raw: RawAuth, base: &Path, problems: &mut Problems) -> AuthC
         .unwrap_or(d.webhook_cache.as_millis() as u64);
     if cache_ms > 600_000 {
         problems.push(Problem::new(
-            "auth.webhook_cache_ms",
+            &format!("{at}.webhook_cache_ms"),
             "must be at most 600000 (0: ask every time)",
         ));
     }
@@ -179,7 +180,7 @@ pub(super) fn parse(raw: RawAuth, base: &Path, problems: &mut Problems) -> AuthC
         .is_some_and(|t| t.len() < MIN_SECRET_BYTES)
     {
         problems.push(Problem::new(
-            "auth.metrics_token",
+            &format!("{at}.metrics_token"),
             format!("is shorter than {MIN_SECRET_BYTES} bytes"),
         ));
     }

@@ -105,7 +105,7 @@ pub(super) fn parse(table: &toml::Table, problems: &mut Problems) -> EgressConfi
 }
 
 /// Egress rules: each validated like an API request, problems named `{at}[i].field`.
-fn rules(items: &[toml::Value], at: &str, problems: &mut Problems) -> Vec<EgressSpec> {
+pub(super) fn rules(items: &[toml::Value], at: &str, problems: &mut Problems) -> Vec<EgressSpec> {
     let mut rules = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let key = format!("{at}[{i}]");

@@ -18,6 +18,7 @@ pub mod egress_spec;
 mod http;
 mod limits;
 mod log;
+mod namespace;
 mod node;
 mod read;
 mod recording;
@@ -37,6 +38,7 @@ pub use egress::{EgressConfig, EgressPolicy};
 pub use http::HttpConfig;
 pub use limits::Limits;
 pub use log::{LogConfig, LogFormat};
+pub use namespace::{NamespaceConfig, NamespaceLimits, NamespacesConfig, MAX_NAMESPACES};
 pub use node::{NodeConfig, Role, DEFAULT_REGION};
 pub use read::{ConfigErrors, Problem};
 pub use recording::{RecordingConfig, Retention};
@@ -64,10 +66,12 @@ pub struct Config {
     pub rooms: RoomsConfig,
     /// How the node logs (`[log]`).
     pub log: LogConfig,
+    /// Tenants: `[namespaces]` and every `[[namespace]]`.
+    pub namespaces: NamespacesConfig,
 }
 
 /// The sections a config file may have.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 14] = [
     "node",
     "rtmp",
     "http",
@@ -80,6 +84,8 @@ const SECTIONS: [&str; 12] = [
     "hooks",
     "rooms",
     "log",
+    "namespaces",
+    "namespace",
 ];
 
 impl Config {
@@ -124,6 +130,7 @@ impl Config {
             hooks: HooksConfig::default(),
             rooms: RoomsConfig::default(),
             log: LogConfig::default(),
+            namespaces: NamespacesConfig::default(),
         }
     }
 
@@ -153,7 +160,7 @@ impl Config {
             if !SECTIONS.contains(&key.as_str()) {
                 problems.push(Problem::new(
                     key,
-                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording, auth, hooks, egress, rooms or log)",
+                    "unknown section (expected node, rtmp, http, backbone, webrtc, limits, recording, auth, hooks, egress, rooms, log, namespaces or namespace)",
                 ));
             }
         }
@@ -166,10 +173,11 @@ impl Config {
         let limits = limits::parse(section(&table, "limits", p), p);
         let recording = recording::parse(section(&table, "recording", p), base, p);
         let egress = egress::parse(&table, p);
-        let auth = auth::parse(section(&table, "auth", p), base, p);
+        let auth = auth::parse(section(&table, "auth", p), "auth", base, p);
         let hooks = auth::parse_hooks(section(&table, "hooks", p), p);
         let rooms = rooms::parse(section(&table, "rooms", p), p);
         let log = log::parse(section(&table, "log", p), p);
+        let namespaces = namespace::parse(&table, section(&table, "namespaces", p), base, p);
         check_listeners_differ(&rtmp, &http, p);
 
         if !problems.is_empty() {
@@ -191,6 +199,7 @@ impl Config {
             hooks,
             rooms,
             log,
+            namespaces,
         })
     }
 }

@@ -30,8 +30,10 @@ use crate::media::StreamKey;
 pub struct EgressSettings {
     /// This node's id (it names the node's egress state file).
     pub node_id: String,
-    /// Recordings go under this directory.
+    /// Recordings go under this directory (and the API jobs' state file).
     pub recording_root: PathBuf,
+    /// Namespaces whose recordings go elsewhere (`[[namespace]] recording_root`).
+    pub namespace_roots: HashMap<String, PathBuf>,
     /// Static rules from the config file.
     pub rules: Vec<EgressSpec>,
     /// Where API-created pushes may go.
@@ -42,6 +44,15 @@ pub struct EgressSettings {
     pub auth: Arc<crate::auth::Auth>,
     /// Recordings stop when the disk holding them has less free space than this.
     pub min_free_bytes: u64,
+}
+
+impl EgressSettings {
+    /// Where recordings of `namespace`'s streams go.
+    pub fn root_for(&self, namespace: &str) -> &PathBuf {
+        self.namespace_roots
+            .get(namespace)
+            .unwrap_or(&self.recording_root)
+    }
 }
 
 /// The API jobs' state file, under the recording root: `.egress-state-NODE.json` (nodes
@@ -201,13 +212,16 @@ impl Egress {
     /// addresses) and that does not count against `max_jobs`.
     ///
     /// Under `[auth]` the push presents a publish token for exactly this stream, signed with
-    /// the node's first secret (a day long: a forward lives as long as its publish).
+    /// the first secret of the stream's namespace, else of the node (a day long: a forward
+    /// lives as long as its publish).
     pub fn create_forward(
         self: &Arc<Self>,
         req: &EgressRequest,
     ) -> Result<EgressStatus, Vec<FieldError>> {
         let mut req = req.clone();
-        if let (Some(keys), Some(url)) = (self.settings.auth.keys(), req.url.as_mut()) {
+        let namespace = req.stream.split_once('/').map_or("", |(ns, _)| ns);
+        let keys = self.settings.auth.keys_for(namespace);
+        if let (Some(keys), Some(url)) = (keys, req.url.as_mut()) {
             let claims = crate::auth::Claims {
                 act: crate::auth::token::OneOrMany::One(crate::auth::Action::Publish),
                 streams: vec![req.stream.clone()],
@@ -217,6 +231,7 @@ impl Egress {
                 sub: Some("edge-forward".into()),
                 room: None,
                 name: None,
+                ns: None,
             };
             match keys.mint(&claims) {
                 Ok(t) => url.push_str(&format!("?token={t}")),
@@ -314,6 +329,7 @@ impl Egress {
         self.entries.lock().insert(id.clone(), entry);
         let status = shared.snapshot();
         let me = self.clone();
+        let task_ns = key.namespace().to_string();
         let span = tracing::info_span!("egress", %id, stream = %key, kind = spec.kind());
         tokio::spawn(
             async move {
@@ -324,7 +340,7 @@ impl Egress {
                     spec,
                     shared: shared.clone(),
                     cancel,
-                    recording_root: me.settings.recording_root.clone(),
+                    recording_root: me.settings.root_for(task_ns.as_str()).clone(),
                     min_free_bytes: me.settings.min_free_bytes,
                     policy: (created_by == "api").then(|| me.settings.policy.clone()),
                 };

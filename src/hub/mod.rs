@@ -25,11 +25,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch, Notify};
 
-use crate::config::Limits;
+use crate::config::{Limits, NamespacesConfig};
 use crate::media::gop::GopCache;
 use crate::media::{Packet, StreamConfig, StreamKey};
 use crate::metrics::Metrics;
@@ -150,7 +150,9 @@ pub struct Hub {
     streams: Mutex<HashMap<StreamKey, Arc<Stream>>>,
     upstream: OnceLock<Arc<dyn Upstream>>,
     deriver: OnceLock<Arc<dyn Deriver>>,
-    limits: Limits,
+    limits: RwLock<Arc<Limits>>,
+    /// The declared namespaces: their limits and whether they relay.
+    namespaces: RwLock<Arc<NamespacesConfig>>,
     events: broadcast::Sender<HubEvent>,
     metrics: Arc<Metrics>,
     viewers: Mutex<ViewerCounts>,
@@ -162,7 +164,8 @@ impl Hub {
             streams: Mutex::new(HashMap::new()),
             upstream: OnceLock::new(),
             deriver: OnceLock::new(),
-            limits,
+            limits: RwLock::new(Arc::new(limits)),
+            namespaces: RwLock::new(Arc::default()),
             events: broadcast::channel(1024).0,
             metrics,
             viewers: Mutex::new(ViewerCounts::default()),
@@ -172,8 +175,29 @@ impl Hub {
         &self.metrics
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// The limits in force (a reload may replace them; what started under the old ones
+    /// keeps its place).
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.read().clone()
+    }
+
+    /// The declared namespaces in force.
+    pub fn namespaces(&self) -> Arc<NamespacesConfig> {
+        self.namespaces.read().clone()
+    }
+
+    /// Applies new limits and namespaces (at start, and on a reload). Streams and viewers
+    /// already admitted stay; the new bounds apply to the next publish, viewer and frame
+    /// ring.
+    pub fn reconfigure(&self, limits: Limits, namespaces: Arc<NamespacesConfig>) {
+        *self.limits.write() = Arc::new(limits);
+        *self.namespaces.write() = namespaces;
+    }
+
+    /// Whether a node of region `peer_region` may pull `key` from this one (region
+    /// `own_region`): a namespace with `relay = false` stays in its region.
+    pub fn may_relay(&self, key: &StreamKey, own_region: &str, peer_region: &str) -> bool {
+        own_region == peer_region || self.namespaces.read().relays(key.namespace())
     }
 
     /// Installs the upstream used to pull streams this node lacks (set once at start).
@@ -191,13 +215,14 @@ impl Hub {
         self.events.subscribe()
     }
     fn new_stream(&self, key: StreamKey, source: Source, status: Status) -> Arc<Stream> {
+        let limits = self.limits();
         Arc::new(Stream {
             key,
             source: Mutex::new(source),
             state: Mutex::new(StreamState {
                 config: Arc::new(StreamConfig::default()),
-                gop: GopCache::new(self.limits.gop_cache_max_bytes),
-                tx: Some(broadcast::channel(self.limits.stream_buffer_frames).0),
+                gop: GopCache::new(limits.gop_cache_max_bytes),
+                tx: Some(broadcast::channel(limits.stream_buffer_frames).0),
                 last_ns: [None; 2],
                 held: None,
             }),
@@ -221,6 +246,7 @@ impl Hub {
 }
 
 mod publisher;
+mod rate;
 mod registry;
 mod stream;
 mod subscription;

@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use super::rate::RateGuard;
 use super::{Hub, HubEvent, PublishError, Source, Status, Stream, StreamEvent};
 use crate::media::splice::Splicer;
 use crate::media::{Packet, StreamConfig, StreamKey, TrackKind};
@@ -47,6 +48,7 @@ impl Hub {
                 let n = held.publishes.fetch_add(1, Ordering::AcqRel) + 1;
                 info!(stream = %key, publishes = n, "the publisher came back; its viewers carry on");
                 let mut p = Publisher::new(self.clone(), held.clone());
+                p.rate = self.rate_guard(&key);
                 p.has_video = st.config.video.is_some();
                 p.splice = Some(Splicer::continuing(held.timeline(), st.last_ns));
                 return Ok(p);
@@ -64,11 +66,24 @@ impl Hub {
             map.insert(key.clone(), stream.clone());
             // Sent under the map lock, as `Unpublished` is: listeners (announces to other
             // origins, edge forwards) see a name's publishes and unpublishes in order.
-            let _ = self.events.send(HubEvent::Published(key));
+            let _ = self.events.send(HubEvent::Published(key.clone()));
             stream
         };
         self.metrics.local_streams.inc();
-        Ok(Publisher::new(self.clone(), stream))
+        let mut p = Publisher::new(self.clone(), stream);
+        p.rate = self.rate_guard(&key);
+        Ok(p)
+    }
+
+    /// The bitrate bound of `key`'s namespace, if it has one (simulcast layers and derived
+    /// streams are not bounded: their publisher's own stream is).
+    fn rate_guard(&self, key: &StreamKey) -> Option<RateGuard> {
+        if key.is_derived() {
+            return None;
+        }
+        let namespaces = self.namespaces();
+        let kbps = namespaces.get(key.namespace())?.limits.max_bitrate_kbps?;
+        Some(RateGuard::new(kbps))
     }
 
     /// Refuses a new local publish past `limits.max_streams` (node) or
@@ -85,17 +100,23 @@ impl Hub {
                 in_ns += 1;
             }
         }
-        if total >= self.limits.max_streams {
+        let limits = self.limits();
+        if total >= limits.max_streams {
             return Err(PublishError::Limit(format!(
                 "this node is at its stream limit ({})",
-                self.limits.max_streams
+                limits.max_streams
             )));
         }
-        if in_ns >= self.limits.max_streams_per_namespace {
+        // A declared namespace's own bound replaces `max_streams_per_namespace`.
+        let ns_max = self
+            .namespaces()
+            .get(key.namespace())
+            .and_then(|n| n.limits.max_streams)
+            .unwrap_or(limits.max_streams_per_namespace);
+        if in_ns >= ns_max {
             return Err(PublishError::Limit(format!(
-                "namespace {} is at its stream limit ({})",
+                "namespace {} is at its stream limit ({ns_max})",
                 key.namespace(),
-                self.limits.max_streams_per_namespace
             )));
         }
         Ok(())
@@ -124,6 +145,8 @@ pub struct Publisher {
     splice_begun: bool,
     /// Video frames pushed, counted up to [`ORDER_SETTLED_AFTER`].
     video_frames: u8,
+    /// The namespace's bitrate bound, if it has one.
+    rate: Option<RateGuard>,
 }
 
 /// Video frames in decode order after which a stream is known to have no B-frames (an
@@ -139,6 +162,7 @@ impl Publisher {
             splice: None,
             splice_begun: false,
             video_frames: 0,
+            rate: None,
         }
     }
 
@@ -188,6 +212,13 @@ impl Publisher {
         self.stream
             .bytes_in
             .fetch_add(packet.frame.payload.len() as u64, Ordering::Relaxed);
+        if let Some(rate) = &mut self.rate {
+            if let Some(reason) = rate.add(packet.frame.payload.len(), Instant::now()) {
+                tracing::warn!(stream = %self.stream.key, "{reason}: publish ended");
+                self.hub.metrics.count_refused("publish", "bitrate");
+                self.hub.evict(&self.stream.key, &reason);
+            }
+        }
         let f = &packet.frame;
         if f.track() == TrackKind::Video {
             if f.pts != f.dts {

@@ -93,7 +93,7 @@ impl Hub {
     /// `limits.publisher_hold`, for it to come back ([`Hub::publish`]). `false` when it is
     /// not held: no hold configured, nobody consuming, or the publisher was evicted.
     pub(super) fn hold(self: &Arc<Self>, stream: &Arc<Stream>) -> bool {
-        let hold = self.limits.publisher_hold;
+        let hold = self.limits().publisher_hold;
         if hold.is_zero()
             || !stream.is_local()
             || stream.subscribers() == 0

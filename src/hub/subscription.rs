@@ -103,7 +103,7 @@ impl Hub {
         // origin's announce, then plays instead of getting a 404. Origins asking each other
         // (`LocalOnly`) are answered at once: they chose from their directory and re-home
         // on a refusal.
-        let deadline = tokio::time::Instant::now() + self.limits.play_wait;
+        let deadline = tokio::time::Instant::now() + self.limits().play_wait;
         let mut events: Option<broadcast::Receiver<HubEvent>> = None;
         let (stream, guard, created) = loop {
             if let Some(found) = self.find_or_create(key, scope, &mut derive)? {
@@ -150,7 +150,7 @@ impl Hub {
             skipping: false,
             has_video: false,
             lag_events: VecDeque::new(),
-            max_lag_events: self.limits.max_lag_events,
+            max_lag_events: self.limits().max_lag_events,
             _guard: guard,
             _ticket: None,
         })

@@ -380,3 +380,71 @@ async fn bframes_are_told_from_the_hub_or_the_first_video_frames() {
     let mut later = hub.subscribe(&key(), Scope::Any).await.unwrap();
     assert!(later.wait_bframes(Duration::ZERO).await);
 }
+
+/// A hub whose namespace `t` allows 1 stream, 1 viewer and 100 kbit/s.
+fn hub_with_namespace() -> Arc<Hub> {
+    let c = crate::config::Config::parse(
+        "[[namespace]]\nname = \"t\"\nlimits = { max_streams = 1, max_viewers = 1, max_bitrate_kbps = 100 }\n",
+        "t.toml",
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    let hub = Hub::new(Limits::default(), Arc::new(Metrics::new()));
+    hub.reconfigure(Limits::default(), Arc::new(c.namespaces));
+    hub
+}
+
+#[tokio::test]
+async fn a_namespace_bounds_its_streams_and_viewers_and_no_one_elses() {
+    let hub = hub_with_namespace();
+    let client = "127.0.0.1:1".parse().unwrap();
+    let t1 = StreamKey::new("t", "one").unwrap();
+    let _p = hub.publish(t1.clone()).unwrap();
+    let e = hub
+        .publish(StreamKey::new("t", "two").unwrap())
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("namespace t is at its stream limit (1)"),
+        "{e}"
+    );
+    let _other = hub.publish(StreamKey::new("live", "two").unwrap()).unwrap();
+    let v = hub.admit_viewer(&t1, "flv", client).unwrap();
+    let e = hub.admit_viewer(&t1, "flv", client).err().unwrap();
+    assert!(e.contains("namespace t is at its viewer limit (1)"), "{e}");
+    let _live = hub.admit_viewer(&key(), "flv", client).unwrap();
+    drop(v);
+    hub.admit_viewer(&t1, "flv", client).unwrap();
+}
+
+#[tokio::test]
+async fn a_publisher_over_its_namespace_bitrate_is_evicted() {
+    let hub = hub_with_namespace();
+    let mut p = hub.publish(StreamKey::new("t", "one").unwrap()).unwrap();
+    let evicted = p.evicted();
+    p.set_config(config());
+    // 100 kbit/s is 50 kB in a 4 s window: 60 frames of 1 kB pass...
+    let frame = |dts: i64| {
+        Packet::new(Frame {
+            codec: Codec::H264,
+            dts,
+            pts: dts,
+            timebase: Timebase::MILLIS,
+            keyframe: dts == 0,
+            payload: Bytes::from(vec![0u8; 1000]),
+        })
+    };
+    for i in 0..40 {
+        p.push(frame(i * 33));
+    }
+    assert!(hub.get(p.key()).unwrap().evicted.borrow().is_none());
+    // ...and pushing on at once spends the window's budget.
+    for i in 40..60 {
+        p.push(frame(i * 33));
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(1), evicted)
+        .await
+        .unwrap();
+    assert!(reason.contains("100 kbit/s"), "{reason}");
+}

@@ -22,22 +22,37 @@ impl Hub {
         client: std::net::SocketAddr,
     ) -> Result<ViewerTicket, String> {
         let base = key.base();
+        let limits = self.limits();
+        let ns_max = self
+            .namespaces()
+            .get(key.namespace())
+            .and_then(|n| n.limits.max_viewers);
         let mut v = self.viewers.lock();
-        if v.total >= self.limits.max_viewers {
+        if v.total >= limits.max_viewers {
             return Err(format!(
                 "this node is at its viewer limit ({})",
-                self.limits.max_viewers
+                limits.max_viewers
             ));
         }
         let n = v.per_stream.get(&base).copied().unwrap_or(0);
-        if n >= self.limits.max_viewers_per_stream {
+        if n >= limits.max_viewers_per_stream {
             return Err(format!(
                 "{base} is at its viewer limit ({})",
-                self.limits.max_viewers_per_stream
+                limits.max_viewers_per_stream
+            ));
+        }
+        let in_ns = v.per_namespace.get(key.namespace()).copied().unwrap_or(0);
+        if let Some(max) = ns_max.filter(|max| in_ns >= *max) {
+            return Err(format!(
+                "namespace {} is at its viewer limit ({max})",
+                key.namespace()
             ));
         }
         v.total += 1;
         *v.per_stream.entry(base.clone()).or_insert(0) += 1;
+        *v.per_namespace
+            .entry(key.namespace().to_string())
+            .or_insert(0) += 1;
         let id = rand::random::<u64>() >> 12;
         let kicked = Arc::new(AtomicBool::new(false));
         v.listed.insert(
@@ -111,6 +126,12 @@ impl Drop for ViewerTicket {
                     v.per_stream.remove(&self.base);
                 }
             }
+            if let Some(n) = v.per_namespace.get_mut(self.base.namespace()) {
+                *n -= 1;
+                if *n == 0 {
+                    v.per_namespace.remove(self.base.namespace());
+                }
+            }
         }
         if let Some(f) = self.on_release.take() {
             f();
@@ -130,10 +151,11 @@ pub struct ViewerInfo {
     kicked: Arc<AtomicBool>,
 }
 
-/// Viewers admitted, node-wide and per stream (derived streams count as their original).
+/// Viewers admitted, node-wide, per stream and per namespace (derived streams count as their original).
 #[derive(Default)]
 pub(super) struct ViewerCounts {
     pub(super) total: usize,
     pub(super) per_stream: HashMap<StreamKey, usize>,
+    pub(super) per_namespace: HashMap<String, usize>,
     pub(super) listed: HashMap<u64, ViewerInfo>,
 }

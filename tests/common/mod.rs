@@ -643,3 +643,76 @@ pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// ffprobe that may fail: (success, stderr, packets read).
+pub fn try_probe(url: &str, seconds: u32) -> (bool, String, usize) {
+    let out = bounded::output_within(
+        Command::new("ffprobe")
+            .args(["-v", "error", "-rw_timeout", "10000000"])
+            .args(["-show_entries", "packet=stream_index"])
+            .args(["-read_intervals", &format!("%+{seconds}")])
+            .args(["-of", "json", url])
+            .stdin(Stdio::null()),
+        Duration::from_secs(seconds as u64 + 40),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let packets = v["packets"].as_array().map_or(0, |p| p.len());
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        packets,
+    )
+}
+
+/// Every file under `dir`, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A 3-second ffmpeg publish to `url`, waited for: (succeeded, what ffmpeg printed).
+pub fn short_publish(url: &str) -> (bool, String) {
+    Publisher::start(
+        url,
+        PublishOpts {
+            seconds: 3,
+            ..Default::default()
+        },
+    )
+    .wait(Duration::from_secs(30))
+}
+
+/// A token's claims: `act` on `streams`, an hour long, nothing else.
+pub fn claims(act: meshcast::auth::Action, streams: &[&str]) -> meshcast::auth::Claims {
+    meshcast::auth::Claims {
+        act: meshcast::auth::token::OneOrMany::One(act),
+        streams: streams.iter().map(|s| s.to_string()).collect(),
+        exp: meshcast::auth::token::now_s() + 3600,
+        nbf: None,
+        iat: None,
+        sub: None,
+        room: None,
+        name: None,
+        ns: None,
+    }
+}
+
+/// `claims` signed with the HS256 `secret`.
+pub fn sign(secret: &str, claims: &meshcast::auth::Claims) -> String {
+    meshcast::auth::Keys::new(&[secret.to_string()], &[] as &[&str])
+        .unwrap()
+        .mint(claims)
+        .unwrap()
+}

@@ -8,21 +8,7 @@ use super::*;
 pub const SECRET: &str = "rooms-test-secret-0123456789";
 
 pub fn admin_token() -> String {
-    use meshcast::auth::token::{now_s, OneOrMany};
-    use meshcast::auth::{Action, Claims, Keys};
-    Keys::new(&[SECRET.to_string()], &[] as &[&str])
-        .unwrap()
-        .mint(&Claims {
-            act: OneOrMany::One(Action::Admin),
-            streams: vec![],
-            exp: now_s() + 3600,
-            nbf: None,
-            iat: None,
-            sub: None,
-            room: None,
-            name: None,
-        })
-        .unwrap()
+    sign(SECRET, &claims(meshcast::auth::Action::Admin, &[]))
 }
 
 /// An admin call with a JSON body: (status, JSON answer).
