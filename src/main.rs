@@ -214,9 +214,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let config = match config {
-                Some(path) => match Config::load(&path) {
+        Command::Run { config: path } => {
+            let config = match &path {
+                Some(path) => match Config::load(path) {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("{e}");
@@ -225,19 +225,7 @@ fn main() -> ExitCode {
                 },
                 None => Config::standalone_default(),
             };
-            // RUST_LOG, when set, overrides `log.level`.
-            let filter = EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-            match config.log.format {
-                meshcast::config::LogFormat::Text => {
-                    tracing_subscriber::fmt().with_env_filter(filter).init()
-                }
-                meshcast::config::LogFormat::Json => tracing_subscriber::fmt()
-                    .json()
-                    .with_current_span(false)
-                    .with_env_filter(filter)
-                    .init(),
-            }
+            let log_level = init_logging(&config.log);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -249,14 +237,18 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(async move {
-                let node = match Node::start(config).await {
+                let options = meshcast::node::NodeOptions {
+                    config_path: path,
+                    log_level: Some(log_level),
+                };
+                let node = match Node::start_with(config, options).await {
                     Ok(n) => n,
                     Err(e) => {
                         eprintln!("meshcast: {e:#}");
                         return ExitCode::FAILURE;
                     }
                 };
-                wait_for_signal().await;
+                wait_for_signal(&node).await;
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 ExitCode::SUCCESS
@@ -265,17 +257,61 @@ fn main() -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
+/// Installs the log subscriber (`log.format`, `log.level`; `RUST_LOG` overrides the
+/// level) and returns what changes the level on a reload.
+fn init_logging(log: &meshcast::config::LogConfig) -> meshcast::node::LogLevelSetter {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let json = log.format == meshcast::config::LogFormat::Json;
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false),
+            )
+            .init();
+    } else {
+        // Colours for a terminal only: not in files, journals or collectors.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
+            .init();
+    }
+    std::sync::Arc::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
+}
+
+/// Waits for SIGTERM or Ctrl-C; a SIGHUP on the way reloads the config.
+async fn wait_for_signal(node: &Node) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(h)) => (t, h),
+        _ => {
             let _ = tokio::signal::ctrl_c().await;
             return;
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                match node.reload() {
+                    None => tracing::warn!("SIGHUP ignored: started without --config, nothing to re-read"),
+                    Some(Ok(_)) => {}
+                    Some(Err(f)) => tracing::warn!("reload failed: {}", f.error),
+                }
+            }
+        }
     }
 }

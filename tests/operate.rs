@@ -251,6 +251,7 @@ fn the_examples_and_configs_users_copy_pass_check_config() {
         "{check}"
     );
     assert_eq!(line("KillSignal="), "SIGTERM");
+    assert_eq!(line("ExecReload="), "/bin/kill -HUP $MAINPID");
     // Every file the examples README lists exists.
     let readme = std::fs::read_to_string(root.join("examples/README.md")).unwrap();
     for name in readme

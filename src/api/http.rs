@@ -49,6 +49,8 @@ pub struct AppState {
     pub egress: Arc<crate::egress::Egress>,
     pub auth: Arc<Auth>,
     pub rooms: Arc<crate::rooms::Rooms>,
+    /// Re-reads the config (`POST /api/v1/reload`); none without a config file.
+    pub reload: super::reload::SharedReload,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -66,6 +68,7 @@ pub fn router(state: AppState) -> Router {
             Router::new()
                 .route("/api/v1/links", get(links))
                 .route("/api/v1/cluster", get(cluster))
+                .route("/api/v1/reload", post(super::reload::reload))
                 .route_layer(axum::middleware::from_fn(node_admin_only)),
         )
         .merge(

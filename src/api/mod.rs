@@ -6,6 +6,7 @@ pub mod console;
 mod egress;
 pub mod http;
 mod play;
+pub mod reload;
 mod rooms;
 mod route;
 mod server;

@@ -127,7 +127,7 @@ impl Rules {
 pub struct Auth {
     rules: RwLock<Arc<Rules>>,
     node_id: String,
-    events: Option<hooks::EventHook>,
+    events: RwLock<Option<Arc<hooks::EventHook>>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -139,7 +139,7 @@ impl std::fmt::Debug for Auth {
             .field("keys", &r.node.keys)
             .field("webhook", &r.node.webhook.is_some())
             .field("namespace_gates", &r.gates.len())
-            .field("events", &self.events.is_some())
+            .field("events", &self.events.read().is_some())
             .finish()
     }
 }
@@ -159,19 +159,19 @@ impl Auth {
                 namespaces: Arc::default(),
             })),
             node_id: node_id.to_string(),
-            events: None,
+            events: RwLock::new(None),
         }
     }
 
-    /// Sends publish/play notifications to `hook` from now on.
-    pub fn with_events(mut self, hook: Option<hooks::EventHook>) -> Auth {
-        self.events = hook;
-        self
+    /// Sends publish/play notifications to `hook` from now on (none: to nobody). The hook
+    /// replaced ends its delivery task once its queue is drained.
+    pub fn set_events(&self, hook: Option<hooks::EventHook>) {
+        *self.events.write() = hook.map(Arc::new);
     }
 
     /// Whether an event hook is configured.
     pub fn has_events(&self) -> bool {
-        self.events.is_some()
+        self.events.read().is_some()
     }
 
     /// Queues an event for the event hook, if one is configured (never waits).
@@ -182,7 +182,8 @@ impl Auth {
         stream: &StreamKey,
         client: SocketAddr,
     ) {
-        if let Some(h) = &self.events {
+        let hook = self.events.read().clone();
+        if let Some(h) = hook {
             h.notify(kind, protocol, stream, client);
         }
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::auth::{self, Nonce};
@@ -140,7 +141,10 @@ impl Backbone {
         }
     }
 
-    pub(super) async fn dial_loop(self: Arc<Self>, addr: SocketAddr) {
+    /// Keeps a link to `addr` up until `stop` (shutdown, or `addr` left the origin list):
+    /// then a link that is up is closed and its end waited for (briefly), so its pulls
+    /// move on as when a link is lost.
+    pub(super) async fn dial_loop(self: Arc<Self>, addr: SocketAddr, stop: CancellationToken) {
         let span = tracing::info_span!("backbone", peer = %addr, dir = "out");
         async move {
             let mut backoff = REDIAL_MIN;
@@ -155,8 +159,9 @@ impl Backbone {
                     self.clone().run_outbound(addr, conn).await
                 };
                 let started = Instant::now();
+                tokio::pin!(attempt);
                 tokio::select! {
-                    r = attempt => match r {
+                    r = &mut attempt => match r {
                         Ok(()) => info!("link closed"),
                         Err(LinkError::Session(
                             e @ (SessionError::Unauthorized | SessionError::NoToken),
@@ -176,7 +181,20 @@ impl Backbone {
                             }
                         }
                     },
-                    _ = self.shutdown.cancelled() => return,
+                    _ = stop.cancelled() => {
+                        if self.shutdown.is_cancelled() {
+                            return;
+                        }
+                        // Left the origin list: close the link, and let it end as a lost
+                        // one does (its pulls move to the other origins).
+                        let conn = self.outbound.lock().get(&addr).map(|l| l.conn.clone());
+                        if let Some(conn) = conn {
+                            conn.close(code::CLOSE_SHUTDOWN.into(), b"removed from the origin list");
+                        }
+                        let _ = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+                        info!("unlinked: no longer in the origin list");
+                        return;
+                    }
                 }
                 if started.elapsed() > Duration::from_secs(5) {
                     backoff = REDIAL_MIN;
@@ -184,7 +202,7 @@ impl Backbone {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = self.shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                 }
                 backoff = (backoff * 2).min(REDIAL_MAX);
             }

@@ -82,7 +82,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::config::{BackboneConfig, Role};
 use crate::hub::{BoxFuture, Hub, Publisher, Upstream};
@@ -128,8 +128,10 @@ pub struct Backbone {
     node_certs: bool,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
-    /// Addresses to dial, in preference order.
-    upstreams: Vec<SocketAddr>,
+    /// Addresses to dial, in preference order (an edge's may change on a reload).
+    upstreams: Mutex<Vec<SocketAddr>>,
+    /// The dial loop of each upstream, to end one that leaves the list.
+    dialers: Mutex<HashMap<SocketAddr, CancellationToken>>,
     /// Which of them a pull subscribes over.
     selection: PullSelection,
     outbound: Mutex<HashMap<SocketAddr, OutboundLink>>,
@@ -195,7 +197,8 @@ impl Backbone {
             node_certs: tls::node_certificates(&bb),
             endpoint,
             client_config,
-            upstreams,
+            upstreams: Mutex::new(upstreams),
+            dialers: Mutex::new(HashMap::new()),
             selection: PullSelection::new(role, bb.return_after),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
@@ -235,10 +238,39 @@ impl Backbone {
             tokio::spawn(backbone.clone().accept_loop());
         }
         tokio::spawn(backbone.clone().state_loop(load));
-        for addr in backbone.upstreams.clone() {
-            tokio::spawn(backbone.clone().dial_loop(addr));
+        let upstreams = backbone.upstreams.lock().clone();
+        for addr in upstreams {
+            backbone.start_dialing(addr);
         }
         Ok(backbone)
+    }
+
+    fn start_dialing(self: &Arc<Self>, addr: SocketAddr) {
+        let token = self.shutdown.child_token();
+        self.dialers.lock().insert(addr, token.clone());
+        tokio::spawn(self.clone().dial_loop(addr, token));
+    }
+
+    /// An edge's new origin list (a reload), nearest first: origins that left it are
+    /// unlinked (their pulls move to the others, as when an origin fails), new ones are
+    /// dialled, and pulls prefer the new order from now on. `false` on an origin, whose
+    /// peers do not change live.
+    pub fn set_origins(self: &Arc<Self>, origins: Vec<SocketAddr>) -> bool {
+        if self.role != Role::Edge {
+            return false;
+        }
+        let old = std::mem::replace(&mut *self.upstreams.lock(), origins.clone());
+        for gone in old.iter().filter(|a| !origins.contains(a)) {
+            if let Some(token) = self.dialers.lock().remove(gone) {
+                token.cancel();
+            }
+            info!(origin = %gone, "origin left the list: unlinking");
+        }
+        for new in origins.iter().filter(|a| !old.contains(a)) {
+            info!(origin = %new, "origin joined the list: dialling");
+            self.start_dialing(*new);
+        }
+        true
     }
 
     /// The UDP address the endpoint is bound to.
@@ -256,7 +288,7 @@ impl Backbone {
     /// passed (a peer that is down must not keep it out for ever); a node that dials nobody
     /// is ready. `Err` says what it waits for.
     pub fn ready(&self) -> Result<(), String> {
-        let want = self.upstreams.len();
+        let want = self.upstreams.lock().len();
         let up = self.outbound.lock().len();
         let enough = match self.role {
             Role::Edge => up >= 1,

@@ -107,8 +107,12 @@ impl Backbone {
         pick: impl FnOnce(&[Option<LinkedUpstream>]) -> Option<usize>,
     ) -> Option<UpstreamLink> {
         let outbound = self.outbound.lock();
-        let links: Vec<Option<&OutboundLink>> =
-            self.upstreams.iter().map(|a| outbound.get(a)).collect();
+        let links: Vec<Option<&OutboundLink>> = self
+            .upstreams
+            .lock()
+            .iter()
+            .map(|a| outbound.get(a))
+            .collect();
         let view: Vec<Option<LinkedUpstream>> = links
             .iter()
             .map(|l| {

@@ -82,7 +82,10 @@ struct Entry {
 /// Every egress of this node.
 pub struct Egress {
     hub: Arc<Hub>,
-    settings: EgressSettings,
+    /// Replaced whole on a reload ([`Egress::reconfigure`]).
+    settings: parking_lot::RwLock<Arc<EgressSettings>>,
+    /// Wakes the rules task when the rules change.
+    rules_changed: tokio::sync::Notify,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     /// The API jobs to resume after a restart, by id (what the state file holds).
     persisted: Mutex<std::collections::BTreeMap<String, EgressRequest>>,
@@ -98,22 +101,39 @@ impl Egress {
     ) -> Arc<Egress> {
         let egress = Arc::new(Egress {
             hub,
-            settings,
+            settings: parking_lot::RwLock::new(Arc::new(settings)),
+            rules_changed: tokio::sync::Notify::new(),
             entries: Mutex::new(HashMap::new()),
             persisted: Mutex::new(Default::default()),
             shutdown,
         });
-        if !egress.settings.rules.is_empty() {
-            tokio::spawn(egress.clone().run_rules());
-        }
+        tokio::spawn(egress.clone().run_rules());
         egress.resume();
         egress
     }
 
+    fn settings(&self) -> Arc<EgressSettings> {
+        self.settings.read().clone()
+    }
+
+    /// Applies new settings (a reload): rules, namespace roots, the destination policy and
+    /// the job cap. Jobs of rules no longer configured stop; new rules start for the
+    /// streams they match. Running API jobs carry on under the policy they were created
+    /// with. The recording root of the state file stays the one the node started with.
+    pub fn reconfigure(&self, mut settings: EgressSettings) {
+        let mut current = self.settings.write();
+        settings.recording_root = current.recording_root.clone();
+        settings.node_id = current.node_id.clone();
+        *current = Arc::new(settings);
+        drop(current);
+        self.rules_changed.notify_one();
+    }
+
     fn state_path(&self) -> PathBuf {
-        self.settings
+        let settings = self.settings();
+        settings
             .recording_root
-            .join(format!("{STATE_FILE_PREFIX}{}.json", self.settings.node_id))
+            .join(format!("{STATE_FILE_PREFIX}{}.json", settings.node_id))
     }
 
     /// Starts the API jobs the state file lists again, with their ids.
@@ -156,7 +176,7 @@ impl Egress {
         };
         let path = self.state_path();
         let tmp = path.with_extension("json.tmp");
-        let written = std::fs::create_dir_all(&self.settings.recording_root)
+        let written = std::fs::create_dir_all(&self.settings().recording_root)
             .and_then(|_| {
                 use std::io::Write;
                 let mut f = std::fs::File::create(&tmp)?;
@@ -188,11 +208,12 @@ impl Egress {
             .values()
             .filter(|e| e.shared.status.lock().created_by != "forward")
             .count();
-        if jobs >= self.settings.max_jobs {
-            return Err(CreateError::TooMany(self.settings.max_jobs));
+        let settings = self.settings();
+        if jobs >= settings.max_jobs {
+            return Err(CreateError::TooMany(settings.max_jobs));
         }
         if let Target::Rtmp(url) = &spec.target {
-            let policy = &self.settings.policy;
+            let policy = &settings.policy;
             let refused = |e: policy::PolicyError| CreateError::Forbidden(e.to_string());
             policy.check_url(url).map_err(refused)?;
             let parsed = spec::RtmpUrl::parse(url).map_err(CreateError::Forbidden)?;
@@ -220,7 +241,7 @@ impl Egress {
     ) -> Result<EgressStatus, Vec<FieldError>> {
         let mut req = req.clone();
         let namespace = req.stream.split_once('/').map_or("", |(ns, _)| ns);
-        let keys = self.settings.auth.keys_for(namespace);
+        let keys = self.settings().auth.keys_for(namespace);
         if let (Some(keys), Some(url)) = (keys, req.url.as_mut()) {
             let claims = crate::auth::Claims {
                 act: crate::auth::token::OneOrMany::One(crate::auth::Action::Publish),
@@ -334,15 +355,16 @@ impl Egress {
         tokio::spawn(
             async move {
                 me.hub.metrics().egress_active.inc();
+                let settings = me.settings();
                 let task = EgressTask {
                     hub: me.hub.clone(),
                     key,
                     spec,
                     shared: shared.clone(),
                     cancel,
-                    recording_root: me.settings.root_for(task_ns.as_str()).clone(),
-                    min_free_bytes: me.settings.min_free_bytes,
-                    policy: (created_by == "api").then(|| me.settings.policy.clone()),
+                    recording_root: settings.root_for(task_ns.as_str()).clone(),
+                    min_free_bytes: settings.min_free_bytes,
+                    policy: (created_by == "api").then(|| settings.policy.clone()),
                 };
                 let end = task.run().await;
                 shared.set_state(end);
@@ -362,40 +384,52 @@ impl Egress {
 
     /// Starts rule egresses: exact-name rules at once (they wait for their stream, pulling
     /// it on an edge), pattern rules whenever a matching stream is published on this node.
+    /// When the rules change (a reload), the jobs of rules that are gone stop and the new
+    /// rules start.
     async fn run_rules(self: Arc<Self>) {
         let mut events = self.hub.events();
-        let rules = self.settings.rules.clone();
-        let mut running: HashMap<(usize, StreamKey), String> = HashMap::new();
-        let mut start = |me: &Arc<Egress>, i: usize, key: &StreamKey| {
-            // Forget finished egresses; one still running means the publisher came back
-            // within its wait.
-            running.retain(|_, id| me.entries.lock().contains_key(id));
-            let slot = (i, key.clone());
-            if running.contains_key(&slot) {
-                return;
-            }
-            let status = me.spawn(rules[i].for_stream(key), "config");
-            running.insert(slot, status.id);
-        };
-        for (i, rule) in rules.iter().enumerate() {
-            if let StreamMatch::Exact(key) = &rule.stream {
-                start(&self, i, key);
-            }
-        }
-        let mut pending: Vec<StreamKey> = self.hub.local_streams();
+        // A rule is known by what it says; a job by its rule and its stream.
+        let mut running: HashMap<(String, StreamKey), String> = HashMap::new();
+        let mut rules: Vec<(String, EgressSpec)> = Vec::new();
+        let mut pending: Vec<StreamKey> = Vec::new();
+        let mut reread = true;
         loop {
+            if std::mem::take(&mut reread) {
+                rules = self
+                    .settings()
+                    .rules
+                    .iter()
+                    .map(|r| (format!("{r:?}"), r.clone()))
+                    .collect();
+                running.retain(|(rule, _), id| {
+                    let kept = rules.iter().any(|(r, _)| r == rule);
+                    if !kept {
+                        let (me, id) = (self.clone(), id.clone());
+                        info!(egress = %id, "its rule is gone: stopping");
+                        tokio::spawn(async move { me.end(&id).await });
+                    }
+                    kept
+                });
+                for (rule, spec) in &rules {
+                    if let StreamMatch::Exact(key) = &spec.stream {
+                        self.start_rule(&mut running, rule, spec, key);
+                    }
+                }
+                pending = self.hub.local_streams();
+            }
             // Simulcast layers are parts of a stream, not streams a rule should take.
             for key in pending.drain(..).filter(|k| !k.is_derived()) {
-                for (i, rule) in rules.iter().enumerate() {
-                    if matches!(rule.stream, StreamMatch::Pattern { .. })
-                        && rule.stream.matches(&key)
+                for (rule, spec) in &rules {
+                    if matches!(spec.stream, StreamMatch::Pattern { .. })
+                        && spec.stream.matches(&key)
                     {
-                        start(&self, i, &key);
+                        self.start_rule(&mut running, rule, spec, &key);
                     }
                 }
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
+                _ = self.rules_changed.notified() => reread = true,
                 ev = events.recv() => match ev {
                     Ok(HubEvent::Published(key)) => pending.push(key),
                     Ok(HubEvent::Unpublished(_)) => {}
@@ -404,5 +438,23 @@ impl Egress {
                 },
             }
         }
+    }
+
+    /// Starts rule `rule`'s job for `key` unless one runs (a job still running means the
+    /// publisher came back within its wait). Finished jobs are forgotten first.
+    fn start_rule(
+        self: &Arc<Self>,
+        running: &mut HashMap<(String, StreamKey), String>,
+        rule: &str,
+        spec: &EgressSpec,
+        key: &StreamKey,
+    ) {
+        running.retain(|_, id| self.entries.lock().contains_key(id));
+        let slot = (rule.to_string(), key.clone());
+        if running.contains_key(&slot) {
+            return;
+        }
+        let status = self.spawn(spec.for_stream(key), "config");
+        running.insert(slot, status.id);
     }
 }

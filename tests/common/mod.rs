@@ -181,13 +181,17 @@ impl NodeSpec {
 /// Runs `meshcast run --config path`, logging to `dir/node.log`.
 pub fn spawn_node(path: &Path, dir: &Path) -> Child {
     let log = std::fs::File::create(dir.join("node.log")).unwrap();
-    Command::new(&*BIN)
-        .args(["run", "--config"])
+    let mut cmd = Command::new(&*BIN);
+    // A config with a [log] section says its own level; others log meshcast's debug lines.
+    let own_level = std::fs::read_to_string(path).is_ok_and(|c| c.contains("\n[log]"));
+    if !own_level {
+        cmd.env("RUST_LOG", "info,meshcast=debug");
+    }
+    cmd.args(["run", "--config"])
         .arg(path)
         // What a config leaves relative to the working directory (the recording root by
         // default, with the egress state file) stays in the node's own directory.
         .current_dir(dir)
-        .env("RUST_LOG", "info,meshcast=debug")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()

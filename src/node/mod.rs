@@ -18,6 +18,19 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::rtmp::RtmpSettings;
 
+mod reload;
+
+pub use reload::{LogLevelSetter, Reloader};
+
+/// How `meshcast run` starts a node beyond its config.
+#[derive(Default)]
+pub struct NodeOptions {
+    /// The file the config came from: `SIGHUP` and `POST /api/v1/reload` re-read it.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Changes the log filter on a reload of `log.level`.
+    pub log_level: Option<LogLevelSetter>,
+}
+
 /// What the backbone takes from the config, and this node's load meter.
 pub fn backbone_settings(config: &Config, metrics: Arc<Metrics>) -> BackboneSettings {
     let load = crate::cluster::load::LoadMeter::new(
@@ -36,6 +49,26 @@ pub fn backbone_settings(config: &Config, metrics: Arc<Metrics>) -> BackboneSett
         },
         write_timeout: config.limits.viewer_write_timeout,
         load: load.into_probe(),
+    }
+}
+
+/// What egress takes from the config (at start, and on a reload).
+fn egress_settings(config: &Config, auth: Arc<crate::auth::Auth>) -> EgressSettings {
+    EgressSettings {
+        node_id: config.node.id.clone(),
+        recording_root: config.recording.root.clone(),
+        namespace_roots: namespace_roots(config),
+        rules: egress_rules(config),
+        policy: Arc::new(crate::egress::policy::DestinationPolicy {
+            patterns: config.egress.policy.destinations.clone(),
+            public_only: config.auth.is_on()
+                && config.egress.policy.destinations.is_empty()
+                && !config.egress.policy.allow_private_destinations,
+            own: own_addresses(config),
+        }),
+        max_jobs: config.egress.policy.max_jobs,
+        auth,
+        min_free_bytes: config.recording.min_free_bytes,
     }
 }
 
@@ -83,6 +116,7 @@ pub struct Node {
     pub backbone_addr: Option<SocketAddr>,
     backbone: Option<Arc<Backbone>>,
     pub egress: Arc<Egress>,
+    reloader: Option<Arc<Reloader>>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -90,6 +124,11 @@ pub struct Node {
 impl Node {
     /// Binds every listener and starts serving. Fails if a listener cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Node> {
+        Node::start_with(config, NodeOptions::default()).await
+    }
+
+    /// As [`Node::start`], able to reload its config file when `options` names it.
+    pub async fn start_with(config: Config, options: NodeOptions) -> anyhow::Result<Node> {
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(config.limits.clone(), metrics);
@@ -121,7 +160,8 @@ impl Node {
         auth.reconfigure(&config.auth, &namespaces)
             .map_err(anyhow::Error::msg)
             .context("loading [auth] keys")?;
-        let auth = Arc::new(auth.with_events(events));
+        auth.set_events(events);
+        let auth = Arc::new(auth);
         if auth.is_on() {
             info!("auth is on: publish and play need a token or the webhook's allow; the admin API needs an admin token");
         } else {
@@ -150,22 +190,7 @@ impl Node {
 
         let egress = Egress::start(
             hub.clone(),
-            EgressSettings {
-                node_id: config.node.id.clone(),
-                recording_root: config.recording.root.clone(),
-                namespace_roots: namespace_roots(&config),
-                rules: egress_rules(&config),
-                policy: Arc::new(crate::egress::policy::DestinationPolicy {
-                    patterns: config.egress.policy.destinations.clone(),
-                    public_only: config.auth.is_on()
-                        && config.egress.policy.destinations.is_empty()
-                        && !config.egress.policy.allow_private_destinations,
-                    own: own_addresses(&config),
-                }),
-                max_jobs: config.egress.policy.max_jobs,
-                auth: auth.clone(),
-                min_free_bytes: config.recording.min_free_bytes,
-            },
+            egress_settings(&config, auth.clone()),
             shutdown.clone(),
         );
 
@@ -254,6 +279,19 @@ impl Node {
         }
         rooms.start(shutdown.clone());
 
+        let reloader = options.config_path.map(|path| {
+            Arc::new(Reloader {
+                path,
+                running: parking_lot::Mutex::new(config.clone()),
+                hub: hub.clone(),
+                auth: auth.clone(),
+                egress: egress.clone(),
+                backbone: backbone.clone(),
+                log_level: options.log_level,
+                shutdown: shutdown.clone(),
+            })
+        });
+
         let mut http_addr = None;
         if let Some(addr) = config.http.listen {
             let listener = crate::net::bind_listener(addr)
@@ -272,6 +310,9 @@ impl Node {
                 egress: egress.clone(),
                 auth: auth.clone(),
                 rooms: rooms.clone(),
+                reload: reloader
+                    .clone()
+                    .map(|r| r as Arc<dyn crate::api::reload::Reload>),
             };
             let limits = crate::api::http::HttpLimits {
                 max_connections: config.http.max_connections,
@@ -303,9 +344,19 @@ impl Node {
             backbone_addr,
             backbone,
             egress,
+            reloader,
             shutdown,
             tasks,
         })
+    }
+
+    /// Re-reads the config file and applies what can change live (`SIGHUP`); `None` when
+    /// the node was started without a file.
+    pub fn reload(
+        &self,
+    ) -> Option<Result<crate::api::reload::ReloadReport, crate::api::reload::ReloadFailed>> {
+        use crate::api::reload::Reload;
+        self.reloader.as_ref().map(|r| r.reload())
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
