@@ -145,7 +145,7 @@ fn main() -> anyhow::Result<()> {
         load_permille: 120,
         egress: 0,
         out_bps: 1_000_000,
-        links: vec![("edge-1".into(), 12_000)],
+        links: vec![("edge-1".into(), 12_000, 3)],
         streams: vec![key.clone()],
         pulls: vec![("edge-1".into(), 1)],
     }]);

@@ -73,10 +73,13 @@ impl Backbone {
             }
             let figures = load(Instant::now());
             let streams = self.hub.list();
-            let mut links: Vec<(String, u32)> = self
+            let mut links: Vec<(String, u32, u16)> = self
                 .links()
                 .into_iter()
-                .map(|l| (l.node, (l.rtt_ms * 1000.0) as u32))
+                .map(|l| {
+                    let loss = (l.loss * 1000.0).round().clamp(0.0, 1000.0) as u16;
+                    (l.node, (l.rtt_ms * 1000.0) as u32, loss)
+                })
                 .collect();
             links.sort();
             links.dedup_by(|a, b| a.0 == b.0);

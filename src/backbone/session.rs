@@ -675,7 +675,7 @@ mod tests {
     fn hello_is_the_exact_first_bytes_and_carries_no_token() {
         let mut d = ControlSession::dialer(info("a", Role::Origin), "k", [9; 32], [0; 32]);
         let bytes = d.poll_transmit().unwrap();
-        let mut expected = vec![0, 0, 0, 43, 1, 0, 6, 0, 1, b'a', 1, 0, 2, b'e', b'u'];
+        let mut expected = vec![0, 0, 0, 43, 1, 0, 7, 0, 1, b'a', 1, 0, 2, b'e', b'u'];
         expected.extend([9; 32]);
         assert_eq!(&bytes[..], &expected[..]);
     }

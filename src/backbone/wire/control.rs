@@ -68,8 +68,8 @@ pub struct NodeRecord {
     pub egress: u32,
     /// Bits per second sent to viewers, downstream nodes and egress.
     pub out_bps: u64,
-    /// Measured round-trip times to the nodes it links to: (node, µs).
-    pub links: Vec<(String, u32)>,
+    /// Its links as measured: (node, round-trip µs, packets lost per mille).
+    pub links: Vec<(String, u32, u16)>,
     /// Streams it has now (published, or pulled for viewers): "warm" for routing.
     pub streams: Vec<StreamKey>,
     /// Which upstream serves how many of its pulled streams: (node, streams).
@@ -394,9 +394,10 @@ pub(super) fn put_record(out: &mut BytesMut, r: &NodeRecord) {
     out.put_u64(r.out_bps);
     let links = &r.links[..r.links.len().min(MAX_RECORD_ITEMS)];
     out.put_u16(links.len() as u16);
-    for (node, rtt_us) in links {
+    for (node, rtt_us, loss_permille) in links {
         put_str(out, node);
         out.put_u32(*rtt_us);
+        out.put_u16(*loss_permille);
     }
     let streams = &r.streams[..r.streams.len().min(MAX_RECORD_ITEMS)];
     out.put_u16(streams.len() as u16);
@@ -435,7 +436,7 @@ impl Reader {
         let out_bps = self.u64()?;
         let mut links = Vec::new();
         for _ in 0..self.count()? {
-            links.push((self.string()?, self.u32()?));
+            links.push((self.string()?, self.u32()?, self.u16()?.min(1000)));
         }
         let mut streams = Vec::new();
         for _ in 0..self.count()? {

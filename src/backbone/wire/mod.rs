@@ -27,7 +27,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::media::{Codec, StreamKey};
 
 /// Protocol version carried in the hello; peers with another major version are refused.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// The TLS ALPN token of the backbone.
 pub const ALPN: &[u8] = b"meshcast/3";
 /// Largest media item accepted (a 4K keyframe fits comfortably).

@@ -52,7 +52,7 @@ fn all_messages() -> Vec<ControlMessage> {
             load_permille: 120,
             egress: 1,
             out_bps: 2_500_000,
-            links: vec![("origin-a".into(), 31_000)],
+            links: vec![("origin-a".into(), 31_000, 12)],
             streams: vec![key()],
             pulls: vec![("origin-a".into(), 1)],
         }]),
@@ -219,7 +219,7 @@ fn hello_has_exact_bytes_and_another_version_is_named_not_parsed() {
         nonce: [7; 32],
     }
     .encode(&mut buf);
-    let mut expected = vec![0, 0, 0, 43, T_HELLO, 0, 6, 0, 1, b'a', 2, 0, 2, b'e', b'u'];
+    let mut expected = vec![0, 0, 0, 43, T_HELLO, 0, 7, 0, 1, b'a', 2, 0, 2, b'e', b'u'];
     expected.extend([7; 32]);
     assert_eq!(&buf[..], &expected[..]);
     // A version-4 hello (it carried the token in the clear): only the version is read.
