@@ -1,5 +1,5 @@
 //! The HTTP router (axum on hyper): `GET /{ns}/{stream}.flv`, `/api/v1/*`, `/metrics`,
-//! `/healthz` and the console at `/`.
+//! `/healthz` and the console at `/console` (`/` redirects there).
 //!
 //! Who may call what: playback and ingest (HTTP-FLV, WHIP, WHEP) ask [`Auth`] with the
 //! request's token (`?token=` or `Authorization: Bearer`). The admin API (listing streams,
@@ -84,7 +84,30 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(admin)
-        .route("/", get(console))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::temporary("/console") }),
+        )
+        .route("/console", get(console))
+        .route(
+            "/console/mpegts.js",
+            get(|| async {
+                (
+                    [
+                        (
+                            header::CONTENT_TYPE,
+                            "application/javascript; charset=utf-8",
+                        ),
+                        (header::CACHE_CONTROL, "public, max-age=86400"),
+                    ],
+                    crate::api::console::MPEGTS_JS,
+                )
+            }),
+        )
+        .route(
+            "/console/mpegts.LICENSE",
+            get(|| async { crate::api::console::MPEGTS_LICENSE }),
+        )
         .route(
             "/meet",
             get(|| async { Html(crate::api::console::MEETING) }),

@@ -188,9 +188,15 @@ mod tests {
     /// Origins us, eu, ap with measured RTTs us-eu 60, us-ap 150, eu-ap 120 ms.
     fn world() -> Vec<NodeRecord> {
         let mut us = rec("origin-us", Role::Origin, "us");
-        us.links = vec![("origin-eu".into(), 60_000, 0), ("origin-ap".into(), 150_000, 0)];
+        us.links = vec![
+            ("origin-eu".into(), 60_000, 0),
+            ("origin-ap".into(), 150_000, 0),
+        ];
         let mut eu = rec("origin-eu", Role::Origin, "eu");
-        eu.links = vec![("origin-us".into(), 62_000, 0), ("origin-ap".into(), 120_000, 0)];
+        eu.links = vec![
+            ("origin-us".into(), 62_000, 0),
+            ("origin-ap".into(), 120_000, 0),
+        ];
         let ap = rec("origin-ap", Role::Origin, "ap");
         vec![us, eu, ap]
     }

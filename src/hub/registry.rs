@@ -82,6 +82,7 @@ impl Hub {
                     simulcast: st.config.simulcast.clone(),
                     waiting_for_publisher: st.held.is_some(),
                     publishes: s.publishes(),
+                    bframes: s.bframes.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect();

@@ -142,6 +142,8 @@ pub struct StreamInfo {
     pub waiting_for_publisher: bool,
     /// Publishers the stream has had: more than 1 when one came back within the hold.
     pub publishes: u64,
+    /// Its video has B-frames (frames out of decode order).
+    pub bframes: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -121,6 +121,13 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Its profile directory (where `DevToolsActivePort` is).
+    pub fn profile(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -6,6 +6,7 @@
 
 pub mod bounded;
 pub mod browser;
+pub mod cdp;
 pub mod egress_api;
 pub mod flv_watch;
 pub mod http;
