@@ -41,7 +41,7 @@ pub use log::{LogConfig, LogFormat};
 pub use namespace::{NamespaceConfig, NamespaceLimits, NamespacesConfig, MAX_NAMESPACES};
 pub use node::{NodeConfig, Role, DEFAULT_REGION};
 pub use read::{ConfigErrors, Problem};
-pub use recording::{RecordingConfig, Retention};
+pub use recording::{RecordingConfig, Retention, S3Config};
 pub use rooms::{RoomsConfig, MAX_EMPTY_TIMEOUT_S, MAX_PARTICIPANTS_CAP};
 pub use rtmp::{RtmpConfig, DEFAULT_MAX_MESSAGE_BYTES};
 pub use webrtc::{BframePolicy, WebRtcConfig};

@@ -154,3 +154,24 @@ fn listener_can_be_turned_off() {
     let c = parse("[rtmp]\nlisten = \"off\"\n").unwrap();
     assert!(c.rtmp.listen.is_none());
 }
+
+#[test]
+fn recording_s3_is_checked_and_its_secret_stays_out_of_debug_output() {
+    let c = parse(
+        "[recording.s3]\nbucket = \"recs\"\nendpoint = \"http://127.0.0.1:9000/\"\n\
+         access_key_id = \"k\"\nsecret_access_key = \"very-secret\"\n",
+    )
+    .unwrap();
+    let s3 = c.recording.s3.unwrap();
+    assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!((s3.region.as_str(), s3.delete_local), ("us-east-1", true));
+    assert!(!format!("{s3:?}").contains("very-secret"));
+    let err = parse(
+        "[recording.s3]\nbucket = \"No_Such\"\nendpoint = \"ftp://x\"\nprefix = \"/abs\"\naccess_key_id = \"k\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for key in ["s3.bucket", "s3.endpoint", "s3.prefix", "s3.access_key_id"] {
+        assert!(err.contains(key), "{key} not in {err}");
+    }
+}

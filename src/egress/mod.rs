@@ -20,7 +20,7 @@
 //! The files: [`registry`] (the [`Egress`] jobs the API and config create), [`task`] (one
 //! job's loop: wait, sink, pump, retry), [`sink`] (the queue between them and how a sink
 //! fails), [`status`] (what the API shows), [`retimer`], the sinks [`rtmp_push`] and
-//! [`record`], [`spec`] (requests and rules, which `config` owns), [`policy`] (where pushes may go) and
+//! [`record`], [`upload`] (finished recordings to object storage), [`spec`] (requests and rules, which `config` owns), [`policy`] (where pushes may go) and
 //! [`retention`]. Egress consumes the hub like a viewer does; it never reaches the
 //! cluster, the API or the node.
 
@@ -34,6 +34,7 @@ pub mod sink;
 pub use crate::config::egress_spec as spec;
 pub mod status;
 pub mod task;
+pub mod upload;
 
 pub use registry::{CreateError, Egress, EgressSettings};
 pub use retimer::Retimer;

@@ -36,6 +36,8 @@ pub struct Job {
     pub template: PathTemplate,
     pub segment: Option<Duration>,
     pub segment_bytes: Option<u64>,
+    /// Where finished files go next (`[recording.s3]`).
+    pub uploader: Option<Arc<super::upload::Uploader>>,
 }
 
 /// Records what arrives on `rx` until it closes (files finished cleanly) or a file cannot be
@@ -56,7 +58,7 @@ pub fn run(
                 // configuration again, usually the same, and the file goes on.
                 Item::Config(c) if c.video.is_none() && c.audio.is_none() => {}
                 Item::Config(c) => config = Some(c),
-                Item::NewSegment => finish(file.take(), &shared),
+                Item::NewSegment => finish(file.take(), &shared, &job),
                 Item::Frame {
                     packet,
                     dts_ms,
@@ -69,10 +71,10 @@ pub fn run(
                             continue;
                         }
                         info!("codec configuration changed; starting a new file");
-                        finish(file.take(), &shared);
+                        finish(file.take(), &shared, &job);
                     }
                     if starts && file.as_ref().is_some_and(|f| f.due(dts_ms, &job)) {
-                        finish(file.take(), &shared);
+                        finish(file.take(), &shared, &job);
                     }
                     if file.is_none() {
                         if !starts {
@@ -98,7 +100,7 @@ pub fn run(
         }
         Ok(())
     })();
-    finish(file.take(), &shared);
+    finish(file.take(), &shared, &job);
     result
 }
 
@@ -138,13 +140,19 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn finish(file: Option<OutFile>, shared: &SharedStatus) {
+fn finish(file: Option<OutFile>, shared: &Arc<SharedStatus>, job: &Job) {
     if let Some(mut f) = file {
         if let Err(e) = f.octx.write_trailer() {
             warn!(file = %f.relative, "finishing the file: {e}");
         }
         info!(file = %f.relative, bytes = f.bytes, "file finished");
         shared.file_closed();
+        // Closed before it is queued: the uploader reads a whole file.
+        let relative = f.relative.clone();
+        drop(f);
+        if let Some(u) = &job.uploader {
+            u.enqueue(&job.root, &relative, Some(shared.clone()));
+        }
     }
 }
 

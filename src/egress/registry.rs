@@ -44,6 +44,8 @@ pub struct EgressSettings {
     pub auth: Arc<crate::auth::Auth>,
     /// Recordings stop when the disk holding them has less free space than this.
     pub min_free_bytes: u64,
+    /// Where finished recording files are uploaded (`[recording.s3]`); kept across reloads.
+    pub uploader: Option<Arc<super::upload::Uploader>>,
 }
 
 impl EgressSettings {
@@ -107,6 +109,17 @@ impl Egress {
             persisted: Mutex::new(Default::default()),
             shutdown,
         });
+        let settings = egress.settings();
+        if let Some(u) = &settings.uploader {
+            // Before any job writes: what is under a root now is left from before.
+            let mut roots: Vec<&PathBuf> = settings.namespace_roots.values().collect();
+            roots.push(&settings.recording_root);
+            roots.sort();
+            roots.dedup();
+            for root in roots {
+                u.enqueue_leftovers(root);
+            }
+        }
         tokio::spawn(egress.clone().run_rules());
         egress.resume();
         egress
@@ -124,6 +137,7 @@ impl Egress {
         let mut current = self.settings.write();
         settings.recording_root = current.recording_root.clone();
         settings.node_id = current.node_id.clone();
+        settings.uploader = current.uploader.clone();
         *current = Arc::new(settings);
         drop(current);
         self.rules_changed.notify_one();
@@ -337,6 +351,7 @@ impl Egress {
                 last_error: None,
                 current_file: None,
                 files: vec![],
+                uploads: None,
             },
             self.hub.metrics().clone(),
         ));
@@ -364,6 +379,7 @@ impl Egress {
                     cancel,
                     recording_root: settings.root_for(task_ns.as_str()).clone(),
                     min_free_bytes: settings.min_free_bytes,
+                    uploader: settings.uploader.clone(),
                     policy: (created_by == "api").then(|| settings.policy.clone()),
                 };
                 let end = task.run().await;

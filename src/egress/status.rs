@@ -57,7 +57,27 @@ pub struct EgressStatus {
     pub current_file: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<String>,
+    /// Recordings with `[recording.s3]`: how their uploads went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads: Option<UploadStatus>,
 }
+
+/// A recording's uploads to object storage.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UploadStatus {
+    /// Files uploaded, and their object keys (the last [`KEYS_SHOWN`]).
+    pub uploaded: u64,
+    pub keys: Vec<String>,
+    /// Files finished and not uploaded yet.
+    pub pending: u64,
+    /// Attempts that failed (each retried) and files given up on (gone from disk).
+    pub failed_attempts: u64,
+    pub given_up: u64,
+    pub last_error: Option<String>,
+}
+
+/// Object keys an [`UploadStatus`] lists at most.
+pub const KEYS_SHOWN: usize = 100;
 
 /// One egress's status, shared between its task, its sink and the API; sinks report
 /// through it (state, bytes and frames sent, files).
@@ -109,6 +129,43 @@ impl SharedStatus {
 
     pub fn file_closed(&self) {
         self.status.lock().current_file = None;
+    }
+
+    fn uploads(&self) -> parking_lot::MappedMutexGuard<'_, UploadStatus> {
+        parking_lot::MutexGuard::map(self.status.lock(), |s| {
+            s.uploads.get_or_insert_with(UploadStatus::default)
+        })
+    }
+
+    /// A finished file was queued for upload.
+    pub fn upload_queued(&self) {
+        self.uploads().pending += 1;
+    }
+
+    /// An upload attempt failed (it will be retried).
+    pub fn upload_failed(&self, e: &str) {
+        let mut u = self.uploads();
+        u.failed_attempts += 1;
+        u.last_error = Some(e.to_string());
+    }
+
+    /// An upload is over: the object `key` is stored, or the file was given up on.
+    pub fn upload_settled(&self, key: &str, outcome: Result<(), String>) {
+        let mut u = self.uploads();
+        u.pending = u.pending.saturating_sub(1);
+        match outcome {
+            Ok(()) => {
+                u.uploaded += 1;
+                if u.keys.len() == KEYS_SHOWN {
+                    u.keys.remove(0);
+                }
+                u.keys.push(key.to_string());
+            }
+            Err(e) => {
+                u.given_up += 1;
+                u.last_error = Some(e);
+            }
+        }
     }
 
     pub(super) fn snapshot(&self) -> EgressStatus {

@@ -68,6 +68,8 @@ pub(super) struct EgressTask {
     pub(super) recording_root: PathBuf,
     /// Recording stops when the disk has less free space than this.
     pub(super) min_free_bytes: u64,
+    /// Where finished recording files are uploaded, if anywhere.
+    pub(super) uploader: Option<Arc<super::upload::Uploader>>,
     /// Checked on every connect of an RTMP push (API-created egress only).
     pub(super) policy: Option<Arc<policy::DestinationPolicy>>,
 }
@@ -204,6 +206,7 @@ impl EgressTask {
                     template: template.clone(),
                     segment: *segment,
                     segment_bytes: *segment_bytes,
+                    uploader: self.uploader.clone(),
                 };
                 let span = tracing::Span::current();
                 std::thread::Builder::new()

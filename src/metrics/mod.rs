@@ -163,6 +163,12 @@ pub struct Metrics {
     pub egress_bytes: Counter,
     pub egress_reconnects: Counter,
     pub egress_dropped_frames: Counter,
+    /// Recording files uploaded to object storage, failed upload attempts (each retried),
+    /// files waiting for their upload, and the bytes uploaded.
+    pub recording_uploads: Counter,
+    pub recording_upload_failures: Counter,
+    pub recording_uploads_pending: Gauge,
+    pub recording_upload_bytes: Counter,
     /// Requests and connections refused, by protocol and kind of reason.
     pub refused: Family<RefusedLabel, Counter>,
     hook_counters: HookCounters,
@@ -296,6 +302,10 @@ impl Metrics {
             egress_bytes: Counter::default(),
             egress_reconnects: Counter::default(),
             egress_dropped_frames: Counter::default(),
+            recording_uploads: Counter::default(),
+            recording_upload_failures: Counter::default(),
+            recording_uploads_pending: Gauge::default(),
+            recording_upload_bytes: Counter::default(),
             refused: Family::default(),
             hook_counters: Default::default(),
             links: LinkCollector::default(),
@@ -429,6 +439,26 @@ impl Metrics {
             "egress_bytes",
             "Bytes written by egresses to destinations and files",
             m.egress_bytes.clone(),
+        );
+        registry.register(
+            "recording_uploads",
+            "Recording files uploaded to object storage ([recording.s3])",
+            m.recording_uploads.clone(),
+        );
+        registry.register(
+            "recording_upload_failures",
+            "Recording upload attempts that failed (each is retried with backoff)",
+            m.recording_upload_failures.clone(),
+        );
+        registry.register(
+            "recording_uploads_pending",
+            "Recording files finished and not yet uploaded",
+            m.recording_uploads_pending.clone(),
+        );
+        registry.register(
+            "recording_upload_bytes",
+            "Bytes of recording files uploaded to object storage",
+            m.recording_upload_bytes.clone(),
         );
         registry.register(
             "egress_reconnects",

@@ -69,6 +69,7 @@ fn egress_settings(config: &Config, auth: Arc<crate::auth::Auth>) -> EgressSetti
         max_jobs: config.egress.policy.max_jobs,
         auth,
         min_free_bytes: config.recording.min_free_bytes,
+        uploader: None,
     }
 }
 
@@ -188,11 +189,15 @@ impl Node {
             _ => None,
         };
 
-        let egress = Egress::start(
-            hub.clone(),
-            egress_settings(&config, auth.clone()),
-            shutdown.clone(),
-        );
+        let mut settings = egress_settings(&config, auth.clone());
+        if let Some(s3) = &config.recording.s3 {
+            settings.uploader = Some(
+                crate::egress::upload::Uploader::start(s3, hub.metrics().clone(), shutdown.clone())
+                    .map_err(anyhow::Error::msg)
+                    .context("starting the recording uploader ([recording.s3])")?,
+            );
+        }
+        let egress = Egress::start(hub.clone(), settings, shutdown.clone());
 
         let retention = &config.recording.retention;
         if retention.max_age.is_some() || retention.max_total_bytes.is_some() {
