@@ -17,53 +17,6 @@ use common::*;
 // viewers, a simulcast encoder) and their timing-based outcomes (bandwidth estimates, 200
 // DTLS handshakes) suffer when two run at once.
 
-/// A page that publishes the fake camera and microphone with WHIP in `video_mime` (e.g.
-/// `video/H264`) and reports once ICE is connected; it keeps publishing until the browser
-/// is closed.
-fn whip_publisher_page(whip_url: &str, video_mime: &str, simulcast: bool) -> String {
-    // Simulcast: 320x180, 640x360 and 1280x720 encodings of a 720p camera.
-    let (size, encodings) = if simulcast {
-        (
-            "width: 1280, height: 720",
-            "sendEncodings: [{rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 200000}, {rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 700000}, {rid: 'f', maxBitrate: 2500000}],",
-        )
-    } else {
-        ("width: 640, height: 360", "")
-    };
-    format!(
-        r#"<!doctype html><html><body><script>
-async function report(obj) {{
-  await fetch('/result', {{method: 'POST', body: JSON.stringify(obj)}});
-}}
-(async () => {{
-  try {{
-    const media = await navigator.mediaDevices.getUserMedia({{video: {{{size}}}, audio: true}});
-    const pc = new RTCPeerConnection();
-    for (const track of media.getTracks()) {{
-      const video = track.kind === 'video';
-      const tr = pc.addTransceiver(track, video ? {{direction: 'sendonly', streams: [media], {encodings}}} : {{direction: 'sendonly', streams: [media]}});
-      if (track.kind === 'video') {{
-        const codecs = RTCRtpSender.getCapabilities('video').codecs
-          .filter(c => c.mimeType === '{video_mime}' || c.mimeType === 'video/rtx');
-        tr.setCodecPreferences(codecs);
-      }}
-    }}
-    const offer = await pc.createOffer();
-    await pc.setLocalDescription(offer);
-    const resp = await fetch('{whip_url}', {{method: 'POST', headers: {{'Content-Type': 'application/sdp'}}, body: offer.sdp}});
-    if (resp.status !== 201) {{ await report({{error: 'status ' + resp.status + ' ' + await resp.text()}}); return; }}
-    const location = resp.headers.get('Location');
-    await pc.setRemoteDescription({{type: 'answer', sdp: await resp.text()}});
-    const t0 = performance.now();
-    while (pc.iceConnectionState !== 'connected' && pc.iceConnectionState !== 'completed' && performance.now() - t0 < 15000)
-      await new Promise(r => setTimeout(r, 100));
-    await report({{location, iceState: pc.iceConnectionState}});
-  }} catch (e) {{ await report({{error: String(e)}}); }}
-}})();
-</script></body></html>"#
-    )
-}
-
 /// Chromium publishing camera + microphone (video as `video_mime`) over WHIP to
 /// `node`'s `live/{stream}`; returns the browser (publishing until dropped) and what the
 /// page reported once connected.
@@ -77,9 +30,16 @@ fn whip_from_chromium_with(
     video_mime: &str,
     simulcast: bool,
 ) -> (Browser, String) {
+    // The page users copy: examples/whip-publisher.html, given its parameters.
     let whip = format!("http://{}/whip/live/{stream}", node.http);
-    let (port, results) = serve_page(whip_publisher_page(&whip, video_mime, simulcast));
-    let browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let (port, results) = serve_page(example_page("whip-publisher.html"));
+    let query = page_query(&[
+        ("url", whip.as_str()),
+        ("codec", video_mime),
+        ("simulcast", if simulcast { "1" } else { "0" }),
+        ("report", "/result"),
+    ]);
+    let browser = Browser::open(&format!("http://127.0.0.1:{port}/?{query}"));
     let report = results
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| panic!("publisher page reported nothing; log:\n{}", node.log()));

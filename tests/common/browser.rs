@@ -136,71 +136,21 @@ impl Drop for Browser {
     }
 }
 
-/// A page that plays `whep_url` and posts what `getStats()` saw after `seconds`. With
-/// `tcp_only` it drops the answer's UDP candidates, as if UDP to the server were blocked.
-pub fn whep_player_page(whep_url: &str, seconds: u32, tcp_only: bool) -> String {
-    format!(
-        r#"<!doctype html><html><body><video id="v" autoplay muted playsinline></video><script>
-async function report(obj) {{
-  await fetch('/result', {{method: 'POST', body: JSON.stringify(obj)}});
-}}
-(async () => {{
-  try {{
-    const pc = new RTCPeerConnection();
-    pc.addTransceiver('video', {{direction: 'recvonly'}});
-    pc.addTransceiver('audio', {{direction: 'recvonly'}});
-    pc.ontrack = e => {{ document.getElementById('v').srcObject = e.streams[0] || new MediaStream([e.track]); }};
-    const offer = await pc.createOffer();
-    await pc.setLocalDescription(offer);
-    const resp = await fetch('{whep_url}', {{method: 'POST', headers: {{'Content-Type': 'application/sdp'}}, body: offer.sdp}});
-    if (resp.status !== 201) {{ await report({{error: 'status ' + resp.status + ' ' + await resp.text()}}); return; }}
-    const location = resp.headers.get('Location');
-    let answer = await resp.text();
-    if ({tcp_only}) answer = answer.split('\r\n').filter(l => !/^a=candidate:.* udp /i.test(l)).join('\r\n');
-    await pc.setRemoteDescription({{type: 'answer', sdp: answer}});
-    const t0 = performance.now();
-    let first = null, mark = null, decoded = 0;
-    while (performance.now() - t0 < {seconds} * 1000) {{
-      await new Promise(r => setTimeout(r, 100));
-      const stats = await pc.getStats();
-      stats.forEach(s => {{
-        if (s.type === 'inbound-rtp' && s.kind === 'video') decoded = s.framesDecoded || 0;
-      }});
-      const now = performance.now() - t0;
-      if (decoded > 0 && first === null) first = now;
-      // The steady decode rate is counted from 1 s after the first frame.
-      if (first !== null && mark === null && now - first >= 1000) mark = {{at: now, decoded}};
-    }}
-    const out = {{location, firstFrameMs: first, iceState: pc.iceConnectionState}};
-    if (mark) out.steadyFps = (decoded - mark.decoded) * 1000 / (performance.now() - t0 - mark.at);
-    const final = await pc.getStats();
-    final.forEach(s => {{
-      if (s.type === 'transport' && s.selectedCandidatePairId) {{
-        const pair = final.get(s.selectedCandidatePairId);
-        const remote = pair && final.get(pair.remoteCandidateId);
-        out.remoteProtocol = remote && remote.protocol;
-      }}
-    }});
-    final.forEach(s => {{
-      if (s.type === 'inbound-rtp' && s.kind === 'video') {{
-        out.framesDecoded = s.framesDecoded; out.width = s.frameWidth; out.height = s.frameHeight;
-        out.packetsLost = s.packetsLost; out.keyFramesDecoded = s.keyFramesDecoded;
-        out.framesReceived = s.framesReceived; out.framesDropped = s.framesDropped;
-        out.pliCount = s.pliCount; out.nackCount = s.nackCount; out.videoPackets = s.packetsReceived;
-        const codec = s.codecId && final.get(s.codecId);
-        out.videoCodec = codec && codec.mimeType; out.videoFmtp = codec && codec.sdpFmtpLine;
-      }}
-      if (s.type === 'inbound-rtp' && s.kind === 'audio') {{
-        out.audioPackets = s.packetsReceived; out.audioSamples = s.totalSamplesReceived;
-      }}
-    }});
-    const del = await fetch('{whep_url}'.replace(/\/whep\/.*/, '') + location, {{method: 'DELETE'}});
-    out.deleteStatus = del.status;
-    await report(out);
-  }} catch (e) {{ await report({{error: String(e)}}); }}
-}})();
-</script></body></html>"#
-    )
+/// A page of `examples/` (what users copy), as the test serves it.
+pub fn example_page(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `k=v&...`, each value percent-encoded.
+pub fn page_query(params: &[(&str, &str)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        q.append_pair(k, v);
+    }
+    q.finish()
 }
 
 /// Chromium playing `node`'s `live/{stream}` over WHEP for `seconds`; returns the browser
@@ -221,9 +171,17 @@ pub fn whep_in_chromium_with(
     who: &str,
     tcp_only: bool,
 ) -> (Browser, serde_json::Value) {
+    // The page users copy: examples/whep-player.html, given its parameters.
     let whep = format!("http://{}/whep/live/{stream}", node.http);
-    let (port, results) = serve_page(whep_player_page(&whep, seconds, tcp_only));
-    let browser = Browser::open(&format!("http://127.0.0.1:{port}/"));
+    let (port, results) = serve_page(example_page("whep-player.html"));
+    let seconds = seconds.to_string();
+    let query = page_query(&[
+        ("url", whep.as_str()),
+        ("seconds", seconds.as_str()),
+        ("transport", if tcp_only { "tcp" } else { "any" }),
+        ("report", "/result"),
+    ]);
+    let browser = Browser::open(&format!("http://127.0.0.1:{port}/?{query}"));
     let result = results
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| panic!("the {who} page reported nothing; node log:\n{}", node.log()));
