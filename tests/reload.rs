@@ -240,3 +240,71 @@ fn an_edge_changes_its_origins_live_and_its_viewer_keeps_watching() {
         edge.log()
     );
 }
+
+#[test]
+fn a_reload_adds_and_removes_egress_rules_hooks_and_namespaces() {
+    let node = NodeProc::start(NodeSpec {
+        extra: "\n# reloaded below\n".into(),
+        ..NodeSpec::standalone()
+    });
+    let _cam = publish_and_wait(&node.rtmp_url("cam"), &node, "cam", PublishOpts::default());
+    let rule_jobs = || {
+        let (_, body) = common::http::http_get(node.http, "/api/v1/egress").unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["egress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["created_by"] == "config")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(rule_jobs().is_empty());
+
+    // A record rule, an event hook and strict namespaces arrive with a reload.
+    let (hook_port, events) = common::browser::serve_page(String::new());
+    let added = format!(
+        "\n[[egress]]\nstream = \"live/*\"\nkind = \"record\"\nformat = \"flv\"\n\n\
+         [hooks]\nevents = \"http://127.0.0.1:{hook_port}/result\"\n\n\
+         [namespaces]\nstrict = true\n\n[[namespace]]\nname = \"live\"\n"
+    );
+    edit_config(
+        &node,
+        "# reloaded below\n",
+        &format!("# reloaded below\n{added}"),
+    );
+    node.signal("HUP");
+    wait_until(Duration::from_secs(10), "the rule's recording live", || {
+        rule_jobs()
+            .iter()
+            .any(|j| j["stream"] == "live/cam" && j["state"] == "live")
+    });
+    // The hook hears a new viewer.
+    let (ok, err, _) = try_probe(&node.flv_url("cam"), 1);
+    assert!(ok, "{err}");
+    let event = events
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a hook event");
+    assert!(
+        event.contains("\"play\"") && event.contains("live/cam"),
+        "{event}"
+    );
+    // Undeclared namespaces are refused now.
+    let (ok, err) = short_publish(&format!("rtmp://{}/other/cam", node.rtmp));
+    assert!(!ok && err.contains("not served"), "{err}");
+
+    // The rule goes away with the next reload: its job stops; the publisher stays.
+    edit_config(&node, &added, "\n");
+    node.signal("HUP");
+    wait_until(Duration::from_secs(10), "the rule's job stopped", || {
+        rule_jobs().is_empty()
+    });
+    assert!(node.stream("cam").is_some());
+    let recorded = files_under(&node.dir.join("recordings"));
+    assert!(
+        recorded
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "flv")),
+        "{recorded:?}"
+    );
+}
