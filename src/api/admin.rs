@@ -31,12 +31,9 @@ pub(super) async fn viewer_kick(
     Extension(scope): Extension<AdminScope>,
     Path(id): Path<String>,
 ) -> Response {
-    let reachable = s
-        .hub
-        .viewers()
-        .iter()
-        .any(|v| v.id == id && scope.covers(namespace_of(&v.stream)));
-    if reachable && s.hub.kick_viewer(&id) {
+    if s.hub
+        .kick_viewer(&id, |stream| scope.covers(namespace_of(stream)))
+    {
         info!(viewer = %id, "viewer kicked through the API");
         StatusCode::NO_CONTENT.into_response()
     } else {

@@ -105,7 +105,8 @@ pub(super) async fn egress_get(
     Extension(scope): Extension<AdminScope>,
     Path(id): Path<String>,
 ) -> Response {
-    match s.egress.get(&id).filter(|_| reachable(&s, &scope, &id)) {
+    let job = s.egress.get(&id);
+    match job.filter(|j| scope.covers(namespace_of(&j.stream))) {
         Some(status) => Json(status).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no egress {id}")),
     }

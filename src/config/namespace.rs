@@ -28,9 +28,9 @@ use super::auth::{self, AuthConfig, RawAuth};
 use super::egress;
 use super::egress_spec::{EgressSpec, StreamMatch};
 use super::read::{Problem, Problems};
+// The namespace rooms live in: `[rooms]` governs it; it cannot be declared.
+use crate::media::ROOM_NAMESPACE;
 
-/// The namespace rooms live in (`[rooms]` governs it; it cannot be declared).
-const ROOM_NAMESPACE: &str = "room";
 /// Namespaces one node may declare at most.
 pub const MAX_NAMESPACES: usize = 1024;
 

@@ -86,6 +86,18 @@ pub fn sweep(
     Ok(deleted)
 }
 
+/// The recording files under `root` (bounded like a sweep: [`MAX_DEPTH`], [`MAX_FILES`],
+/// links not followed), with their modification time and size.
+pub fn recording_files(root: &Path) -> std::io::Result<Vec<(PathBuf, SystemTime, u64)>> {
+    let mut files = Vec::new();
+    if root.is_dir() {
+        collect(root, 0, &HashSet::new(), &mut files)?;
+    }
+    Ok(files)
+}
+
+/// Recordings under `dir`: not the dot files beside them (the egress state file) nor
+/// temporary files (one being replaced).
 fn collect(
     dir: &Path,
     depth: usize,
@@ -100,6 +112,11 @@ fn collect(
             return Ok(());
         }
         let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || name.ends_with(".tmp") {
+            continue;
+        }
         // Links are not followed: only what lies under the root is ever deleted.
         let kind = entry.file_type()?;
         let path = entry.path();

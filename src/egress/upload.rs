@@ -110,16 +110,25 @@ impl Uploader {
         }
     }
 
-    /// Queues every file under `root` (a recording root at start, when local files are
-    /// deleted after upload: what is there was not uploaded). Dot files (the egress state)
-    /// and temporary files are skipped.
+    /// Queues every recording under `root` (a recording root at start, when local files
+    /// are deleted after upload: what is there was not uploaded).
     pub fn enqueue_leftovers(&self, root: &Path) {
         if !self.config.delete_local {
             return;
         }
-        let mut files = Vec::new();
-        walk(root, root, &mut files);
-        for relative in files {
+        let mut files = match super::retention::recording_files(root) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(root = %root.display(), "recordings left from before not listed: {e}");
+                return;
+            }
+        };
+        files.sort();
+        for (path, _, _) in files {
+            let Ok(relative) = path.strip_prefix(root) else {
+                continue;
+            };
+            let relative = relative.to_string_lossy();
             info!(file = %relative, "uploading a recording left from before the restart");
             self.enqueue(root, &relative, None);
         }
@@ -231,24 +240,4 @@ async fn put_file(store: &dyn ObjectStore, path: &Path, key: &str) -> Result<u64
     }
     writer.finish().await.map_err(failed)?;
     Ok(size)
-}
-
-/// Files under `dir` as paths relative to `root`, skipping dot files and `*.tmp`.
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') || name.ends_with(".tmp") {
-            continue;
-        }
-        if path.is_dir() {
-            walk(root, &path, out);
-        } else if let Ok(rel) = path.strip_prefix(root) {
-            out.push(rel.to_string_lossy().to_string());
-        }
-    }
-    out.sort();
 }

@@ -84,9 +84,14 @@ impl Hub {
 
     /// Disconnects viewer `id` (as [`viewers`](Self::viewers) names it): its subscription
     /// ends at its next frame. `false` if there is no such viewer.
-    pub fn kick_viewer(&self, id: &str) -> bool {
+    /// Only a viewer whose stream (`ns/name`) `reachable` accepts is kicked.
+    pub fn kick_viewer(&self, id: &str, reachable: impl Fn(&str) -> bool) -> bool {
         let v = self.viewers.lock();
-        match v.listed.values().find(|i| i.id == id) {
+        match v
+            .listed
+            .values()
+            .find(|i| i.id == id && reachable(&i.stream))
+        {
             Some(info) => {
                 info.kicked.store(true, Ordering::Release);
                 true

@@ -122,7 +122,6 @@ pub(super) fn plan(running: &Config, new: Config) -> (Config, ReloadReport) {
     }
     // Limits: the hub's apply live; the ones listeners took at start do not.
     let (old_l, new_l) = (&running.limits, &mut next.limits);
-    let mut limits_live = false;
     macro_rules! restart_only {
         ($($field:ident),*) => {$(
             if old_l.$field != new_l.$field {
@@ -138,9 +137,6 @@ pub(super) fn plan(running: &Config, new: Config) -> (Config, ReloadReport) {
         max_webrtc_sessions
     );
     if differs(old_l, new_l) {
-        limits_live = true;
-    }
-    if limits_live {
         report.applied.push("limits".into());
     }
     if running.log.level != next.log.level {
