@@ -353,18 +353,29 @@ fn main() -> anyhow::Result<()> {
         b"rtmp://*.cdn.example/*\nrtmp://ingest.example:1936/live/*\nrtmp://a.cdn.example/app/key",
     )?;
 
-    // Configs: the shipped examples.
-    for entry in fs::read_dir("configs")? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let name = path
-                .file_stem()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            write("config_parse", &name, &fs::read(&path)?)?;
+    // Configs: the shipped ones and the examples (recording to S3 among them), and
+    // namespaces with their own auth, limits, egress rules and relay.
+    for dir in ["configs", "examples"] {
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let name = path
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                write("config_parse", &name, &fs::read(&path)?)?;
+            }
         }
     }
+    write(
+        "config_parse",
+        "namespaces",
+        b"[namespaces]\nstrict = true\n[[namespace]]\nname = \"a\"\nrelay = false\n\
+          recording_root = \"rec-a\"\nauth = { secrets = [\"0123456789abcdef0\"] }\n\
+          limits = { max_streams = 2, max_viewers = 9, max_bitrate_kbps = 900 }\n\
+          [[namespace.egress]]\nstream = \"*\"\nkind = \"record\"\n[[namespace]]\nname = \"b\"\n",
+    )?;
 
     // Auth: a token this node minted, bare and in a stream key's query.
     let keys = meshcast::auth::Keys::new(&[AUTH_SECRET.to_string()], &[] as &[&str])
